@@ -1,0 +1,1 @@
+"""Selfment on Ray."""
