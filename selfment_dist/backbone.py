@@ -1,0 +1,398 @@
+"""Frozen DINO ViT backbones from timm: building, weight loading and patch features.
+
+Three families are supported by their timm names (``supported_backbones()`` lists them all):
+
+- DINO v1: ``vit_small_patch16_224.dino``, ``vit_base_patch16_224.dino`` and the patch8 variants;
+- DINOv2: ``vit_{small,base,large,giant}_patch14[_reg4]_dinov2.lvd142m``;
+- DINOv3: ``vit_*_patch16_dinov3*.lvd1689m`` / ``.sat493m`` (timm's Eva architecture).
+
+Weights come from the model hub (``"hub"``), a deterministic random init (``"random"``: tests
+and demos) or a checkpoint path / fsspec URI in timm's layout or the original repositories'
+(facebookresearch dino / dinov2 / dinov3), converted with timm's family ``checkpoint_filter_fn``.
+
+Features follow the DESIGN: square ``image_size`` input, ImageNet mean/std, patch tokens of the
+last block after the final norm, prefix tokens (cls, registers) dropped, L2-normalised.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import io
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import eva, vision_transformer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "vit_small_patch16_dinov3.lvd1689m"
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "Backbone",
+    "CheckpointError",
+    "backbone_family",
+    "build_backbone",
+    "resize_square",
+    "supported_backbones",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read safely or does not match the backbone."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Family:
+    version: str                    # "dino" | "dinov2" | "dinov3"
+    pattern: re.Pattern             # timm names (architecture.tag) of this family
+    filter_fn: Callable[[dict, torch.nn.Module], dict]  # timm's converter of foreign layouts
+
+
+_FAMILIES: tuple[_Family, ...] = (
+    _Family("dino", re.compile(r"^vit_[a-z]+_patch(?:8|16)_224\.dino$"),
+            vision_transformer.checkpoint_filter_fn),
+    _Family("dinov2", re.compile(r"^vit_[a-z]+_patch14(?:_reg4)?_dinov2\.[a-z0-9_]+$"),
+            vision_transformer.checkpoint_filter_fn),
+    _Family("dinov3", re.compile(r"^vit_[a-z0-9_]+_patch16_dinov3(?:_qkvb)?\.[a-z0-9_]+$"),
+            eva.checkpoint_filter_fn),
+)
+_PATCH_RE = re.compile(r"_patch(\d+)_")
+
+
+def supported_backbones() -> list[str]:
+    """All timm names (``architecture.tag``) of DINO v1/v2/v3 ViTs this module can build."""
+    return [n for n in timm.list_pretrained() if any(f.pattern.match(n) for f in _FAMILIES)]
+
+
+def _family(name: str) -> _Family:
+    for family in _FAMILIES:
+        if family.pattern.match(name) and name in timm.list_pretrained(name):
+            return family
+    close = difflib.get_close_matches(name, supported_backbones(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"unsupported backbone {name!r}: expected a timm DINO ViT name with its pretrained tag, "
+        f"e.g. {DEFAULT_BACKBONE!r} (see selfment_dist.backbone.supported_backbones()){hint}")
+
+
+def backbone_family(name: str) -> str:
+    """``"dino"``, ``"dinov2"`` or ``"dinov3"`` for a supported timm name; ValueError otherwise."""
+    return _family(name).version
+
+
+def _patch_size(name: str) -> int:
+    return int(_PATCH_RE.search(name).group(1))
+
+
+def _check_image_size(name: str, image_size: int, patch: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
+        raise ValueError(f"image_size must be an int, got {image_size!r}")
+    if image_size <= 0 or image_size % patch:
+        lower = (image_size // patch) * patch
+        options = [s for s in (lower, lower + patch) if s > 0]
+        raise ValueError(
+            f"image_size {image_size} is not a positive multiple of {name}'s patch size {patch}; "
+            f"use {' or '.join(map(str, options))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The backbone
+# ---------------------------------------------------------------------------------------------
+
+class Backbone:
+    """A frozen timm DINO ViT mapping square uint8 RGB images to unit-norm patch features.
+
+    Attributes:
+        name: timm model name, e.g. ``"vit_small_patch16_dinov3.lvd1689m"``.
+        weights: ``"hub"``, ``"random"`` or the checkpoint path/URI the weights came from.
+        image_size: side S of the square input, a multiple of ``patch_size``.
+        patch_size: ViT patch side in pixels.
+        embed_dim: channels C of the features.
+        grid: ``(h, w) = (S // patch_size, S // patch_size)``.
+        device: the ``torch.device`` holding the model and the returned features.
+        model: the timm module (eval mode, ``requires_grad`` off).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, name: str, weights: str, image_size: int,
+                 device: torch.device):
+        self.model = model
+        self.name = name
+        self.weights = weights
+        self.image_size = int(image_size)
+        self.device = torch.device(device)
+        self.patch_size = int(model.patch_embed.patch_size[0])
+        self.embed_dim = int(model.embed_dim)
+        side = self.image_size // self.patch_size
+        self.grid = (side, side)
+        self._num_prefix = int(model.num_prefix_tokens)
+        # (1, 3, 1, 1) float32 on device, so normalisation happens where the pixels land.
+        self._mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def __repr__(self) -> str:
+        return (f"Backbone(name={self.name!r}, weights={self.weights!r}, "
+                f"image_size={self.image_size}, grid={self.grid}, device={str(self.device)!r})")
+
+    def describe(self) -> dict:
+        """JSON-ready identity for manifests / ``model.json``:
+        ``{name, weights, image_size, patch_size, embed_dim}``."""
+        return {"name": self.name, "weights": self.weights, "image_size": self.image_size,
+                "patch_size": self.patch_size, "embed_dim": self.embed_dim}
+
+    def __call__(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Patch features of a batch of images.
+
+        Args:
+            images: uint8 (B, S, S, 3) RGB, HWC, S == ``image_size`` (see :func:`resize_square`);
+                a numpy array or a torch tensor on any device.
+
+        Returns:
+            float32 (B, h, w, C) on ``self.device``, L2-normalised over C, where
+            ``(h, w) == self.grid`` and ``C == self.embed_dim``. An ordinary tensor (not an
+            inference tensor), so it may feed autograd-recorded ops such as a trainable head.
+        """
+        x = self._as_tensor(images)
+        h, w = self.grid
+        if x.shape[0] == 0:
+            return torch.empty((0, h, w, self.embed_dim), dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            # Normalise on device: uint8 (B,S,S,3) -> float32 (B,3,S,S).
+            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            x = (x - self._mean) / self._std
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                                enabled=self.device.type == "cuda"):
+                tokens = self.model.forward_features(x)  # (B, prefix + h*w, C), final norm applied
+            patches = tokens[:, self._num_prefix:].float()
+            feats = F.normalize(patches, dim=-1).reshape(x.shape[0], h, w, self.embed_dim)
+        return feats.clone()  # leave inference mode: a normal tensor for downstream autograd
+
+    def _as_tensor(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8:
+                raise ValueError(f"images must be uint8, got numpy {images.dtype}")
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        elif isinstance(images, torch.Tensor):
+            if images.dtype != torch.uint8:
+                raise ValueError(f"images must be uint8, got torch {images.dtype}")
+        else:
+            raise TypeError(f"images must be a numpy array or torch tensor, got {type(images)}")
+        s = self.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (s, s, 3):
+            raise ValueError(f"images must have shape (B, {s}, {s}, 3) (RGB, HWC, resized to "
+                             f"image_size), got {tuple(images.shape)}")
+        return images
+
+
+def resize_square(image: Image.Image, size: int) -> np.ndarray:
+    """The DESIGN's preprocessing: any PIL mode → RGB, bicubic resize to a size×size square.
+
+    Returns:
+        uint8 (size, size, 3) RGB array (aspect ratio not preserved; EXIF orientation is the
+        decoder's job).
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _name_seed(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"selfment-random:{name}".encode()).digest()[:8],
+                          "little") & (2**63 - 1)
+
+
+def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike = "hub",
+                   image_size: int = 768, device: str | torch.device | None = None,
+                   storage_options: dict | None = None) -> Backbone:
+    """Build a frozen DINO backbone.
+
+    Args:
+        name: timm name with its pretrained tag (see :func:`supported_backbones`).
+        weights: ``"hub"`` (timm pretrained weights), ``"random"`` (random init, identical in
+            every process for a given ``name``: seeded from the name, built at the model's
+            default size and position embeddings resampled like a checkpoint's), or a checkpoint
+            path / fsspec URI (``.safetensors``, or a ``torch.save`` file read with
+            ``weights_only=True``) in timm's layout or the original dino/dinov2/dinov3 layout.
+        image_size: square input side; must be a multiple of the patch size.
+        device: where the model runs; default ``cuda`` if available, else ``cpu``.
+        storage_options: fsspec options for a checkpoint URI (e.g. ``endpoint_url``).
+
+    Returns:
+        A :class:`Backbone` in eval mode with gradients off.
+
+    Raises:
+        ValueError: unknown name, or ``image_size`` not a multiple of the patch size.
+        CheckpointError: a checkpoint holding pickled code, or not matching the model.
+        FileNotFoundError: ``weights`` is neither ``hub``/``random`` nor an existing checkpoint.
+    """
+    family = _family(name)
+    _check_image_size(name, image_size, _patch_size(name))
+    weights = os.fspath(weights)
+    device = torch.device(device) if device is not None else _default_device()
+    start = time.perf_counter()
+
+    # Model init draws from torch's global RNG: keep the caller's stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        if weights == "hub":
+            model = _create(name, image_size, pretrained=True)
+        elif weights == "random":
+            model = _create(name, image_size)
+            torch.manual_seed(_name_seed(name))
+            reference = _create(name, None)  # default size: weights independent of image_size
+            _load_into(model, reference.state_dict(), family, name=name, source="random init")
+            del reference
+        else:
+            state = _read_checkpoint(weights, storage_options)  # fail fast, before the build
+            model = _create(name, image_size)
+            _load_into(model, state, family, name=name, source=weights)
+
+    model.eval().requires_grad_(False).to(device)
+    device = next(model.parameters()).device  # "cuda" resolves to the current index, e.g. cuda:1
+    logger.info("built backbone %s (weights=%s, image_size=%d, device=%s) in %.1fs",
+                name, weights, image_size, device, time.perf_counter() - start)
+    return Backbone(model, name=name, weights=weights, image_size=image_size, device=device)
+
+
+def _create(name: str, image_size: int | None, *, pretrained: bool = False) -> torch.nn.Module:
+    """timm model on CPU without classifier; ``image_size=None`` keeps timm's default size."""
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if image_size is not None:
+        kwargs["img_size"] = image_size
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not fetch pretrained weights for {name} from the model hub ({e}); without "
+            f"network access pass weights=<checkpoint path or URI> (or 'random' for tests)") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+# Containers seen in the wild, best first: DINO v1 training checkpoints ({teacher, student, args,
+# ...}), DINOv2/v3 teacher_checkpoint.pth ({teacher}), fvcore ({model}), generic trainers.
+_WRAPPER_KEYS = ("teacher", "model_ema", "state_dict", "model", "module", "student")
+# Non-tensor objects that legitimately appear in training checkpoints and hold only data.
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+def _read_checkpoint(uri: str, storage_options: dict | None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint (local path or fsspec URI) into a flat ``{key: tensor}`` dict."""
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except (ValueError, ImportError) as e:
+        raise FileNotFoundError(f"cannot open checkpoint {uri!r}: {e}") from e
+    if not fs.isfile(path):
+        raise FileNotFoundError(
+            f"checkpoint {uri!r} not found (weights must be 'hub', 'random' or a checkpoint path "
+            f"or URI)")
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+        try:
+            return load_safetensors(data)
+        except Exception as e:
+            raise CheckpointError(f"{uri}: not a valid safetensors file ({e})") from e
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{uri}: refused or unreadable checkpoint. Only tensors and plain containers are "
+            f"loaded (torch.load weights_only=True), never pickled code; convert it to "
+            f".safetensors or save a plain state dict. Cause: {e}") from e
+    return _flatten_state(obj, uri)
+
+
+def _flatten_state(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """Descend checkpoint containers to the state dict; keep tensor entries only."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} \
+        if isinstance(obj, Mapping) else {}
+    if not state:
+        raise CheckpointError(f"{source}: no state dict of tensors found in the checkpoint")
+    return state
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map original-repo key layouts onto the bare backbone's keys.
+
+    Selects ``teacher.`` (else ``student.``) and ``backbone.`` sub-trees (dropping DINO heads),
+    removes ``module.`` (DDP) and ``_orig_mod.`` (torch.compile), unchunks DINOv2's
+    ``blocks.<chunk>.<i>.`` into ``blocks.<i>.`` and drops classifier ``head.*`` weights.
+    """
+    def select(prefix: str) -> bool:
+        nonlocal state
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            return True
+        return False
+
+    for wrapper in ("module.", "_orig_mod."):
+        state = {k.removeprefix(wrapper): v for k, v in state.items()}
+    select("teacher.") or select("student.")
+    for wrapper in ("module.", "_orig_mod."):
+        state = {k.removeprefix(wrapper): v for k, v in state.items()}
+    select("backbone.")
+    chunked = re.compile(r"^blocks\.\d+\.(\d+)\.")
+    return {chunked.sub(r"blocks.\1.", k): v for k, v in state.items()
+            if not k.startswith("head.")}
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], family: _Family, *,
+               name: str, source: str) -> None:
+    """Convert ``state`` with timm's family filter and load it strictly into ``model``."""
+    try:
+        state = family.filter_fn(_strip_prefixes(state), model)
+    except Exception as e:  # timm's converters assume well-formed tensors
+        raise CheckpointError(f"{source}: cannot convert to {name}'s layout ({e})") from e
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        def show(keys: list[str]) -> str:
+            more = f", … ({len(keys)} in all)" if len(keys) > 5 else ""
+            return ", ".join(keys[:5]) + more
+        problems = [f"{label} {show(keys)}" for label, keys in
+                    (("missing keys:", missing), ("unexpected keys:", unexpected),
+                     ("shape mismatches:", mismatched)) if keys]
+        raise CheckpointError(
+            f"{source} does not match {name} ({family.version} family): " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
