@@ -6,7 +6,8 @@ import pytest
 import scipy.ndimage
 import torch
 
-from feature_scenes import make_batch, make_features
+from selfment_dist.synthetic import make_patch_feature_batch as make_batch
+from selfment_dist.synthetic import make_patch_features as make_features
 from selfment_dist import ipo_refine, ncut_bipartition, pseudo_label
 from selfment_dist.ncut import (DENSE_MAX_NODES, _block_krylov_second, _dense_second,
                                 fiedler_vectors, normalized_affinity, seed_component)
