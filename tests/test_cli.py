@@ -1,0 +1,96 @@
+"""The command line: options, config files (command line wins) and dispatch to the pipelines."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from selfment_dist import cli
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Record what each command would call instead of running a pipeline."""
+    seen = []
+
+    def fake_target(command):
+        def run(**kwargs):
+            seen.append((command, kwargs))
+            return {"ok": True}
+        return run
+
+    monkeypatch.setattr(cli, "_target", fake_target)
+    return seen
+
+
+def test_pseudo_label_options_reach_the_pipeline(calls):
+    assert cli.main(["pseudo-label", "--input", "a/", "s3://b/x.tar", "--output", "s3://o",
+                     "--weights", "random", "--image-size", "224",
+                     "--storage-option", "endpoint_url=http://127.0.0.1:9", "--non-binary-graph"]) == 0
+    (command, kwargs), = calls
+    assert command == "pseudo-label"
+    assert kwargs == {"inputs": ["a/", "s3://b/x.tar"], "output": "s3://o", "weights": "random",
+                      "image_size": 224, "binary_graph": False,
+                      "storage_options": {"endpoint_url": "http://127.0.0.1:9"}}
+
+
+def test_unset_options_are_left_to_the_pipeline_defaults(calls):
+    cli.main(["train", "--labels", "l", "--output", "m"])
+    assert calls[0][1] == {"labels": "l", "output": "m"}
+
+
+def test_config_file_fills_in_and_command_line_wins(calls, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "address: auto\n"
+        "storage_options: {endpoint_url: 'http://127.0.0.1:1', anon: false}\n"
+        "pseudo_label:\n  input: [imgs/]\n  output: out/\n  image-size: 448\n  weights: random\n"
+        "train: {labels: out/, output: model/, workers: 4}\n")
+    cli.main(["pseudo-label", "--config", str(cfg), "--image-size", "224",
+              "--storage-option", "endpoint_url=http://127.0.0.1:2"])
+    kwargs = calls[0][1]
+    assert kwargs["image_size"] == 224 and kwargs["weights"] == "random"
+    assert kwargs["inputs"] == ["imgs/"] and kwargs["output"] == "out/" and kwargs["address"] == "auto"
+    assert kwargs["storage_options"] == {"endpoint_url": "http://127.0.0.1:2", "anon": False}
+    assert "workers" not in kwargs  # another command's section
+
+
+def test_unknown_config_key_is_a_clear_error(calls, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pseudo_label: {input: [x], output: y, imagesize: 3}\n")
+    with pytest.raises(SystemExit):
+        cli.main(["pseudo-label", "--config", str(cfg)])
+    assert "pseudo_label.imagesize" in capsys.readouterr().err
+
+
+def test_required_options_may_come_from_config_only(calls, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["segment", "--model", "m"])
+    assert "--input" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("segment: {input: [imgs], output: preds}\n")
+    cli.main(["segment", "--model", "m", "--config", str(cfg)])
+    assert calls[0][1] == {"model": "m", "inputs": ["imgs"], "output": "preds"}
+
+
+def test_evaluate_modes(calls, capsys):
+    cli.main(["evaluate", "--predictions", "p", "--masks", "m", "--output", "o", "--name", "ECSSD"])
+    assert calls[-1][1] == {"predictions": "p", "masks": "m", "output": "o", "name": "ECSSD"}
+    cli.main(["evaluate", "--model", "art", "--benchmark", "ECSSD=s3://e/images,s3://e/masks",
+              "--benchmark", "CAMO=c/Images/Test,c/GT", "--output", "o"])
+    assert calls[-1][1]["benchmarks"] == {"ECSSD": ("s3://e/images", "s3://e/masks"),
+                                          "CAMO": ("c/Images/Test", "c/GT")}
+    for bad in (["--predictions", "p", "--output", "o"],
+                ["--model", "art", "--output", "o"],
+                ["--predictions", "p", "--masks", "m", "--model", "a", "--output", "o"],
+                ["--model", "a", "--benchmark", "NOCOMMA=x", "--output", "o"]):
+        with pytest.raises(SystemExit):
+            cli.main(["evaluate", *bad])
+
+
+def test_console_script_help_runs():
+    out = subprocess.run([sys.executable, "-m", "selfment_dist.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for command in ("pseudo-label", "train", "segment", "evaluate", "demo"):
+        assert command in out
