@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 #: Graphs with at most this many nodes are solved densely (exact and cheap at this size).
 DENSE_MAX_NODES = 256
+#: Affinity entries held at once (B·N² floats): 2**28 is 1 GiB in float32, i.e. about three
+#: 96×96-grid images (1536 px at patch 16) or forty-eight 48×48 ones per chunk.
+MAX_AFFINITY_ELEMENTS = 2 ** 28
 
 
 def normalized_affinity(x: torch.Tensor, *, tau: float = 0.2, eps: float = 1e-5,
@@ -232,6 +235,10 @@ def ncut_bipartition(feats, *, tau: float = 0.2, eps: float = 1e-5,
     """
     x = as_unit_features(feats)
     b, h, w, c = x.shape
-    v = fiedler_vectors(x.reshape(b, h * w, c), tau=tau, eps=eps, binary_graph=binary_graph)
+    x = x.reshape(b, h * w, c)
+    # Bound memory: the (chunk, N, N) affinity is the largest buffer.
+    chunk = max(1, MAX_AFFINITY_ELEMENTS // (h * w) ** 2)
+    v = torch.cat([fiedler_vectors(x[i:i + chunk], tau=tau, eps=eps, binary_graph=binary_graph)
+                   for i in range(0, b, chunk)])
     fg, seed = bipartition(v, (h, w))
     return seed_component(fg, seed)

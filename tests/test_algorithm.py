@@ -185,3 +185,13 @@ def test_bad_shapes_are_a_clear_error():
         pseudo_label(torch.randn(0, 4, 4, 8))
     with pytest.raises(ValueError, match="mask must have shape"):
         ipo_refine(torch.randn(1, 4, 4, 8), torch.ones(1, 4, 5, dtype=torch.bool))
+
+
+def test_memory_chunking_gives_the_same_masks(monkeypatch):
+    import selfment_dist.ncut as ncut_module
+
+    rng = np.random.default_rng(12)
+    feats = torch.from_numpy(make_batch(rng, 5, 17, 17, 16))
+    whole = ncut_bipartition(feats)
+    monkeypatch.setattr(ncut_module, "MAX_AFFINITY_ELEMENTS", 2 * (17 * 17) ** 2)  # chunks of 2
+    assert torch.equal(ncut_bipartition(feats), whole)
