@@ -12,7 +12,8 @@ from .head import PatchHead
 from .ipo import ipo_refine
 from .labeler import PseudoLabeler, pseudo_label
 from .losses import selfment_loss
+from .metrics import sod_scores
 from .ncut import ncut_bipartition
 
 __all__ = ["ncut_bipartition", "ipo_refine", "pseudo_label", "PseudoLabeler", "selfment_loss",
-           "PatchHead", "__version__"]
+           "PatchHead", "sod_scores", "__version__"]

@@ -1,0 +1,340 @@
+"""Evaluate saliency maps against ground-truth masks, fanned out over Ray tasks.
+
+Two modes of :func:`run_evaluate`:
+
+- ``predictions`` + ``masks``: two folders (local or fsspec URL) of 8-bit images matched by key,
+  the path relative to the folder without its extension (``sub/dir/name``).
+- ``model`` + ``benchmarks`` (``{NAME: (images_uri, masks_uri)}``): each benchmark is segmented by
+  :func:`selfment_dist.pipeline.segment.run_segment` into ``<output>/predictions/<NAME>`` and then
+  evaluated like the first mode. :data:`STANDARD_BENCHMARKS` lists the usual test sets' layouts.
+
+The matched pairs are cut into shards; a Ray task per shard reads its files through fsspec and
+returns one :func:`selfment_dist.metrics.image_record` per image; the driver merges the records in
+sorted key order, so scores do not depend on the sharding, and writes the reports
+(:mod:`selfment_dist.reports`). Problems never stop a run: predictions without a mask, masks
+without a prediction, duplicate keys, unreadable files and size mismatches (resized, still scored)
+are counted, logged and listed in ``metrics.json``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import posixpath
+import re
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import ray
+from PIL import Image
+
+from ..io.storage import join, url_to_fs
+from ..metrics import SCORE_KEYS, image_record, merge_curves, merge_records, record_summary
+from ..reports import STANDARD_BENCHMARKS, DatasetEvaluation, write_reports
+from ._ray import ensure_ray
+
+logger = logging.getLogger(__name__)
+_BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+__all__ = ["STANDARD_BENCHMARKS", "IMAGE_EXTENSIONS", "PROBLEM_KINDS", "list_images",
+           "score_shard", "evaluate_folders", "run_evaluate"]
+
+#: File extensions taken as images when listing a folder (case-insensitive).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: Every problem kind, always present (0 or more) in ``problems["counts"]``.
+PROBLEM_KINDS = ("missing_mask", "missing_prediction", "size_mismatch", "unreadable_prediction",
+                 "unreadable_mask", "duplicate_key", "empty_folder", "failed")
+_EXT_RANK = {ext: i for i, ext in enumerate(IMAGE_EXTENSIONS)}
+MAX_EXAMPLES = 20  # examples kept per problem kind
+_SHARD_TARGET = 128  # images per shard once there are enough shards to fill the cluster
+
+
+class _Problems:
+    """Counts and a few examples per problem kind."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(PROBLEM_KINDS, 0)
+        self.examples: dict[str, list[str]] = {k: [] for k in PROBLEM_KINDS}
+
+    def add(self, kind: str, example: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples[kind]) < MAX_EXAMPLES:
+            self.examples[kind].append(example)
+
+    def log(self, name: str) -> None:
+        for kind in PROBLEM_KINDS:
+            if self.counts[kind]:
+                logger.warning("%s: %d %s, e.g. %s", name, self.counts[kind], kind,
+                               "; ".join(self.examples[kind][:3]))
+
+    def to_json(self) -> dict:
+        return {"counts": dict(self.counts),
+                "examples": {k: v for k, v in self.examples.items() if v}}
+
+
+def list_images(uri: str, storage_options: dict | None = None
+                ) -> tuple[dict[str, str], list[str]]:
+    """Image files under a folder, by key.
+
+    Keys are paths relative to ``uri`` without the extension, ``/``-separated. Skipped: files
+    whose extension is not in :data:`IMAGE_EXTENSIONS`, hidden files (``.*``) and folders whose
+    name starts with ``.`` or ``_`` (``__MACOSX`` archive litter, ``_overlays`` of the segment
+    stage). A missing folder lists as empty.
+
+    Returns:
+        ``({key: path inside the filesystem}, duplicates)`` where ``duplicates`` describes keys
+        held by several files (the one whose extension comes first in :data:`IMAGE_EXTENSIONS`,
+        PNG, is kept).
+    """
+    fs, root = url_to_fs(uri, storage_options)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)  # listings may be cached from before another stage wrote here
+    candidates: dict[str, list[str]] = {}
+    for path in fs.find(root):
+        if not path.startswith(root + "/"):
+            continue
+        rel = path[len(root) + 1:]
+        *folders, filename = rel.split("/")
+        if filename.startswith(".") or any(f.startswith((".", "_")) for f in folders):
+            continue
+        key, ext = posixpath.splitext(rel)
+        if ext.lower() in IMAGE_EXTENSIONS:
+            candidates.setdefault(key, []).append(path)
+    found: dict[str, str] = {}
+    duplicates: list[str] = []
+    for key in sorted(candidates):
+        paths = sorted(candidates[key], key=lambda p: (_EXT_RANK[posixpath.splitext(p)[1].lower()], p))
+        found[key] = paths[0]
+        if len(paths) > 1:
+            duplicates.append(f"{key}: {posixpath.basename(paths[0])} kept, "
+                              + ", ".join(posixpath.basename(p) for p in paths[1:]) + " ignored")
+    return found, duplicates
+
+
+def _read_gray(fs, path: str) -> np.ndarray:
+    """An image file as ``uint8 (H, W)`` (PIL ``convert("L")`` for any other mode)."""
+    with Image.open(io.BytesIO(fs.cat_file(path))) as image:
+        image.load()
+        if image.mode != "L":
+            image = image.convert("L")
+        return np.array(image)
+
+
+def _message(exc: BaseException, path: str = "") -> str:
+    # PIL names the in-memory buffer it was given; name the file instead
+    text = _BYTESIO.sub(repr(posixpath.basename(path)) if path else "the file", str(exc))
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def score_shard(predictions: str, masks: str, items: list[tuple[str, str, str]],
+                storage_options: dict | None = None) -> list[tuple[str, dict | None, list]]:
+    """Records of one shard (no Ray: the body of the Ray task).
+
+    Args:
+        predictions, masks: the folders' URIs (to rebuild their filesystems here).
+        items: ``(key, prediction path, mask path)`` with paths inside those filesystems.
+
+    Returns:
+        ``[(key, record or None, [(problem kind, message), ...])]``, one per item; a record is
+        None when a file could not be read or scored.
+    """
+    pred_fs, _ = url_to_fs(predictions, storage_options)
+    mask_fs, _ = url_to_fs(masks, storage_options)
+    out = []
+    for key, pred_path, mask_path in items:
+        problems = []
+        arrays = []
+        for fs, path, kind in ((pred_fs, pred_path, "unreadable_prediction"),
+                               (mask_fs, mask_path, "unreadable_mask")):
+            try:
+                arrays.append(_read_gray(fs, path))
+            except Exception as exc:  # any decoding/storage error is a reported problem
+                problems.append((kind, f"{key}: {_message(exc, path)}"))
+        record = None
+        if not problems:
+            try:
+                record = image_record(*arrays)
+            except Exception as exc:
+                problems.append(("failed", f"{key}: {_message(exc)}"))
+        out.append((key, record, problems))
+    return out
+
+
+_score_shard_task = ray.remote(num_cpus=1)(score_shard)
+
+
+def _num_shards(n: int, requested: int | None) -> int:
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"num_shards must be >= 1, got {requested}")
+        return max(1, min(n, requested))
+    cpus = int(ray.cluster_resources().get("CPU", 1)) or 1
+    return max(1, min(n, max(2 * cpus, math.ceil(n / _SHARD_TARGET))))
+
+
+def _fan_out(items: list[tuple[str, str, str]], predictions: str, masks: str, *, name: str,
+             storage_options: dict | None, num_shards: int | None) -> list[tuple[str, dict | None, list]]:
+    """Run :func:`score_shard` as Ray tasks over contiguous shards of ``items``; gather all."""
+    if not items:
+        return []
+    n = _num_shards(len(items), num_shards)
+    bounds = np.linspace(0, len(items), n + 1).round().astype(int)
+    shards = {}
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        shards[_score_shard_task.remote(predictions, masks, items[lo:hi], storage_options)] = items[lo:hi]
+    logger.info("%s: scoring %d pairs in %d Ray tasks", name, len(items), n)
+    results: list[tuple[str, dict | None, list]] = []
+    pending, next_log = list(shards), 0.1
+    while pending:
+        done, pending = ray.wait(pending, num_returns=min(len(pending), 16), timeout=10)
+        for ref in done:
+            try:
+                results.extend(ray.get(ref))
+            except ray.exceptions.RayError as exc:  # the task itself died: report its keys
+                message = _message(getattr(exc, "cause", None) or exc).splitlines()[0]
+                results.extend((key, None, [("failed", f"{key}: {message}")])
+                               for key, _, _ in shards[ref])
+            del shards[ref]
+        if pending and 1 - len(pending) / n >= next_log:
+            logger.info("%s: %d/%d tasks done", name, n - len(pending), n)
+            next_log = (1 - len(pending) / n) + 0.1
+    return results
+
+
+def evaluate_folders(predictions: str, masks: str, *, name: str = "default",
+                     storage_options: dict | None = None,
+                     num_shards: int | None = None) -> DatasetEvaluation:
+    """Score one dataset: list, match, fan out over Ray tasks, merge in sorted key order.
+
+    Ray must be initialised (see :func:`selfment_dist.pipeline._ray.ensure_ray`).
+
+    Returns:
+        A :class:`selfment_dist.reports.DatasetEvaluation` (scores None when no pair was scored).
+    """
+    problems = _Problems()
+    preds, pred_dups = list_images(predictions, storage_options)
+    gts, gt_dups = list_images(masks, storage_options)
+    for folder, dups in (("predictions", pred_dups), ("masks", gt_dups)):
+        for dup in dups:
+            problems.add("duplicate_key", f"{folder}: {dup}")
+    for folder, uri, found in (("predictions", predictions, preds), ("masks", masks, gts)):
+        if not found:
+            problems.add("empty_folder", f"{folder}: no images under {uri}")
+    for key in sorted(preds.keys() - gts.keys()):
+        problems.add("missing_mask", key)
+    for key in sorted(gts.keys() - preds.keys()):
+        problems.add("missing_prediction", key)
+
+    items = [(k, preds[k], gts[k]) for k in sorted(preds.keys() & gts.keys())]
+    results = _fan_out(items, predictions, masks, name=name, storage_options=storage_options,
+                       num_shards=num_shards)
+    results.sort(key=lambda r: r[0])
+    records, per_image = [], []
+    for key, record, issues in results:
+        for kind, message in issues:
+            problems.add(kind, message)
+        if record is None:
+            continue
+        if record["resized"]:
+            (ph, pw), (h, w) = record["pred_shape"], record["shape"]
+            problems.add("size_mismatch", f"{key}: prediction {pw}x{ph} resized to {w}x{h}")
+        records.append(record)
+        per_image.append((key, record_summary(record)))
+    problems.log(name)
+    if records:
+        scores, curves = merge_records(records), merge_curves(records)
+        logger.info("%s: %d images, %s", name, len(records),
+                    ", ".join(f"{k}={scores[k]:.4f}" for k in SCORE_KEYS))
+    else:
+        scores, curves = dict.fromkeys(SCORE_KEYS), None
+        logger.error("%s: no image could be scored (predictions %s, masks %s)", name,
+                     predictions, masks)
+    return DatasetEvaluation(name=name, scores=scores, n_images=len(records), curves=curves,
+                             per_image=per_image, problems=problems.to_json(),
+                             sources={"predictions": predictions, "masks": masks})
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("selfment-dist", "pysodmetrics", "numpy", "ray"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def run_evaluate(*, output: str, predictions: str | None = None, masks: str | None = None,
+                 name: str = "default", benchmarks: Mapping[str, tuple[str, str]] | None = None,
+                 model: str | None = None, storage_options: dict | None = None,
+                 num_shards: int | None = None, address: str | None = None,
+                 image_size: int | None = None) -> dict:
+    """Evaluate saliency maps and write the reports under ``output``.
+
+    Args:
+        output: folder for metrics.json, metrics.md, per_image.csv and plots/ (local or URL);
+            in benchmark mode also ``predictions/<NAME>``.
+        predictions, masks: folders of 8-bit prediction PNGs and ground-truth masks, matched by
+            key (relative path without extension). Give both, or ``model`` + ``benchmarks``.
+        name: the dataset's name in the reports (folders mode).
+        benchmarks: ``{NAME: (images_uri, masks_uri)}`` to segment with ``model`` and evaluate.
+        model: a model artifact URI (benchmark mode).
+        storage_options: fsspec options for every URI (never written to the reports).
+        num_shards: Ray tasks per dataset (default: enough to fill the cluster twice, at most
+            ~128 images each).
+        address: Ray cluster address (default: ``RAY_ADDRESS`` or a local in-process Ray).
+        image_size: inference size handed to ``run_segment`` (benchmark mode).
+
+    Returns:
+        The metrics.json document: ``datasets`` → ``{NAME: {n_images, scores, problems,
+        predictions, masks}}``, plus ``protocols``, ``config``, ``versions`` and ``files``.
+
+    Raises:
+        ValueError: when the arguments mix or miss a mode.
+    """
+    folders_mode = predictions is not None or masks is not None
+    bench_mode = benchmarks is not None or model is not None
+    if folders_mode == bench_mode:
+        raise ValueError("give either predictions= and masks=, or model= and benchmarks=")
+    if folders_mode and (predictions is None or masks is None):
+        raise ValueError("predictions= and masks= go together")
+    if bench_mode:
+        if model is None or not benchmarks:
+            raise ValueError("model= and a non-empty benchmarks= go together")
+        for bench, pair in benchmarks.items():
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"benchmark {bench!r}: expected (images_uri, masks_uri), got {pair!r}")
+    if not name:
+        raise ValueError("name must be a non-empty string")
+
+    ensure_ray(address)
+    datasets: list[DatasetEvaluation] = []
+    if folders_mode:
+        datasets.append(evaluate_folders(predictions, masks, name=name,
+                                         storage_options=storage_options, num_shards=num_shards))
+    else:
+        from . import segment  # imported here: the segmentation stage is only needed in this mode
+
+        for bench, (images_uri, masks_uri) in benchmarks.items():
+            pred_uri = join(output, "predictions", bench)
+            logger.info("%s: segmenting %s with %s into %s", bench, images_uri, model, pred_uri)
+            summary = segment.run_segment(model, [images_uri], pred_uri, image_size=image_size,
+                                          storage_options=storage_options)
+            dataset = evaluate_folders(pred_uri, masks_uri, name=bench,
+                                       storage_options=storage_options, num_shards=num_shards)
+            dataset.sources["images"] = images_uri
+            dataset.sources["segment"] = _jsonable(summary)
+            datasets.append(dataset)
+
+    config = {"output": output, "predictions": predictions, "masks": masks, "name": name,
+              "model": model, "benchmarks": {k: list(v) for k, v in (benchmarks or {}).items()},
+              "num_shards": num_shards, "image_size": image_size}
+    return write_reports(output, datasets, extra={"config": config, "versions": _versions()},
+                         storage_options=storage_options)
