@@ -140,19 +140,31 @@ def _accepted(command: str) -> set[str]:
     return {_dest(o) for o in COMMON + COMMANDS[command]["options"]} - {"config"}
 
 
-def _flag_aliases(command: str) -> dict[str, str]:
-    """Config keys may be spelt like the flag (``input``) or like the option (``inputs``)."""
-    return {normalise_key(flag.lstrip("-")): _dest(o)
+def flag_aliases(command: str) -> dict[str, tuple[str, bool]]:
+    """Config keys may be spelt like the flag (``input``) or like the option (``inputs``).
+
+    Maps each spelling to ``(option name, inverted)``; ``inverted`` marks negative flags such as
+    ``--non-binary-graph`` (``non_binary_graph: true`` means ``binary_graph=False``).
+    """
+    return {normalise_key(flag.lstrip("-")): (_dest(o), o.kwargs.get("action") == "store_false")
             for o in COMMON + COMMANDS[command]["options"] for flag in o.flags}
 
 
-def _apply_aliases(config: dict[str, Any], command: str) -> dict[str, Any]:
+def apply_aliases(config: dict[str, Any], command: str) -> dict[str, Any]:
     """Rename the top-level keys and the command's own section by the command's flag names."""
-    aliases = _flag_aliases(command)
+    aliases = flag_aliases(command)
+
+    def rename(items: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in items.items():
+            dest, inverted = aliases.get(key, (key, False))
+            out[dest] = (not value) if inverted and isinstance(value, bool) else value
+        return out
+
     section = normalise_key(command)
-    out = {aliases.get(k, k): v for k, v in config.items() if k != section}
+    out = rename({k: v for k, v in config.items() if k != section})
     if isinstance(config.get(section), dict):
-        out[section] = {aliases.get(k, k): v for k, v in config[section].items()}
+        out[section] = rename(config[section])
     elif section in config:
         out[section] = config[section]
     return out
@@ -168,7 +180,7 @@ def resolve_options(command: str, given: dict[str, Any]) -> dict[str, Any]:
         given["benchmarks"] = dict(given["benchmarks"])
     from_config: dict[str, Any] = {}
     if config_uri:
-        config = _apply_aliases(read_config(config_uri, given.get("storage_options")), command)
+        config = apply_aliases(read_config(config_uri, given.get("storage_options")), command)
         others = set().union(*(_accepted(c) for c in COMMANDS))
         from_config = options_for(config, normalise_key(command), _accepted(command), others)
         if isinstance(from_config.get("benchmarks"), dict):

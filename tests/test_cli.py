@@ -94,3 +94,13 @@ def test_console_script_help_runs():
                          text=True, check=True).stdout
     for command in ("pseudo-label", "train", "segment", "evaluate", "demo"):
         assert command in out
+
+
+def test_negative_flag_in_config_keeps_its_meaning(calls, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pseudo_label: {input: [x], output: y, non_binary_graph: true}\n")
+    cli.main(["pseudo-label", "--config", str(cfg)])
+    assert calls[-1][1]["binary_graph"] is False
+    cfg.write_text("pseudo_label: {input: [x], output: y, binary_graph: true}\n")
+    cli.main(["pseudo-label", "--config", str(cfg)])
+    assert calls[-1][1]["binary_graph"] is True
