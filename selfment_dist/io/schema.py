@@ -1,0 +1,94 @@
+"""The pseudo-label data contract (``../shared/DESIGN.md``) as a pyarrow schema.
+
+One row per input image, failures included:
+
+=============  ========  ==========================================================================
+column         type      meaning
+=============  ========  ==========================================================================
+key            string    unique, stable across runs (see ``docs/architecture.md``); never null
+source         string    URI of the file the image came from (the container file for parquet/tar)
+width, height  int32     image size after EXIF orientation; null when the image could not be read
+grid_h/grid_w  int16     patch grid of ``mask``; null on error rows
+mask           binary    ``numpy.packbits`` of the bool (grid_h, grid_w) mask, C order (io.masks)
+fg_fraction    float32   share of foreground patches; null on error rows
+error          string    null when fine, else a one-line reason (decode or model failure)
+ncut_mask      binary    optional (``save_ncut``): the NCut mask before IPO, same encoding
+features       binary    optional (``save_features``): the unit-norm patch features as raw
+                         little-endian float16 in C order (grid_h, grid_w, C): ``grid_h*grid_w*C``
+                         values; C = len / (2·grid_h·grid_w), also in the manifest
+=============  ========  ==========================================================================
+
+Why ``features`` is binary and not ``list<float16>``: one contiguous value per row decodes with a
+single ``numpy.frombuffer`` (no per-element repetition levels), is ~2 bytes per value on disk and
+in memory, and round-trips through every parquet reader (float16 logical types are recent).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "error_row", "encode_features",
+           "decode_features", "OPTIONAL_COLUMNS"]
+
+_BASE_FIELDS = [
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("grid_h", pa.int16()),
+    pa.field("grid_w", pa.int16()),
+    pa.field("mask", pa.binary()),
+    pa.field("fg_fraction", pa.float32()),
+    pa.field("error", pa.string()),
+]
+_NCUT_FIELD = pa.field("ncut_mask", pa.binary())
+_FEATURES_FIELD = pa.field(
+    "features", pa.binary(),
+    metadata={b"encoding": b"float16 little-endian, C order (grid_h, grid_w, C)"})
+
+#: Optional columns, in the order they follow the base columns.
+OPTIONAL_COLUMNS = ("ncut_mask", "features")
+
+_SCHEMA_METADATA = {
+    b"selfment.contract": b"pseudo-labels/1",
+    b"selfment.mask_encoding": b"numpy.packbits of bool (grid_h, grid_w), C order",
+}
+
+
+def pseudo_label_schema(*, ncut_mask: bool = False, features: bool = False) -> pa.Schema:
+    """The contract's schema, with the optional ``ncut_mask`` / ``features`` columns."""
+    fields = list(_BASE_FIELDS)
+    if ncut_mask:
+        fields.append(_NCUT_FIELD)
+    if features:
+        fields.append(_FEATURES_FIELD)
+    return pa.schema(fields, metadata=_SCHEMA_METADATA)
+
+
+#: The base contract (no optional columns).
+PSEUDO_LABEL_SCHEMA = pseudo_label_schema()
+
+
+def error_row(key: str, source: str, message: str, *, width: int | None = None,
+              height: int | None = None) -> dict:
+    """A row for an image that could not be labelled: everything but the ids (and the size when
+    it is known) is null, ``error`` holds ``message``. Optional columns, when the schema has
+    them, are null too (pyarrow fills missing keys with null)."""
+    if not message:
+        raise ValueError("an error row needs a message")
+    return {"key": str(key), "source": str(source), "width": width, "height": height,
+            "grid_h": None, "grid_w": None, "mask": None, "fg_fraction": None,
+            "error": str(message), "ncut_mask": None, "features": None}
+
+
+def encode_features(feats: np.ndarray) -> bytes:
+    """float (h, w, C) → raw little-endian float16 bytes, C order."""
+    return np.ascontiguousarray(feats, dtype="<f2").tobytes()
+
+
+def decode_features(data: bytes, h: int, w: int) -> np.ndarray:
+    """Inverse of :func:`encode_features` → float16 (h, w, C)."""
+    flat = np.frombuffer(data, dtype="<f2")
+    if flat.size % (int(h) * int(w)):
+        raise ValueError(f"{flat.size} float16 values do not fit a {h}x{w} grid")
+    return flat.reshape(int(h), int(w), -1)

@@ -1,0 +1,383 @@
+"""Input sources: enumerate inputs into file-level work units; expand one unit into records.
+
+Two steps, so that whoever holds the list of work (the Ray driver) never holds image bytes:
+
+1. :func:`enumerate_units` (driver): lists files only. Each unit is a plain dict
+   ``{"kind": "image"|"parquet"|"tar", "uri": str, "key": str}`` — for an image, ``key`` is the
+   image's key; for a container (parquet file, tar shard) it names the container itself and is
+   used only for a row that reports the whole container unreadable.
+2. :func:`iter_records` (worker): opens one unit and yields records
+   ``{"key": str, "source": str, "data": bytes | None, "error": str | None}`` — exactly one per
+   image (``data`` set) or per thing that failed (``error`` set).
+
+Accepted inputs (local paths or any fsspec URL), mixed freely:
+
+- a folder (searched recursively) or a glob (``s3://b/imgs/**/*.jpg``): image files, parquet
+  files and tar shards inside are all taken; names starting with ``.`` or ``_`` are skipped;
+- a list file (``.txt``/``.lst``/``.list``): one URI or path per line (relative paths are relative
+  to the list file; blank lines and ``#`` comments are skipped);
+- a single image, parquet file (img2dataset layout: a binary image column such as ``jpg``/
+  ``png``/``webp``/``image`` plus ``key``) or WebDataset tar shard (``.tar``, ``.tar.gz``, ``.tgz``).
+
+Keys (stable across runs, ``docs/architecture.md``): for image files the path relative to the
+input root (the folder, the glob's fixed prefix, the list's common folder) without the extension
+(``sub/dir/name``); when two files would share a key (``a.jpg`` and ``a.png``) both keep their
+extension (``a.jpg``, ``a.png``). For parquet: the ``key`` column (or ``<file key>/<row index>``
+when there is none). For WebDataset: the sample's ``__key__`` (member path up to the first dot of
+its basename). Keys repeated inside one container get a ``#dup<n>`` suffix and an error row;
+keys are not compared across containers (img2dataset and WebDataset writers make them unique).
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+import tarfile
+from collections import Counter, defaultdict
+from typing import Container, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .images import IMAGE_EXTENSIONS
+from .storage import is_local, to_uri, url_to_fs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["enumerate_units", "iter_records", "classify", "LIST_EXTENSIONS",
+           "PARQUET_IMAGE_COLUMNS", "IMAGE", "PARQUET", "TAR"]
+
+IMAGE, PARQUET, TAR = "image", "parquet", "tar"
+#: Extensions of list files (one URI per line).
+LIST_EXTENSIONS = frozenset({"txt", "lst", "list"})
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+#: Image columns looked for in parquet inputs, in order (binary, or a struct with ``bytes``).
+PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
+# Preference among several image members of one WebDataset sample.
+_WDS_IMAGE_ORDER = ("jpg", "jpeg", "png", "webp")
+_GLOB_CHARS = "*?["
+_PARQUET_BATCH_ROWS = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Enumeration (driver side)
+
+def _ext(path: str) -> str:
+    base = posixpath.basename(path)
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def classify(path: str) -> str | None:
+    """``"image"``, ``"parquet"``, ``"tar"``, ``"list"`` or None (not an input) by file name."""
+    low = path.lower()
+    if low.endswith(_TAR_SUFFIXES):
+        return TAR
+    ext = _ext(path)
+    if ext == "parquet":
+        return PARQUET
+    if ext in IMAGE_EXTENSIONS:
+        return IMAGE
+    if ext in LIST_EXTENSIONS:
+        return "list"
+    return None
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+
+def _strip_ext(rel: str) -> str:
+    head, base = posixpath.split(rel)
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    return posixpath.join(head, stem) if head else stem
+
+
+def _glob_root(path: str) -> str:
+    parts = path.split("/")
+    fixed = []
+    for part in parts:
+        if any(c in part for c in _GLOB_CHARS):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
+class _Collector:
+    """Accumulates units from several inputs; resolves key collisions at the end."""
+
+    def __init__(self):
+        self.images: list[tuple[str, str, str]] = []   # (uri, rel path with extension, root)
+        self.containers: list[dict] = []
+        self.ignored = Counter()
+
+    def add_file(self, fs, path: str, root: str, *, explicit: bool = False) -> None:
+        rel = posixpath.relpath(path, root) if root else posixpath.basename(path)
+        kind = classify(path)
+        if kind is None and explicit:
+            kind = IMAGE  # a file named on purpose is tried as an image; decoding tells
+        if kind == "list" and explicit:
+            self.add_list(fs, path)
+            return
+        if kind in (PARQUET, TAR):
+            self.containers.append({"kind": kind, "uri": to_uri(fs, path), "key": rel})
+        elif kind == IMAGE:
+            self.images.append((to_uri(fs, path), rel, root))
+        else:
+            self.ignored[_ext(path) or "(none)"] += 1
+
+    def add_tree(self, fs, paths: Iterable[str], root: str) -> None:
+        for path in sorted(paths):
+            rel = posixpath.relpath(path, root)
+            if _hidden(rel):
+                continue
+            self.add_file(fs, path, root)
+
+    def add_list(self, fs, list_path: str, storage_options: dict | None = None) -> None:
+        base = posixpath.dirname(list_path)
+        with fs.open(list_path, "rt", encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f]
+        entries = [ln for ln in lines if ln and not ln.startswith("#")]
+        resolved = []
+        for entry in entries:
+            if "://" in entry:
+                efs, epath = url_to_fs(entry, storage_options)
+            elif entry.startswith("/"):
+                efs, epath = url_to_fs(entry) if is_local(fs) else (fs, entry.lstrip("/"))
+            else:
+                efs, epath = fs, posixpath.normpath(posixpath.join(base, entry))
+            resolved.append((efs, epath))
+        if not resolved:
+            logger.warning("list file %s names no inputs", list_path)
+            return
+        root = posixpath.commonpath([posixpath.dirname(p) or "." for _, p in resolved]) \
+            if len({type(efs) for efs, _ in resolved}) == 1 else ""
+        for efs, epath in resolved:
+            self.add_file(efs, epath, root, explicit=True)
+
+    def units(self) -> list[dict]:
+        by_key: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        for uri, rel, _root in self.images:
+            by_key[_strip_ext(rel)].append((uri, rel))
+        units = []
+        final: dict[str, str] = {}
+        for key, items in by_key.items():
+            for uri, rel in items:
+                k = key if len(items) == 1 else rel  # a.jpg + a.png: both keep the extension
+                if k in final:
+                    raise ValueError(f"two inputs give the same key {k!r}: {final[k]} and {uri}; "
+                                     "pass inputs whose relative paths differ")
+                final[k] = uri
+                units.append({"kind": IMAGE, "uri": uri, "key": k})
+        units.sort(key=lambda u: u["key"])
+        if self.ignored:
+            logger.info("skipped files that are not inputs, by extension: %s",
+                        dict(self.ignored.most_common(10)))
+        return units + self.containers
+
+
+def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = None) -> list[dict]:
+    """List the work units of ``inputs`` (see module docstring); no image is opened.
+
+    Returns:
+        units sorted by key, image files first: ``{"kind", "uri", "key"}`` dicts.
+    Raises:
+        FileNotFoundError: an input that does not exist (or a glob that matches nothing).
+        ValueError: two inputs that would give the same key.
+    """
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    col = _Collector()
+    for uri in inputs:
+        fs, path = url_to_fs(uri, storage_options)
+        path = path.rstrip("/") or path
+        if any(c in path for c in _GLOB_CHARS):
+            matches = [p for p in fs.glob(path) if fs.isfile(p)]
+            if not matches:
+                raise FileNotFoundError(f"input glob matches no file: {uri}")
+            col.add_tree(fs, matches, _glob_root(path))
+        elif fs.isdir(path):
+            col.add_tree(fs, fs.find(path), path)
+        elif fs.isfile(path):
+            kind = classify(path)
+            if kind == "list":
+                col.add_list(fs, path, storage_options)
+            else:
+                col.add_file(fs, path, posixpath.dirname(path), explicit=True)
+        else:
+            raise FileNotFoundError(f"input not found: {uri}")
+    units = col.units()
+    logger.info("enumerated %d work units (%d image files, %d containers) from %d input(s)",
+                len(units), sum(u["kind"] == IMAGE for u in units),
+                sum(u["kind"] != IMAGE for u in units), len(inputs))
+    return units
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion (worker side)
+
+def _record(key, source, data=None, error=None) -> dict:
+    return {"key": key, "source": source, "data": data, "error": error}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:500]
+
+
+class _Dedup:
+    """Suffixes keys repeated inside one container (``k#dup1``) so no row is lost or doubled."""
+
+    def __init__(self):
+        self.seen: Counter = Counter()
+
+    def __call__(self, key: str) -> tuple[str, str | None]:
+        self.seen[key] += 1
+        n = self.seen[key] - 1
+        if n == 0:
+            return key, None
+        return f"{key}#dup{n}", f"duplicate key {key!r} inside this file (occurrence {n + 1})"
+
+
+def _iter_image(unit: dict, storage_options) -> Iterator[dict]:
+    try:
+        fs, path = url_to_fs(unit["uri"], storage_options)
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except Exception as exc:
+        yield _record(unit["key"], unit["uri"], error=f"cannot read file: {_one_line(exc)}")
+        return
+    yield _record(unit["key"], unit["uri"], data=data)
+
+
+def _image_column(schema: pa.Schema) -> tuple[str | None, bool]:
+    """(column name, is a struct with ``bytes``) of the image column of a parquet schema."""
+    names = {n.lower(): n for n in schema.names}
+    for cand in PARQUET_IMAGE_COLUMNS:
+        name = names.get(cand)
+        if name is None:
+            continue
+        typ = schema.field(name).type
+        if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+            return name, False
+        if pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0:
+            return name, True
+    return None, False
+
+
+def _iter_parquet(unit: dict, storage_options, skip: Container[str]) -> Iterator[dict]:
+    source, shard_key = unit["uri"], unit["key"]
+    n_done = 0
+    try:
+        fs, path = url_to_fs(source, storage_options)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            img_col, is_struct = _image_column(pf.schema_arrow)
+            if img_col is None:
+                raise ValueError("no image column: expected a binary column named one of "
+                                 f"{', '.join(PARQUET_IMAGE_COLUMNS)}; found "
+                                 f"{', '.join(pf.schema_arrow.names)}")
+            names = set(pf.schema_arrow.names)
+            key_col = "key" if "key" in names else None
+            extra = [c for c in ("status", "error_message") if c in names]
+            columns = [c for c in (key_col, img_col, *extra) if c]
+            dedup = _Dedup()
+            row = 0
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+                cols = batch.to_pydict()
+                for i in range(batch.num_rows):
+                    raw_key = cols[key_col][i] if key_col else None
+                    if raw_key is None or raw_key == "":
+                        raw_key = f"{_strip_ext(shard_key)}/{row:09d}"
+                    key, dup_error = dedup(str(raw_key))
+                    row += 1
+                    if key in skip:
+                        continue
+                    value = cols[img_col][i]
+                    data = value.get("bytes") if is_struct and value is not None else value
+                    error = dup_error
+                    if error is None and not data:
+                        why = "; ".join(f"{c}={cols[c][i]}" for c in extra if cols[c][i])
+                        error = ("no image bytes in this row" if data is None
+                                 else "empty image bytes (0 bytes)") + (f" ({why})" if why else "")
+                    yield _record(key, source, data=None if error else data, error=error)
+                    n_done += 1
+    except Exception as exc:
+        if shard_key not in skip:
+            yield _record(shard_key, source, error=f"unreadable parquet file after {n_done} rows: "
+                                                   f"{_one_line(exc)}")
+
+
+def _wds_split(name: str) -> tuple[str, str]:
+    """WebDataset member name → (sample key, extension): the key ends at the basename's first dot."""
+    head, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(head, stem) if head else stem), ext.lower()
+
+
+def _iter_tar(unit: dict, storage_options, skip: Container[str]) -> Iterator[dict]:
+    source, shard_key = unit["uri"], unit["key"]
+    dedup = _Dedup()
+    n_done = 0
+    sample_key: str | None = None
+    members: dict[str, bytes | None] = {}
+
+    def flush() -> Iterator[dict]:
+        if sample_key is None:
+            return
+        key, dup_error = dedup(sample_key)
+        if key in skip:
+            return
+        if dup_error:
+            yield _record(key, source, error=dup_error)
+            return
+        images = [e for e in _WDS_IMAGE_ORDER if e in members] + \
+                 [e for e in members if e in IMAGE_EXTENSIONS and e not in _WDS_IMAGE_ORDER]
+        if not images:
+            found = ", ".join("." + e for e in sorted(members)) or "nothing"
+            yield _record(key, source, error=f"WebDataset sample has no image member (found {found})")
+        else:
+            yield _record(key, source, data=members[images[0]])
+
+    try:
+        fs, path = url_to_fs(source, storage_options)
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                key, ext = _wds_split(member.name)
+                if posixpath.basename(member.name).startswith((".", "_")):
+                    continue
+                if key != sample_key:
+                    for rec in flush():
+                        n_done += 1
+                        yield rec
+                    sample_key, members = key, {}
+                # Read only plain image members; others are noted by extension.
+                members[ext] = tf.extractfile(member).read() if ext in IMAGE_EXTENSIONS else None
+            for rec in flush():
+                n_done += 1
+                yield rec
+    except Exception as exc:
+        if shard_key not in skip:
+            yield _record(shard_key, source, error=f"unreadable WebDataset shard after {n_done} "
+                                                   f"samples: {_one_line(exc)}")
+
+
+def iter_records(unit: dict, *, storage_options: dict | None = None,
+                 skip: Container[str] = frozenset()) -> Iterator[dict]:
+    """Expand one work unit into records (see module docstring); never raises for bad data.
+
+    Args:
+        unit: a dict from :func:`enumerate_units`.
+        skip: keys not to yield (already done, e.g. on resume).
+    Yields:
+        ``{"key", "source", "data": bytes | None, "error": str | None}``.
+    """
+    kind = unit["kind"]
+    if kind == IMAGE:
+        if unit["key"] not in skip:
+            yield from _iter_image(unit, storage_options)
+    elif kind == PARQUET:
+        yield from _iter_parquet(unit, storage_options, skip)
+    elif kind == TAR:
+        yield from _iter_tar(unit, storage_options, skip)
+    else:
+        raise ValueError(f"unknown work unit kind {kind!r}")

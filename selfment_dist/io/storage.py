@@ -1,0 +1,104 @@
+"""Storage: one door to local disk and every fsspec filesystem (s3://, gs://, …).
+
+Everything in the package reaches files through :func:`url_to_fs`, so a local path and an object
+store URL behave the same; ``storage_options`` (``--storage-option KEY=VALUE`` on the command
+line, e.g. ``endpoint_url=http://127.0.0.1:9000``) are handed to the fsspec filesystem.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any, Iterable
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = ["parse_storage_options", "url_to_fs", "join", "is_local", "to_uri", "protocol_of"]
+
+_TRUE = {"true", "yes", "on"}
+_FALSE = {"false", "no", "off"}
+_NONE = {"none", "null"}
+
+
+def _parse_value(text: str) -> Any:
+    """``"3"`` → 3, ``"0.5"`` → 0.5, ``"true"``/``"false"`` → bool, ``"none"`` → None,
+    ``{...}``/``[...]`` → JSON; anything else stays a string."""
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    if low in _NONE:
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text[:1] in "{[":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def parse_storage_options(pairs: Iterable[str] | None) -> dict[str, Any]:
+    """Turn ``["KEY=VALUE", ...]`` into fsspec storage options.
+
+    Values are parsed: integers, floats, booleans (``true``/``false``/``yes``/``no``/``on``/``off``),
+    ``none``/``null`` and JSON objects/arrays; everything else is kept as a string (the first
+    ``=`` splits, so values may hold ``=``). A dotted key nests: ``client_kwargs.region_name=eu``
+    → ``{"client_kwargs": {"region_name": "eu"}}``.
+
+    Raises:
+        ValueError: on an item without ``=`` or with an empty key.
+    """
+    options: dict[str, Any] = {}
+    for item in pairs or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"storage option {item!r} is not KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node = options
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"storage option {item!r}: {part!r} is already set to a value")
+            node = child
+        node[leaf] = _parse_value(value)
+    return options
+
+
+def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or any fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """True for the local filesystem (where rename is atomic and paths need no protocol)."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    proto = fs.protocol
+    return proto[0] if isinstance(proto, (tuple, list)) else proto
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URI of ``path`` inside ``fs``: a plain path for local files, ``proto://path`` else."""
+    if is_local(fs):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL with ``/`` (``join("s3://b/out", "x.parquet")``)."""
+    uri = str(uri)
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        scheme, rest = "", uri
+    joined = posixpath.join(rest, *(p.strip("/") for p in parts if p))
+    return f"{scheme}://{joined}" if scheme else joined

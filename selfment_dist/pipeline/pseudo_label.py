@@ -1,0 +1,697 @@
+"""``selfment pseudo-label``: images anywhere → pseudo-masks, streamed through Ray Data.
+
+Flow (data moves one way; the driver only ever holds file names)::
+
+    enumerate_units (driver: file names)          io.sources
+      → read + decode + resize (CPU tasks)        io.images, backbone.resize_square
+      → backbone + NCut + IPO (one actor stage,   labeler.PseudoLabeler
+        model loaded once per actor, batched)
+      → parquet parts + _selfment.json (writes)   io.schema, io.masks
+
+Guarantees:
+
+- One row per input. Unreadable inputs and images that fail inside the model become rows with
+  ``error`` set; nothing is dropped.
+- Resumable. Part files are named ``part-<run id>-<write task>.parquet`` and only ever appear
+  complete (written under ``_tmp/`` and renamed on local disk; object stores publish an object
+  only when its upload completes). A run first reads the ``key`` column of the complete parts
+  already at ``output`` (unreadable ones are removed) and processes only the missing keys, so a
+  killed run completes on re-run without duplicates. A write task that Ray retries rewrites the
+  same file name.
+- Fault tolerant. Model actors are restarted by Ray (``max_restarts``) and their tasks retried
+  (``max_task_retries``); read and write tasks are retried (``max_retries``).
+- Streaming. Rows never gather in the driver; counts come from the write tasks and from parquet
+  footers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+import uuid
+import warnings
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import DataContext, Datasink
+
+from ..backbone import DEFAULT_BACKBONE, backbone_family
+from ..io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ..io.masks import encode_mask
+from ..io.schema import encode_features, pseudo_label_schema
+from ..io.sources import IMAGE, enumerate_units, iter_records
+from ..io.storage import is_local, to_uri, url_to_fs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_pseudo_label", "DEFAULT_BACKBONE", "MANIFEST_NAME"]
+
+MANIFEST_NAME = "_selfment.json"
+_TMP_DIR = "_tmp"
+_PART_RE = re.compile(r"^part-(?P<run>[0-9a-f]+)-(?P<task>\d+)\.parquet$")
+
+# Fault tolerance: enough for preempted nodes and the odd crash, bounded so that an input that
+# kills its worker every time fails the job instead of looping forever.
+MAX_ACTOR_RESTARTS = 8
+MAX_TASK_RETRIES = 8
+MAX_RETRIES = 4
+# Settings that change what a row holds: a re-run into an existing output must match them.
+_RESUME_KEYS = ("backbone", "weights", "image_size", "tau", "eps", "binary_graph", "n_iter",
+                "sample_size", "save_ncut", "save_features")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: read + decode (stateless, CPU tasks)
+
+_SKIP_CACHE: dict[str, frozenset] = {}
+
+
+def _skip_set(skip_ref: list | None) -> frozenset:
+    """The done keys (shared through the object store once per worker process)."""
+    if not skip_ref:
+        return frozenset()
+    ref = skip_ref[0]
+    cache_key = ref.hex()
+    if cache_key not in _SKIP_CACHE:
+        import ray
+        _SKIP_CACHE.clear()
+        _SKIP_CACHE[cache_key] = frozenset(ray.get(ref))
+    return _SKIP_CACHE[cache_key]
+
+
+def _decode_batch(rows: list[dict], image_size: int) -> dict[str, np.ndarray]:
+    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
+    for i, row in enumerate(rows):
+        if row["pixels"] is not None:
+            images[i] = row["pixels"]
+    return {
+        "key": np.array([r["key"] for r in rows], dtype=object),
+        "source": np.array([r["source"] for r in rows], dtype=object),
+        "width": np.array([r["width"] for r in rows], dtype=np.int32),
+        "height": np.array([r["height"] for r in rows], dtype=np.int32),
+        "error": np.array([r["error"] or "" for r in rows], dtype=object),
+        "image": images,
+    }
+
+
+def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels: int | None,
+                    storage_options: dict | None, skip_ref: list | None,
+                    rows_per_batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Expand a batch of work units into decoded, resized images (Ray Data UDF).
+
+    Args:
+        units: a batch of units (columns ``kind``, ``uri``, ``key``).
+    Yields:
+        batches of at most ``rows_per_batch`` rows: ``key``, ``source``, ``width``/``height``
+        (int32, after EXIF orientation; -1 when unknown), ``error`` (None or a message) and
+        ``image`` uint8 (n, S, S, 3) (zeros on error rows). ``error`` is ``""`` when fine (a
+        column of strings only: None mixed with strings does not survive Arrow conversion).
+    """
+    from ..backbone import resize_square
+
+    skip = _skip_set(skip_ref)
+    pending: list[dict] = []
+    for kind, uri, key in zip(units["kind"], units["uri"], units["key"]):
+        unit = {"kind": str(kind), "uri": str(uri), "key": str(key)}
+        for rec in iter_records(unit, storage_options=storage_options, skip=skip):
+            row = {"key": rec["key"], "source": rec["source"], "width": -1, "height": -1,
+                   "error": rec["error"], "pixels": None}
+            if rec["error"] is None:
+                try:
+                    pil = decode_image(rec["data"], max_pixels=max_pixels)
+                    row["width"], row["height"] = pil.size
+                    row["pixels"] = resize_square(pil, image_size)
+                except ImageDecodeError as exc:
+                    row["error"] = str(exc)
+                except Exception as exc:  # anything else about one image stays with that image
+                    row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
+            pending.append(row)
+            if len(pending) >= rows_per_batch:
+                yield _decode_batch(pending, image_size)
+                pending = []
+    if pending:
+        yield _decode_batch(pending, image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: backbone + NCut + IPO (one actor per model replica)
+
+class LabelActor:
+    """Ray Data callable class: loads the backbone once, labels batches of decoded images.
+
+    ``__call__`` maps the decode stage's batch to a ``pyarrow.Table`` of the contract. Rows that
+    arrive with an error pass through as error rows; an exception while labelling a batch is
+    retried image by image so that only the failing image becomes an error row.
+    """
+
+    def __init__(self, *, backbone: str, weights: str, image_size: int, labeler_kwargs: dict,
+                 save_ncut: bool, save_features: bool, storage_options: dict | None,
+                 device: str | None, cpu_threads: int | None, fail_once_after: int | None,
+                 fail_marker: str | None):
+        import torch
+
+        from ..backbone import build_backbone
+        from ..labeler import PseudoLabeler
+
+        if cpu_threads:
+            try:
+                available = len(os.sched_getaffinity(0))
+            except AttributeError:  # not Linux
+                available = os.cpu_count() or 1
+            torch.set_num_threads(max(1, min(int(cpu_threads), available)))
+        self.backbone = build_backbone(backbone, weights=weights, image_size=image_size,
+                                       device=device, storage_options=storage_options)
+        self.labeler = PseudoLabeler(self.backbone, **labeler_kwargs)
+        self.save_ncut = save_ncut
+        self.save_features = save_features
+        self.schema = pseudo_label_schema(ncut_mask=save_ncut, features=save_features)
+        self.fail_once_after = fail_once_after
+        self.fail_marker = fail_marker
+        self.batches = 0
+        logger.info("label actor ready: %r, %d torch threads", self.backbone,
+                    torch.get_num_threads())
+
+    def _maybe_fail(self) -> None:
+        """Fault injection for tests: die once, hard, after ``fail_once_after`` batches."""
+        if self.fail_once_after is None or self.batches < self.fail_once_after:
+            return
+        try:
+            fd = os.open(self.fail_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # already died once in this run
+        os.close(fd)
+        logger.warning("fault injection: label actor exits after %d batches", self.batches)
+        os._exit(1)
+
+    def _label(self, images: np.ndarray) -> list[dict | str]:
+        """Per image: the result dict, or an error message."""
+        kw = {"return_ncut": self.save_ncut, "return_features": self.save_features}
+        try:
+            out = self.labeler(images, **kw)
+            return [{k: v[i] for k, v in out.items()} for i in range(len(images))]
+        except Exception as batch_exc:
+            if len(images) == 1:
+                return [f"labelling failed: {type(batch_exc).__name__}: {batch_exc}"]
+            logger.warning("batch of %d failed (%s); retrying image by image", len(images),
+                           batch_exc)
+            results: list[dict | str] = []
+            for i in range(len(images)):
+                results.extend(self._label(images[i:i + 1]))
+            return results
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        self._maybe_fail()
+        self.batches += 1
+        n = len(batch["key"])
+        errors = [str(e) or None for e in batch["error"]]
+        ok = [i for i in range(n) if errors[i] is None]
+        results: dict[int, dict | str] = {}
+        if ok:
+            images = np.ascontiguousarray(batch["image"][ok])
+            results = dict(zip(ok, self._label(images)))
+
+        cols: dict[str, list] = {name: [] for name in self.schema.names}
+        for i in range(n):
+            res = results.get(i, errors[i])
+            width, height = int(batch["width"][i]), int(batch["height"][i])
+            cols["key"].append(str(batch["key"][i]))
+            cols["source"].append(str(batch["source"][i]))
+            cols["width"].append(width if width >= 0 else None)
+            cols["height"].append(height if height >= 0 else None)
+            if isinstance(res, dict):
+                mask = np.asarray(res["mask"], dtype=bool)
+                cols["grid_h"].append(mask.shape[0])
+                cols["grid_w"].append(mask.shape[1])
+                cols["mask"].append(encode_mask(mask))
+                cols["fg_fraction"].append(float(mask.mean()))
+                cols["error"].append(None)
+                if self.save_ncut:
+                    cols["ncut_mask"].append(encode_mask(res["ncut_mask"]))
+                if self.save_features:
+                    cols["features"].append(encode_features(res["features"]))
+            else:
+                for name in ("grid_h", "grid_w", "mask", "fg_fraction"):
+                    cols[name].append(None)
+                cols["error"].append(res)
+                if self.save_ncut:
+                    cols["ncut_mask"].append(None)
+                if self.save_features:
+                    cols["features"].append(None)
+        return pa.Table.from_pydict(cols, schema=self.schema)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: write parquet parts (Ray Data datasink)
+
+class _PartsSink(Datasink):
+    """One parquet part per write task, published atomically under a deterministic name."""
+
+    def __init__(self, output: str, schema: pa.Schema, run_id: str, rows_per_file: int,
+                 storage_options: dict | None):
+        self.output = output
+        self.schema = schema
+        self.run_id = run_id
+        self.rows_per_file = rows_per_file
+        self.storage_options = storage_options
+        self.results: list[dict] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def get_name(self) -> str:
+        return "WritePseudoLabels"
+
+    def write(self, blocks: Iterable, ctx) -> dict:
+        name = f"part-{self.run_id}-{ctx.task_idx:06d}.parquet"
+        fs, root = url_to_fs(self.output, self.storage_options)
+        final = f"{root.rstrip('/')}/{name}"
+        local = is_local(fs)
+        target = f"{root.rstrip('/')}/{_TMP_DIR}/{name}" if local else final
+        if local:
+            fs.makedirs(f"{root.rstrip('/')}/{_TMP_DIR}", exist_ok=True)
+        rows = errors = 0
+        feature_dim = None
+        handle = writer = None
+        try:
+            for block in blocks:
+                table = _as_table(block)
+                if table.num_rows == 0:  # empty blocks may lack columns
+                    continue
+                table = table.select(self.schema.names).cast(self.schema)
+                rows += table.num_rows
+                errors += table.num_rows - table.column("error").null_count
+                if feature_dim is None and "features" in self.schema.names:
+                    feature_dim = _feature_dim(table)
+                if writer is None:
+                    handle = fs.open(target, "wb")
+                    writer = pq.ParquetWriter(handle, self.schema)
+                writer.write_table(table)
+            if writer is None:
+                return {"file": None, "rows": 0, "errors": 0, "feature_dim": None}
+            if feature_dim is not None:
+                writer.add_key_value_metadata({"selfment.feature_dim": str(feature_dim)})
+            writer.close()
+            writer = None
+            handle.close()  # the object store publishes the part here, complete
+            handle = None
+        finally:
+            if writer is not None:
+                writer.close()
+            if handle is not None:  # failed mid-way: never publish a partial part
+                _discard(handle)
+        if local:
+            fs.mv(target, final)
+        return {"file": name, "rows": rows, "errors": errors, "feature_dim": feature_dim}
+
+    def on_write_complete(self, write_result) -> None:
+        self.results = [r for r in write_result.write_returns if r and r.get("file")]
+
+
+def _discard(handle) -> None:
+    try:
+        if hasattr(handle, "discard"):  # fsspec buffered uploads: abort instead of commit
+            handle.discard()
+        else:
+            handle.close()
+    except Exception as exc:
+        logger.debug("discarding a partial part failed: %s", exc)
+
+
+def _as_table(block) -> pa.Table:
+    if isinstance(block, pa.Table):
+        return block
+    from ray.data.block import BlockAccessor
+    return BlockAccessor.for_block(block).to_arrow()
+
+
+def _feature_dim(table: pa.Table) -> int | None:
+    feats, gh, gw = (table.column(c) for c in ("features", "grid_h", "grid_w"))
+    for i in range(table.num_rows):
+        if feats[i].is_valid:
+            return len(feats[i].as_py()) // (2 * int(gh[i].as_py()) * int(gw[i].as_py()))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Output bookkeeping (driver): existing parts, manifest
+
+def _list_parts(fs, root: str) -> list[str]:
+    fs.invalidate_cache(root)  # object-store listings are cached per process; workers wrote here
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in entries if _PART_RE.match(p.rstrip("/").rsplit("/", 1)[-1]))
+
+
+def _existing_keys(fs, root: str) -> set[str]:
+    """Keys in the complete parts at ``root`` (``key`` column only); removes unreadable parts."""
+    done: set[str] = set()
+    duplicates = 0
+    for path in _list_parts(fs, root):
+        try:
+            with fs.open(path, "rb") as f:
+                keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+        except Exception as exc:
+            logger.warning("removing unreadable part %s (%s); its rows will be redone", path, exc)
+            fs.rm(path)
+            continue
+        before = len(done)
+        done.update(keys)
+        duplicates += len(keys) - (len(done) - before)
+    if duplicates:
+        logger.error("output already holds %d duplicate keys", duplicates)
+    tmp = f"{root.rstrip('/')}/{_TMP_DIR}"
+    if fs.exists(tmp):
+        fs.rm(tmp, recursive=True)  # leftovers of a killed run: never published, never counted
+    return done
+
+
+def _count_parts(fs, root: str) -> dict:
+    """Rows, error rows and files of the complete parts, from parquet footers."""
+    rows = errors = files = 0
+    feature_dim = None
+    for path in _list_parts(fs, root):
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            md = pf.metadata
+            col = pf.schema_arrow.get_field_index("error")
+            nulls = 0
+            for g in range(md.num_row_groups):
+                stats = md.row_group(g).column(col).statistics
+                if stats is not None and stats.has_null_count:
+                    nulls += stats.null_count
+                else:
+                    nulls += pf.read_row_group(g, columns=["error"]).column(0).null_count
+            kv = md.metadata or {}
+            if b"selfment.feature_dim" in kv:
+                feature_dim = int(kv[b"selfment.feature_dim"])
+        rows += md.num_rows
+        errors += md.num_rows - nulls
+        files += 1
+    return {"rows": rows, "errors": errors, "files": files, "feature_dim": feature_dim}
+
+
+def _read_manifest(fs, root: str) -> dict | None:
+    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_manifest(fs, root: str, manifest: dict) -> None:
+    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    text = json.dumps(manifest, indent=2, sort_keys=False)
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wt", encoding="utf-8") as f:
+            f.write(text)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("selfment-dist", "torch", "timm", "ray", "pyarrow", "numpy"):
+        try:
+            out[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist.replace("-", "_")] = None
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_resume(previous: dict | None, config: dict, output: str) -> None:
+    if not previous:
+        return
+    old = previous.get("config", {})
+    diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in _RESUME_KEYS
+            if k in old and old[k] != config[k]]
+    if diff:
+        raise ValueError(f"{output} holds pseudo-labels made with other settings ("
+                         + "; ".join(diff) + "); resume with the same settings or choose a new "
+                         "output")
+
+
+def _check_backbone(name: str, image_size: int) -> None:
+    """Fail in the driver, not in every actor, on a bad name or image size."""
+    backbone_family(name)
+    match = re.search(r"_patch(\d+)", name)
+    patch = int(match.group(1)) if match else 1
+    if image_size <= 0 or image_size % patch:
+        raise ValueError(f"image_size {image_size} is not a positive multiple of {name}'s patch "
+                         f"size {patch}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+def _plan_resources(num_actors: int | None, num_gpus_per_actor: float | None) -> dict:
+    """Actor count, GPUs and CPUs per actor, torch threads per actor for this cluster."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus = int(res.get("CPU", 1))
+    gpus = float(res.get("GPU", 0))
+    if num_gpus_per_actor is None:
+        num_gpus_per_actor = 1.0 if gpus >= 1 else (gpus if gpus > 0 else 0.0)
+    if num_gpus_per_actor > 0:
+        if gpus == 0:
+            logger.warning("num_gpus_per_actor=%s but the cluster has no GPU now: the model "
+                           "actors wait until an autoscaler adds one", num_gpus_per_actor)
+        actors = num_actors or max(1, int(gpus // num_gpus_per_actor))
+        return {"actors": actors, "num_gpus": num_gpus_per_actor, "num_cpus": 1,
+                "cpu_threads": None, "device": None}
+    # CPU only: few actors with many intra-op threads beat many single-threaded ones; reserve
+    # all but one of each actor's threads so decode/write tasks keep a CPU to run on.
+    actors = num_actors or max(1, cpus // 8)
+    threads = max(1, cpus // actors)
+    return {"actors": actors, "num_gpus": 0, "num_cpus": max(1, threads - 1),
+            "cpu_threads": threads, "device": "cpu"}
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool):
+    """Ray Data's progress bars on or off for datasets created inside (they copy the context)."""
+    ctx = DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = bool(enabled)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = saved
+
+
+def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size: int,
+                   max_pixels, storage_options, batch_size: int, plan: dict,
+                   actor_kwargs: dict):
+    """units → read+decode (CPU tasks) → LabelActor (actor pool) — lazily, nothing runs yet."""
+    import ray
+
+    # About one batch of image files per read task; each container (parquet, tar) its own.
+    n_blocks = max(1, min(len(units), n_containers + math.ceil(
+        (len(units) - n_containers) / batch_size)))
+    ds = ray.data.from_items(units, override_num_blocks=n_blocks)
+    ds = ds.map_batches(
+        read_and_decode, batch_size=None, zero_copy_batch=True,
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
+                   "storage_options": storage_options, "skip_ref": skip_ref,
+                   "rows_per_batch": batch_size},
+        num_cpus=1, max_retries=MAX_RETRIES)
+    return ds.map_batches(
+        LabelActor, batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False,
+        fn_constructor_kwargs=actor_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
+        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
+        max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+def run_pseudo_label(
+    inputs: str | Iterable[str],
+    output: str,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "hub",
+    image_size: int = 768,
+    tau: float = 0.2,
+    eps: float = 1e-5,
+    binary_graph: bool = True,
+    n_iter: int = 20,
+    sample_size: int = 10,
+    batch_size: int | None = None,
+    save_ncut: bool = False,
+    save_features: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    storage_options: dict | None = None,
+    address: str | None = None,
+    num_actors: int | None = None,
+    num_gpus_per_actor: float | None = None,
+    rows_per_file: int | None = None,
+    fail_once_after: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Pseudo-label every image of ``inputs`` into a parquet dataset at ``output``.
+
+    Args:
+        inputs: one or more folders, globs, list files, img2dataset parquet files or WebDataset
+            tar shards (local paths or fsspec URLs; see :mod:`selfment_dist.io.sources`).
+        output: folder/prefix (local or fsspec URL) receiving ``part-*.parquet`` with the
+            contract of :mod:`selfment_dist.io.schema` and the ``_selfment.json`` manifest.
+        backbone, weights, image_size: the DINO backbone (see ``build_backbone``).
+        tau, eps, binary_graph, n_iter, sample_size: NCut and IPO parameters.
+        batch_size: images per model call (default 32 on GPU, 8 on CPU).
+        save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
+        max_pixels: decompression-bomb limit (width × height); None disables it.
+        storage_options: fsspec options for every URL (inputs, output, weights).
+        address: Ray cluster address; default: the running Ray, else a local one.
+        num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
+        num_gpus_per_actor: GPUs per replica (default 1 when the cluster has GPUs, else 0).
+        rows_per_file: rows per parquet part (default 1024; 256 with ``save_features``).
+        fail_once_after: testing only: one model actor exits hard once after this many batches.
+        progress: show Ray Data's progress bars.
+    Returns:
+        summary: ``images`` and ``errors`` written by this run, ``skipped`` (already present),
+        ``rows_total``/``errors_total``/``files_total`` in the output, ``wall_s``,
+        ``images_per_s`` (rows written, error rows included, per second of wall time), ``output``,
+        ``run_id``; with ``fail_once_after`` also ``fault_injected`` (an actor did exit).
+    Raises:
+        ValueError: unknown backbone, bad image size, or an output made with other settings.
+        FileNotFoundError: an input that does not exist.
+    """
+    import ray
+
+    from ._ray import ensure_ray
+
+    start = time.perf_counter()
+    _check_backbone(backbone, image_size)
+    ensure_ray(address)
+    plan = _plan_resources(num_actors, num_gpus_per_actor)
+    if batch_size is None:
+        batch_size = 32 if plan["num_gpus"] else 8
+    if rows_per_file is None:
+        rows_per_file = 256 if save_features else 1024
+    run_id = uuid.uuid4().hex[:12]
+    config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
+              "tau": tau, "eps": eps, "binary_graph": binary_graph, "n_iter": n_iter,
+              "sample_size": sample_size, "save_ncut": save_ncut, "save_features": save_features,
+              "max_pixels": max_pixels, "batch_size": batch_size, "num_actors": plan["actors"],
+              "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    logger.info("pseudo-label run %s: %s -> %s, config %s", run_id, inputs, output, config)
+
+    # Output: what is already there (resume), then the manifest of this run.
+    fs, root = url_to_fs(output, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    fs.invalidate_cache(root)
+    previous = _read_manifest(fs, root)
+    _check_resume(previous, config, output)
+    done = _existing_keys(fs, root)
+
+    units = enumerate_units(inputs, storage_options)
+    out_prefix = to_uri(fs, root).rstrip("/") + "/"
+    units = [u for u in units if not u["uri"].startswith(out_prefix)]  # output inside an input
+    n_units = len(units)
+    units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
+    containers = [u for u in units if u["kind"] != IMAGE]
+    if done:
+        logger.info("resuming: %d keys already in %s; %d of %d work units left", len(done),
+                    output, len(units), n_units)
+
+    manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
+    manifest.update({"status": "running", "config": config, "inputs": inputs,
+                     "versions": _versions()})
+    for old in manifest.setdefault("runs", []):
+        if old.get("status") == "running":
+            old["status"] = "interrupted"  # killed before it could say so
+    run_entry = {"run_id": run_id, "started": _now(), "status": "running"}
+    manifest["runs"].append(run_entry)
+    _write_manifest(fs, root, manifest)
+
+    fail_marker = None
+    if fail_once_after is not None:
+        fail_marker = os.path.join(tempfile.gettempdir(), f"selfment-fail-once-{run_id}")
+
+    written = {"rows": 0, "errors": 0}
+    fault_injected = False
+    if units:
+        actor_kwargs = {
+            "backbone": backbone, "weights": str(weights), "image_size": image_size,
+            "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
+                               "n_iter": n_iter, "sample_size": sample_size},
+            "save_ncut": save_ncut, "save_features": save_features,
+            "storage_options": storage_options, "device": plan["device"],
+            "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
+            "fail_marker": fail_marker}
+        sink = _PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
+                          run_id, rows_per_file, storage_options)
+        try:
+            with _progress_bars(progress), warnings.catch_warnings():
+                # Retry limits travel as plain Ray remote args: Ray 2.60 deprecates
+                # ``**ray_remote_args`` for named parameters but has none for these yet, and its
+                # defaults (unlimited) would loop forever on an input that kills its worker.
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+                skip_ref = [ray.put(sorted(done))] if (done and containers) else None
+                ds = _build_dataset(units, n_containers=len(containers), skip_ref=skip_ref,
+                                    image_size=image_size, max_pixels=max_pixels,
+                                    storage_options=storage_options, batch_size=batch_size,
+                                    plan=plan, actor_kwargs=actor_kwargs)
+                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
+        except BaseException:
+            run_entry.update(status="failed", finished=_now())
+            _write_manifest(fs, root, manifest)
+            raise
+        finally:
+            if fail_marker and os.path.exists(fail_marker):
+                fault_injected = True
+                os.remove(fail_marker)
+        written = {"rows": sum(r["rows"] for r in sink.results),
+                   "errors": sum(r["errors"] for r in sink.results)}
+
+    tmp = f"{root.rstrip('/')}/{_TMP_DIR}"
+    if is_local(fs) and fs.exists(tmp):
+        fs.rm(tmp, recursive=True)  # only empty or failed-attempt leftovers remain here
+    wall = time.perf_counter() - start
+    totals = _count_parts(fs, root)
+    summary = {
+        "output": output, "run_id": run_id,
+        "images": written["rows"], "errors": written["errors"], "skipped": len(done),
+        "rows_total": totals["rows"], "errors_total": totals["errors"],
+        "files_total": totals["files"],
+        "wall_s": round(wall, 3), "images_per_s": round(written["rows"] / wall, 3) if wall else 0.0,
+    }
+    if fail_once_after is not None:
+        summary["fault_injected"] = fault_injected
+    run_entry.update(status="complete", finished=_now(), images=summary["images"],
+                     errors=summary["errors"], skipped=summary["skipped"],
+                     wall_s=summary["wall_s"], images_per_s=summary["images_per_s"])
+    manifest.update(status="complete", counts={"rows": totals["rows"],
+                                               "errors": totals["errors"],
+                                               "files": totals["files"]})
+    if totals["feature_dim"] is not None:
+        manifest["feature_dim"] = totals["feature_dim"]
+    _write_manifest(fs, root, manifest)
+    logger.info("pseudo-label run %s done: %d images (%d errors) in %.1fs, %.2f images/s; "
+                "%d already present; output now %d rows (%d errors)", run_id, summary["images"],
+                summary["errors"], wall, summary["images_per_s"], summary["skipped"],
+                totals["rows"], totals["errors"])
+    return summary
