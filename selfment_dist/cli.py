@@ -86,6 +86,12 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--sim-weight", type=float), opt("--temperature", type=float),
             opt("--checkpoint-every", type=int, help="steps between checkpoints"),
             opt("--max-failures", type=int, help="worker failures Ray Train retries"),
+            opt("--embed-dim", type=int), opt("--seed", type=int),
+            opt("--features", choices=["auto", "stored", "backbone"],
+                help="stored feature column, or recompute with the frozen backbone"),
+            opt("--max-pixels", type=int),
+            opt("--resources-per-worker", type=json.loads, metavar="JSON",
+                help='e.g. \'{"CPU": 4, "GPU": 1}\''),
         ]),
     "segment": dict(
         help="saliency maps of images with a trained model",

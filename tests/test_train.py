@@ -1,0 +1,316 @@
+"""Ray Train (DDP) training of the head: learning, real DDP, fault tolerance, re-runs, S3.
+
+Pseudo-labels are written here following the data contract (no pseudo-label pipeline run):
+- ``feature_labels``: DINO-like synthetic patch features (grid 8x8, C=384) whose pseudo-masks come
+  from ``pseudo_label`` (NCut + IPO), stored in the ``features`` column; two error rows.
+- image labels (S3 test): synthetic scenes at 64 px, labelled with a random-weights backbone;
+  training recomputes their features with the backbone inside the workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfment_dist import PatchHead, pseudo_label, selfment_loss
+from selfment_dist.artifact import load_artifact
+from selfment_dist.backbone import DEFAULT_BACKBONE
+from selfment_dist.io.masks import decode_mask, encode_mask
+from selfment_dist.io.schema import decode_features, encode_features, error_row, pseudo_label_schema
+from selfment_dist.pipeline import train as train_mod
+from selfment_dist.pipeline.train import RUN_NAME, inspect_labels, run_train
+from selfment_dist.synthetic import make_patch_feature_batch
+
+N_SCENES, GRID, DIM = 48, 8, 384
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_controller():
+    """Ray Train V2's controller drains reports once per poll (2 s by default); poll faster so
+    the many short epochs here do not each wait for it."""
+    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    yield
+    if old is None:
+        del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+    else:
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+
+
+def _manifest(image_size: int, feature_dim: int | None) -> dict:
+    return {"format": "selfment-pseudo-labels", "format_version": 1, "status": "complete",
+            "config": {"backbone": DEFAULT_BACKBONE, "weights": "random", "image_size": image_size},
+            **({"feature_dim": feature_dim} if feature_dim else {})}
+
+
+def write_labels(root, rows: list[dict], *, image_size: int, features: bool,
+                 storage_options=None, n_parts: int = 2) -> str:
+    """Pseudo-label parquet parts + manifest at ``root`` (local path or fsspec URL)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
+    fs.makedirs(path, exist_ok=True)
+    schema = pseudo_label_schema(features=features)
+    for i in range(n_parts):
+        part = pa.Table.from_pylist(rows[i::n_parts], schema=schema)
+        with fs.open(f"{path}/part-{i:03d}.parquet", "wb") as f:
+            pq.write_table(part, f)
+    dim = next((len(r["features"]) // (2 * r["grid_h"] * r["grid_w"]) for r in rows
+                if features and r.get("features")), None)
+    with fs.open(f"{path}/_selfment.json", "w") as f:
+        json.dump(_manifest(image_size, dim), f)
+    return str(root)
+
+
+def _row(key, source, mask, feats=None):
+    return {"key": key, "source": source, "width": 64, "height": 64, "grid_h": mask.shape[0],
+            "grid_w": mask.shape[1], "mask": encode_mask(mask), "fg_fraction": float(mask.mean()),
+            "error": None, **({"features": encode_features(feats)} if feats is not None else {})}
+
+
+def _feature_rows(n: int, seed: int = 0) -> list[dict]:
+    feats = make_patch_feature_batch(np.random.default_rng(seed), n, GRID, GRID, DIM)
+    feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+    masks = pseudo_label(torch.from_numpy(feats)).numpy()
+    return [_row(f"scene_{i:03d}", f"/data/scene_{i:03d}.jpg", masks[i], feats[i]) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def feature_labels(tmp_path_factory):
+    rows = _feature_rows(N_SCENES)
+    rows += [error_row("broken_1", "/data/broken_1.jpg", "not an image"),
+             error_row("broken_2", "/data/broken_2.jpg", "truncated JPEG")]
+    return write_labels(tmp_path_factory.mktemp("labels") / "labels", rows,
+                        image_size=16 * GRID, features=True)
+
+
+def _load_rows(labels: str) -> list[dict]:
+    table = pq.read_table(labels, columns=["key", "grid_h", "grid_w", "mask", "features", "error"])
+    return [r for r in table.to_pylist() if r["error"] is None]
+
+
+def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    union = (pred | gt).sum()
+    return 1.0 if union == 0 else float((pred & gt).sum() / union)
+
+
+TRAIN_KWARGS = dict(workers=2, epochs=14, batch_size=4, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, feature_labels, tmp_path_factory):
+    """The main run: 14 epochs x 6 steps; a worker is killed after step 10 and Ray Train
+    restarts the group from the checkpoint of step 8 (checkpoints: every 4 steps + epoch ends)."""
+    output = str(tmp_path_factory.mktemp("model") / "model")
+    summary = run_train(feature_labels, output, fail_at_step=10, max_failures=1, **TRAIN_KWARGS)
+    return output, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+
+def test_loss_falls_and_error_rows_are_counted(trained):
+    _, summary = trained
+    assert summary["status"] == "trained"
+    assert (summary["rows"], summary["error_rows"], summary["train_rows"]) == (N_SCENES + 2, 2, N_SCENES)
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 15))
+    assert all(h["images"] == N_SCENES for h in history)  # each epoch sees every usable row once
+    assert summary["steps"] == 14 * 6  # 24 rows per worker, 4 per step
+    first, last = history[0], history[-1]
+    assert last["total"] < 0.6 * first["total"]
+    assert last["bce"] < first["bce"] and last["dice"] < first["dice"]
+    assert summary["feature_source"] == "stored"
+
+
+def test_artifact_loads_and_masks_match_the_pseudo_masks(trained, feature_labels):
+    output, summary = trained
+    head, meta = load_artifact(output)
+    assert (meta["backbone"], meta["weights"], meta["image_size"]) == (DEFAULT_BACKBONE, "random", 128)
+    assert (meta["feature_dim"], meta["embed_dim"], meta["in_dim"]) == (DIM, 128, DIM)
+    assert meta["training"]["steps"] == summary["steps"]
+    assert meta["training"]["history"] == summary["history"]
+
+    ious = []
+    for r in _load_rows(feature_labels):
+        feats = torch.from_numpy(decode_features(r["features"], r["grid_h"], r["grid_w"]).astype(np.float32))
+        pred = (head.saliency(feats) > 0.5).numpy()
+        ious.append(_iou(pred, decode_mask(r["mask"], r["grid_h"], r["grid_w"])))
+    assert np.mean(ious) >= 0.9, ious
+
+
+def test_checkpoints_are_in_the_output(trained):
+    output, _ = trained
+    names = os.listdir(os.path.join(output, RUN_NAME))
+    assert any(n.startswith("checkpoint-step") for n in names), names
+
+
+def test_finished_run_is_returned_without_training(trained, feature_labels, monkeypatch):
+    output, summary = trained
+    before = os.path.getmtime(os.path.join(output, "model.json"))
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a finished run must not start Ray")
+
+    monkeypatch.setattr("selfment_dist.pipeline._ray.ensure_ray", no_ray)
+    again = run_train(feature_labels, output, **TRAIN_KWARGS)
+    assert again["status"] == "already_done"
+    assert again["history"] == summary["history"] and again["steps"] == summary["steps"]
+    assert os.path.getmtime(os.path.join(output, "model.json")) == before
+    # Fewer epochs than done is finished too; other settings are an error, not a silent mix.
+    assert run_train(feature_labels, output, epochs=3, batch_size=4)["status"] == "already_done"
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        run_train(feature_labels, output, **TRAIN_KWARGS, lr=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP
+
+def test_ddp_is_real(ray_local, tmp_path):
+    """One step on 2 ranks x 4 images: both ranks hold the same weights afterwards, the step
+    used both shards (it equals one step on all 8 images) and differs from a one-shard step."""
+    rows = _feature_rows(8, seed=1)
+    labels = write_labels(tmp_path / "labels", rows, image_size=16 * GRID, features=True)
+    debug = tmp_path / "debug"
+    summary = run_train(labels, str(tmp_path / "model"), workers=2, epochs=1, batch_size=4,
+                        debug_dir=str(debug), seed=3)
+    assert summary["steps"] == 1
+
+    ranks = [load_file(debug / f"rank{r}-step1.safetensors") for r in (0, 1)]
+    shards = [json.loads((debug / f"rank{r}-step1.json").read_text()) for r in (0, 1)]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert sorted(shards[0] + shards[1]) == sorted(r["key"] for r in rows)
+
+    by_key = {r["key"]: r for r in rows}
+
+    def one_step(keys):
+        feats = torch.stack([torch.from_numpy(decode_features(by_key[k]["features"], GRID, GRID)
+                                              .astype(np.float32)).reshape(-1, DIM) for k in keys])
+        masks = torch.stack([torch.from_numpy(decode_mask(by_key[k]["mask"], GRID, GRID).reshape(-1))
+                             for k in keys])
+        torch.manual_seed(3)
+        head = PatchHead(DIM, 128)
+        opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-5)
+        logits, emb = head(feats)
+        selfment_loss(logits, emb, masks)["total"].backward()
+        opt.step()
+        return head.state_dict()
+
+    single = one_step(shards[0])  # a single worker's step on its shard alone
+    both = one_step(shards[0] + shards[1])  # equal shards: the mean of the two ranks' gradients
+    assert any(not torch.allclose(single[k], ranks[0][k], atol=1e-6) for k in single)
+    for name in both:
+        assert torch.allclose(both[name], ranks[0][name], atol=1e-5), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault tolerance and resumption
+
+def test_killed_worker_resumes_from_checkpoint(trained):
+    output, summary = trained
+    assert summary["resumed_from_steps"] == [8]  # the latest checkpoint before the failure
+    assert summary["steps"] == 14 * 6 and summary["epochs"] == 14
+    # Epoch 2 was cut after 4 of its 6 steps and finished from its second step after the restart.
+    assert summary["history"][1]["steps"] == 6 and summary["history"][1]["images"] == N_SCENES
+    assert not any(n.endswith(".marker") for n in os.listdir(os.path.join(output, RUN_NAME)))
+
+
+def test_more_epochs_continue_from_the_last_checkpoint(trained, feature_labels, tmp_path):
+    """A new run on the same output resumes Ray Train's run from storage (V2: same
+    storage_path and name) instead of starting over."""
+    output, summary = trained
+    copy = str(tmp_path / "model")
+    shutil.copytree(output, copy)
+    more = run_train(feature_labels, copy, **{**TRAIN_KWARGS, "epochs": 15})
+    assert more["status"] == "trained"
+    assert more["resumed_from_steps"] == [8, 14 * 6]
+    assert more["steps"] == 15 * 6 and len(more["history"]) == 15
+    assert more["history"][:14] == summary["history"]
+    assert load_artifact(copy)[1]["training"]["epochs"] == 15
+
+
+# ---------------------------------------------------------------------------------------------
+# Features from the backbone, everything on S3
+
+def test_backbone_features_on_s3(ray_local, s3_bucket):
+    import fsspec
+
+    from selfment_dist.backbone import build_backbone, resize_square
+    from selfment_dist.io.images import decode_image
+    from selfment_dist.labeler import PseudoLabeler
+    from selfment_dist.segmenter import Segmenter
+    from selfment_dist.synthetic import write_scenes
+
+    bucket, so = s3_bucket
+    size, n = 64, 16
+    keys = write_scenes(f"s3://{bucket}/scenes", n, seed=5, size=(size, size), storage_options=so)
+    fs = fsspec.filesystem("s3", **so)
+    sources = [f"s3://{bucket}/scenes/images/{k}.jpg" for k in keys]
+    images = np.stack([resize_square(decode_image(fs.cat_file(s), max_pixels=None), size)
+                       for s in sources])
+    masks = PseudoLabeler(build_backbone(DEFAULT_BACKBONE, weights="random", image_size=size,
+                                         device="cpu"))(images)["mask"]
+    rows = [_row(k, s, m) for k, s, m in zip(keys, sources, masks)]
+    labels = write_labels(f"s3://{bucket}/labels", rows, image_size=size, features=False,
+                          storage_options=so)
+
+    output = f"s3://{bucket}/model"
+    summary = run_train(labels, output, workers=2, epochs=2, batch_size=4, storage_options=so)
+    assert summary["feature_source"] == "backbone" and summary["feature_dim"] == 384
+    assert summary["history"][-1]["total"] < summary["history"][0]["total"]
+    assert fs.exists(f"{bucket}/model/model.json") and fs.exists(f"{bucket}/model/{RUN_NAME}")
+
+    segmenter = Segmenter.from_artifact(output, storage_options=so, device="cpu")
+    saliency = segmenter.saliency(images[:3])
+    assert saliency.shape == (3, size // 16, size // 16)
+    assert np.isfinite(saliency).all() and saliency.min() >= 0 and saliency.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad labels: clear errors before any training
+
+def test_missing_labels(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no pseudo-labels"):
+        run_train(str(tmp_path / "nothing"), str(tmp_path / "model"))
+
+
+def test_labels_without_manifest(tmp_path):
+    (tmp_path / "labels").mkdir()
+    pq.write_table(pa.table({"key": ["a"]}), tmp_path / "labels" / "part-0.parquet")
+    with pytest.raises(ValueError, match="manifest"):
+        inspect_labels(str(tmp_path / "labels"))
+
+
+def test_empty_and_all_error_labels(tmp_path):
+    empty = write_labels(tmp_path / "empty", [], image_size=128, features=False, n_parts=1)
+    with pytest.raises(ValueError, match="empty"):
+        run_train(empty, str(tmp_path / "model"))
+    errors = write_labels(tmp_path / "errors", [error_row("a", "/a.jpg", "bad"),
+                                                error_row("b", "/b.jpg", "bad")],
+                          image_size=128, features=False)
+    with pytest.raises(ValueError, match="all 2 pseudo-label rows .* are errors"):
+        run_train(errors, str(tmp_path / "model"))
+
+
+def test_container_sources_need_stored_features(tmp_path):
+    rows = _feature_rows(4)
+    for r in rows:
+        r["source"] = "/data/shard-000.tar"
+    labels = write_labels(tmp_path / "labels", rows, image_size=128, features=True)
+    assert inspect_labels(labels).feature_source == "stored"  # fine with stored features
+    with pytest.raises(ValueError, match="--save-features"):
+        inspect_labels(labels, features="backbone")
+
+
+def test_worker_resources_leave_a_cpu_for_data(ray_local):
+    assert train_mod._plan_workers(2, False, None) == ({"CPU": 0.5}, 1)
+    assert train_mod._plan_workers(1, False, None) == ({"CPU": 1.0}, 1)
+    assert train_mod._plan_workers(2, False, {"CPU": 3}) == ({"CPU": 3}, 3)
