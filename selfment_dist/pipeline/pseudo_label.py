@@ -89,12 +89,12 @@ def _skip_set(skip_ref: list | None) -> frozenset:
     return _SKIP_CACHE[cache_key]
 
 
-def _decode_batch(rows: list[dict], image_size: int) -> dict[str, np.ndarray]:
+def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[str, np.ndarray]:
     images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
     for i, row in enumerate(rows):
         if row["pixels"] is not None:
             images[i] = row["pixels"]
-    return {
+    batch = {
         "key": np.array([r["key"] for r in rows], dtype=object),
         "source": np.array([r["source"] for r in rows], dtype=object),
         "width": np.array([r["width"] for r in rows], dtype=np.int32),
@@ -102,20 +102,23 @@ def _decode_batch(rows: list[dict], image_size: int) -> dict[str, np.ndarray]:
         "error": np.array([r["error"] or "" for r in rows], dtype=object),
         "image": images,
     }
+    if keep_data:  # the encoded original, for overlays
+        batch["data"] = np.array([r["data"] or b"" for r in rows], dtype=object)
+    return batch
 
 
 def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels: int | None,
-                    storage_options: dict | None, skip_ref: list | None,
-                    rows_per_batch: int) -> Iterator[dict[str, np.ndarray]]:
+                    storage_options: dict | None, skip_ref: list | None, rows_per_batch: int,
+                    keep_data: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Expand a batch of work units into decoded, resized images (Ray Data UDF).
 
-    Args:
-        units: a batch of units (columns ``kind``, ``uri``, ``key``).
+    ``keep_data`` also carries the encoded file (segment's overlays need it).
+
     Yields:
         batches of at most ``rows_per_batch`` rows: ``key``, ``source``, ``width``/``height``
-        (int32, after EXIF orientation; -1 when unknown), ``error`` (None or a message) and
-        ``image`` uint8 (n, S, S, 3) (zeros on error rows). ``error`` is ``""`` when fine (a
-        column of strings only: None mixed with strings does not survive Arrow conversion).
+        (int32 original size after EXIF orientation; -1 when unknown), ``error`` (``""`` when
+        fine), ``image`` uint8 (n, S, S, 3) (zeros on error rows) and, with ``keep_data``,
+        ``data`` (the encoded file, ``b""`` on error rows).
     """
     from ..backbone import resize_square
 
@@ -125,22 +128,23 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
         unit = {"kind": str(kind), "uri": str(uri), "key": str(key)}
         for rec in iter_records(unit, storage_options=storage_options, skip=skip):
             row = {"key": rec["key"], "source": rec["source"], "width": -1, "height": -1,
-                   "error": rec["error"], "pixels": None}
+                   "error": rec["error"], "pixels": None, "data": None}
             if rec["error"] is None:
                 try:
                     pil = decode_image(rec["data"], max_pixels=max_pixels)
                     row["width"], row["height"] = pil.size
                     row["pixels"] = resize_square(pil, image_size)
+                    row["data"] = rec["data"] if keep_data else None
                 except ImageDecodeError as exc:
                     row["error"] = str(exc)
                 except Exception as exc:  # anything else about one image stays with that image
                     row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
             pending.append(row)
             if len(pending) >= rows_per_batch:
-                yield _decode_batch(pending, image_size)
+                yield _decode_batch(pending, image_size, keep_data)
                 pending = []
     if pending:
-        yield _decode_batch(pending, image_size)
+        yield _decode_batch(pending, image_size, keep_data)
 
 
 # ---------------------------------------------------------------------------------------------

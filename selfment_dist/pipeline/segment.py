@@ -42,14 +42,14 @@ import pyarrow as pa
 from ray.data import Datasink
 
 from ..artifact import load_artifact
-from ..io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from ..io.sources import IMAGE, enumerate_units, iter_records
+from ..io.images import DEFAULT_MAX_PIXELS, decode_image
+from ..io.sources import IMAGE, enumerate_units
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from .pseudo_label import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES,
                            _count_parts, _existing_keys, _now, _PartsSink, _plan_resources,
-                           _skip_set, _versions)
+                           _versions, read_and_decode)
 
 logger = logging.getLogger(__name__)
 
@@ -80,64 +80,6 @@ _RESUME_KEYS = ("model_fingerprint", "image_size", "output_format")
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read + decode (stateless, CPU tasks)
-
-def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[str, np.ndarray]:
-    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
-    for i, row in enumerate(rows):
-        if row["pixels"] is not None:
-            images[i] = row["pixels"]
-    batch = {
-        "key": np.array([r["key"] for r in rows], dtype=object),
-        "source": np.array([r["source"] for r in rows], dtype=object),
-        "width": np.array([r["width"] for r in rows], dtype=np.int32),
-        "height": np.array([r["height"] for r in rows], dtype=np.int32),
-        "error": np.array([r["error"] or "" for r in rows], dtype=object),
-        "image": images,
-    }
-    if keep_data:  # the encoded original, for overlays
-        batch["data"] = np.array([r["data"] or b"" for r in rows], dtype=object)
-    return batch
-
-
-def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels: int | None,
-                    storage_options: dict | None, skip_ref: list | None, rows_per_batch: int,
-                    keep_data: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Expand a batch of work units into decoded, resized images (Ray Data UDF).
-
-    The pseudo-label stage of the same name, plus ``keep_data``.
-
-    Yields:
-        batches of at most ``rows_per_batch`` rows: ``key``, ``source``, ``width``/``height``
-        (int32 original size after EXIF orientation; -1 when unknown), ``error`` (``""`` when
-        fine), ``image`` uint8 (n, S, S, 3) (zeros on error rows) and, with ``keep_data``,
-        ``data`` (the encoded file, ``b""`` on error rows).
-    """
-    from ..backbone import resize_square
-
-    skip = _skip_set(skip_ref)
-    pending: list[dict] = []
-    for kind, uri, key in zip(units["kind"], units["uri"], units["key"]):
-        unit = {"kind": str(kind), "uri": str(uri), "key": str(key)}
-        for rec in iter_records(unit, storage_options=storage_options, skip=skip):
-            row = {"key": rec["key"], "source": rec["source"], "width": -1, "height": -1,
-                   "error": rec["error"], "pixels": None, "data": None}
-            if rec["error"] is None:
-                try:
-                    pil = decode_image(rec["data"], max_pixels=max_pixels)
-                    row["width"], row["height"] = pil.size
-                    row["pixels"] = resize_square(pil, image_size)
-                    row["data"] = rec["data"] if keep_data else None
-                except ImageDecodeError as exc:
-                    row["error"] = str(exc)
-                except Exception as exc:  # anything else about one image stays with that image
-                    row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
-            pending.append(row)
-            if len(pending) >= rows_per_batch:
-                yield _decode_batch(pending, image_size, keep_data)
-                pending = []
-    if pending:
-        yield _decode_batch(pending, image_size, keep_data)
-
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2: backbone + head (one actor per model replica)
