@@ -46,13 +46,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-
-
-def _load_avg() -> str:
-    try:
-        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+from _common import load_avg, start_ray  # noqa: E402
 
 
 def _images(root: Path, n: int, size: tuple[int, int]) -> Path:
@@ -60,16 +54,6 @@ def _images(root: Path, n: int, size: tuple[int, int]) -> Path:
 
     write_scenes(str(root), n, size=size)
     return root / "images"
-
-
-def _start_ray(address: str | None, num_cpus: int | None) -> None:
-    import ray
-
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
 
 
 # --- speed -------------------------------------------------------------------------------------
@@ -160,7 +144,7 @@ def bench_pipeline(folder: Path, output: Path, args) -> tuple[Meter, dict]:
 
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label
 
-    _start_ray(args.address, args.num_cpus)
+    start_ray(args.address, args.num_cpus)
     try:
         with Meter() as m:
             summary = run_pseudo_label(str(folder), str(output), backbone=args.backbone,
@@ -182,7 +166,7 @@ def speed(args, work: Path) -> str:
     n_pub = min(args.n_published or args.n, args.n)
     arrays = np.stack([resize_square(Image.open(p).convert("RGB"), args.image_size)
                        for p in files])
-    load_before = _load_avg()
+    load_before = load_avg()
     backbone = build_backbone(args.backbone, weights=args.weights, image_size=args.image_size)
     threads = torch.get_num_threads()
 
@@ -201,7 +185,7 @@ def speed(args, work: Path) -> str:
     pipe, summary = bench_pipeline(folder, work / "speed-out", args)
     fwd2 = bench_forward(backbone, arrays, args.batch_size)
     pub = bench_published(backbone, files[:n_pub], args.image_size)
-    load_after = _load_avg()
+    load_after = load_avg()
 
     n = args.n
     rate = {"a": n / pipe.wall, "b": n_pub / pub.wall, "c": 2 * n / (fwd1.wall + fwd2.wall),
@@ -257,7 +241,7 @@ def memory_child(n: int, args) -> dict:
     proc = psutil.Process()
     work = Path(tempfile.mkdtemp(prefix=f"selfment-mem-{n}-"))
     folder = _images(work, n, (64, 80))
-    _start_ray(args.address, args.num_cpus)
+    start_ray(args.address, args.num_cpus)
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label
 
     baseline = proc.memory_info().rss

@@ -41,23 +41,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-
-
-def _load_avg() -> str:
-    try:
-        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def _start_ray(address: str | None, num_cpus: int | None) -> None:
-    import ray
-
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+from _common import load_avg, start_ray  # noqa: E402
 
 
 def make_labels(work: Path, args) -> tuple[str, Path]:
@@ -182,13 +166,13 @@ def run(args, work: Path) -> str:
 
     from selfment_dist.backbone import build_backbone, resize_square
 
-    _start_ray(args.address, args.num_cpus)
+    start_ray(args.address, args.num_cpus)
     labels, images = make_labels(work, args)
     rows = _rows(labels)
     arrays = np.stack([resize_square(Image.open(p).convert("RGB"), args.image_size)
                        for p in sorted(images.glob("*.jpg"))[: args.n_forward]])
     backbone = build_backbone(args.backbone, weights=args.weights, image_size=args.image_size)
-    load_before = _load_avg()
+    load_before = load_avg()
 
     # (f) right before and right after (c): on a shared machine the load drifts. In this
     # process with all threads (f1), and split like the training workers (f2); the larger is
@@ -203,7 +187,7 @@ def run(args, work: Path) -> str:
     fwd = max(fwd_one, fwd_split)
     ours_a = bench_ours(labels, str(work / "model-a"), "stored", args.epochs, args)
     published = bench_published(rows, args.n_published)
-    load_after = _load_avg()
+    load_after = load_avg()
     ray.shutdown()
 
     a, c = ours_a["images_per_s"], ours_c["images_per_s"]
