@@ -73,6 +73,8 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--save-features", action="store_true", help="also store float16 patch features"),
             opt("--max-pixels", type=int, help="refuse larger images (decompression bombs)"),
             opt("--num-actors", type=int), opt("--num-gpus-per-actor", type=_fraction),
+            opt("--rows-per-file", type=int, help="rows per parquet part"),
+            opt("--no-progress", dest="progress", action="store_false", help="no progress bars"),
         ]),
     "train": dict(
         help="train the segmentation head with Ray Train (DDP)",
