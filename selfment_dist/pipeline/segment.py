@@ -244,14 +244,11 @@ class _PngSink(Datasink):
 
 
 class _TableSink(_PartsSink):
-    """The pseudo-label pipeline's parquet parts writer, minus the empty blocks."""
+    """The pseudo-label pipeline's parquet parts writer (atomic parts, empty blocks skipped),
+    under its own name in Ray Data's progress."""
 
     def get_name(self) -> str:
         return "WriteSaliencyTable"
-
-    def write(self, blocks: Iterable, ctx) -> dict:
-        from ray.data.block import BlockAccessor
-        return super().write((b for b in blocks if BlockAccessor.for_block(b).num_rows()), ctx)
 
 
 def render_table(batch: dict[str, np.ndarray]) -> pa.Table:
