@@ -44,7 +44,13 @@ def ipo_refine(feats, mask, *, n_iter: int = 20, sample_size: int = 10) -> torch
         (B, h, w) bool refined mask on the features' device.
     """
     x4 = as_unit_features(feats)
-    m = as_mask(mask, x4).clone()
+    return _ipo_unit(x4, as_mask(mask, x4), n_iter=n_iter, sample_size=sample_size)
+
+
+def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int, sample_size: int) -> torch.Tensor:
+    """:func:`ipo_refine` of features already checked and normalised, mask already a bool
+    tensor on their device."""
+    m = mask.clone()
     b, h, w, c = x4.shape
     x = x4.reshape(b, h * w, c)
     m = m.reshape(b, h * w)
@@ -57,10 +63,10 @@ def ipo_refine(feats, mask, *, n_iter: int = 20, sample_size: int = 10) -> torch
         active &= (n_fg >= sample_size) & (n_bg >= sample_size)
         if not bool(active.any()):
             break
-        # Same comparison as the published loop: two dot products, not their difference.
-        s_fg = torch.bmm(x, mu_fg.unsqueeze(-1)).squeeze(-1)
-        s_bg = torch.bmm(x, mu_bg.unsqueeze(-1)).squeeze(-1)
-        new = s_fg > s_bg
+        # Same comparison as the published loop: two dot products, not their difference (in
+        # one bmm, so the features are read once).
+        scores = torch.bmm(x, torch.stack((mu_fg, mu_bg), -1))
+        new = scores[..., 0] > scores[..., 1]
         n_new = new.sum(1)
         empties = (n_new == 0) | (n_new == h * w)
         active &= ~empties

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from ._tensors import as_unit_features
-from .ipo import ipo_refine
-from .ncut import ncut_bipartition
+from .ipo import _ipo_unit
+from .ncut import _ncut_unit
 
 
 def pseudo_label(feats, *, tau: float = 0.2, eps: float = 1e-5, binary_graph: bool = True,
@@ -18,9 +18,9 @@ def pseudo_label(feats, *, tau: float = 0.2, eps: float = 1e-5, binary_graph: bo
     Returns:
         (B, h, w) bool foreground mask on the features' device.
     """
-    x = as_unit_features(feats)
-    coarse = ncut_bipartition(x, tau=tau, eps=eps, binary_graph=binary_graph)
-    return ipo_refine(x, coarse, n_iter=n_iter, sample_size=sample_size)
+    x = as_unit_features(feats)  # once: the two stages share the checked, normalised features
+    coarse = _ncut_unit(x, tau=tau, eps=eps, binary_graph=binary_graph)
+    return _ipo_unit(x, coarse, n_iter=n_iter, sample_size=sample_size)
 
 
 class PseudoLabeler:
@@ -50,8 +50,8 @@ class PseudoLabeler:
             ``return_features`` also ``features`` float16 (B, h, w, C) (unit-norm).
         """
         feats = as_unit_features(self.backbone(images))
-        coarse = ncut_bipartition(feats, **self.params)
-        mask = ipo_refine(feats, coarse, n_iter=self.n_iter, sample_size=self.sample_size)
+        coarse = _ncut_unit(feats, **self.params)
+        mask = _ipo_unit(feats, coarse, n_iter=self.n_iter, sample_size=self.sample_size)
         out = {"mask": mask.cpu().numpy()}
         if return_ncut:
             out["ncut_mask"] = coarse.cpu().numpy()

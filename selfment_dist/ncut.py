@@ -42,10 +42,13 @@ def normalized_affinity(x: torch.Tensor, *, tau: float = 0.2, eps: float = 1e-5,
         M: (B, N, N) ``D^{-1/2} A D^{-1/2}``, same dtype/device as ``x``.
         d: (B, N) degrees ``A.sum(-1)`` (all ≥ N·eps > 0, so no division by zero).
     """
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps (the weight of dropped edges) must be in (0, 1), got {eps}")
     a = torch.bmm(x, x.transpose(1, 2))
     if binary_graph:
-        keep = a > tau
-        a = keep.to(a.dtype).mul_(1.0 - eps).add_(eps)  # 1 where kept, eps elsewhere
+        # In place, 1 where kept and eps elsewhere (eps < 1): two cheap passes over the largest
+        # buffer instead of a bool mask, a float copy and an affine map (5x slower on CPU).
+        torch.gt(a, tau, out=a).clamp_(min=eps)
     else:
         a = torch.where(a >= tau, a, torch.full_like(a, eps))
     d = a.sum(-1)
@@ -233,7 +236,11 @@ def ncut_bipartition(feats, *, tau: float = 0.2, eps: float = 1e-5,
     Raises:
         ValueError: on a wrong shape or non-finite features.
     """
-    x = as_unit_features(feats)
+    return _ncut_unit(as_unit_features(feats), tau=tau, eps=eps, binary_graph=binary_graph)
+
+
+def _ncut_unit(x: torch.Tensor, *, tau: float, eps: float, binary_graph: bool) -> torch.Tensor:
+    """:func:`ncut_bipartition` of features already checked and normalised (B, h, w, C)."""
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     # Bound memory: the (chunk, N, N) affinity is the largest buffer.

@@ -185,6 +185,9 @@ def test_bad_shapes_are_a_clear_error():
         pseudo_label(torch.randn(0, 4, 4, 8))
     with pytest.raises(ValueError, match="mask must have shape"):
         ipo_refine(torch.randn(1, 4, 4, 8), torch.ones(1, 4, 5, dtype=torch.bool))
+    for eps in (0.0, 1.0, -1e-5):  # the weight of a dropped edge must be below a kept one's
+        with pytest.raises(ValueError, match=r"eps .* must be in \(0, 1\)"):
+            pseudo_label(torch.randn(1, 4, 4, 8), eps=eps)
 
 
 def test_memory_chunking_gives_the_same_masks(monkeypatch):
