@@ -25,6 +25,7 @@ Usage::
     python benchmarks/pseudo_label.py                       # speed, then memory; markdown out
     python benchmarks/pseudo_label.py --n 64 --skip-memory  # speed only, more images
     python benchmarks/pseudo_label.py --skip-speed --memory-sizes 1000,5000
+    python benchmarks/pseudo_label.py --skip-memory --precision bf16  # CPUs with native bf16
     # On a GPU node (or a cluster: --address auto), with real weights:
     python benchmarks/pseudo_label.py --weights hub --n 512 --batch-size 32 --address auto
 """
@@ -149,7 +150,8 @@ def bench_pipeline(folder: Path, output: Path, args) -> tuple[Meter, dict]:
         with Meter() as m:
             summary = run_pseudo_label(str(folder), str(output), backbone=args.backbone,
                                        weights=args.weights, image_size=args.image_size,
-                                       batch_size=args.batch_size, progress=False)
+                                       precision=args.precision, batch_size=args.batch_size,
+                                       progress=False)
     finally:
         ray.shutdown()
     return m, summary
@@ -167,7 +169,8 @@ def speed(args, work: Path) -> str:
     arrays = np.stack([resize_square(Image.open(p).convert("RGB"), args.image_size)
                        for p in files])
     load_before = load_avg()
-    backbone = build_backbone(args.backbone, weights=args.weights, image_size=args.image_size)
+    backbone = build_backbone(args.backbone, weights=args.weights, image_size=args.image_size,
+                              precision=args.precision)
     threads = torch.get_num_threads()
 
     # (c) right before and right after (a): on a shared machine the load drifts. Ray runs only
@@ -204,7 +207,8 @@ def speed(args, work: Path) -> str:
              "d": "(d) batched NCut + IPO alone (on (c)'s features)"}
     lines = [
         f"### Speed: {n} images ({args.source_size[1]}x{args.source_size[0]} JPEG) at "
-        f"{args.image_size} px, `{args.backbone}` (weights={args.weights}), batch {args.batch_size}",
+        f"{args.image_size} px, `{args.backbone}` (weights={args.weights}, "
+        f"{backbone.precision}), batch {args.batch_size}",
         "",
         "| method | images/s (wall) | (a) vs this, wall | (a') vs this, wall | CPU s / image "
         "| (a') vs this, CPU |",
@@ -305,6 +309,8 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
     p.add_argument("--weights", default="random")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="backbone numerics for every method (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--address", default=None, help="Ray cluster (default: local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
     p.add_argument("--memory-sizes", type=lambda s: [int(v) for v in s.split(",")],

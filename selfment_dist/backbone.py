@@ -98,6 +98,28 @@ def backbone_family(name: str) -> str:
     return _family(name).version
 
 
+#: Numerics of the forward pass: ``fp32``; ``bf16`` (autocast: matmuls, convolutions and
+#: attention in bfloat16, norms and softmax statistics in float32); ``auto``: bf16 on CUDA, fp32
+#: elsewhere.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``"fp32"`` or ``"bf16"``: what ``precision`` means on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """Raise ValueError unless ``name`` is a supported backbone and ``image_size`` a positive
+    multiple of its patch size (drivers call this so they fail with the message actors give)."""
+    _family(name)
+    _check_image_size(name, image_size, _patch_size(name))
+
+
 def _patch_size(name: str) -> int:
     return int(_PATCH_RE.search(name).group(1))
 
@@ -128,12 +150,14 @@ class Backbone:
         embed_dim: channels C of the features.
         grid: ``(h, w) = (S // patch_size, S // patch_size)``.
         device: the ``torch.device`` holding the model and the returned features.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast), resolved from ``auto`` for the device.
         model: the timm module (eval mode, ``requires_grad`` off).
     """
 
     def __init__(self, model: torch.nn.Module, *, name: str, weights: str, image_size: int,
-                 device: torch.device):
+                 device: torch.device, precision: str = "auto"):
         self.model = model
+        self.precision = resolve_precision(precision, device)
         self.name = name
         self.weights = weights
         self.image_size = int(image_size)
@@ -149,7 +173,8 @@ class Backbone:
 
     def __repr__(self) -> str:
         return (f"Backbone(name={self.name!r}, weights={self.weights!r}, "
-                f"image_size={self.image_size}, grid={self.grid}, device={str(self.device)!r})")
+                f"image_size={self.image_size}, grid={self.grid}, device={str(self.device)!r}, "
+                f"precision={self.precision!r})")
 
     def describe(self) -> dict:
         """JSON-ready identity for manifests / ``model.json``:
@@ -177,8 +202,8 @@ class Backbone:
             # Normalise on device: uint8 (B,S,S,3) -> float32 (B,3,S,S).
             x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
             x = (x - self._mean) / self._std
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                enabled=self.device.type == "cuda"):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bf16"):
                 tokens = self.model.forward_features(x)  # (B, prefix + h*w, C), final norm applied
             patches = tokens[:, self._num_prefix:].float()
             feats = F.normalize(patches, dim=-1).reshape(x.shape[0], h, w, self.embed_dim)
@@ -230,7 +255,7 @@ def _name_seed(name: str) -> int:
 
 def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike = "hub",
                    image_size: int = 768, device: str | torch.device | None = None,
-                   storage_options: dict | None = None) -> Backbone:
+                   storage_options: dict | None = None, precision: str = "auto") -> Backbone:
     """Build a frozen DINO backbone.
 
     Args:
@@ -243,12 +268,16 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike =
         image_size: square input side; must be a multiple of the patch size.
         device: where the model runs; default ``cuda`` if available, else ``cpu``.
         storage_options: fsspec options for a checkpoint URI (e.g. ``endpoint_url``).
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32`` or ``bf16``. On
+            CPUs with native bf16 (AVX512-BF16, AMX) ``bf16`` is about 1.4x faster for ViT-S at
+            768 px; features then differ from fp32 ones like on a GPU.
 
     Returns:
         A :class:`Backbone` in eval mode with gradients off.
 
     Raises:
-        ValueError: unknown name, or ``image_size`` not a multiple of the patch size.
+        ValueError: unknown name, ``image_size`` not a multiple of the patch size, or an
+            unknown ``precision``.
         CheckpointError: a checkpoint holding pickled code, or not matching the model.
         FileNotFoundError: ``weights`` is neither ``hub``/``random`` nor an existing checkpoint.
     """
@@ -256,6 +285,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike =
     _check_image_size(name, image_size, _patch_size(name))
     weights = os.fspath(weights)
     device = torch.device(device) if device is not None else _default_device()
+    resolve_precision(precision, device)  # fail before the build
     start = time.perf_counter()
 
     # Model init draws from torch's global RNG: keep the caller's stream untouched.
@@ -277,7 +307,8 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike =
     device = next(model.parameters()).device  # "cuda" resolves to the current index, e.g. cuda:1
     logger.info("built backbone %s (weights=%s, image_size=%d, device=%s) in %.1fs",
                 name, weights, image_size, device, time.perf_counter() - start)
-    return Backbone(model, name=name, weights=weights, image_size=image_size, device=device)
+    return Backbone(model, name=name, weights=weights, image_size=image_size, device=device,
+                    precision=precision)
 
 
 def _create(name: str, image_size: int | None, *, pretrained: bool = False) -> torch.nn.Module:

@@ -51,6 +51,8 @@ COMMON = [
     opt("--storage-option", dest="storage_options", action="append", metavar="KEY=VALUE",
         help="fsspec option for every URI, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)"),
 ]
+# backbone.PRECISIONS, spelled out so that ``--help`` does not import torch.
+PRECISIONS = ("auto", "fp32", "bf16")
 INPUTS = opt("--input", dest="inputs", nargs="+", required=True, metavar="URI",
              help="folders, globs, list files, img2dataset parquet or WebDataset tar shards")
 
@@ -64,6 +66,8 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--backbone", help="timm DINO name (default vit_small_patch16_dinov3.lvd1689m)"),
             opt("--weights", help="hub | random | PATH | URI of a checkpoint"),
             opt("--image-size", type=int, help="square input size (default 768)"),
+            opt("--precision", choices=PRECISIONS,
+                help="backbone numerics: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16"),
             opt("--batch-size", type=int),
             opt("--tau", type=float), opt("--eps", type=float),
             opt("--non-binary-graph", dest="binary_graph", action="store_false",

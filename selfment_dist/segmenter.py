@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .artifact import load_artifact
-# The size check is backbone.py's own, so the driver fails with the message actors would give.
-from .backbone import (Backbone, _check_image_size, _patch_size, backbone_family, build_backbone,
+from .backbone import (Backbone, backbone_family, build_backbone, check_image_size,
                        resize_square)
 from .head import PatchHead
 
@@ -109,7 +108,7 @@ def resolve_image_size(meta: dict[str, Any], image_size: int | None = None) -> i
     if size is None:
         raise ValueError("the model artifact records no image_size; pass image_size=")
     try:
-        _check_image_size(name, size, _patch_size(name))
+        check_image_size(name, size)
     except ValueError as exc:
         trained = meta.get("image_size", "an unrecorded size")
         raise ValueError(f"inference image_size: {exc} (the model was trained at "

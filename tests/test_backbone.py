@@ -129,6 +129,21 @@ def test_numpy_and_torch_inputs_agree():
     assert b(x[:0]).shape == (0, 4, 4, 384)
 
 
+def test_precision():
+    fp32 = _random(DEFAULT_BACKBONE, 64)
+    assert fp32.precision == "fp32" and "precision='fp32'" in repr(fp32)  # auto on CPU
+    bf16 = Backbone(fp32.model, name=fp32.name, weights="random", image_size=64, device="cpu",
+                    precision="bf16")
+    x = _images(64)
+    a, b = fp32(x), bf16(x)
+    assert b.dtype == torch.float32 and torch.allclose(b.norm(dim=-1), torch.ones(2, 4, 4))
+    assert not torch.equal(a, b)  # really ran in bf16 ...
+    assert (a * b).sum(-1).min() > 0.98  # ... and gives nearly the same features
+    assert bb.resolve_precision("auto", "cuda") == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        build_backbone(DINO, weights="random", image_size=64, precision="fp16")
+
+
 @pytest.mark.parametrize("bad,err", [
     (np.zeros((2, 64, 64, 3), np.float32), "uint8"),
     (torch.zeros((2, 64, 64, 3), dtype=torch.float32), "uint8"),

@@ -26,12 +26,12 @@ def calls(monkeypatch):
 
 def test_pseudo_label_options_reach_the_pipeline(calls):
     assert cli.main(["pseudo-label", "--input", "a/", "s3://b/x.tar", "--output", "s3://o",
-                     "--weights", "random", "--image-size", "224",
+                     "--weights", "random", "--image-size", "224", "--precision", "bf16",
                      "--storage-option", "endpoint_url=http://127.0.0.1:9", "--non-binary-graph"]) == 0
     (command, kwargs), = calls
     assert command == "pseudo-label"
     assert kwargs == {"inputs": ["a/", "s3://b/x.tar"], "output": "s3://o", "weights": "random",
-                      "image_size": 224, "binary_graph": False,
+                      "image_size": 224, "precision": "bf16", "binary_graph": False,
                       "storage_options": {"endpoint_url": "http://127.0.0.1:9"}}
 
 
@@ -104,3 +104,9 @@ def test_negative_flag_in_config_keeps_its_meaning(calls, tmp_path):
     cfg.write_text("pseudo_label: {input: [x], output: y, binary_graph: true}\n")
     cli.main(["pseudo-label", "--config", str(cfg)])
     assert calls[-1][1]["binary_graph"] is True
+
+
+def test_precision_choices_are_the_backbones():
+    from selfment_dist.backbone import PRECISIONS
+
+    assert cli.PRECISIONS == PRECISIONS

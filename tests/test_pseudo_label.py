@@ -317,6 +317,9 @@ def test_resume_with_other_settings_is_refused(folder_run, corpus):
     output, _ = folder_run
     with pytest.raises(ValueError, match="image_size: 64 there, 32 now"):
         run_pseudo_label(corpus["folder"], output, **{**RUN, "image_size": 32})
+    with pytest.raises(ValueError, match="precision: 'fp32' there, 'bf16' now"):
+        run_pseudo_label(corpus["folder"], output, **{**RUN, "precision": "bf16"})
+    assert _manifest(output)["config"]["precision"] == "fp32"  # auto, resolved for CPU actors
 
 
 def test_model_failure_becomes_an_error_row(corpus):

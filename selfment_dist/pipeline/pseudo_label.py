@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import DataContext, Datasink
 
-from ..backbone import DEFAULT_BACKBONE, backbone_family
+from ..backbone import DEFAULT_BACKBONE, check_image_size, resolve_precision
 from ..io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
 from ..io.schema import encode_features, pseudo_label_schema
@@ -66,8 +66,8 @@ MAX_ACTOR_RESTARTS = 8
 MAX_TASK_RETRIES = 8
 MAX_RETRIES = 4
 # Settings that change what a row holds: a re-run into an existing output must match them.
-_RESUME_KEYS = ("backbone", "weights", "image_size", "tau", "eps", "binary_graph", "n_iter",
-                "sample_size", "save_ncut", "save_features")
+_RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", "binary_graph",
+                "n_iter", "sample_size", "save_ncut", "save_features")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ class LabelActor:
     def __init__(self, *, backbone: str, weights: str, image_size: int, labeler_kwargs: dict,
                  save_ncut: bool, save_features: bool, storage_options: dict | None,
                  device: str | None, cpu_threads: int | None, fail_once_after: int | None,
-                 fail_marker: str | None):
+                 fail_marker: str | None, precision: str = "auto"):
         import torch
 
         from ..backbone import build_backbone
@@ -174,7 +174,8 @@ class LabelActor:
                 available = os.cpu_count() or 1
             torch.set_num_threads(max(1, min(int(cpu_threads), available)))
         self.backbone = build_backbone(backbone, weights=weights, image_size=image_size,
-                                       device=device, storage_options=storage_options)
+                                       device=device, storage_options=storage_options,
+                                       precision=precision)
         self.labeler = PseudoLabeler(self.backbone, **labeler_kwargs)
         self.save_ncut = save_ncut
         self.save_features = save_features
@@ -454,16 +455,6 @@ def _check_resume(previous: dict | None, config: dict, output: str) -> None:
                          "output")
 
 
-def _check_backbone(name: str, image_size: int) -> None:
-    """Fail in the driver, not in every actor, on a bad name or image size."""
-    backbone_family(name)
-    match = re.search(r"_patch(\d+)", name)
-    patch = int(match.group(1)) if match else 1
-    if image_size <= 0 or image_size % patch:
-        raise ValueError(f"image_size {image_size} is not a positive multiple of {name}'s patch "
-                         f"size {patch}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Resources
 
@@ -537,6 +528,7 @@ def run_pseudo_label(
     backbone: str = DEFAULT_BACKBONE,
     weights: str = "hub",
     image_size: int = 768,
+    precision: str = "auto",
     tau: float = 0.2,
     eps: float = 1e-5,
     binary_graph: bool = True,
@@ -562,6 +554,8 @@ def run_pseudo_label(
         output: folder/prefix (local or fsspec URL) receiving ``part-*.parquet`` with the
             contract of :mod:`selfment_dist.io.schema` and the ``_selfment.json`` manifest.
         backbone, weights, image_size: the DINO backbone (see ``build_backbone``).
+        precision: the backbone's numerics: ``auto`` (bf16 autocast on GPU actors, fp32 on CPU
+            ones), ``fp32`` or ``bf16`` (also on CPU: faster where the CPU has native bf16).
         tau, eps, binary_graph, n_iter, sample_size: NCut and IPO parameters.
         batch_size: images per model call (default 32 on GPU, 8 on CPU).
         save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
@@ -587,16 +581,18 @@ def run_pseudo_label(
     from ._ray import ensure_ray
 
     start = time.perf_counter()
-    _check_backbone(backbone, image_size)
+    check_image_size(backbone, image_size)  # in the driver, not in every actor
     ensure_ray(address)
     plan = _plan_resources(num_actors, num_gpus_per_actor)
+    # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
+    resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
         batch_size = 32 if plan["num_gpus"] else 8
     if rows_per_file is None:
         rows_per_file = 256 if save_features else 1024
     run_id = uuid.uuid4().hex[:12]
     config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
-              "tau": tau, "eps": eps, "binary_graph": binary_graph, "n_iter": n_iter,
+              "precision": resolved_precision, "tau": tau, "eps": eps, "binary_graph": binary_graph, "n_iter": n_iter,
               "sample_size": sample_size, "save_ncut": save_ncut, "save_features": save_features,
               "max_pixels": max_pixels, "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
@@ -640,7 +636,7 @@ def run_pseudo_label(
     if units:
         actor_kwargs = {
             "backbone": backbone, "weights": str(weights), "image_size": image_size,
-            "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
+            "precision": resolved_precision, "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
                                "n_iter": n_iter, "sample_size": sample_size},
             "save_ncut": save_ncut, "save_features": save_features,
             "storage_options": storage_options, "device": plan["device"],
