@@ -25,25 +25,17 @@ Guarantees:
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
-import platform
-import re
 import tempfile
 import time
 import uuid
 import warnings
-from datetime import datetime, timezone
-from importlib import metadata
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from ray.data import DataContext, Datasink
 
 from ..backbone import DEFAULT_BACKBONE, check_image_size, resolve_precision
 from ..io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
@@ -51,20 +43,15 @@ from ..io.masks import encode_mask
 from ..io.schema import encode_features, pseudo_label_schema
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..io.storage import is_local, to_uri, url_to_fs
+from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, count_parts, existing_keys, now,
+                     read_manifest, versions, write_manifest)
+from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
+                   progress_bars)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_pseudo_label", "DEFAULT_BACKBONE", "MANIFEST_NAME"]
 
-MANIFEST_NAME = "_selfment.json"
-_TMP_DIR = "_tmp"
-_PART_RE = re.compile(r"^part-(?P<run>[0-9a-f]+)-(?P<task>\d+)\.parquet$")
-
-# Fault tolerance: enough for preempted nodes and the odd crash, bounded so that an input that
-# kills its worker every time fails the job instead of looping forever.
-MAX_ACTOR_RESTARTS = 8
-MAX_TASK_RETRIES = 8
-MAX_RETRIES = 4
 # Settings that change what a row holds: a re-run into an existing output must match them.
 _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", "binary_graph",
                 "n_iter", "sample_size", "save_ncut", "save_features")
@@ -255,194 +242,6 @@ class LabelActor:
         return pa.Table.from_pydict(cols, schema=self.schema)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stage 3: write parquet parts (Ray Data datasink)
-
-class _PartsSink(Datasink):
-    """One parquet part per write task, published atomically under a deterministic name."""
-
-    def __init__(self, output: str, schema: pa.Schema, run_id: str, rows_per_file: int,
-                 storage_options: dict | None):
-        self.output = output
-        self.schema = schema
-        self.run_id = run_id
-        self.rows_per_file = rows_per_file
-        self.storage_options = storage_options
-        self.results: list[dict] = []
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def get_name(self) -> str:
-        return "WritePseudoLabels"
-
-    def write(self, blocks: Iterable, ctx) -> dict:
-        name = f"part-{self.run_id}-{ctx.task_idx:06d}.parquet"
-        fs, root = url_to_fs(self.output, self.storage_options)
-        final = f"{root.rstrip('/')}/{name}"
-        local = is_local(fs)
-        target = f"{root.rstrip('/')}/{_TMP_DIR}/{name}" if local else final
-        if local:
-            fs.makedirs(f"{root.rstrip('/')}/{_TMP_DIR}", exist_ok=True)
-        rows = errors = 0
-        feature_dim = None
-        handle = writer = None
-        try:
-            for block in blocks:
-                table = _as_table(block)
-                if table.num_rows == 0:  # empty blocks may lack columns
-                    continue
-                table = table.select(self.schema.names).cast(self.schema)
-                rows += table.num_rows
-                errors += table.num_rows - table.column("error").null_count
-                if feature_dim is None and "features" in self.schema.names:
-                    feature_dim = _feature_dim(table)
-                if writer is None:
-                    handle = fs.open(target, "wb")
-                    writer = pq.ParquetWriter(handle, self.schema)
-                writer.write_table(table)
-            if writer is None:
-                return {"file": None, "rows": 0, "errors": 0, "feature_dim": None}
-            if feature_dim is not None:
-                writer.add_key_value_metadata({"selfment.feature_dim": str(feature_dim)})
-            writer.close()
-            writer = None
-            handle.close()  # the object store publishes the part here, complete
-            handle = None
-        finally:
-            if writer is not None:
-                writer.close()
-            if handle is not None:  # failed mid-way: never publish a partial part
-                _discard(handle)
-        if local:
-            fs.mv(target, final)
-        return {"file": name, "rows": rows, "errors": errors, "feature_dim": feature_dim}
-
-    def on_write_complete(self, write_result) -> None:
-        self.results = [r for r in write_result.write_returns if r and r.get("file")]
-
-
-def _discard(handle) -> None:
-    try:
-        if hasattr(handle, "discard"):  # fsspec buffered uploads: abort instead of commit
-            handle.discard()
-        else:
-            handle.close()
-    except Exception as exc:
-        logger.debug("discarding a partial part failed: %s", exc)
-
-
-def _as_table(block) -> pa.Table:
-    if isinstance(block, pa.Table):
-        return block
-    from ray.data.block import BlockAccessor
-    return BlockAccessor.for_block(block).to_arrow()
-
-
-def _feature_dim(table: pa.Table) -> int | None:
-    feats, gh, gw = (table.column(c) for c in ("features", "grid_h", "grid_w"))
-    for i in range(table.num_rows):
-        if feats[i].is_valid:
-            return len(feats[i].as_py()) // (2 * int(gh[i].as_py()) * int(gw[i].as_py()))
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Output bookkeeping (driver): existing parts, manifest
-
-def _list_parts(fs, root: str) -> list[str]:
-    fs.invalidate_cache(root)  # object-store listings are cached per process; workers wrote here
-    try:
-        entries = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return []
-    return sorted(p for p in entries if _PART_RE.match(p.rstrip("/").rsplit("/", 1)[-1]))
-
-
-def _existing_keys(fs, root: str) -> set[str]:
-    """Keys in the complete parts at ``root`` (``key`` column only); removes unreadable parts."""
-    done: set[str] = set()
-    duplicates = 0
-    for path in _list_parts(fs, root):
-        try:
-            with fs.open(path, "rb") as f:
-                keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
-        except Exception as exc:
-            logger.warning("removing unreadable part %s (%s); its rows will be redone", path, exc)
-            fs.rm(path)
-            continue
-        before = len(done)
-        done.update(keys)
-        duplicates += len(keys) - (len(done) - before)
-    if duplicates:
-        logger.error("output already holds %d duplicate keys", duplicates)
-    tmp = f"{root.rstrip('/')}/{_TMP_DIR}"
-    if fs.exists(tmp):
-        fs.rm(tmp, recursive=True)  # leftovers of a killed run: never published, never counted
-    return done
-
-
-def _count_parts(fs, root: str) -> dict:
-    """Rows, error rows and files of the complete parts, from parquet footers."""
-    rows = errors = files = 0
-    feature_dim = None
-    for path in _list_parts(fs, root):
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            md = pf.metadata
-            col = pf.schema_arrow.get_field_index("error")
-            nulls = 0
-            for g in range(md.num_row_groups):
-                stats = md.row_group(g).column(col).statistics
-                if stats is not None and stats.has_null_count:
-                    nulls += stats.null_count
-                else:
-                    nulls += pf.read_row_group(g, columns=["error"]).column(0).null_count
-            kv = md.metadata or {}
-            if b"selfment.feature_dim" in kv:
-                feature_dim = int(kv[b"selfment.feature_dim"])
-        rows += md.num_rows
-        errors += md.num_rows - nulls
-        files += 1
-    return {"rows": rows, "errors": errors, "files": files, "feature_dim": feature_dim}
-
-
-def _read_manifest(fs, root: str) -> dict | None:
-    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_manifest(fs, root: str, manifest: dict) -> None:
-    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
-    text = json.dumps(manifest, indent=2, sort_keys=False)
-    if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wt", encoding="utf-8") as f:
-            f.write(text)
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("selfment-dist", "torch", "timm", "ray", "pyarrow", "numpy"):
-        try:
-            out[dist.replace("-", "_")] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist.replace("-", "_")] = None
-    return out
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _check_resume(previous: dict | None, config: dict, output: str) -> None:
     if not previous:
         return
@@ -453,45 +252,6 @@ def _check_resume(previous: dict | None, config: dict, output: str) -> None:
         raise ValueError(f"{output} holds pseudo-labels made with other settings ("
                          + "; ".join(diff) + "); resume with the same settings or choose a new "
                          "output")
-
-
-# ---------------------------------------------------------------------------------------------
-# Resources
-
-def _plan_resources(num_actors: int | None, num_gpus_per_actor: float | None) -> dict:
-    """Actor count, GPUs and CPUs per actor, torch threads per actor for this cluster."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus = int(res.get("CPU", 1))
-    gpus = float(res.get("GPU", 0))
-    if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1.0 if gpus >= 1 else (gpus if gpus > 0 else 0.0)
-    if num_gpus_per_actor > 0:
-        if gpus == 0:
-            logger.warning("num_gpus_per_actor=%s but the cluster has no GPU now: the model "
-                           "actors wait until an autoscaler adds one", num_gpus_per_actor)
-        actors = num_actors or max(1, int(gpus // num_gpus_per_actor))
-        return {"actors": actors, "num_gpus": num_gpus_per_actor, "num_cpus": 1,
-                "cpu_threads": None, "device": None}
-    # CPU only: few actors with many intra-op threads beat many single-threaded ones; reserve
-    # all but one of each actor's threads so decode/write tasks keep a CPU to run on.
-    actors = num_actors or max(1, cpus // 8)
-    threads = max(1, cpus // actors)
-    return {"actors": actors, "num_gpus": 0, "num_cpus": max(1, threads - 1),
-            "cpu_threads": threads, "device": "cpu"}
-
-
-@contextlib.contextmanager
-def _progress_bars(enabled: bool):
-    """Ray Data's progress bars on or off for datasets created inside (they copy the context)."""
-    ctx = DataContext.get_current()
-    saved = ctx.enable_progress_bars
-    ctx.enable_progress_bars = bool(enabled)
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars = saved
 
 
 def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size: int,
@@ -578,12 +338,10 @@ def run_pseudo_label(
     """
     import ray
 
-    from ._ray import ensure_ray
-
     start = time.perf_counter()
     check_image_size(backbone, image_size)  # in the driver, not in every actor
     ensure_ray(address)
-    plan = _plan_resources(num_actors, num_gpus_per_actor)
+    plan = plan_resources(num_actors, num_gpus_per_actor)
     # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
     resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
@@ -603,9 +361,9 @@ def run_pseudo_label(
     fs, root = url_to_fs(output, storage_options)
     fs.makedirs(root, exist_ok=True)
     fs.invalidate_cache(root)
-    previous = _read_manifest(fs, root)
+    previous = read_manifest(fs, root)
     _check_resume(previous, config, output)
-    done = _existing_keys(fs, root)
+    done = existing_keys(fs, root)
 
     units = enumerate_units(inputs, storage_options)
     out_prefix = to_uri(fs, root).rstrip("/") + "/"
@@ -619,13 +377,13 @@ def run_pseudo_label(
 
     manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
     manifest.update({"status": "running", "config": config, "inputs": inputs,
-                     "versions": _versions()})
+                     "versions": versions()})
     for old in manifest.setdefault("runs", []):
         if old.get("status") == "running":
             old["status"] = "interrupted"  # killed before it could say so
-    run_entry = {"run_id": run_id, "started": _now(), "status": "running"}
+    run_entry = {"run_id": run_id, "started": now(), "status": "running"}
     manifest["runs"].append(run_entry)
-    _write_manifest(fs, root, manifest)
+    write_manifest(fs, root, manifest)
 
     fail_marker = None
     if fail_once_after is not None:
@@ -642,10 +400,10 @@ def run_pseudo_label(
             "storage_options": storage_options, "device": plan["device"],
             "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
             "fail_marker": fail_marker}
-        sink = _PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
+        sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
                           run_id, rows_per_file, storage_options)
         try:
-            with _progress_bars(progress), warnings.catch_warnings():
+            with progress_bars(progress), warnings.catch_warnings():
                 # Retry limits travel as plain Ray remote args: Ray 2.60 deprecates
                 # ``**ray_remote_args`` for named parameters but has none for these yet, and its
                 # defaults (unlimited) would loop forever on an input that kills its worker.
@@ -657,8 +415,8 @@ def run_pseudo_label(
                                     plan=plan, actor_kwargs=actor_kwargs)
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
         except BaseException:
-            run_entry.update(status="failed", finished=_now())
-            _write_manifest(fs, root, manifest)
+            run_entry.update(status="failed", finished=now())
+            write_manifest(fs, root, manifest)
             raise
         finally:
             if fail_marker and os.path.exists(fail_marker):
@@ -667,11 +425,11 @@ def run_pseudo_label(
         written = {"rows": sum(r["rows"] for r in sink.results),
                    "errors": sum(r["errors"] for r in sink.results)}
 
-    tmp = f"{root.rstrip('/')}/{_TMP_DIR}"
+    tmp = f"{root.rstrip('/')}/{TMP_DIR}"
     if is_local(fs) and fs.exists(tmp):
         fs.rm(tmp, recursive=True)  # only empty or failed-attempt leftovers remain here
     wall = time.perf_counter() - start
-    totals = _count_parts(fs, root)
+    totals = count_parts(fs, root)
     summary = {
         "output": output, "run_id": run_id,
         "images": written["rows"], "errors": written["errors"], "skipped": len(done),
@@ -681,7 +439,7 @@ def run_pseudo_label(
     }
     if fail_once_after is not None:
         summary["fault_injected"] = fault_injected
-    run_entry.update(status="complete", finished=_now(), images=summary["images"],
+    run_entry.update(status="complete", finished=now(), images=summary["images"],
                      errors=summary["errors"], skipped=summary["skipped"],
                      wall_s=summary["wall_s"], images_per_s=summary["images_per_s"])
     manifest.update(status="complete", counts={"rows": totals["rows"],
@@ -689,7 +447,7 @@ def run_pseudo_label(
                                                "files": totals["files"]})
     if totals["feature_dim"] is not None:
         manifest["feature_dim"] = totals["feature_dim"]
-    _write_manifest(fs, root, manifest)
+    write_manifest(fs, root, manifest)
     logger.info("pseudo-label run %s done: %d images (%d errors) in %.1fs, %.2f images/s; "
                 "%d already present; output now %d rows (%d errors)", run_id, summary["images"],
                 summary["errors"], wall, summary["images_per_s"], summary["skipped"],

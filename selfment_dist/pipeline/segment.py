@@ -47,9 +47,9 @@ from ..io.sources import IMAGE, enumerate_units
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
-from .pseudo_label import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES,
-                           _count_parts, _existing_keys, _now, _PartsSink, _plan_resources,
-                           _versions, read_and_decode)
+from ._parts import PartsSink, count_parts, existing_keys, now, versions
+from ._ray import MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, plan_resources
+from .pseudo_label import read_and_decode
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ class _PngSink(Datasink):
         self.results = [r for r in write_result.write_returns if r]
 
 
-class _TableSink(_PartsSink):
-    """The pseudo-label pipeline's parquet parts writer (atomic parts, empty blocks skipped),
+class _TableSink(PartsSink):
+    """The shared parquet parts writer (atomic parts, empty blocks skipped),
     under its own name in Ray Data's progress."""
 
     def get_name(self) -> str:
@@ -410,7 +410,7 @@ def run_segment(
     except ValueError as exc:
         raise ValueError(f"model artifact {model}: {exc}") from None
     ensure_ray(address)
-    plan = _plan_resources(num_actors, num_gpus_per_actor)
+    plan = plan_resources(num_actors, num_gpus_per_actor)
     run_id = uuid.uuid4().hex[:12]
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
@@ -428,7 +428,7 @@ def run_segment(
     manifest_path = f"{root}/{MANIFEST_NAME}"
     previous = _read_json(fs, manifest_path)
     _check_resume(previous, config, output)
-    done = _existing_maps(fs, root) if output_format == "png" else _existing_keys(fs, root)
+    done = _existing_maps(fs, root) if output_format == "png" else existing_keys(fs, root)
 
     units = _outside_output(enumerate_units(inputs, storage_options), fs, root)
     n_units = len(units)
@@ -439,9 +439,9 @@ def run_segment(
                     output, len(units), n_units)
 
     manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
-                "config": config, "inputs": inputs, "versions": _versions(),
+                "config": config, "inputs": inputs, "versions": versions(),
                 "runs": (previous or {}).get("runs", [])}
-    run_entry = {"run_id": run_id, "started": _now(), "status": "running"}
+    run_entry = {"run_id": run_id, "started": now(), "status": "running"}
     manifest["runs"].append(run_entry)
     _write_json(fs, manifest_path, manifest)
 
@@ -488,7 +488,7 @@ def run_segment(
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
         except BaseException:
-            run_entry.update(status="failed", finished=_now())
+            run_entry.update(status="failed", finished=now())
             _write_json(fs, manifest_path, manifest)
             raise
         finally:
@@ -508,14 +508,14 @@ def run_segment(
     if output_format == "png":
         summary["maps_total"] = len(done) + images
     else:
-        totals = _count_parts(fs, root)
+        totals = count_parts(fs, root)
         summary.update(rows_total=totals["rows"], errors_total=totals["errors"])
     summary.update(wall_s=round(wall, 3),
                    images_per_s=round(images / wall, 3) if wall else 0.0,
                    error_examples=[f"{f['key']}: {f['error']}" for f in failed[:10]])
     for f in failed:
         logger.debug("failed: %s (%s): %s", f["key"], f["source"], f["error"])
-    run_entry.update(status="complete", finished=_now(), images=images, errors=len(failed),
+    run_entry.update(status="complete", finished=now(), images=images, errors=len(failed),
                      skipped=len(done), wall_s=summary["wall_s"],
                      images_per_s=summary["images_per_s"])
     manifest.update(status="complete",

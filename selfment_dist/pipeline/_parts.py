@@ -1,0 +1,211 @@
+"""Parquet-part outputs shared by the pipelines: atomic parts, resume by key, the manifest.
+
+A part is ``part-<run id>-<write task>.parquet`` and only ever appears complete: on local disk
+it is written under ``_tmp/`` and renamed; an object store publishes an object only when its
+upload completes. A re-run reads the ``key`` column of the complete parts (removing unreadable
+ones) and redoes only what is missing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import re
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from ..io.storage import is_local, url_to_fs
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "_selfment.json"
+TMP_DIR = "_tmp"
+PART_RE = re.compile(r"^part-(?P<run>[0-9a-f]+)-(?P<task>\d+)\.parquet$")
+
+
+class PartsSink(Datasink):
+    """One parquet part per write task, published atomically under a deterministic name."""
+
+    def __init__(self, output: str, schema: pa.Schema, run_id: str, rows_per_file: int,
+                 storage_options: dict | None):
+        self.output = output
+        self.schema = schema
+        self.run_id = run_id
+        self.rows_per_file = rows_per_file
+        self.storage_options = storage_options
+        self.results: list[dict] = []
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def get_name(self) -> str:
+        return "WritePseudoLabels"
+
+    def write(self, blocks: Iterable, ctx) -> dict:
+        name = f"part-{self.run_id}-{ctx.task_idx:06d}.parquet"
+        fs, root = url_to_fs(self.output, self.storage_options)
+        final = f"{root.rstrip('/')}/{name}"
+        local = is_local(fs)
+        target = f"{root.rstrip('/')}/{TMP_DIR}/{name}" if local else final
+        if local:
+            fs.makedirs(f"{root.rstrip('/')}/{TMP_DIR}", exist_ok=True)
+        rows = errors = 0
+        feature_dim = None
+        handle = writer = None
+        try:
+            for block in blocks:
+                table = _as_table(block)
+                if table.num_rows == 0:  # empty blocks may lack columns
+                    continue
+                table = table.select(self.schema.names).cast(self.schema)
+                rows += table.num_rows
+                errors += table.num_rows - table.column("error").null_count
+                if feature_dim is None and "features" in self.schema.names:
+                    feature_dim = _feature_dim(table)
+                if writer is None:
+                    handle = fs.open(target, "wb")
+                    writer = pq.ParquetWriter(handle, self.schema)
+                writer.write_table(table)
+            if writer is None:
+                return {"file": None, "rows": 0, "errors": 0, "feature_dim": None}
+            if feature_dim is not None:
+                writer.add_key_value_metadata({"selfment.feature_dim": str(feature_dim)})
+            writer.close()
+            writer = None
+            handle.close()  # the object store publishes the part here, complete
+            handle = None
+        finally:
+            if writer is not None:
+                writer.close()
+            if handle is not None:  # failed mid-way: never publish a partial part
+                _discard(handle)
+        if local:
+            fs.mv(target, final)
+        return {"file": name, "rows": rows, "errors": errors, "feature_dim": feature_dim}
+
+    def on_write_complete(self, write_result) -> None:
+        self.results = [r for r in write_result.write_returns if r and r.get("file")]
+
+
+def _discard(handle) -> None:
+    try:
+        if hasattr(handle, "discard"):  # fsspec buffered uploads: abort instead of commit
+            handle.discard()
+        else:
+            handle.close()
+    except Exception as exc:
+        logger.debug("discarding a partial part failed: %s", exc)
+
+
+def _as_table(block) -> pa.Table:
+    if isinstance(block, pa.Table):
+        return block
+    from ray.data.block import BlockAccessor
+    return BlockAccessor.for_block(block).to_arrow()
+
+
+def _feature_dim(table: pa.Table) -> int | None:
+    feats, gh, gw = (table.column(c) for c in ("features", "grid_h", "grid_w"))
+    for i in range(table.num_rows):
+        if feats[i].is_valid:
+            return len(feats[i].as_py()) // (2 * int(gh[i].as_py()) * int(gw[i].as_py()))
+    return None
+
+
+def list_parts(fs, root: str) -> list[str]:
+    fs.invalidate_cache(root)  # object-store listings are cached per process; workers wrote here
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted(p for p in entries if PART_RE.match(p.rstrip("/").rsplit("/", 1)[-1]))
+
+
+def existing_keys(fs, root: str) -> set[str]:
+    """Keys in the complete parts at ``root`` (``key`` column only); removes unreadable parts."""
+    done: set[str] = set()
+    duplicates = 0
+    for path in list_parts(fs, root):
+        try:
+            with fs.open(path, "rb") as f:
+                keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+        except Exception as exc:
+            logger.warning("removing unreadable part %s (%s); its rows will be redone", path, exc)
+            fs.rm(path)
+            continue
+        before = len(done)
+        done.update(keys)
+        duplicates += len(keys) - (len(done) - before)
+    if duplicates:
+        logger.error("output already holds %d duplicate keys", duplicates)
+    tmp = f"{root.rstrip('/')}/{TMP_DIR}"
+    if fs.exists(tmp):
+        fs.rm(tmp, recursive=True)  # leftovers of a killed run: never published, never counted
+    return done
+
+
+def count_parts(fs, root: str) -> dict:
+    """Rows, error rows and files of the complete parts, from parquet footers."""
+    rows = errors = files = 0
+    feature_dim = None
+    for path in list_parts(fs, root):
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            md = pf.metadata
+            col = pf.schema_arrow.get_field_index("error")
+            nulls = 0
+            for g in range(md.num_row_groups):
+                stats = md.row_group(g).column(col).statistics
+                if stats is not None and stats.has_null_count:
+                    nulls += stats.null_count
+                else:
+                    nulls += pf.read_row_group(g, columns=["error"]).column(0).null_count
+            kv = md.metadata or {}
+            if b"selfment.feature_dim" in kv:
+                feature_dim = int(kv[b"selfment.feature_dim"])
+        rows += md.num_rows
+        errors += md.num_rows - nulls
+        files += 1
+    return {"rows": rows, "errors": errors, "files": files, "feature_dim": feature_dim}
+
+
+def read_manifest(fs, root: str) -> dict | None:
+    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_manifest(fs, root: str, manifest: dict) -> None:
+    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    text = json.dumps(manifest, indent=2, sort_keys=False)
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wt", encoding="utf-8") as f:
+            f.write(text)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("selfment-dist", "torch", "timm", "ray", "pyarrow", "numpy"):
+        try:
+            out[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist.replace("-", "_")] = None
+    return out
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
