@@ -352,3 +352,35 @@ def test_model_failure_becomes_an_error_row(corpus):
     assert rows[1]["error"] == "labelling failed: RuntimeError: NaN in features"
     assert rows[1]["width"] == 80 and rows[1]["mask"] is None
     assert rows[2]["error"] == "empty file (0 bytes)" and rows[2]["width"] is None
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_writes_of_a_superseded_run_are_fenced(where, tmp_path, request):
+    """A write task whose run is no longer the manifest's latest (a killed run's leftover
+    worker, after a re-run registered) publishes nothing; the latest run's task publishes."""
+    from types import SimpleNamespace
+
+    from selfment_dist.pipeline._parts import MANIFEST_NAME, PartsSink
+
+    options = None
+    output = str(tmp_path / "fenced")
+    if where == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket")
+        output = f"s3://{bucket}/fenced"
+    fs = fsspec.filesystem("s3", **options) if options else fsspec.filesystem("file")
+    fs.makedirs(output.removeprefix("s3://"), exist_ok=True)
+    schema = pseudo_label_schema()
+    rows = pa.Table.from_pylist([{"key": "k", "source": "s", "error": "e"}], schema=schema)
+    fs.pipe(f"{output.removeprefix('s3://')}/{MANIFEST_NAME}",
+            json.dumps({"runs": [{"run_id": "0000000000aa"}, {"run_id": "0000000000bb"}]}).encode())
+
+    old = PartsSink(output, schema, "0000000000aa", 8, options, manifest=MANIFEST_NAME)
+    assert old.write([rows], SimpleNamespace(task_idx=3)) == {
+        "file": None, "rows": 0, "errors": 0, "feature_dim": None,
+        "fenced": "part-0000000000aa-000003.parquet"}
+    new = PartsSink(output, schema, "0000000000bb", 8, options, manifest=MANIFEST_NAME)
+    assert new.write([rows], SimpleNamespace(task_idx=3))["file"] == "part-0000000000bb-000003.parquet"
+    fs.invalidate_cache()
+    parts = [p.rsplit("/", 1)[-1] for p in fs.find(output.removeprefix("s3://"))
+             if p.endswith(".parquet")]
+    assert parts == ["part-0000000000bb-000003.parquet"]

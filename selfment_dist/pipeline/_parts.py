@@ -4,6 +4,13 @@ A part is ``part-<run id>-<write task>.parquet`` and only ever appears complete:
 it is written under ``_tmp/`` and renamed; an object store publishes an object only when its
 upload completes. A re-run reads the ``key`` column of the complete parts (removing unreadable
 ones) and redoes only what is missing.
+
+A killed run can leave Ray workers behind for a few seconds (each worker has its own process
+group), and a write task among them may still publish a part. To keep such a part from
+duplicating keys that a re-run is redoing, a run registers itself in the manifest before it
+lists what is done, and a write task publishes only while its run is still the manifest's latest
+(*fencing*); the re-run waits :data:`FENCE_GRACE_S` for writes already past that check. One run
+per output at a time: a second live run fences the first one's remaining writes.
 """
 from __future__ import annotations
 
@@ -26,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_selfment.json"
 TMP_DIR = "_tmp"
+#: Seconds a re-run waits, after registering itself, for the publishes of an unfinished earlier
+#: run's leftover workers that passed the fencing check before the registration.
+FENCE_GRACE_S = 5.0
 PART_RE = re.compile(r"^part-(?P<run>[0-9a-f]+)-(?P<task>\d+)\.parquet$")
 
 
@@ -33,8 +43,11 @@ class PartsSink(Datasink):
     """One parquet part per write task, published atomically under a deterministic name."""
 
     def __init__(self, output: str, schema: pa.Schema, run_id: str, rows_per_file: int,
-                 storage_options: dict | None):
+                 storage_options: dict | None, manifest: str | None = None):
+        """``manifest``: the file name (at ``output``) of the run manifest that fences writes:
+        a part is published only while ``run_id`` is the manifest's latest run."""
         self.output = output
+        self.manifest = manifest
         self.schema = schema
         self.run_id = run_id
         self.rows_per_file = rows_per_file
@@ -79,25 +92,53 @@ class PartsSink(Datasink):
                 writer.add_key_value_metadata({"selfment.feature_dim": str(feature_dim)})
             writer.close()
             writer = None
+            if not local and self._fenced(fs, root, name):
+                return _fenced_result(name)  # ``finally`` aborts the upload
             handle.close()  # the object store publishes the part here, complete
             handle = None
         finally:
             if writer is not None:
                 writer.close()
-            if handle is not None:  # failed mid-way: never publish a partial part
+            if handle is not None:  # failed mid-way (or fenced): never publish a partial part
                 _discard(handle)
         if local:
+            if self._fenced(fs, root, name):
+                fs.rm(target)
+                return _fenced_result(name)
             fs.mv(target, final)
         return {"file": name, "rows": rows, "errors": errors, "feature_dim": feature_dim}
 
+    def _fenced(self, fs, root: str, name: str) -> bool:
+        """True when a later run has registered in the manifest: this run's part must not
+        appear (that run is redoing its keys)."""
+        if not self.manifest:
+            return False
+        try:
+            with fs.open(f"{root.rstrip('/')}/{self.manifest}", "rt", encoding="utf-8") as f:
+                runs = json.load(f).get("runs") or []
+        except Exception as exc:  # no readable manifest: publishing loses nothing
+            logger.debug("fencing check skipped for %s: %s", name, exc)
+            return False
+        latest = runs[-1].get("run_id") if runs else None
+        if latest is None or latest == self.run_id:
+            return False
+        logger.warning("not publishing %s: run %s has taken over this output since run %s "
+                       "started (its rows are redone there)", name, latest, self.run_id)
+        return True
+
     def on_write_complete(self, write_result) -> None:
         self.results = [r for r in write_result.write_returns if r and r.get("file")]
+
+
+def _fenced_result(name: str) -> dict:
+    return {"file": None, "rows": 0, "errors": 0, "feature_dim": None, "fenced": name}
 
 
 def _discard(handle) -> None:
     try:
         if hasattr(handle, "discard"):  # fsspec buffered uploads: abort instead of commit
             handle.discard()
+            handle.closed = True  # else its __del__ still tries to flush the dropped buffer
         else:
             handle.close()
     except Exception as exc:

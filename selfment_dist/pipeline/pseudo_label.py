@@ -17,7 +17,8 @@ Guarantees:
   only when its upload completes). A run first reads the ``key`` column of the complete parts
   already at ``output`` (unreadable ones are removed) and processes only the missing keys, so a
   killed run completes on re-run without duplicates. A write task that Ray retries rewrites the
-  same file name.
+  same file name. Workers a kill leaves behind for a few seconds cannot publish into a re-run:
+  writes are fenced by the manifest (see ``pipeline/_parts.py``).
 - Fault tolerant. Model actors are restarted by Ray (``max_restarts``) and their tasks retried
   (``max_task_retries``); read and write tasks are retried (``max_retries``).
 - Streaming. Rows never gather in the driver; counts come from the write tasks and from parquet
@@ -43,8 +44,8 @@ from ..io.masks import encode_mask
 from ..io.schema import encode_features, pseudo_label_schema
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..io.storage import is_local, to_uri, url_to_fs
-from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, count_parts, existing_keys, now,
-                     read_manifest, versions, write_manifest)
+from ._parts import (FENCE_GRACE_S, MANIFEST_NAME, TMP_DIR, PartsSink, count_parts,
+                     existing_keys, now, read_manifest, versions, write_manifest)
 from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
                    progress_bars)
 
@@ -350,19 +351,36 @@ def run_pseudo_label(
         rows_per_file = 256 if save_features else 1024
     run_id = uuid.uuid4().hex[:12]
     config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
-              "precision": resolved_precision, "tau": tau, "eps": eps, "binary_graph": binary_graph, "n_iter": n_iter,
-              "sample_size": sample_size, "save_ncut": save_ncut, "save_features": save_features,
-              "max_pixels": max_pixels, "batch_size": batch_size, "num_actors": plan["actors"],
+              "precision": resolved_precision, "tau": tau, "eps": eps,
+              "binary_graph": binary_graph, "n_iter": n_iter, "sample_size": sample_size,
+              "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels, "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     logger.info("pseudo-label run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
-    # Output: what is already there (resume), then the manifest of this run.
+    # Output: register this run in the manifest (which fences the writes of an unfinished
+    # earlier run, see _parts), then read what is already there (resume).
     fs, root = url_to_fs(output, storage_options)
     fs.makedirs(root, exist_ok=True)
     fs.invalidate_cache(root)
     previous = read_manifest(fs, root)
     _check_resume(previous, config, output)
+    manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
+    manifest.update({"status": "running", "config": config, "inputs": inputs,
+                     "versions": versions()})
+    unfinished = [r["run_id"] for r in manifest.setdefault("runs", [])
+                  if r.get("status") == "running"]
+    for old in manifest["runs"]:
+        if old.get("status") == "running":
+            old["status"] = "interrupted"  # killed before it could say so
+    run_entry = {"run_id": run_id, "started": now(), "status": "running"}
+    manifest["runs"].append(run_entry)
+    write_manifest(fs, root, manifest)
+    if unfinished:
+        logger.warning("run %s into %s did not finish (killed?); waiting %.0f s for writes of "
+                       "its leftover workers before resuming. Never run twice into one output "
+                       "at a time.", unfinished[-1], output, FENCE_GRACE_S)
+        time.sleep(FENCE_GRACE_S)
     done = existing_keys(fs, root)
 
     units = enumerate_units(inputs, storage_options)
@@ -375,15 +393,6 @@ def run_pseudo_label(
         logger.info("resuming: %d keys already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
 
-    manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
-    manifest.update({"status": "running", "config": config, "inputs": inputs,
-                     "versions": versions()})
-    for old in manifest.setdefault("runs", []):
-        if old.get("status") == "running":
-            old["status"] = "interrupted"  # killed before it could say so
-    run_entry = {"run_id": run_id, "started": now(), "status": "running"}
-    manifest["runs"].append(run_entry)
-    write_manifest(fs, root, manifest)
 
     fail_marker = None
     if fail_once_after is not None:
@@ -401,7 +410,7 @@ def run_pseudo_label(
             "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
             "fail_marker": fail_marker}
         sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
-                          run_id, rows_per_file, storage_options)
+                         run_id, rows_per_file, storage_options, manifest=MANIFEST_NAME)
         try:
             with progress_bars(progress), warnings.catch_warnings():
                 # Retry limits travel as plain Ray remote args: Ray 2.60 deprecates

@@ -47,7 +47,7 @@ from ..io.sources import IMAGE, enumerate_units
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
-from ._parts import PartsSink, count_parts, existing_keys, now, versions
+from ._parts import FENCE_GRACE_S, PartsSink, count_parts, existing_keys, now, versions
 from ._ray import MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, plan_resources
 from .pseudo_label import read_and_decode
 
@@ -421,13 +421,29 @@ def run_segment(
               "num_actors": plan["actors"], "num_gpus_per_actor": plan["num_gpus"]}
     logger.info("segment run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
-    # Output: what is already there (resume), then the manifest of this run.
+    # Output: register this run in the manifest (which fences the parquet writes of an
+    # unfinished earlier run, see _parts), then read what is already there (resume).
     fs, root = url_to_fs(output, storage_options)
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     manifest_path = f"{root}/{MANIFEST_NAME}"
     previous = _read_json(fs, manifest_path)
     _check_resume(previous, config, output)
+    manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
+                "config": config, "inputs": inputs, "versions": versions(),
+                "runs": (previous or {}).get("runs", [])}
+    unfinished = [r["run_id"] for r in manifest["runs"] if r.get("status") == "running"]
+    for old in manifest["runs"]:
+        if old.get("status") == "running":
+            old["status"] = "interrupted"  # killed before it could say so
+    run_entry = {"run_id": run_id, "started": now(), "status": "running"}
+    manifest["runs"].append(run_entry)
+    _write_json(fs, manifest_path, manifest)
+    if unfinished and output_format != "png":  # a map rewritten by two runs is the same file
+        logger.warning("run %s into %s did not finish (killed?); waiting %.0f s for writes of "
+                       "its leftover workers before resuming", unfinished[-1], output,
+                       FENCE_GRACE_S)
+        time.sleep(FENCE_GRACE_S)
     done = _existing_maps(fs, root) if output_format == "png" else existing_keys(fs, root)
 
     units = _outside_output(enumerate_units(inputs, storage_options), fs, root)
@@ -438,12 +454,6 @@ def run_segment(
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
 
-    manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
-                "config": config, "inputs": inputs, "versions": versions(),
-                "runs": (previous or {}).get("runs", [])}
-    run_entry = {"run_id": run_id, "started": now(), "status": "running"}
-    manifest["runs"].append(run_entry)
-    _write_json(fs, manifest_path, manifest)
 
     images, failed = 0, []
     if units:
@@ -476,7 +486,7 @@ def run_segment(
                                     udf_modifying_row_count=False, num_cpus=1,
                                     max_retries=MAX_RETRIES)
                 sink = _TableSink(output, SEGMENT_SCHEMA, run_id, _ROWS_PER_FILE,
-                                  storage_options)
+                                  storage_options, manifest=MANIFEST_NAME)
             else:
                 sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
                                 storage_options=storage_options)
