@@ -18,6 +18,7 @@ import json
 import logging
 import platform
 import re
+import time
 import uuid
 from datetime import datetime, timezone
 from importlib import metadata
@@ -250,3 +251,31 @@ def versions() -> dict:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def register_run(manifest: dict, run_id: str) -> tuple[dict, list[str]]:
+    """Append run ``run_id`` (status ``running``) to ``manifest["runs"]``, and mark runs still
+    ``running`` there as ``interrupted`` (killed before they could say so).
+
+    Returns:
+        the new run entry (update it when the run ends), and the ids of those unfinished runs.
+    """
+    runs = manifest.setdefault("runs", [])
+    unfinished = [r["run_id"] for r in runs if r.get("status") == "running"]
+    for r in runs:
+        if r.get("status") == "running":
+            r["status"] = "interrupted"
+    entry = {"run_id": run_id, "started": now(), "status": "running"}
+    runs.append(entry)
+    return entry, unfinished
+
+
+def await_leftover_writers(unfinished: list[str], output: str) -> None:
+    """After registering, give the leftover workers of an unfinished run time to finish the
+    publishes that passed the fencing check before the registration (see module docstring)."""
+    if not unfinished:
+        return
+    logger.warning("run %s into %s did not finish (killed?); waiting %.0f s for writes of its "
+                   "leftover workers before resuming. Never run twice into one output at a "
+                   "time.", unfinished[-1], output, FENCE_GRACE_S)
+    time.sleep(FENCE_GRACE_S)

@@ -44,8 +44,8 @@ from ..io.masks import encode_mask
 from ..io.schema import encode_features, pseudo_label_schema
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..io.storage import is_local, to_uri, url_to_fs
-from ._parts import (FENCE_GRACE_S, MANIFEST_NAME, TMP_DIR, PartsSink, count_parts,
-                     existing_keys, now, read_manifest, versions, write_manifest)
+from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, await_leftover_writers, count_parts,
+                     existing_keys, now, read_manifest, register_run, versions, write_manifest)
 from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
                    progress_bars)
 
@@ -368,19 +368,9 @@ def run_pseudo_label(
     manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
     manifest.update({"status": "running", "config": config, "inputs": inputs,
                      "versions": versions()})
-    unfinished = [r["run_id"] for r in manifest.setdefault("runs", [])
-                  if r.get("status") == "running"]
-    for old in manifest["runs"]:
-        if old.get("status") == "running":
-            old["status"] = "interrupted"  # killed before it could say so
-    run_entry = {"run_id": run_id, "started": now(), "status": "running"}
-    manifest["runs"].append(run_entry)
+    run_entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest)
-    if unfinished:
-        logger.warning("run %s into %s did not finish (killed?); waiting %.0f s for writes of "
-                       "its leftover workers before resuming. Never run twice into one output "
-                       "at a time.", unfinished[-1], output, FENCE_GRACE_S)
-        time.sleep(FENCE_GRACE_S)
+    await_leftover_writers(unfinished, output)
     done = existing_keys(fs, root)
 
     units = enumerate_units(inputs, storage_options)

@@ -47,7 +47,8 @@ from ..io.sources import IMAGE, enumerate_units
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
-from ._parts import FENCE_GRACE_S, PartsSink, count_parts, existing_keys, now, versions
+from ._parts import (PartsSink, await_leftover_writers, count_parts, existing_keys, now,
+                     register_run, versions)
 from ._ray import MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, plan_resources
 from .pseudo_label import read_and_decode
 
@@ -432,18 +433,10 @@ def run_segment(
     manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
                 "config": config, "inputs": inputs, "versions": versions(),
                 "runs": (previous or {}).get("runs", [])}
-    unfinished = [r["run_id"] for r in manifest["runs"] if r.get("status") == "running"]
-    for old in manifest["runs"]:
-        if old.get("status") == "running":
-            old["status"] = "interrupted"  # killed before it could say so
-    run_entry = {"run_id": run_id, "started": now(), "status": "running"}
-    manifest["runs"].append(run_entry)
+    run_entry, unfinished = register_run(manifest, run_id)
     _write_json(fs, manifest_path, manifest)
-    if unfinished and output_format != "png":  # a map rewritten by two runs is the same file
-        logger.warning("run %s into %s did not finish (killed?); waiting %.0f s for writes of "
-                       "its leftover workers before resuming", unfinished[-1], output,
-                       FENCE_GRACE_S)
-        time.sleep(FENCE_GRACE_S)
+    if output_format != "png":  # a PNG map rewritten by two runs is the same file
+        await_leftover_writers(unfinished, output)
     done = _existing_maps(fs, root) if output_format == "png" else existing_keys(fs, root)
 
     units = _outside_output(enumerate_units(inputs, storage_options), fs, root)
