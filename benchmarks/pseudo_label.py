@@ -25,7 +25,8 @@ Usage::
     python benchmarks/pseudo_label.py                       # speed, then memory; markdown out
     python benchmarks/pseudo_label.py --n 64 --skip-memory  # speed only, more images
     python benchmarks/pseudo_label.py --skip-speed --memory-sizes 1000,5000
-    python benchmarks/pseudo_label.py --skip-memory --precision bf16  # CPUs with native bf16
+    # CPUs with native bf16 (AVX512-BF16/AMX); 64 images so that the steady state is measurable:
+    python benchmarks/pseudo_label.py --n 64 --n-published 32 --skip-memory --precision bf16
     # On a GPU node (or a cluster: --address auto), with real weights:
     python benchmarks/pseudo_label.py --weights hub --n 512 --batch-size 32 --address auto
 """
