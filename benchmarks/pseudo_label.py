@@ -298,7 +298,7 @@ def memory(args) -> str:
 
 
 def main(argv=None) -> None:
-    from selfment_dist.backbone import DEFAULT_BACKBONE
+    from selfment_dist.backbone import DEFAULT_BACKBONE, PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=24, help="images for the speed comparison")
@@ -310,7 +310,7 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
     p.add_argument("--weights", default="random")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="backbone numerics for every method (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--address", default=None, help="Ray cluster (default: local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")

@@ -24,8 +24,9 @@ from selfment_dist.backbone import build_backbone, resize_square
 from selfment_dist.head import PatchHead
 from selfment_dist.io import decode_image
 from selfment_dist.io.sources import enumerate_units
+from selfment_dist.pipeline._parts import outside_output
 from selfment_dist.pipeline.segment import (MANIFEST_NAME, OVERLAY_DIR, SEGMENT_SCHEMA,
-                                            SegmentActor, _outside_output, _PngSink,
+                                            SegmentActor, _PngSink,
                                             _TableSink, read_and_decode, render_table,
                                             run_segment)
 from selfment_dist.segmenter import Segmenter, resolve_image_size, to_png_bytes, upsample
@@ -246,7 +247,7 @@ def test_maps_inside_an_input_folder_are_not_inputs(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     units = enumerate_units(str(tmp_path))
     fs = fsspec.filesystem("file")
-    kept = _outside_output(units, fs, str(tmp_path / "maps"))
+    kept = outside_output(units, fs, str(tmp_path / "maps"))
     assert sorted(u["key"] for u in kept) == ["a", "mapsx/b"]
 
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from ..io.storage import is_local, url_to_fs
+from ..io.storage import is_local, to_uri, url_to_fs
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +115,7 @@ class PartsSink(Datasink):
         if not self.manifest:
             return False
         try:
-            with fs.open(f"{root.rstrip('/')}/{self.manifest}", "rt", encoding="utf-8") as f:
-                runs = json.load(f).get("runs") or []
+            runs = (read_manifest(fs, root, self.manifest) or {}).get("runs") or []
         except Exception as exc:  # no readable manifest: publishing loses nothing
             logger.debug("fencing check skipped for %s: %s", name, exc)
             return False
@@ -218,16 +217,19 @@ def count_parts(fs, root: str) -> dict:
     return {"rows": rows, "errors": errors, "files": files, "feature_dim": feature_dim}
 
 
-def read_manifest(fs, root: str) -> dict | None:
-    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+def read_manifest(fs, root: str, name: str = MANIFEST_NAME) -> dict | None:
+    """The run manifest ``name`` at ``root``, or None where there is none yet."""
+    path = f"{root.rstrip('/')}/{name}"
     if not fs.exists(path):
         return None
     with fs.open(path, "rt", encoding="utf-8") as f:
         return json.load(f)
 
 
-def write_manifest(fs, root: str, manifest: dict) -> None:
-    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+def write_manifest(fs, root: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
+    """Replace the manifest ``name`` at ``root`` whole (atomic rename on local disk; an object
+    store replaces an object in one PUT)."""
+    path = f"{root.rstrip('/')}/{name}"
     text = json.dumps(manifest, indent=2, sort_keys=False)
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -237,6 +239,31 @@ def write_manifest(fs, root: str, manifest: dict) -> None:
     else:
         with fs.open(path, "wt", encoding="utf-8") as f:
             f.write(text)
+
+
+def check_resume(previous: dict | None, config: dict, output: str, *, keys: tuple[str, ...],
+                 holds: str, same: str = "the same settings") -> None:
+    """Refuse to resume into ``output`` when its manifest's config differs from ``config`` in any
+    of ``keys`` (settings that change what a row holds; keys the old run did not record pass)."""
+    if not previous:
+        return
+    old = previous.get("config", {})
+    diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys
+            if k in old and old[k] != config[k]]
+    if diff:
+        raise ValueError(f"{output} holds {holds} made with other settings ("
+                         + "; ".join(diff) + f"); resume with {same} or choose a new output")
+
+
+def outside_output(units: list[dict], fs, root: str) -> list[dict]:
+    """Drop input files that lie inside the output (an output folder under an input folder):
+    what a run writes there must not become input of the next run."""
+    prefix = to_uri(fs, root.rstrip("/")) + "/"
+    kept = [u for u in units if not u["uri"].startswith(prefix)]
+    if len(kept) < len(units):
+        logger.warning("ignoring %d input files inside the output %s", len(units) - len(kept),
+                       prefix)
+    return kept
 
 
 def versions() -> dict:

@@ -43,9 +43,10 @@ from ..io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
 from ..io.schema import encode_features, pseudo_label_schema
 from ..io.sources import IMAGE, enumerate_units, iter_records
-from ..io.storage import is_local, to_uri, url_to_fs
-from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, await_leftover_writers, count_parts,
-                     existing_keys, now, read_manifest, register_run, versions, write_manifest)
+from ..io.storage import is_local, url_to_fs
+from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, await_leftover_writers, check_resume,
+                     count_parts, existing_keys, now, outside_output, read_manifest, register_run,
+                     versions, write_manifest)
 from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
                    progress_bars)
 
@@ -243,18 +244,6 @@ class LabelActor:
         return pa.Table.from_pydict(cols, schema=self.schema)
 
 
-def _check_resume(previous: dict | None, config: dict, output: str) -> None:
-    if not previous:
-        return
-    old = previous.get("config", {})
-    diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in _RESUME_KEYS
-            if k in old and old[k] != config[k]]
-    if diff:
-        raise ValueError(f"{output} holds pseudo-labels made with other settings ("
-                         + "; ".join(diff) + "); resume with the same settings or choose a new "
-                         "output")
-
-
 def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size: int,
                    max_pixels, storage_options, batch_size: int, plan: dict,
                    actor_kwargs: dict):
@@ -353,7 +342,8 @@ def run_pseudo_label(
     config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
               "precision": resolved_precision, "tau": tau, "eps": eps,
               "binary_graph": binary_graph, "n_iter": n_iter, "sample_size": sample_size,
-              "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels, "batch_size": batch_size, "num_actors": plan["actors"],
+              "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels,
+              "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     logger.info("pseudo-label run %s: %s -> %s, config %s", run_id, inputs, output, config)
@@ -364,7 +354,7 @@ def run_pseudo_label(
     fs.makedirs(root, exist_ok=True)
     fs.invalidate_cache(root)
     previous = read_manifest(fs, root)
-    _check_resume(previous, config, output)
+    check_resume(previous, config, output, keys=_RESUME_KEYS, holds="pseudo-labels")
     manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
     manifest.update({"status": "running", "config": config, "inputs": inputs,
                      "versions": versions()})
@@ -373,16 +363,13 @@ def run_pseudo_label(
     await_leftover_writers(unfinished, output)
     done = existing_keys(fs, root)
 
-    units = enumerate_units(inputs, storage_options)
-    out_prefix = to_uri(fs, root).rstrip("/") + "/"
-    units = [u for u in units if not u["uri"].startswith(out_prefix)]  # output inside an input
+    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
     n_units = len(units)
     units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
     containers = [u for u in units if u["kind"] != IMAGE]
     if done:
         logger.info("resuming: %d keys already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
-
 
     fail_marker = None
     if fail_once_after is not None:
@@ -393,7 +380,8 @@ def run_pseudo_label(
     if units:
         actor_kwargs = {
             "backbone": backbone, "weights": str(weights), "image_size": image_size,
-            "precision": resolved_precision, "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
+            "precision": resolved_precision,
+            "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
                                "n_iter": n_iter, "sample_size": sample_size},
             "save_ncut": save_ncut, "save_features": save_features,
             "storage_options": storage_options, "device": plan["device"],

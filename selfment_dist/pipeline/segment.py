@@ -47,9 +47,10 @@ from ..io.sources import IMAGE, enumerate_units
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
-from ._parts import (PartsSink, await_leftover_writers, count_parts, existing_keys, now,
-                     register_run, versions)
-from ._ray import MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, plan_resources
+from ._parts import (PartsSink, await_leftover_writers, check_resume, count_parts, existing_keys,
+                     now, outside_output, read_manifest, register_run, versions, write_manifest)
+from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
+                   progress_bars)
 from .pseudo_label import read_and_decode
 
 logger = logging.getLogger(__name__)
@@ -300,46 +301,6 @@ def _existing_maps(fs, root: str) -> set[str]:
     return done
 
 
-def _outside_output(units: list[dict], fs, root: str) -> list[dict]:
-    """Drop input files that lie inside the output (an output folder under an input folder):
-    maps written there must not be segmented on the next run."""
-    prefix = to_uri(fs, root.rstrip("/")) + "/"
-    kept = [u for u in units if not u["uri"].startswith(prefix)]
-    if len(kept) < len(units):
-        logger.warning("ignoring %d input files inside the output %s", len(units) - len(kept),
-                       prefix)
-    return kept
-
-
-def _read_json(fs, path: str) -> dict | None:
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _write_json(fs, path: str, doc: dict) -> None:
-    text = json.dumps(doc, indent=2)
-    if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        fs.pipe_file(tmp, text.encode())
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, text.encode())
-
-
-def _check_resume(previous: dict | None, config: dict, output: str) -> None:
-    if not previous:
-        return
-    old = previous.get("config", {})
-    diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in _RESUME_KEYS
-            if k in old and old[k] != config[k]]
-    if diff:
-        raise ValueError(f"{output} holds saliency maps made with other settings ("
-                         + "; ".join(diff) + "); resume with the same model and settings or "
-                         "choose a new output")
-
-
 def _fingerprint(meta: dict) -> str:
     """Identity of a model artifact (its model.json: backbone, sizes, training summary)."""
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
@@ -392,9 +353,6 @@ def run_segment(
         ``error_examples`` (up to 10; all of them are in ``_segment.json``).
     """
     import ray
-    from ray.data import DataContext
-
-    from ._ray import ensure_ray
 
     start = time.perf_counter()
     if output_format not in OUTPUT_FORMATS:
@@ -428,25 +386,25 @@ def run_segment(
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     manifest_path = f"{root}/{MANIFEST_NAME}"
-    previous = _read_json(fs, manifest_path)
-    _check_resume(previous, config, output)
+    previous = read_manifest(fs, root, MANIFEST_NAME)
+    check_resume(previous, config, output, keys=_RESUME_KEYS, holds="saliency maps",
+                 same="the same model and settings")
     manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
                 "config": config, "inputs": inputs, "versions": versions(),
                 "runs": (previous or {}).get("runs", [])}
     run_entry, unfinished = register_run(manifest, run_id)
-    _write_json(fs, manifest_path, manifest)
+    write_manifest(fs, root, manifest, MANIFEST_NAME)
     if output_format != "png":  # a PNG map rewritten by two runs is the same file
         await_leftover_writers(unfinished, output)
     done = _existing_maps(fs, root) if output_format == "png" else existing_keys(fs, root)
 
-    units = _outside_output(enumerate_units(inputs, storage_options), fs, root)
+    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
     n_units = len(units)
     units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
     containers = [u for u in units if u["kind"] != IMAGE]
     if done:
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
-
 
     images, failed = 0, []
     if units:
@@ -483,19 +441,14 @@ def run_segment(
             else:
                 sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
                                 storage_options=storage_options)
-        ctx = DataContext.get_current()
-        saved = ctx.enable_progress_bars
-        ctx.enable_progress_bars = bool(progress)
         try:
-            with warnings.catch_warnings():
+            with progress_bars(progress), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
         except BaseException:
             run_entry.update(status="failed", finished=now())
-            _write_json(fs, manifest_path, manifest)
+            write_manifest(fs, root, manifest, MANIFEST_NAME)
             raise
-        finally:
-            ctx.enable_progress_bars = saved
         if output_format == "png":
             images = sum(r["images"] for r in sink.results)
             failed = [f for r in sink.results for f in r["failed"]]
@@ -526,7 +479,7 @@ def run_segment(
                                                     "rows_total", "errors_total")
                             if k in summary},
                     errors=failed)
-    _write_json(fs, manifest_path, manifest)
+    write_manifest(fs, root, manifest, MANIFEST_NAME)
     log = logger.warning if failed else logger.info
     log("segment run %s done: %d maps, %d failed (listed in %s), %d already present; "
         "%.1fs, %.2f images/s", run_id, images, len(failed), summary["manifest"], len(done),
