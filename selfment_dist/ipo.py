@@ -47,7 +47,8 @@ def ipo_refine(feats, mask, *, n_iter: int = 20, sample_size: int = 10) -> torch
     return _ipo_unit(x4, as_mask(mask, x4), n_iter=n_iter, sample_size=sample_size)
 
 
-def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int, sample_size: int) -> torch.Tensor:
+def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int,
+              sample_size: int) -> torch.Tensor:
     """:func:`ipo_refine` of features already checked and normalised, mask already a bool
     tensor on their device."""
     m = mask.clone()

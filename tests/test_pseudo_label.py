@@ -379,7 +379,8 @@ def test_writes_of_a_superseded_run_are_fenced(where, tmp_path, request):
         "file": None, "rows": 0, "errors": 0, "feature_dim": None,
         "fenced": "part-0000000000aa-000003.parquet"}
     new = PartsSink(output, schema, "0000000000bb", 8, options, manifest=MANIFEST_NAME)
-    assert new.write([rows], SimpleNamespace(task_idx=3))["file"] == "part-0000000000bb-000003.parquet"
+    published = new.write([rows], SimpleNamespace(task_idx=3))
+    assert published["file"] == "part-0000000000bb-000003.parquet"
     fs.invalidate_cache()
     parts = [p.rsplit("/", 1)[-1] for p in fs.find(output.removeprefix("s3://"))
              if p.endswith(".parquet")]
