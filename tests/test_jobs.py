@@ -296,6 +296,9 @@ def ray_head(tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # the job's driver inherits both
+    # The entrypoint's `python` is looked up on the head's PATH: make it this test's interpreter,
+    # as an activated venv would, even when pytest runs as `venv/bin/python -m pytest` unactivated.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     log_path = work / "ray_start.log"
     with open(log_path, "wb") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
