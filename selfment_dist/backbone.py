@@ -99,8 +99,9 @@ def backbone_family(name: str) -> str:
 
 
 #: Numerics of the forward pass: ``fp32``; ``bf16`` (autocast: matmuls, convolutions and
-#: attention in bfloat16, norms and softmax statistics in float32); ``auto``: bf16 on CUDA, fp32
-#: elsewhere.
+#: attention in bfloat16, norms and softmax statistics in float32); ``auto``: fp32 everywhere,
+#: as the official code computes its features (bf16 can flip graph edges that lie near tau, so
+#: it is only used when asked for; ``benchmarks/pseudo_label.py`` reports its mask agreement).
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -109,7 +110,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+        return "fp32"
     return precision
 
 
@@ -268,7 +269,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike =
         image_size: square input side; must be a multiple of the patch size.
         device: where the model runs; default ``cuda`` if available, else ``cpu``.
         storage_options: fsspec options for a checkpoint URI (e.g. ``endpoint_url``).
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32`` or ``bf16``. On
+        precision: ``auto`` (fp32 everywhere, as the official code), ``fp32`` or ``bf16``. On
             CPUs with native bf16 (AVX512-BF16, AMX) ``bf16`` is about 1.4x faster for ViT-S at
             768 px; features then differ from fp32 ones like on a GPU.
 

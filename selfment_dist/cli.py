@@ -67,7 +67,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--weights", help="hub | random | PATH | URI of a checkpoint"),
             opt("--image-size", type=int, help="square input size (default 768)"),
             opt("--precision", choices=PRECISIONS,
-                help="backbone numerics: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16"),
+                help="backbone numerics: auto (= fp32, official), fp32 or bf16 (faster, approximate)"),
             opt("--batch-size", type=int),
             opt("--tau", type=float), opt("--eps", type=float),
             opt("--non-binary-graph", dest="binary_graph", action="store_false",

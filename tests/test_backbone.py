@@ -139,7 +139,7 @@ def test_precision():
     assert b.dtype == torch.float32 and torch.allclose(b.norm(dim=-1), torch.ones(2, 4, 4))
     assert not torch.equal(a, b)  # really ran in bf16 ...
     assert (a * b).sum(-1).min() > 0.98  # ... and gives nearly the same features
-    assert bb.resolve_precision("auto", "cuda") == "bf16"
+    assert bb.resolve_precision("auto", "cuda") == "fp32"  # official numerics on GPUs too
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
         build_backbone(DINO, weights="random", image_size=64, precision="fp16")
 

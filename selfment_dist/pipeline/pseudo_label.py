@@ -304,8 +304,9 @@ def run_pseudo_label(
         output: folder/prefix (local or fsspec URL) receiving ``part-*.parquet`` with the
             contract of :mod:`selfment_dist.io.schema` and the ``_selfment.json`` manifest.
         backbone, weights, image_size: the DINO backbone (see ``build_backbone``).
-        precision: the backbone's numerics: ``auto`` (bf16 autocast on GPU actors, fp32 on CPU
-            ones), ``fp32`` or ``bf16`` (also on CPU: faster where the CPU has native bf16).
+        precision: the backbone's numerics: ``auto`` (fp32, the official numerics, on every
+            device), ``fp32`` or ``bf16`` (autocast; faster on GPUs and on CPUs with native
+            bf16, but it can flip graph edges near tau: see ``benchmarks/pseudo_label.py``).
         tau, eps, binary_graph, n_iter, sample_size: NCut and IPO parameters.
         batch_size: images per model call (default 32 on GPU, 8 on CPU).
         save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
@@ -332,7 +333,7 @@ def run_pseudo_label(
     check_image_size(backbone, image_size)  # in the driver, not in every actor
     ensure_ray(address)
     plan = plan_resources(num_actors, num_gpus_per_actor)
-    # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
+    # What the actors will run (recorded, and compared on resume): auto means fp32.
     resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
         batch_size = 32 if plan["num_gpus"] else 8
