@@ -32,7 +32,8 @@ from .head import PatchHead
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Segmenter", "upsample", "to_uint8", "to_png_bytes", "resolve_image_size"]
+__all__ = ["Segmenter", "upsample", "to_uint8", "to_png_bytes", "resolve_image_size",
+           "default_inference_size"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +90,19 @@ def to_png_bytes(saliency: np.ndarray | torch.Tensor) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Artifact metadata
 
+#: The official recipe infers at twice the training size (768 -> 1536 px).
+INFERENCE_SCALE = 2
+
+
+def default_inference_size(training_size: int) -> int:
+    """The inference size an artifact records by default: twice the training size."""
+    return INFERENCE_SCALE * int(training_size)
+
+
 def resolve_image_size(meta: dict[str, Any], image_size: int | None = None) -> int:
-    """The inference size: ``image_size`` if given, else the artifact's training size.
+    """The inference size: ``image_size`` if given, else the artifact's ``inference_image_size``
+    (for artifacts written before it was recorded: twice the training size, as the official
+    recipe).
 
     Checked here, before any model is built, so a bad size fails fast with a clear message.
 
@@ -102,11 +114,14 @@ def resolve_image_size(meta: dict[str, Any], image_size: int | None = None) -> i
     backbone_family(name)  # ValueError naming the supported backbones
     size = image_size
     if size is None:
-        size = meta.get("image_size")
-    if size is None and isinstance(meta.get("backbone"), dict):
-        size = meta["backbone"].get("image_size")
+        size = meta.get("inference_image_size")
     if size is None:
-        raise ValueError("the model artifact records no image_size; pass image_size=")
+        trained = meta.get("image_size")
+        if trained is None and isinstance(meta.get("backbone"), dict):
+            trained = meta["backbone"].get("image_size")
+        if trained is None:
+            raise ValueError("the model artifact records no image_size; pass image_size=")
+        size = default_inference_size(trained)
     try:
         check_image_size(name, size)
     except ValueError as exc:
@@ -170,8 +185,8 @@ class Segmenter:
 
         Args:
             uri: the artifact folder, local or any fsspec URL.
-            image_size: inference size; default: the training size recorded in ``model.json``.
-                Any multiple of the backbone's patch size works, larger than the training size
+            image_size: inference size; default: ``inference_image_size`` in ``model.json``
+                (twice the training size unless recorded otherwise). Any multiple of the backbone's patch size works, larger than the training size
                 included.
             device: default ``cuda`` when available, else ``cpu``.
             storage_options: fsspec options for the artifact and a checkpoint URI.

@@ -52,6 +52,7 @@ from ..io.images import DEFAULT_MAX_PIXELS
 from ..io.masks import decode_mask
 from ..io.storage import is_local, join, url_to_fs
 from ..losses import CONTRASTIVE_VARIANTS, selfment_loss
+from ..segmenter import default_inference_size
 
 logger = logging.getLogger(__name__)
 
@@ -685,7 +686,8 @@ def _finish(result, ls: LabelSet, config: dict, output: str, storage_options: di
         "feature_source": config["feature_source"], "feature_dim": progress.in_dim,
         "embed_dim": progress.embed_dim, "lr": config["lr"],
         "weight_decay": config["weight_decay"], "sim_weight": config["sim_weight"],
-        "temperature": config["temperature"], "history": progress.history,
+        "temperature": config["temperature"], "shuffle": config["shuffle"],
+        "contrastive": config["contrastive"], "history": progress.history,
         "first_loss": progress.history[0] if progress.history else None,
         "final_loss": progress.history[-1] if progress.history else None,
         "resumed_from_steps": progress.resumes,
@@ -695,6 +697,7 @@ def _finish(result, ls: LabelSet, config: dict, output: str, storage_options: di
         "wall_s": round(wall, 3),
     }
     meta = {"backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size,
+            "inference_image_size": default_inference_size(ls.image_size),
             "grid": list(ls.grid), "feature_dim": progress.in_dim,
             "embed_dim": progress.embed_dim, "training": summary}
     save_artifact(output, head, meta, storage_options=storage_options)
