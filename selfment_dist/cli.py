@@ -134,6 +134,19 @@ COMMANDS: dict[str, dict[str, Any]] = {
                 help="inference size with --model (default: the model's, twice its training size)"),
             opt("--num-shards", type=int),
         ]),
+    "import-checkpoint": dict(
+        help="turn an official Selfment head checkpoint (.pth) into a model artifact",
+        target="selfment_dist.official_checkpoint:import_official_checkpoint",
+        options=[
+            opt("--head", required=True, metavar="HEAD.pth",
+                help="official checkpoint: torch.save({'model_state': ..., 'args': ...})"),
+            opt("--output", required=True, metavar="MODEL_URI", help="model artifact folder"),
+            opt("--backbone", help="timm DINO name (default: from the checkpoint's "
+                                   "dino_model_name, e.g. dinov3_vit7b16)"),
+            opt("--weights", help="backbone weights for segment: hub | random | PATH | URI"),
+            opt("--image-size", type=int,
+                help="inference size (default: twice the checkpoint's img_size, i.e. 1536)"),
+        ]),
     "demo": dict(
         help="synthetic data through the whole pipeline, locally",
         target="selfment_dist.pipeline.demo:run_demo",
