@@ -5,7 +5,7 @@ Like segment-anything's predictor: :class:`Segmenter` holds a frozen DINO backbo
 and turns batches of images into foreground probabilities::
 
     seg = Segmenter.from_artifact("s3://bucket/models/run1", image_size=1024)
-    sal = seg.saliency(images)                  # uint8 (B, S, S, 3) -> float32 (B, h, w)
+    sal = seg.saliency(images)                  # float32 (B, S, S, 3) in [0, 1] -> (B, h, w)
     full = upsample(sal[0], (H, W))             # float32 (H, W) in [0, 1]
     png = to_png_bytes(full)                    # 8-bit greyscale PNG, round(255 * s)
     maps = seg.predict([pil_a, pil_b])          # uint8 (H, W) each, at the images' own sizes
@@ -233,8 +233,9 @@ class Segmenter:
         """Foreground probability of every patch.
 
         Args:
-            images: uint8 (B, S, S, 3) RGB, HWC, S == :attr:`image_size` (see
-                :func:`~selfment_dist.backbone.resize_square`); numpy or torch on any device.
+            images: float32 (B, S, S, 3) RGB in [0, 1], HWC, S == :attr:`image_size`, from
+                :func:`~selfment_dist.backbone.resize_square` (or uint8 already at size S);
+                numpy or torch on any device.
         Returns:
             float32 numpy (B, h, w) in [0, 1], ``(h, w) == grid``: softmax(logits)[..., 1].
         """

@@ -145,8 +145,8 @@ def test_precision():
 
 
 @pytest.mark.parametrize("bad,err", [
-    (np.zeros((2, 64, 64, 3), np.float32), "uint8"),
-    (torch.zeros((2, 64, 64, 3), dtype=torch.float32), "uint8"),
+    (np.zeros((2, 64, 64, 3), np.float64), "float32 in \\[0, 1\\] or uint8"),
+    (torch.zeros((2, 64, 64, 3), dtype=torch.float16), "float32 in \\[0, 1\\] or uint8"),
     (np.zeros((64, 64, 3), np.uint8), r"\(B, 64, 64, 3\)"),
     (np.zeros((2, 3, 64, 64), np.uint8), r"\(B, 64, 64, 3\)"),
     (np.zeros((2, 80, 80, 3), np.uint8), r"\(B, 64, 64, 3\)"),
@@ -160,13 +160,28 @@ def test_bad_inputs(bad, err):
 def test_resize_square_any_mode(mode):
     image = Image.fromarray(_images(40, n=1)[0][:30]).convert(mode)  # 40x30, not square
     out = resize_square(image, 48)
-    assert out.shape == (48, 48, 3) and out.dtype == np.uint8
+    assert out.shape == (48, 48, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, resize_square(image.convert("RGB"), 48))
 
 
-def test_resize_square_is_bicubic_rgb():
-    image = Image.fromarray(_images(40, n=1)[0])
-    expected = np.asarray(image.resize((24, 24), Image.Resampling.BICUBIC))
-    assert np.array_equal(resize_square(image, 24), expected)
+@pytest.mark.parametrize("size", [24, 48, 64])
+def test_resize_square_is_the_official_transform(size):
+    """torchvision's ToTensor then Resize((s, s), antialias=True), as the official code; down-
+    and upsampling, from a non-square image."""
+    tvt = pytest.importorskip("torchvision.transforms", reason="torchvision not installed")
+    image = Image.fromarray(_images(40, n=1)[0][:30])
+    expected = tvt.Compose([tvt.ToTensor(), tvt.Resize((size, size), antialias=True)])(image)
+    np.testing.assert_allclose(resize_square(image, size), expected.permute(1, 2, 0).numpy(),
+                               rtol=0, atol=1e-6)
+    # Not the old path (uint8 bicubic, then /255): the order of the steps shows in the values.
+    old = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+    assert np.abs(resize_square(image, size) - old).max() > 1e-2
+
+
+def test_backbone_takes_float_and_uint8_pixels_alike():
+    backbone = _random(DEFAULT_BACKBONE, 64)
+    u8 = _images(64)
+    torch.testing.assert_close(backbone(u8), backbone(u8.astype(np.float32) / 255))
 
 
 def test_hub_weights_go_through_timm_pretrained(monkeypatch):

@@ -79,7 +79,8 @@ def _skip_set(skip_ref: list | None) -> frozenset:
 
 
 def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[str, np.ndarray]:
-    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
+    # float32 in [0, 1], resized in the official order (see backbone.resize_square).
+    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.float32)
     for i, row in enumerate(rows):
         if row["pixels"] is not None:
             images[i] = row["pixels"]
@@ -106,7 +107,7 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
     Yields:
         batches of at most ``rows_per_batch`` rows: ``key``, ``source``, ``width``/``height``
         (int32 original size after EXIF orientation; -1 when unknown), ``error`` (``""`` when
-        fine), ``image`` uint8 (n, S, S, 3) (zeros on error rows) and, with ``keep_data``,
+        fine), ``image`` float32 (n, S, S, 3) in [0, 1] (zeros on error rows) and, with ``keep_data``,
         ``data`` (the encoded file, ``b""`` on error rows).
     """
     from ..backbone import resize_square

@@ -242,7 +242,8 @@ def _uri(fs, path: str) -> str:
 
 def load_images(batch: dict[str, np.ndarray], *, image_size: int, storage_options: dict | None,
                 max_pixels: int | None) -> dict[str, np.ndarray]:
-    """Ray Data UDF: add ``image`` uint8 (n, S, S, 3) read from each row's ``source`` file.
+    """Ray Data UDF: add ``image`` float32 (n, S, S, 3) in [0, 1] read from each row's
+    ``source`` file and resized in the official order (:func:`~selfment_dist.backbone.resize_square`).
 
     Rows whose image can no longer be read are dropped with a warning (they were readable when
     they were pseudo-labelled); the other columns pass through.
@@ -262,7 +263,7 @@ def load_images(batch: dict[str, np.ndarray], *, image_size: int, storage_option
                            type(exc).__name__, exc)
     out = {k: v[keep] for k, v in batch.items() if k != "source"}
     out["image"] = (np.stack(images) if images
-                    else np.zeros((0, image_size, image_size, 3), dtype=np.uint8))
+                    else np.zeros((0, image_size, image_size, 3), dtype=np.float32))
     return out
 
 
@@ -294,7 +295,7 @@ def _build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
                             fn_kwargs={"image_size": ls.image_size,
                                        "storage_options": storage_options,
                                        "max_pixels": max_pixels})
-        row_bytes = ls.image_size ** 2 * 3
+        row_bytes = ls.image_size ** 2 * 3 * 4  # float32 pixels
     if ls.usable * row_bytes <= _MATERIALIZE_MAX_BYTES:
         logger.info("caching the %d training rows (~%.0f MiB) in the object store", ls.usable,
                     ls.usable * row_bytes / 2**20)
