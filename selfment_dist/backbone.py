@@ -424,11 +424,40 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if not k.startswith("head.")}
 
 
+def _check_dropped_tensors(state: dict[str, torch.Tensor], model: torch.nn.Module, *, name: str,
+                           source: str) -> None:
+    """timm's DINOv3 filter drops some tensors of the original layout without a look: the rope
+    periods (recomputed by the model) and, for models without a qkv bias, ``qkv.bias``. Dropping
+    them is only right when they hold what the model assumes; otherwise the features would be
+    wrong with no error, so say so instead."""
+    if "storage_tokens" not in state:  # not the original DINOv3 layout
+        return
+    has_q_bias = any(n.endswith("q_bias") for n, _ in model.named_parameters())
+    for key, value in state.items():
+        if key.endswith("qkv.bias") and not has_q_bias:
+            mask = state.get(key.replace("qkv.bias", "qkv.bias_mask"))
+            effective = value * mask if mask is not None and mask.shape == value.shape else value
+            if bool(effective.abs().max() > 0):
+                raise CheckpointError(
+                    f"{source}: {key} is non-zero but {name} has no qkv bias (timm would drop it "
+                    f"and the features would be wrong); use the matching '_qkvb' model name")
+        elif key.endswith("rope_embed.periods"):
+            rope = getattr(model, "rope", None)
+            ours = getattr(rope, "periods", None)
+            if ours is None or ours.shape != value.shape or not torch.allclose(
+                    ours.float().cpu(), value.float(), rtol=1e-5, atol=0):
+                raise CheckpointError(
+                    f"{source}: {key} differs from the rope periods {name} computes (timm would "
+                    f"drop it and the features would be wrong)")
+
+
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], family: _Family, *,
                name: str, source: str) -> None:
     """Convert ``state`` with timm's family filter and load it strictly into ``model``."""
+    state = _strip_prefixes(state)
+    _check_dropped_tensors(state, model, name=name, source=source)
     try:
-        state = family.filter_fn(_strip_prefixes(state), model)
+        state = family.filter_fn(state, model)
     except Exception as e:  # timm's converters assume well-formed tensors
         raise CheckpointError(f"{source}: cannot convert to {name}'s layout ({e})") from e
     expected = model.state_dict()

@@ -251,9 +251,23 @@ def test_timm_layout_checkpoint_on_s3(s3_bucket, suffix):
 def test_checkpoint_resamples_position_embedding(tmp_path):
     """A DINO v1 checkpoint at one size loads into a model at another (like 224 → 768)."""
     path = tmp_path / "dino64.safetensors"
-    save_file(_state(_random(DINO, 64)), str(path))
+    src = _random(DINO, 64)
+    save_file(_state(src), str(path))
     loaded = build_backbone(DINO, weights=path, image_size=96, device="cpu")
     assert loaded(_images(96)).shape == (2, 6, 6, 384)
+    # Values, not just the shape: the 4x4 patch grid of position embeddings resampled to 6x6
+    # the way timm does it (bicubic, antialias), the cls slot untouched, the rest identical.
+    from timm.layers import resample_abs_pos_embed
+
+    pos = _state(src)["pos_embed"]
+    want = resample_abs_pos_embed(pos, new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=1,
+                                  interpolation="bicubic", antialias=True)
+    got = loaded.model.pos_embed.detach()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[:, :1], pos[:, :1], rtol=0, atol=0)
+    assert not torch.allclose(got[:, 1:7], got[:, 7:13])  # a real 2-D resampling, not a copy
+    state, ref = loaded.model.state_dict(), _state(src)
+    assert all(torch.equal(state[k], ref[k]) for k in ref if k != "pos_embed")
 
 
 def test_dino_v1_training_checkpoint(tmp_path):
@@ -305,24 +319,52 @@ def test_dinov2_original_layout_with_registers_and_chunks(tmp_path):
     assert torch.allclose(loaded(x), src(x), atol=1e-6)
 
 
-def test_dinov3_original_layout(tmp_path):
-    """facebookresearch/dinov3 hub-style backbone: storage_tokens, ls1/ls2.gamma, masked qkv
-    bias, rope_embed.periods, mask_token."""
-    src = _random(DEFAULT_BACKBONE, 64)
-    original = {"mask_token": torch.zeros(1, 384),
-                "rope_embed.periods": torch.arange(16, dtype=torch.float32)}
+def _dinov3_original(src, *, qkv_bias=None, periods=None) -> dict:
+    """timm state of ``src`` → facebookresearch/dinov3 layout, with random non-zero values in
+    every tensor that the conversion drops (mask token) or must check (rope periods, q/v bias)."""
+    g = torch.Generator().manual_seed(1)
+    model_periods = src.model.rope.periods.clone()
+    original = {"mask_token": torch.randn(1, 384, generator=g),
+                "rope_embed.periods": model_periods if periods is None else periods}
     for k, v in _state(src).items():
         k = (k.replace("reg_token", "storage_tokens")
              .replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma"))
         original[k] = v
         if k.endswith("attn.qkv.weight"):
-            original[k.replace("weight", "bias")] = torch.zeros(3 * 384)
-            original[k.replace("weight", "bias_mask")] = torch.ones(3 * 384)
+            mask = torch.ones(3 * 384)
+            mask[384:768] = 0  # the k part is masked out, as in DINOv3
+            bias = torch.randn(3 * 384, generator=g) * (1 - mask) if qkv_bias is None else qkv_bias
+            original[k.replace("weight", "bias")] = bias
+            original[k.replace("weight", "bias_mask")] = mask
+    return original
+
+
+def test_dinov3_original_layout(tmp_path):
+    """facebookresearch/dinov3 hub-style backbone: storage_tokens, ls1/ls2.gamma, masked qkv
+    bias, rope_embed.periods, mask_token; random non-zero values everywhere, and a non-zero bias
+    only where the mask zeroes it (k), so the features must be identical."""
+    src = _random(DEFAULT_BACKBONE, 64)
     path = tmp_path / "dinov3_vits16_pretrain.pth"
-    torch.save(original, path)
+    torch.save(_dinov3_original(src), path)
     loaded = build_backbone(DEFAULT_BACKBONE, weights=path, image_size=64, device="cpu")
     x = _images(64)
     assert torch.equal(loaded(x), src(x))
+
+
+@pytest.mark.parametrize("what", ["qkv_bias", "periods"])
+def test_dinov3_tensors_timm_would_drop_must_be_harmless(tmp_path, what):
+    src = _random(DEFAULT_BACKBONE, 64)
+    g = torch.Generator().manual_seed(2)
+    if what == "qkv_bias":  # a real q/v bias: ViT-S without qkv bias cannot represent it
+        state = _dinov3_original(src, qkv_bias=torch.randn(3 * 384, generator=g))
+        match = "qkv.bias is non-zero"
+    else:
+        state = _dinov3_original(src, periods=src.model.rope.periods * 1.5)
+        match = "rope periods"
+    path = tmp_path / "dinov3.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=match):
+        build_backbone(DEFAULT_BACKBONE, weights=path, image_size=64, device="cpu")
 
 
 class _Payload:
