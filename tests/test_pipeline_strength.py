@@ -95,6 +95,34 @@ def test_solver_paths_are_observed(in_process):
     assert all(m.shape == (GRID, GRID) for m, _ in masks.values())
 
 
+def test_label_actor_columns_in_process(scenes, in_process):
+    """The pseudo-label stages Ray runs (decode tasks, then the labelling actor), run here: the
+    ``mask`` column is the labeller's IPO mask and ``ncut_mask`` its NCut mask, on every row,
+    and IPO changed some rows (so swapping the two columns cannot pass)."""
+    from selfment_dist.io.sources import enumerate_units
+    from selfment_dist.pipeline.pseudo_label import LabelActor, read_and_decode
+
+    root, _ = scenes
+    expected, _ = in_process
+    units = enumerate_units([str(root / "images")])
+    columns = {k: np.array([u[k] for u in units], dtype=object) for k in ("kind", "uri", "key")}
+    batches = list(read_and_decode(columns, image_size=SIZE, max_pixels=None,
+                                   storage_options=None, skip_ref=None, rows_per_batch=N))
+    actor = LabelActor(backbone=DEFAULT_BACKBONE, weights="random", image_size=SIZE,
+                       labeler_kwargs={}, save_ncut=True, save_features=False,
+                       storage_options=None, device="cpu", cpu_threads=None,
+                       fail_once_after=None, fail_marker=None)
+    rows = [r for b in batches for r in actor(b).to_pylist()]
+    assert sorted(r["key"] for r in rows) == sorted(expected)
+    changed = 0
+    for row in rows:
+        want_mask, want_ncut = expected[row["key"]]
+        np.testing.assert_array_equal(decode_mask(row["mask"], GRID, GRID), want_mask)
+        np.testing.assert_array_equal(decode_mask(row["ncut_mask"], GRID, GRID), want_ncut)
+        changed += bool((want_mask != want_ncut).any())
+    assert changed >= 2
+
+
 def test_pseudo_label_pipeline_moves_masks_and_finds_objects(ray_local, scenes, in_process,
                                                            tmp_path):
     root, truth = scenes
