@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from selfment_dist.head import PatchHead
+from selfment_dist.head import HIDDEN_DIM, PatchHead
 from selfment_dist.io.storage import url_to_fs
 
 logger = logging.getLogger(__name__)
@@ -101,13 +101,14 @@ def load_artifact(
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise ValueError(f"model artifact {uri}: {WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
 
-    head = PatchHead(in_dim, embed_dim)
+    hidden_dim = int(meta.get("hidden_dim", HIDDEN_DIM))  # recorded by imported official heads
+    head = PatchHead(in_dim, embed_dim, hidden_dim=hidden_dim)
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(
             f"model artifact {uri}: {WEIGHTS_NAME} does not match {META_NAME} "
-            f"(in_dim={in_dim}, embed_dim={embed_dim}): {exc}"
+            f"(in_dim={in_dim}, embed_dim={embed_dim}, hidden_dim={hidden_dim}): {exc}"
         ) from exc
     head.eval()
     if device is not None:

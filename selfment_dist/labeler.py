@@ -44,7 +44,7 @@ class PseudoLabeler:
         """Label a batch.
 
         Args:
-            images: uint8 (B, S, S, 3) RGB, already resized to the backbone's image size.
+            images: float32 (B, S, S, 3) RGB in [0, 1] from ``backbone.resize_square`` (or uint8 at size S).
         Returns:
             ``mask`` bool (B, h, w); with ``return_ncut`` also ``ncut_mask`` bool (B, h, w); with
             ``return_features`` also ``features`` float16 (B, h, w, C) (unit-norm).

@@ -64,9 +64,12 @@ STANDARD_BENCHMARKS: dict[str, dict[str, Any]] = {
 
 PROTOCOLS = {
     "iou, accuracy, fmax": (
-        "unsupervised-SOD (TokenCut/SelfMask/FOUND): pred/255 vs gt>127; IoU and accuracy of "
-        "pred>0.5; fmax = max over t=k/255 (k<255, pred>t) of the image-averaged F curve, "
-        "F=(1+b2)PR/(b2 P+R+1e-7), b2=0.3^2, P=TP/(PP+1e-7), R=TP/(GP+1e-7); empty-union IoU = 1"),
+        "unsupervised-SOD, official Selfment/TokenCut protocol: pred/255 vs gt>127; per-image IoU "
+        "and accuracy of pred>0.5, averaged over images; fmax = mean over images of each image's "
+        "max over t=k/255 (k<255, pred>t) of F=(1+b2)PR/(b2 P+R+1e-7), b2=0.3^2, "
+        "P=TP/(PP+1e-7), R=TP/(GP+1e-7); empty-union IoU = 1"),
+    "fmax_curve": (
+        "not the paper's protocol: max over t of the image-averaged F curve (<= fmax)"),
     "max_fm ... mae": (
         "pysodmetrics Fmeasure (b2=0.3), WeightedFmeasure, Smeasure, Emeasure, MAE; "
         "max/mean over the image-averaged 256-threshold curves; adp = adaptive threshold"),

@@ -338,11 +338,13 @@ def _blob(rng, shape, area, centre) -> np.ndarray:
 # Patch features (no image): for algorithm tests and benchmarks.
 
 
-def make_patch_features(rng: np.random.Generator, h: int, w: int, c: int, *, noise: float = 0.5) -> np.ndarray:
+def make_patch_features(rng: np.random.Generator, h: int, w: int, c: int, *, noise: float = 0.5,
+                        return_mask: bool = False):
     """(h, w, c) float32 unnormalised patch features shaped like DINO's on an object-centric
     image: an object (an ellipse whose patches share a direction, drifting towards a second
     "part" direction) on a background drifting smoothly between three directions, plus noise.
-    For algorithm tests and benchmarks, where real features are not at hand."""
+    For algorithm tests and benchmarks, where real features are not at hand. With
+    ``return_mask`` also the planted object, bool (h, w): ``(feats, mask)``."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
     ry, rx = rng.uniform(0.15, 0.35) * max(h, 2), rng.uniform(0.15, 0.35) * max(w, 2)
@@ -362,7 +364,8 @@ def make_patch_features(rng: np.random.Generator, h: int, w: int, c: int, *, noi
     part = np.clip((u / ry + 1) / 2, 0, 1)[..., None]
     obj = (1 - 0.5 * part) * fg_dir + 0.5 * part * part_dir
     feats = np.where(fg[..., None], obj, bg) * 1.0 + noise * rng.normal(size=(h, w, c))
-    return feats.astype(np.float32)
+    feats = feats.astype(np.float32)
+    return (feats, fg) if return_mask else feats
 
 
 def make_patch_feature_batch(rng: np.random.Generator, b: int, h: int, w: int, c: int, **kwargs) -> np.ndarray:

@@ -182,8 +182,10 @@ def run_demo(output_dir: str = "selfment_demo", *, n_images: int = 32, n_eval: i
             image_size=image_size, batch_size=batch_size, save_features=True, progress=False)
         stages["train"] = run_train(out["labels"], out["model"], workers=workers,
                                     epochs=epochs, batch_size=batch_size)
+        # At the training size, not the recipe's 2x: the demo's few-minute promise on a laptop.
         stages["segment"] = run_segment(out["model"], [data["eval_images"]], out["predictions"],
-                                        batch_size=batch_size, progress=False)
+                                        image_size=image_size, batch_size=batch_size,
+                                        progress=False)
         name = f"synthetic ({n_eval} scenes, {data['n_eval_camouflaged']} camouflaged)"
         report = run_evaluate(output=out["report"], predictions=out["predictions"],
                               masks=data["eval_masks"], name=name)

@@ -290,7 +290,8 @@ def run_evaluate(*, output: str, predictions: str | None = None, masks: str | No
         num_shards: Ray tasks per dataset (default: enough to fill the cluster twice, at most
             ~128 images each).
         address: Ray cluster address (default: ``RAY_ADDRESS`` or a local in-process Ray).
-        image_size: inference size handed to ``run_segment`` (benchmark mode).
+        image_size: inference size handed to ``run_segment`` (benchmark mode); default: the
+            artifact's ``inference_image_size`` (twice the training size).
 
     Returns:
         The metrics.json document: ``datasets`` → ``{NAME: {n_images, scores, problems,

@@ -79,7 +79,8 @@ def _skip_set(skip_ref: list | None) -> frozenset:
 
 
 def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[str, np.ndarray]:
-    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
+    # float32 in [0, 1], resized in the official order (see backbone.resize_square).
+    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.float32)
     for i, row in enumerate(rows):
         if row["pixels"] is not None:
             images[i] = row["pixels"]
@@ -106,7 +107,7 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
     Yields:
         batches of at most ``rows_per_batch`` rows: ``key``, ``source``, ``width``/``height``
         (int32 original size after EXIF orientation; -1 when unknown), ``error`` (``""`` when
-        fine), ``image`` uint8 (n, S, S, 3) (zeros on error rows) and, with ``keep_data``,
+        fine), ``image`` float32 (n, S, S, 3) in [0, 1] (zeros on error rows) and, with ``keep_data``,
         ``data`` (the encoded file, ``b""`` on error rows).
     """
     from ..backbone import resize_square
@@ -304,8 +305,9 @@ def run_pseudo_label(
         output: folder/prefix (local or fsspec URL) receiving ``part-*.parquet`` with the
             contract of :mod:`selfment_dist.io.schema` and the ``_selfment.json`` manifest.
         backbone, weights, image_size: the DINO backbone (see ``build_backbone``).
-        precision: the backbone's numerics: ``auto`` (bf16 autocast on GPU actors, fp32 on CPU
-            ones), ``fp32`` or ``bf16`` (also on CPU: faster where the CPU has native bf16).
+        precision: the backbone's numerics: ``auto`` (fp32, the official numerics, on every
+            device), ``fp32`` or ``bf16`` (autocast; faster on GPUs and on CPUs with native
+            bf16, but it can flip graph edges near tau: see ``benchmarks/pseudo_label.py``).
         tau, eps, binary_graph, n_iter, sample_size: NCut and IPO parameters.
         batch_size: images per model call (default 32 on GPU, 8 on CPU).
         save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
@@ -332,7 +334,7 @@ def run_pseudo_label(
     check_image_size(backbone, image_size)  # in the driver, not in every actor
     ensure_ray(address)
     plan = plan_resources(num_actors, num_gpus_per_actor)
-    # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
+    # What the actors will run (recorded, and compared on resume): auto means fp32.
     resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
         batch_size = 32 if plan["num_gpus"] else 8

@@ -335,7 +335,8 @@ def run_segment(
             size (keys with ``/`` make subfolders); ``parquet``: ``part-*.parquet`` with
             :data:`SEGMENT_SCHEMA`. Both: ``_segment.json`` (config, counts, failed inputs).
         image_size: inference size (a multiple of the patch size; larger than the training
-            size is fine); default: the training size in ``model.json``.
+            size is fine); default: ``inference_image_size`` in ``model.json``, twice the
+            training size as in the official recipe (768 -> 1536).
         batch_size: images per model call.
         output_format: ``"png"`` or ``"parquet"``.
         overlays: png only: also write ``<output>/_overlays/<key>.jpg``, the image with its

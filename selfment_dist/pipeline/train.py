@@ -51,7 +51,8 @@ from ..head import PatchHead
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..io.masks import decode_mask
 from ..io.storage import is_local, join, url_to_fs
-from ..losses import selfment_loss
+from ..losses import CONTRASTIVE_VARIANTS, selfment_loss
+from ..segmenter import default_inference_size
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,13 @@ LOSS_KEYS = ("total", "bce", "dice", "contrastive")
 
 # Settings a re-run must share with the run it resumes or returns.
 _RESUME_KEYS = ("labels", "feature_source", "embed_dim", "batch_size", "lr", "weight_decay",
-                "sim_weight", "temperature", "seed")
+                "sim_weight", "temperature", "seed", "shuffle", "contrastive")
+SHUFFLES = ("full", "local")
+"""``full``: the whole training set reshuffled every epoch (official); ``local``: a buffer of
+a few batches per worker (cheaper, weaker)."""
+LR_SCALINGS = ("none", "sqrt", "linear")
+"""How ``lr`` follows the per-worker batch size b: ``none`` (lr as given), ``sqrt``
+(lr x sqrt(b), the rule we recommend for Adam with b > 1), ``linear`` (lr x b)."""
 _CONTAINER_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".tgz")
 # Label sets smaller than this (as the workers will see them) are materialised in the object
 # store once instead of being read again every epoch.
@@ -235,7 +242,8 @@ def _uri(fs, path: str) -> str:
 
 def load_images(batch: dict[str, np.ndarray], *, image_size: int, storage_options: dict | None,
                 max_pixels: int | None) -> dict[str, np.ndarray]:
-    """Ray Data UDF: add ``image`` uint8 (n, S, S, 3) read from each row's ``source`` file.
+    """Ray Data UDF: add ``image`` float32 (n, S, S, 3) in [0, 1] read from each row's
+    ``source`` file and resized in the official order (:func:`~selfment_dist.backbone.resize_square`).
 
     Rows whose image can no longer be read are dropped with a warning (they were readable when
     they were pseudo-labelled); the other columns pass through.
@@ -255,7 +263,7 @@ def load_images(batch: dict[str, np.ndarray], *, image_size: int, storage_option
                            type(exc).__name__, exc)
     out = {k: v[keep] for k, v in batch.items() if k != "source"}
     out["image"] = (np.stack(images) if images
-                    else np.zeros((0, image_size, image_size, 3), dtype=np.uint8))
+                    else np.zeros((0, image_size, image_size, 3), dtype=np.float32))
     return out
 
 
@@ -270,7 +278,7 @@ def _arrow_fs(uri: str, storage_options: dict | None):
 
 
 def _build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
-                   max_pixels: int | None):
+                   max_pixels: int | None, shuffle: str = "full", seed: int = 0):
     import ray
     from ray.data.expressions import col
 
@@ -287,11 +295,18 @@ def _build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
                             fn_kwargs={"image_size": ls.image_size,
                                        "storage_options": storage_options,
                                        "max_pixels": max_pixels})
-        row_bytes = ls.image_size ** 2 * 3
+        row_bytes = ls.image_size ** 2 * 3 * 4  # float32 pixels
     if ls.usable * row_bytes <= _MATERIALIZE_MAX_BYTES:
         logger.info("caching the %d training rows (~%.0f MiB) in the object store", ls.usable,
                     ls.usable * row_bytes / 2**20)
         ds = ds.materialize()
+    if shuffle == "full":
+        # Official schedule: every epoch sees the whole training set in a new order. Ray Data
+        # runs the shuffle again at each epoch's execution; reseeding keeps runs reproducible
+        # while the order changes from epoch to epoch.
+        from ray.data import RandomSeedConfig
+
+        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return ds
 
 
@@ -380,10 +395,11 @@ def _train_loop(config: dict) -> None:
     window = _Window()
     last_log = last_report = time.perf_counter()
     for epoch in range(progress.epoch, epochs):
+        local = config["shuffle"] == "local"  # "full": the dataset is reshuffled per epoch
         batches = iter(shard.iter_batches(
             batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
-            local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=config["seed"] * 100_003 + epoch))
+            local_shuffle_buffer_size=4 * batch_size if local else None,
+            local_shuffle_seed=config["seed"] * 100_003 + epoch if local else None))
         for _ in range(progress.step_in_epoch):  # resumed mid-epoch: skip what was done
             next(batches, None)
         mark = time.perf_counter()
@@ -396,7 +412,8 @@ def _train_loop(config: dict) -> None:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 logits, emb = model(feats)
             losses = selfment_loss(logits, emb, labels, sim_weight=config["sim_weight"],
-                                   temperature=config["temperature"])
+                                   temperature=config["temperature"],
+                                   contrastive=config["contrastive"])
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
@@ -670,7 +687,8 @@ def _finish(result, ls: LabelSet, config: dict, output: str, storage_options: di
         "feature_source": config["feature_source"], "feature_dim": progress.in_dim,
         "embed_dim": progress.embed_dim, "lr": config["lr"],
         "weight_decay": config["weight_decay"], "sim_weight": config["sim_weight"],
-        "temperature": config["temperature"], "history": progress.history,
+        "temperature": config["temperature"], "shuffle": config["shuffle"],
+        "contrastive": config["contrastive"], "history": progress.history,
         "first_loss": progress.history[0] if progress.history else None,
         "final_loss": progress.history[-1] if progress.history else None,
         "resumed_from_steps": progress.resumes,
@@ -680,6 +698,7 @@ def _finish(result, ls: LabelSet, config: dict, output: str, storage_options: di
         "wall_s": round(wall, 3),
     }
     meta = {"backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size,
+            "inference_image_size": default_inference_size(ls.image_size),
             "grid": list(ls.grid), "feature_dim": progress.in_dim,
             "embed_dim": progress.embed_dim, "training": summary}
     save_artifact(output, head, meta, storage_options=storage_options)
@@ -696,9 +715,12 @@ def run_train(
     workers: int = 2,
     use_gpu: bool = False,
     epochs: int = 10,
-    batch_size: int = 16,
+    batch_size: int = 1,
     lr: float = 1e-3,
     weight_decay: float = 1e-5,
+    lr_scaling: str = "none",
+    shuffle: str = "full",
+    contrastive: str = "official",
     sim_weight: float = 0.1,
     temperature: float = 0.05,
     embed_dim: int = 128,
@@ -722,7 +744,17 @@ def run_train(
         use_gpu: one GPU per worker (bf16 autocast); otherwise CPU.
         epochs: passes over the usable rows (each worker sees its shard once per epoch).
         batch_size: images per step per worker (the effective batch is ``workers`` times this).
-        lr, weight_decay: Adam's settings (paper: 1e-3, 1e-5).
+            The default, 1, is the official schedule (one image per GPU per step).
+        lr, weight_decay: Adam's settings (official: 1e-3, 1e-5).
+        lr_scaling: ``"none"`` (default: ``lr`` as given), ``"sqrt"`` or ``"linear"``: the
+            learning rate used is ``lr`` times sqrt(batch_size) or batch_size. The faster
+            configuration is e.g. ``batch_size=16, lr_scaling="sqrt"`` (lr 4e-3): Adam's update
+            size barely depends on the gradient's scale, so the square-root rule (Malladi et
+            al., 2022) keeps the noise of a step comparable where the linear rule overshoots.
+        shuffle: ``"full"`` (default, official: the whole training set reshuffled every epoch
+            with Ray Data's ``random_shuffle``) or ``"local"`` (a buffer of 4 batches per
+            worker; cheaper on huge sets, but only a local reorder).
+        contrastive: ``"official"`` (default) or ``"supcon"``; see :mod:`selfment_dist.losses`.
         sim_weight, temperature: the contrastive term's weight and temperature.
         embed_dim: width of the head's embedding.
         checkpoint_every: steps between checkpoints (one is also written at each epoch's end).
@@ -759,6 +791,12 @@ def run_train(
     start = time.perf_counter()
     if workers < 1 or batch_size < 1 or epochs < 1 or checkpoint_every < 1:
         raise ValueError("workers, batch_size, epochs and checkpoint_every must be >= 1")
+    for name, value, allowed in (("lr_scaling", lr_scaling, LR_SCALINGS),
+                                 ("shuffle", shuffle, SHUFFLES),
+                                 ("contrastive", contrastive, CONTRASTIVE_VARIANTS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    lr = lr * {"none": 1.0, "sqrt": math.sqrt(batch_size), "linear": float(batch_size)}[lr_scaling]
     fs, root = url_to_fs(output, storage_options)
     root = root.rstrip("/")
     if is_local(fs):  # workers run in another working directory
@@ -775,7 +813,7 @@ def run_train(
     config = {"labels": labels.rstrip("/"), "feature_source": ls.feature_source,
               "embed_dim": embed_dim, "batch_size": batch_size, "lr": lr,
               "weight_decay": weight_decay, "sim_weight": sim_weight, "temperature": temperature,
-              "seed": seed, "epochs": epochs, "workers": workers, "use_gpu": use_gpu,
+              "seed": seed, "shuffle": shuffle, "contrastive": contrastive, "epochs": epochs, "workers": workers, "use_gpu": use_gpu,
               "checkpoint_every": checkpoint_every, "max_failures": max_failures,
               "backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size}
     _check_same_run(previous, config, output)
@@ -803,7 +841,7 @@ def run_train(
     logger.info("training config: %s", config)
 
     dataset = _build_dataset(ls, stored=stored, storage_options=storage_options,
-                             max_pixels=max_pixels)
+                             max_pixels=max_pixels, shuffle=shuffle, seed=seed)
     loop_config = {
         **config, "in_dim": ls.feature_dim, "grid": list(ls.grid),
         "storage_options": storage_options, "output_storage_options": storage_options,
