@@ -148,12 +148,16 @@ def check_settings(settings: dict[str, Any], rules: dict[str, Rule],
 def check_backbone_size(backbone: Any, image_size: Any) -> list[str]:
     """The problem with ``backbone``/``image_size`` (unknown backbone, size not a positive
     multiple of its patch size), as a list of at most one line."""
-    if not isinstance(backbone, str) or isinstance(image_size, bool) \
-            or not isinstance(image_size, Integral):
+    if not isinstance(backbone, str):
         return []  # already reported by the type rules
-    from .backbone import check_image_size
+    from .backbone import backbone_family, check_image_size
+    size_ok = not isinstance(image_size, bool) and isinstance(image_size, Integral) \
+        and image_size >= 1  # else already reported by the type and range rules
     try:
-        check_image_size(backbone, int(image_size))
+        if size_ok:
+            check_image_size(backbone, int(image_size))
+        else:
+            backbone_family(backbone)
     except ValueError as exc:
         return [str(exc)]
     return []
