@@ -46,7 +46,9 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    # address="local": never attach to another Ray running on this machine (ray.init alone
+    # would, and then refuses num_cpus).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()

@@ -67,6 +67,9 @@ class OutputBusyError(RuntimeError):
 
 class FencedError(RuntimeError):
     """This run lost the output to another run: some of its writes were not published."""
+#: Test hook (kill tests): seconds a write task pauses between writing a part and its fencing
+#: check, so that a test can freeze a writer there.
+PUBLISH_DELAY_ENV = "SELFMENT_TEST_PUBLISH_DELAY_S"
 PART_RE = re.compile(r"^part-(?P<run>[0-9a-f]+)-(?P<task>\d+)\.parquet$")
 
 
@@ -76,7 +79,7 @@ class PartsSink(Datasink):
     def __init__(self, output: str, schema: pa.Schema, run_id: str, rows_per_file: int,
                  storage_options: dict | None, manifest: str | None = None):
         """``manifest``: the file name (at ``output``) of the run manifest that fences writes:
-        a part is published only while ``run_id`` is the manifest's latest run."""
+        a part is published only while ``run_id`` holds the output (:func:`holder`)."""
         self.output = output
         self.manifest = manifest
         self.schema = schema
@@ -84,6 +87,7 @@ class PartsSink(Datasink):
         self.rows_per_file = rows_per_file
         self.storage_options = storage_options
         self.results: list[dict] = []
+        self.fenced: list[str] = []  # parts not published: another run took the output
 
     @property
     def min_rows_per_write(self) -> int:
@@ -123,6 +127,7 @@ class PartsSink(Datasink):
                 writer.add_key_value_metadata({"selfment.feature_dim": str(feature_dim)})
             writer.close()
             writer = None
+            _test_pause()
             if not local and self._fenced(fs, root, name):
                 return _fenced_result(name)  # ``finally`` aborts the upload
             handle.close()  # the object store publishes the part here, complete
@@ -133,6 +138,7 @@ class PartsSink(Datasink):
             if handle is not None:  # failed mid-way (or fenced): never publish a partial part
                 _discard(handle)
         if local:
+            _test_pause()
             if self._fenced(fs, root, name):
                 fs.rm(target)
                 return _fenced_result(name)
@@ -160,7 +166,11 @@ class PartsSink(Datasink):
         self.results = [r for r in write_result.write_returns if r and r.get("file")]
         self.fenced = [r["fenced"] for r in write_result.write_returns if r and r.get("fenced")]
 
-    fenced: list[str] = []
+
+def _test_pause() -> None:
+    delay = os.environ.get(PUBLISH_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def _fenced_result(name: str) -> dict:
