@@ -11,7 +11,8 @@ import math
 from numbers import Integral, Real
 from typing import Any, Callable
 
-__all__ = ["SettingsError", "check_settings", "PSEUDO_LABEL_RULES", "SEGMENT_RULES"]
+__all__ = ["SettingsError", "check_settings", "PSEUDO_LABEL_RULES", "SEGMENT_RULES",
+           "TRAIN_RULES"]
 
 
 class SettingsError(ValueError):
@@ -131,6 +132,19 @@ SEGMENT_RULES: dict[str, Rule] = {
     "num_gpus_per_actor": number(low=0.0, optional=True),
     "max_pixels": integer(low=1, optional=True), "max_bytes": integer(low=1, optional=True),
     "allow_empty": flag(), "progress": flag(),
+}
+
+#: Settings of ``run_train`` (GPU counts are checked against the cluster by the planner).
+TRAIN_RULES: dict[str, Rule] = {
+    "labels": text(), "output": text(), "workers": integer(low=1), "use_gpu": flag(),
+    "epochs": integer(low=1), "batch_size": integer(low=1),
+    "lr": number(low=0.0, low_open=True), "weight_decay": number(low=0.0),
+    "sim_weight": number(low=0.0), "temperature": number(low=0.0, low_open=True),
+    "embed_dim": integer(low=1), "checkpoint_every": integer(low=1),
+    "max_failures": integer(low=-1), "features": text(choices=("auto", "stored", "backbone")),
+    "max_pixels": integer(low=1, optional=True), "storage_options": mapping(),
+    "address": text(optional=True), "resources_per_worker": mapping(),
+    "fail_at_step": integer(low=0, optional=True), "seed": integer(),
 }
 
 

@@ -298,3 +298,14 @@ def test_log_level_is_this_packages_and_secrets_are_redacted(capsys):
             root.addHandler(h)
         root.setLevel(saved[0])
         logging.getLogger("selfment_dist").setLevel(saved[2])
+
+
+def test_train_settings_fail_before_anything_is_read(tmp_path):
+    from selfment_dist.pipeline.train import run_train
+
+    with pytest.raises(SettingsError) as info:
+        run_train(str(tmp_path / "no-labels"), str(tmp_path / "m"), batch_size=-1, lr="1e-3",
+                  epochs=0)
+    assert info.value.problems == ["epochs must be >= 1", "batch_size must be >= 1",
+                                   "lr must be a number, got the string '1e-3'"]
+    assert not (tmp_path / "m").exists()

@@ -254,3 +254,37 @@ def test_empty_input_is_an_error_unless_allowed(tmp_path):
     summary = run_pseudo_label(str(empty), str(output), allow_empty=True, **RUN)
     assert summary["rows_total"] == 0
     assert _manifest(output)["status"] == "complete"
+
+
+# -- issue 17: segment's parquet resume; segment refuses a busy output --------------------------
+
+def test_segment_parquet_resumes_and_refuses_a_busy_output(images, tmp_path):
+    from selfment_dist.artifact import save_artifact
+    from selfment_dist.head import PatchHead
+    from selfment_dist.pipeline.segment import MANIFEST_NAME as SEGMENT_MANIFEST
+    from selfment_dist.pipeline.segment import run_segment
+
+    folder, keys = images
+    model = str(tmp_path / "model")
+    save_artifact(model, PatchHead(384), {"backbone": BACKBONE, "weights": "random",
+                                          "image_size": 64})
+    output = tmp_path / "seg"
+    run = dict(output_format="parquet", batch_size=2, progress=False)
+    first = run_segment(model, folder, str(output), **run)
+    assert first["rows_total"] == len(keys)
+    dropped = set(sorted(keys)[::2])
+    for path in _parts.list_parts(*_fs(str(output))):
+        table = pq.read_table(path)
+        kept = table.filter(pa.array([k not in dropped for k in table.column("key").to_pylist()]))
+        pq.write_table(kept, path)
+    again = run_segment(model, folder, str(output), **run)
+    assert again["images"] == len(dropped) and again["skipped"] == len(keys) - len(dropped)
+    got = [k for p in _parts.list_parts(*_fs(str(output)))
+           for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
+    assert sorted(got) == sorted(keys)
+    manifest = json.loads((output / SEGMENT_MANIFEST).read_text())
+    assert manifest["status"] == "complete"
+    manifest["lease"] = _parts.new_lease("feedfeedfeed")  # a live run of this process
+    (output / SEGMENT_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(OutputBusyError, match="in use by run feedfeedfeed"):
+        run_segment(model, folder, str(output), **run)

@@ -756,9 +756,10 @@ def run_train(
     """
     from ._ray import ensure_ray
 
+    from ..validation import TRAIN_RULES, check_settings
+
     start = time.perf_counter()
-    if workers < 1 or batch_size < 1 or epochs < 1 or checkpoint_every < 1:
-        raise ValueError("workers, batch_size, epochs and checkpoint_every must be >= 1")
+    check_settings({k: v for k, v in locals().items() if k in TRAIN_RULES}, TRAIN_RULES)
     fs, root = url_to_fs(output, storage_options)
     root = root.rstrip("/")
     if is_local(fs):  # workers run in another working directory
