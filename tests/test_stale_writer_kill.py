@@ -10,7 +10,9 @@ while the re-run redoes its keys. The result must hold every key exactly once, w
 duplicates to resolve, on local disk and on S3 (where an unpublished part is an aborted upload).
 
 Should the killed run finish before it can be frozen (a fast machine), the test still checks
-the resumed output; it does not fail.
+the resumed output; it does not fail. (On this Ray, resumed workers whose raylet is gone tend to
+exit before their write reaches publishing; the fencing check itself is pinned by
+``test_hardening_runs.py::test_a_fenced_writer_does_not_publish``.)
 """
 from __future__ import annotations
 
@@ -32,11 +34,11 @@ from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
 from selfment_dist.synthetic import write_scenes
 
 BACKBONE = "vit_small_patch16_224.dino"
-N_IMAGES = 16
+N_IMAGES = 10
 ARGS = dict(backbone=BACKBONE, weights="random", image_size=64, batch_size=2, rows_per_file=2)
 CLI = ["--backbone", BACKBONE, "--weights", "random", "--image-size", "64", "--batch-size", "2",
        "--rows-per-file", "2", "--no-progress"]
-PUBLISH_DELAY_S = 3.0
+PUBLISH_DELAY_S = 2.0
 DEADLINE_S = 240.0
 
 
