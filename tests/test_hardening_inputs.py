@@ -309,3 +309,19 @@ def test_train_settings_fail_before_anything_is_read(tmp_path):
     assert info.value.problems == ["epochs must be >= 1", "batch_size must be >= 1",
                                    "lr must be a number, got the string '1e-3'"]
     assert not (tmp_path / "m").exists()
+
+
+def test_jobs_entrypoint_refuses_bad_settings_before_running(tmp_path, monkeypatch, caplog):
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "jobs"))
+    import _common
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "c.yaml").write_text(
+        f"pseudo_label: {{inputs: [{images}], output: {tmp_path / 'out'}, weights: random, "
+        f"image_size: 64, eps: 2, tau: '0.2'}}\n")
+    with caplog.at_level(logging.ERROR):
+        assert _common.run_stage("pseudo_label", ["--config", str(tmp_path / "c.yaml")]) == 2
+    assert "eps must be in" in caplog.text and "tau must be a number" in caplog.text
+    assert not (tmp_path / "out").exists()

@@ -511,34 +511,44 @@ def retire_transient(fs, root: str) -> int:
     return removed
 
 
-def resolve_duplicates(fs, root: str) -> list[dict]:
+def resolve_duplicates(fs, root: str) -> tuple[list[dict], set[str]]:
     """Make every key appear once: where several rows share a key (one key in two containers,
     or a part published twice), the row whose ``source`` sorts first is kept and the others are
-    removed. Deterministic (by ``source``, whatever the run order); returns one report per key:
-    ``{"key", "kept": source, "removed": [sources]}``."""
+    removed. Deterministic (by ``source``, whatever the run order).
+
+    Returns:
+        one report per duplicated key, ``{"key", "kept": source, "removed": [sources]}``, and
+        the set of keys now in the output.
+    """
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    paths = list_parts(fs, root)
+    for path in paths:  # first pass: the key column only (what resume reads anyway)
+        with fs.open(path, "rb") as f:
+            for key in pq.read_table(f, columns=["key"]).column("key").to_pylist():
+                (repeated if key in seen else seen).add(key)
+    if not repeated:
+        return [], seen
     rows: dict[str, list[tuple[str, str, int]]] = {}
-    for path in list_parts(fs, root):
+    for path in paths:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["key", "source"])
         for i, (key, source) in enumerate(zip(table.column("key").to_pylist(),
                                               table.column("source").to_pylist())):
-            rows.setdefault(key, []).append((source, path, i))
+            if key in repeated:
+                rows.setdefault(key, []).append((source, path, i))
     drop: dict[str, set[int]] = {}
     reports = []
-    for key, found in rows.items():
-        if len(found) < 2:
-            continue
+    for key, found in sorted(rows.items()):
         found.sort()
         for _source, path, i in found[1:]:
             drop.setdefault(path, set()).add(i)
         reports.append({"key": key, "kept": found[0][0], "removed": [f[0] for f in found[1:]]})
-    del rows
     for path, idx in drop.items():
         with fs.open(path, "rb") as f:
             n = pq.ParquetFile(f).metadata.num_rows
         _rewrite_part(fs, root, path, [i not in idx for i in range(n)])
-    if reports:
-        logger.error("%d keys were found in more than one input; each keeps the row of the "
-                     "input whose URI sorts first (listed in the manifest's duplicates), e.g. "
-                     "%r in %s", len(reports), reports[0]["key"], reports[0]["removed"])
-    return reports
+    logger.error("%d keys were found in more than one input; each keeps the row of the input "
+                 "whose URI sorts first (listed in the manifest's duplicates), e.g. %r in %s",
+                 len(reports), reports[0]["key"], reports[0]["removed"])
+    return reports, seen

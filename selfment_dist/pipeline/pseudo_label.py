@@ -540,10 +540,9 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
         raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
 
     tmp = f"{root.rstrip('/')}/{TMP_DIR}"
-    duplicates = resolve_duplicates(fs, root)
+    duplicates, keys = resolve_duplicates(fs, root)
     if is_local(fs) and fs.exists(tmp):
         fs.rm(tmp, recursive=True)  # only empty or failed-attempt leftovers remain here
-    keys = existing_keys(fs, root)
     missing = [k for k in image_keys if k not in keys]
     if missing:
         logger.error("%d inputs have no row in %s, e.g. %s", len(missing), output, missing[:5])
