@@ -306,7 +306,7 @@ def test_train_settings_fail_before_anything_is_read(tmp_path):
     with pytest.raises(SettingsError) as info:
         run_train(str(tmp_path / "no-labels"), str(tmp_path / "m"), batch_size=-1, lr="1e-3",
                   epochs=0)
-    assert info.value.problems == ["epochs must be >= 1", "batch_size must be >= 1",
+    assert info.value.problems == ["epochs must be >= 1, got 0", "batch_size must be >= 1, got -1",
                                    "lr must be a number, got the string '1e-3'"]
     assert not (tmp_path / "m").exists()
 
