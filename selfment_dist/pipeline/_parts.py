@@ -499,11 +499,15 @@ def retire_transient(fs, root: str) -> int:
     returns how many."""
     removed = 0
     for path in list_parts(fs, root):
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if "error_kind" not in pf.schema_arrow.names:
-                continue
-            kinds = pf.read(columns=["error_kind"]).column(0).to_pylist()
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                if "error_kind" not in pf.schema_arrow.names:
+                    continue
+                kinds = pf.read(columns=["error_kind"]).column(0).to_pylist()
+        except Exception as exc:  # unreadable: existing_keys removes it next
+            logger.debug("retire_transient skips %s: %s", path, exc)
+            continue
         if "transient" in kinds:
             removed += _rewrite_part(fs, root, path, [k != "transient" for k in kinds])
     if removed:
