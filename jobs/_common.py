@@ -246,7 +246,13 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
         return 2
     write_synthetic(config)  # pipeline.synthetic's scenes, if any and not there yet
     logger.info("%s options: %s", stage, public(options))
-    summary = stage_function(stage)(**options)
+    from selfment_dist.validation import SettingsError
+    try:
+        summary = stage_function(stage)(**options)
+    except SettingsError as err:  # checked before anything runs: a config mistake
+        for problem in err.problems:
+            logger.error("%s: %s", stage, problem)
+        return 2
     print_summary(summary)
     return 0 if not (isinstance(summary, dict) and summary.get("failed")) else 1
 

@@ -3,6 +3,11 @@
 Every option's default lives in the pipeline function it reaches: the parser only records
 what was given (``argparse.SUPPRESS``), the config fills in under it, and anything set nowhere
 is left to the function.
+
+User mistakes (bad paths, values, YAML, checkpoints, a busy output) print one line per problem,
+``selfment: error: ...``, and exit 2; tracebacks are for bugs. ``--log-level`` sets this
+package's loggers only (other libraries stay at WARNING, so e.g. botocore never logs request
+headers), and log records are scrubbed of the credentials in the storage options.
 """
 from __future__ import annotations
 
@@ -18,6 +23,29 @@ from .config import merge_options, normalise_key, options_for, read_config
 from .io.storage import parse_storage_options
 
 logger = logging.getLogger("selfment_dist")
+
+#: Exit status of a user mistake (as argparse uses).
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``selfment: error: ...`` line, exit 2."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's signature)
+        _print_error(message)
+        sys.exit(USAGE_ERROR)
+
+
+def _print_error(message: str) -> None:
+    for line in str(message).splitlines() or [""]:
+        print(f"selfment: error: {line}", file=sys.stderr)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a user mistake, not a bug (imported lazily: no torch for --help)."""
+    from .pipeline._parts import OutputBusyError
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, OutputBusyError)
 
 
 def _benchmark(text: str) -> tuple[str, tuple[str, str]]:
@@ -76,6 +104,8 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--save-ncut", action="store_true", help="also store the NCut mask before IPO"),
             opt("--save-features", action="store_true", help="also store float16 patch features"),
             opt("--max-pixels", type=int, help="refuse larger images (decompression bombs)"),
+            opt("--max-bytes", type=int, help="refuse larger encoded images (default 32 MiB)"),
+            opt("--allow-empty", action="store_true", help="succeed on inputs without images"),
             opt("--num-actors", type=int), opt("--num-gpus-per-actor", type=_fraction),
             opt("--rows-per-file", type=int, help="rows per parquet part"),
             opt("--no-progress", dest="progress", action="store_false", help="no progress bars"),
@@ -117,6 +147,9 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--batch-size", type=int),
             opt("--format", dest="output_format", choices=["png", "parquet"]),
             opt("--overlays", action="store_true", help="also write images with the mask tinted"),
+            opt("--max-pixels", type=int, help="refuse larger images (decompression bombs)"),
+            opt("--max-bytes", type=int, help="refuse larger encoded images (default 32 MiB)"),
+            opt("--allow-empty", action="store_true", help="succeed on inputs without images"),
             opt("--num-actors", type=int), opt("--num-gpus-per-actor", type=_fraction),
         ]),
     "evaluate": dict(
@@ -155,8 +188,9 @@ COMMANDS: dict[str, dict[str, Any]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfment", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING …")
+    parser = _Parser(prog="selfment", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO",
+                        help="DEBUG, INFO, WARNING … (this package's loggers only)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, spec in COMMANDS.items():
         p = sub.add_parser(name, help=spec["help"], argument_default=argparse.SUPPRESS)
@@ -238,23 +272,87 @@ def main(argv: list[str] | None = None) -> int:
     for action in _all_actions(parser):
         action.required = False
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level.upper()
+    if not isinstance(logging.getLevelName(level), int):
+        parser.error(f"--log-level {args.log_level!r} is not a log level (DEBUG, INFO, WARNING, "
+                     "ERROR)")
     command = args.command
     given = {k: v for k, v in vars(args).items() if k not in ("command", "log_level")}
     try:
         options = resolve_options(command, given)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    configure_logging(level, options.get("storage_options"))
     missing = _missing_required(command, options)
     if missing:
         parser.error(f"{command}: {', '.join(missing)} required (on the command line or in --config)")
     if command == "evaluate":
         _check_evaluate_modes(parser, options)
-    summary = _target(command)(**options)
+    target = _target(command)
+    try:
+        summary = target(**options)
+    except _user_errors() as err:
+        logger.debug("user error", exc_info=True)
+        problems = getattr(err, "problems", None)  # SettingsError: one line per problem
+        _print_error("\n".join(problems) if problems
+                     else " ".join(str(err).split()) or type(err).__name__)
+        return USAGE_ERROR
+    except Exception as err:
+        from .pipeline._parts import FencedError
+        if not isinstance(err, FencedError):
+            raise
+        _print_error(str(err))
+        return 1
     print(json.dumps(summary, indent=2, default=str))
     return 0 if not (isinstance(summary, dict) and summary.get("failed")) else 1
 
+
+class _Redact(logging.Filter):
+    """Replaces the given secrets in every record's final message with ``***``."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            clean = message
+            for secret in self.secrets:
+                clean = clean.replace(secret, "***")
+            if clean != message:
+                record.msg, record.args = clean, None
+        return True
+
+
+def _secrets(options: Any) -> list[str]:
+    """String values of storage options that look like credentials (any nesting)."""
+    out: list[str] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if isinstance(value, dict):
+                out += _secrets(value)
+            elif isinstance(value, str) and any(w in str(key).lower() for w in (
+                    "key", "secret", "token", "password", "credential", "session")):
+                out.append(value)
+    return out
+
+
+def configure_logging(level: str, storage_options: dict | None = None) -> None:
+    """This package's loggers at ``level``; every other logger keeps the root's WARNING, so
+    libraries' DEBUG output (request headers, credentials) never appears. The root handlers
+    also redact the storage options' secrets from whatever they print."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Records of this package's loggers reach the root's handlers whatever the root's level.
+    logging.getLogger("selfment_dist").setLevel(level)
+    redact = _Redact(_secrets(storage_options))
+    for handler in root.handlers:
+        for old in [f for f in handler.filters if isinstance(f, _Redact)]:
+            handler.removeFilter(old)
+        handler.addFilter(redact)
 
 def _check_evaluate_modes(parser: argparse.ArgumentParser, options: dict[str, Any]) -> None:
     by_files = "predictions" in options or "masks" in options

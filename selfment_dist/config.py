@@ -31,8 +31,18 @@ def read_config(uri: str, storage_options: dict | None = None) -> dict[str, Any]
     fs, path = url_to_fs(uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"config file not found: {uri}")
-    with fs.open(path, "r") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with fs.open(path, "r") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:  # syntax errors, and tags such as !!python/object (refused)
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config {uri}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config {uri}: not a text file ({exc.reason})") from None
+    except IsADirectoryError:
+        raise ValueError(f"config {uri} is a folder, not a YAML file") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"config {uri} must be a YAML mapping, got {type(data).__name__}")
     return _normalise(data)

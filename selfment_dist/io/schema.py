@@ -12,6 +12,9 @@ grid_h/grid_w  int16     patch grid of ``mask``; null on error rows
 mask           binary    ``numpy.packbits`` of the bool (grid_h, grid_w) mask, C order (io.masks)
 fg_fraction    float32   share of foreground patches; null on error rows
 error          string    null when fine, else a one-line reason (decode or model failure)
+error_kind     string    null when fine; ``transient`` (I/O, timeouts, throttling, a model
+                         failure: a re-run retries the key) or ``permanent`` (bad data, too
+                         large: a re-run keeps the row)
 ncut_mask      binary    optional (``save_ncut``): the NCut mask before IPO, same encoding
 features       binary    optional (``save_features``): the unit-norm patch features as raw
                          little-endian float16 in C order (grid_h, grid_w, C): ``grid_h*grid_w*C``
@@ -27,7 +30,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "error_row", "encode_features",
+#: ``error_kind`` values: retried by a re-run, or kept.
+TRANSIENT, PERMANENT = "transient", "permanent"
+
+__all__ = ["TRANSIENT", "PERMANENT", "PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "error_row", "encode_features",
            "decode_features", "OPTIONAL_COLUMNS"]
 
 _BASE_FIELDS = [
@@ -40,6 +46,7 @@ _BASE_FIELDS = [
     pa.field("mask", pa.binary()),
     pa.field("fg_fraction", pa.float32()),
     pa.field("error", pa.string()),
+    pa.field("error_kind", pa.string()),
 ]
 _NCUT_FIELD = pa.field("ncut_mask", pa.binary())
 _FEATURES_FIELD = pa.field(
@@ -70,15 +77,17 @@ PSEUDO_LABEL_SCHEMA = pseudo_label_schema()
 
 
 def error_row(key: str, source: str, message: str, *, width: int | None = None,
-              height: int | None = None) -> dict:
+              height: int | None = None, kind: str = "permanent") -> dict:
     """A row for an image that could not be labelled: everything but the ids (and the size when
     it is known) is null, ``error`` holds ``message``. Optional columns, when the schema has
-    them, are null too (pyarrow fills missing keys with null)."""
+    them, are null too (pyarrow fills missing keys with null). ``kind``: ``transient`` or
+    ``permanent`` (see the ``error_kind`` column)."""
     if not message:
         raise ValueError("an error row needs a message")
     return {"key": str(key), "source": str(source), "width": width, "height": height,
             "grid_h": None, "grid_w": None, "mask": None, "fg_fraction": None,
-            "error": str(message), "ncut_mask": None, "features": None}
+            "error": str(message), "error_kind": str(kind), "ncut_mask": None,
+            "features": None}
 
 
 def encode_features(feats: np.ndarray) -> bytes:

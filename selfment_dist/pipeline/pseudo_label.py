@@ -38,15 +38,18 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..backbone import DEFAULT_BACKBONE, check_image_size, resolve_precision
-from ..io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ..backbone import DEFAULT_BACKBONE, resolve_precision
+from ..io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
-from ..io.schema import encode_features, pseudo_label_schema
+from ..io.schema import PERMANENT, TRANSIENT, encode_features, pseudo_label_schema
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..io.storage import is_local, url_to_fs
-from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, await_leftover_writers, check_resume,
-                     count_parts, existing_keys, now, outside_output, read_manifest, register_run,
-                     versions, write_manifest)
+from ..validation import PSEUDO_LABEL_RULES, check_backbone_size, check_settings
+from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
+                     await_leftover_writers, check_lease, check_resume, confirm_lease,
+                     count_parts, existing_keys, has_parts, new_lease, now, outside_output,
+                     read_manifest, register_run, resolve_duplicates, retire_transient,
+                     run_entry, versions, write_manifest)
 from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
                    progress_bars)
 
@@ -56,7 +59,8 @@ __all__ = ["run_pseudo_label", "DEFAULT_BACKBONE", "MANIFEST_NAME"]
 
 # Settings that change what a row holds: a re-run into an existing output must match them.
 _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", "binary_graph",
-                "n_iter", "sample_size", "save_ncut", "save_features")
+                "n_iter", "sample_size", "save_ncut", "save_features", "max_pixels",
+                "max_bytes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +94,7 @@ def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[st
         "width": np.array([r["width"] for r in rows], dtype=np.int32),
         "height": np.array([r["height"] for r in rows], dtype=np.int32),
         "error": np.array([r["error"] or "" for r in rows], dtype=object),
+        "error_kind": np.array([r["error_kind"] or "" for r in rows], dtype=object),
         "image": images,
     }
     if keep_data:  # the encoded original, for overlays
@@ -99,15 +104,17 @@ def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[st
 
 def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels: int | None,
                     storage_options: dict | None, skip_ref: list | None, rows_per_batch: int,
-                    keep_data: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                    keep_data: bool = False, max_bytes: int | None = DEFAULT_MAX_BYTES
+                    ) -> Iterator[dict[str, np.ndarray]]:
     """Expand a batch of work units into decoded, resized images (Ray Data UDF).
 
     ``keep_data`` also carries the encoded file (segment's overlays need it).
 
     Yields:
         batches of at most ``rows_per_batch`` rows: ``key``, ``source``, ``width``/``height``
-        (int32 original size after EXIF orientation; -1 when unknown), ``error`` (``""`` when
-        fine), ``image`` float32 (n, S, S, 3) in [0, 1] (zeros on error rows) and, with ``keep_data``,
+        (int32 original size after EXIF orientation; -1 when unknown), ``error`` and
+        ``error_kind`` (``""`` when fine), ``image`` float32 (n, S, S, 3) in [0, 1] (zeros on
+        error rows) and, with ``keep_data``,
         ``data`` (the encoded file, ``b""`` on error rows).
     """
     from ..backbone import resize_square
@@ -116,19 +123,24 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
     pending: list[dict] = []
     for kind, uri, key in zip(units["kind"], units["uri"], units["key"]):
         unit = {"kind": str(kind), "uri": str(uri), "key": str(key)}
-        for rec in iter_records(unit, storage_options=storage_options, skip=skip):
+        for rec in iter_records(unit, storage_options=storage_options, skip=skip,
+                                max_bytes=max_bytes):
             row = {"key": rec["key"], "source": rec["source"], "width": -1, "height": -1,
-                   "error": rec["error"], "pixels": None, "data": None}
+                   "error": rec["error"], "error_kind": rec["error_kind"], "pixels": None,
+                   "data": None}
             if rec["error"] is None:
                 try:
-                    pil = decode_image(rec["data"], max_pixels=max_pixels)
+                    pil = decode_image(rec["data"], max_pixels=max_pixels, max_bytes=max_bytes)
                     row["width"], row["height"] = pil.size
                     row["pixels"] = resize_square(pil, image_size)
                     row["data"] = rec["data"] if keep_data else None
                 except ImageDecodeError as exc:
-                    row["error"] = str(exc)
+                    row["error"], row["error_kind"] = str(exc), PERMANENT
                 except Exception as exc:  # anything else about one image stays with that image
                     row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
+                    row["error_kind"] = PERMANENT
+                if row["error"] is not None:
+                    rec["data"] = None
             pending.append(row)
             if len(pending) >= rows_per_batch:
                 yield _decode_batch(pending, image_size, keep_data)
@@ -209,6 +221,7 @@ class LabelActor:
         self.batches += 1
         n = len(batch["key"])
         errors = [str(e) or None for e in batch["error"]]
+        kinds = [str(k) or PERMANENT for k in batch.get("error_kind", [""] * n)]
         ok = [i for i in range(n) if errors[i] is None]
         results: dict[int, dict | str] = {}
         if ok:
@@ -230,6 +243,7 @@ class LabelActor:
                 cols["mask"].append(encode_mask(mask))
                 cols["fg_fraction"].append(float(mask.mean()))
                 cols["error"].append(None)
+                cols["error_kind"].append(None)
                 if self.save_ncut:
                     cols["ncut_mask"].append(encode_mask(res["ncut_mask"]))
                 if self.save_features:
@@ -238,6 +252,8 @@ class LabelActor:
                 for name in ("grid_h", "grid_w", "mask", "fg_fraction"):
                     cols[name].append(None)
                 cols["error"].append(res)
+                # A failure inside the model (not in the input) may not recur: retried.
+                cols["error_kind"].append(kinds[i] if errors[i] is not None else TRANSIENT)
                 if self.save_ncut:
                     cols["ncut_mask"].append(None)
                 if self.save_features:
@@ -246,7 +262,7 @@ class LabelActor:
 
 
 def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size: int,
-                   max_pixels, storage_options, batch_size: int, plan: dict,
+                   max_pixels, max_bytes, storage_options, batch_size: int, plan: dict,
                    actor_kwargs: dict):
     """units → read+decode (CPU tasks) → LabelActor (actor pool) — lazily, nothing runs yet."""
     import ray
@@ -257,7 +273,7 @@ def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size
     ds = ray.data.from_items(units, override_num_blocks=n_blocks)
     ds = ds.map_batches(
         read_and_decode, batch_size=None, zero_copy_batch=True,
-        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "max_bytes": max_bytes,
                    "storage_options": storage_options, "skip_ref": skip_ref,
                    "rows_per_batch": batch_size},
         num_cpus=1, max_retries=MAX_RETRIES)
@@ -289,6 +305,8 @@ def run_pseudo_label(
     save_ncut: bool = False,
     save_features: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    allow_empty: bool = False,
     storage_options: dict | None = None,
     address: str | None = None,
     num_actors: int | None = None,
@@ -312,6 +330,9 @@ def run_pseudo_label(
         batch_size: images per model call (default 32 on GPU, 8 on CPU).
         save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
         max_pixels: decompression-bomb limit (width × height); None disables it.
+        max_bytes: largest encoded image (file, tar member, parquet cell), checked before
+            reading; None disables it.
+        allow_empty: succeed when the inputs hold no image (otherwise a ValueError).
         storage_options: fsspec options for every URL (inputs, output, weights).
         address: Ray cluster address; default: the running Ray, else a local one.
         num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
@@ -325,13 +346,28 @@ def run_pseudo_label(
         ``images_per_s`` (rows written, error rows included, per second of wall time), ``output``,
         ``run_id``; with ``fail_once_after`` also ``fault_injected`` (an actor did exit).
     Raises:
-        ValueError: unknown backbone, bad image size, or an output made with other settings.
-        FileNotFoundError: an input that does not exist.
+        SettingsError (a ValueError): invalid settings, one line per problem (nothing written).
+        ValueError: an output made with other settings, empty inputs, a bad checkpoint.
+        FileNotFoundError: an input or checkpoint that does not exist.
+        OutputBusyError: another live run holds ``output``.
+        FencedError: another run took over ``output`` during this run.
     """
     import ray
 
     start = time.perf_counter()
-    check_image_size(backbone, image_size)  # in the driver, not in every actor
+    settings = {k: v for k, v in locals().items() if k in PSEUDO_LABEL_RULES}
+    check_settings(settings, PSEUDO_LABEL_RULES, check_backbone_size(backbone, image_size))
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    _check_checkpoint(backbone, weights, image_size, storage_options)
+    fs, root = url_to_fs(output, storage_options)
+    if fs.isfile(root):
+        raise ValueError(f"output {output} is a file; give a folder or prefix")
+    # Inputs are listed before anything is written: a missing or empty input leaves no trace.
+    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
+    if not units and not allow_empty:
+        raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
+                         "--allow-empty to accept empty inputs)")
+
     ensure_ray(address)
     plan = plan_resources(num_actors, num_gpus_per_actor)
     # What the actors will run (recorded, and compared on resume): auto means fp32.
@@ -345,28 +381,126 @@ def run_pseudo_label(
               "precision": resolved_precision, "tau": tau, "eps": eps,
               "binary_graph": binary_graph, "n_iter": n_iter, "sample_size": sample_size,
               "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels,
-              "batch_size": batch_size, "num_actors": plan["actors"],
+              "max_bytes": max_bytes, "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     logger.info("pseudo-label run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
-    # Output: register this run in the manifest (which fences the writes of an unfinished
-    # earlier run, see _parts), then read what is already there (resume).
-    fs, root = url_to_fs(output, storage_options)
+    # Output: take the lease and register this run in the manifest (which fences the writes of
+    # an unfinished earlier run, see _parts), then read what is already there (resume).
     fs.makedirs(root, exist_ok=True)
     fs.invalidate_cache(root)
     previous = read_manifest(fs, root)
-    check_resume(previous, config, output, keys=_RESUME_KEYS, holds="pseudo-labels")
+    check_lease(previous, output, run_id)
+    # Settings are locked by rows, not by a manifest: a run that wrote none locks nothing.
+    check_resume(previous if has_parts(fs, root) else None, config, output, keys=_RESUME_KEYS,
+                 holds="pseudo-labels")
     manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
     manifest.update({"status": "running", "config": config, "inputs": inputs,
-                     "versions": versions()})
-    run_entry, unfinished = register_run(manifest, run_id)
+                     "versions": versions(), "lease": new_lease(run_id)})
+    manifest.pop("duplicates", None)
+    _entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest)
+    confirm_lease(fs, root, MANIFEST_NAME, run_id, output)
+    lease = Lease(fs, root, MANIFEST_NAME, run_id).start()
+    try:
+        summary, duplicates, all_done = _run(
+            ray, fs, root, units, unfinished, run_id=run_id, output=output,
+            image_size=image_size, max_pixels=max_pixels, max_bytes=max_bytes,
+            storage_options=storage_options, batch_size=batch_size, plan=plan,
+            rows_per_file=rows_per_file, save_ncut=save_ncut, save_features=save_features,
+            fail_once_after=fail_once_after, progress=progress,
+            actor_kwargs={
+                "backbone": backbone, "weights": str(weights), "image_size": image_size,
+                "precision": resolved_precision,
+                "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
+                                   "n_iter": n_iter, "sample_size": sample_size},
+                "save_ncut": save_ncut, "save_features": save_features,
+                "storage_options": storage_options, "device": plan["device"],
+                "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after},
+            lease=lease)
+    except BaseException as exc:
+        lease.stop()
+        status = "fenced" if isinstance(exc, FencedError) else "failed"
+        _finish_failed(lease, run_id, status, f"{type(exc).__name__}: {exc}")
+        raise
+    lease.stop()
+    summary["wall_s"] = wall = round(time.perf_counter() - start, 3)
+    summary["images_per_s"] = round(summary["images"] / wall, 3) if wall else 0.0
+
+    def finish(m: dict) -> None:
+        run_entry(m, run_id).update(
+            status="complete" if all_done else "failed", finished=now(),
+            images=summary["images"], errors=summary["errors"], skipped=summary["skipped"],
+            wall_s=summary["wall_s"], images_per_s=summary["images_per_s"])
+        m.update(status="complete" if all_done else "failed",
+                 counts={"rows": summary["rows_total"], "errors": summary["errors_total"],
+                         "files": summary["files_total"]})
+        if summary.get("feature_dim") is not None:
+            m["feature_dim"] = summary["feature_dim"]
+        if duplicates:
+            m["duplicates"] = duplicates
+        m["lease"]["released"] = now()
+
+    lease.update(finish)
+    if lease.lost_to:
+        err = FencedError(f"run {run_id} lost {output} to run {lease.lost_to} before it could "
+                          "finish; re-run to complete the output")
+        _finish_failed(lease, run_id, "fenced", str(err))
+        raise err
+    summary.pop("feature_dim", None)
+    if not all_done:
+        raise RuntimeError(f"run {run_id}: some inputs have no row in {output}; re-run to "
+                           "complete the output")
+    logger.info("pseudo-label run %s done: %d images (%d errors) in %.1fs, %.2f images/s; "
+                "%d already present; output now %d rows (%d errors)", run_id, summary["images"],
+                summary["errors"], wall, summary["images_per_s"], summary["skipped"],
+                summary["rows_total"], summary["errors_total"])
+    return summary
+
+
+def _finish_failed(lease: Lease, run_id: str, status: str, reason: str) -> None:
+    """Record a failed run: its own entry always; the top-level status only while it holds the
+    lease (a run that lost the output must not overwrite the new holder's state)."""
+    def failed(m: dict) -> None:
+        run_entry(m, run_id).update(status=status, finished=now(), reason=reason[:500])
+        if m.get("lease", {}).get("run_id") == run_id:
+            m["status"] = "failed"
+            m["lease"]["released"] = now()
+    try:
+        lease.update(failed, always=True)
+    except Exception as exc:  # the original error matters more
+        logger.error("could not record the failure of run %s in the manifest: %s", run_id, exc)
+
+
+def _check_checkpoint(backbone: str, weights: str, image_size: int,
+                      storage_options: dict | None) -> None:
+    """Open and map a checkpoint in the driver, so a bad one fails here with one message
+    instead of killing every model actor."""
+    if weights in ("hub", "random"):
+        return
+    from ..backbone import build_backbone
+    model = build_backbone(backbone, weights=weights, image_size=image_size, device="cpu",
+                           storage_options=storage_options, precision="fp32")
+    del model
+
+
+def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id: str,
+         output: str, image_size: int, max_pixels, max_bytes, storage_options, batch_size: int,
+         plan: dict, rows_per_file: int, save_ncut: bool, save_features: bool,
+         fail_once_after, progress: bool, actor_kwargs: dict, lease: Lease
+         ) -> tuple[dict, list[dict], bool]:
+    """The run proper, once this run holds the output: resume, label, publish, check.
+
+    Returns:
+        the summary (without timings), the duplicate-key reports, and whether every input
+        has a row.
+    """
     await_leftover_writers(unfinished, output)
+    retire_transient(fs, root)
     done = existing_keys(fs, root)
 
-    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
     n_units = len(units)
+    image_keys = [u["key"] for u in units if u["kind"] == IMAGE]
     units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
     containers = [u for u in units if u["kind"] != IMAGE]
     if done:
@@ -380,15 +514,6 @@ def run_pseudo_label(
     written = {"rows": 0, "errors": 0}
     fault_injected = False
     if units:
-        actor_kwargs = {
-            "backbone": backbone, "weights": str(weights), "image_size": image_size,
-            "precision": resolved_precision,
-            "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
-                               "n_iter": n_iter, "sample_size": sample_size},
-            "save_ncut": save_ncut, "save_features": save_features,
-            "storage_options": storage_options, "device": plan["device"],
-            "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
-            "fail_marker": fail_marker}
         sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
                          run_id, rows_per_file, storage_options, manifest=MANIFEST_NAME)
         try:
@@ -400,45 +525,38 @@ def run_pseudo_label(
                 skip_ref = [ray.put(sorted(done))] if (done and containers) else None
                 ds = _build_dataset(units, n_containers=len(containers), skip_ref=skip_ref,
                                     image_size=image_size, max_pixels=max_pixels,
-                                    storage_options=storage_options, batch_size=batch_size,
-                                    plan=plan, actor_kwargs=actor_kwargs)
+                                    max_bytes=max_bytes, storage_options=storage_options,
+                                    batch_size=batch_size, plan=plan,
+                                    actor_kwargs={**actor_kwargs, "fail_marker": fail_marker})
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
-        except BaseException:
-            run_entry.update(status="failed", finished=now())
-            write_manifest(fs, root, manifest)
-            raise
         finally:
             if fail_marker and os.path.exists(fail_marker):
                 fault_injected = True
                 os.remove(fail_marker)
+        if sink.fenced:
+            raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
+                              f"because run {lease.lost_to or 'another run'} took over {output}; "
+                              "re-run to complete the output")
         written = {"rows": sum(r["rows"] for r in sink.results),
                    "errors": sum(r["errors"] for r in sink.results)}
+    if lease.lost_to:
+        raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
 
     tmp = f"{root.rstrip('/')}/{TMP_DIR}"
+    duplicates, keys = resolve_duplicates(fs, root)
     if is_local(fs) and fs.exists(tmp):
         fs.rm(tmp, recursive=True)  # only empty or failed-attempt leftovers remain here
-    wall = time.perf_counter() - start
+    missing = [k for k in image_keys if k not in keys]
+    if missing:
+        logger.error("%d inputs have no row in %s, e.g. %s", len(missing), output, missing[:5])
     totals = count_parts(fs, root)
     summary = {
         "output": output, "run_id": run_id,
         "images": written["rows"], "errors": written["errors"], "skipped": len(done),
         "rows_total": totals["rows"], "errors_total": totals["errors"],
-        "files_total": totals["files"],
-        "wall_s": round(wall, 3), "images_per_s": round(written["rows"] / wall, 3) if wall else 0.0,
+        "files_total": totals["files"], "duplicates": len(duplicates),
+        "feature_dim": totals["feature_dim"],
     }
     if fail_once_after is not None:
         summary["fault_injected"] = fault_injected
-    run_entry.update(status="complete", finished=now(), images=summary["images"],
-                     errors=summary["errors"], skipped=summary["skipped"],
-                     wall_s=summary["wall_s"], images_per_s=summary["images_per_s"])
-    manifest.update(status="complete", counts={"rows": totals["rows"],
-                                               "errors": totals["errors"],
-                                               "files": totals["files"]})
-    if totals["feature_dim"] is not None:
-        manifest["feature_dim"] = totals["feature_dim"]
-    write_manifest(fs, root, manifest)
-    logger.info("pseudo-label run %s done: %d images (%d errors) in %.1fs, %.2f images/s; "
-                "%d already present; output now %d rows (%d errors)", run_id, summary["images"],
-                summary["errors"], wall, summary["images_per_s"], summary["skipped"],
-                totals["rows"], totals["errors"])
-    return summary
+    return summary, duplicates, not missing

@@ -42,13 +42,16 @@ import pyarrow as pa
 from ray.data import Datasink
 
 from ..artifact import load_artifact
-from ..io.images import DEFAULT_MAX_PIXELS, decode_image
+from ..io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
 from ..io.sources import IMAGE, enumerate_units
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
-from ._parts import (PartsSink, await_leftover_writers, check_resume, count_parts, existing_keys,
-                     now, outside_output, read_manifest, register_run, versions, write_manifest)
+from ..validation import SEGMENT_RULES, check_settings
+from ._parts import (FencedError, Lease, PartsSink, await_leftover_writers, check_lease,
+                     check_resume, confirm_lease, count_parts, existing_keys, has_parts,
+                     new_lease, now, outside_output, read_manifest, register_run, run_entry,
+                     versions, write_manifest)
 from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
                    progress_bars)
 from .pseudo_label import read_and_decode
@@ -77,7 +80,7 @@ SEGMENT_SCHEMA = pa.schema(
     metadata={b"selfment.contract": b"saliency-maps/1",
               b"selfment.png": b"8-bit L, round(255 * saliency), original size"})
 # Settings that change what a map holds: a re-run into an existing output must match them.
-_RESUME_KEYS = ("model_fingerprint", "image_size", "output_format")
+_RESUME_KEYS = ("model_fingerprint", "image_size", "output_format", "max_pixels", "max_bytes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +326,8 @@ def run_segment(
     num_actors: int | None = None,
     num_gpus_per_actor: float | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+    allow_empty: bool = False,
     progress: bool = True,
 ) -> dict:
     """Segment every image of ``inputs`` with the model artifact ``model``.
@@ -346,6 +351,8 @@ def run_segment(
         num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
         num_gpus_per_actor: GPUs per replica (default 1 when the cluster has GPUs, else 0).
         max_pixels: decompression-bomb limit (width × height); None disables it.
+        max_bytes: largest encoded image, checked before reading; None disables it.
+        allow_empty: succeed when the inputs hold no image (otherwise a ValueError).
         progress: show Ray Data's progress bars.
     Returns:
         summary: ``images`` (maps written by this run), ``errors`` (inputs that failed),
@@ -356,50 +363,123 @@ def run_segment(
     import ray
 
     start = time.perf_counter()
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
-                         f"got {output_format!r}")
-    if overlays and output_format != "png":
-        raise ValueError("overlays are written next to PNG maps: use output_format='png'")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    settings = {k: v for k, v in locals().items() if k in SEGMENT_RULES}
+    check_settings(settings, SEGMENT_RULES, [
+        "overlays are written next to PNG maps: use output_format='png'"]
+        if overlays is True and output_format == "parquet" else [])
     # Fail in the driver, not in every actor: a missing artifact or a bad size.
     _, meta = load_artifact(model, storage_options=storage_options)
     try:
         image_size = resolve_image_size(meta, image_size)
     except ValueError as exc:
         raise ValueError(f"model artifact {model}: {exc}") from None
+    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+    fs, root = url_to_fs(output, storage_options)
+    root = root.rstrip("/")
+    if fs.isfile(root):
+        raise ValueError(f"output {output} is a file; give a folder or prefix")
+    # Inputs are listed before anything is written: a missing or empty input leaves no trace.
+    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
+    if not units and not allow_empty:
+        raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
+                         "--allow-empty to accept empty inputs)")
     ensure_ray(address)
     plan = plan_resources(num_actors, num_gpus_per_actor)
     run_id = uuid.uuid4().hex[:12]
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
               "backbone": meta.get("backbone"), "weights": meta.get("weights"),
               "trained_image_size": meta.get("image_size"), "image_size": image_size,
               "output_format": output_format, "overlays": bool(overlays),
-              "batch_size": int(batch_size), "max_pixels": max_pixels,
+              "batch_size": int(batch_size), "max_pixels": max_pixels, "max_bytes": max_bytes,
               "num_actors": plan["actors"], "num_gpus_per_actor": plan["num_gpus"]}
     logger.info("segment run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
     # Output: register this run in the manifest (which fences the parquet writes of an
     # unfinished earlier run, see _parts), then read what is already there (resume).
-    fs, root = url_to_fs(output, storage_options)
-    root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
+    fs.invalidate_cache(root)
     manifest_path = f"{root}/{MANIFEST_NAME}"
     previous = read_manifest(fs, root, MANIFEST_NAME)
-    check_resume(previous, config, output, keys=_RESUME_KEYS, holds="saliency maps",
-                 same="the same model and settings")
+    check_lease(previous, output, run_id)
+    written_before = has_parts(fs, root) if output_format == "parquet" \
+        else bool(_existing_maps(fs, root))
+    check_resume(previous if written_before else None, config, output, keys=_RESUME_KEYS,
+                 holds="saliency maps", same="the same model and settings")
     manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
                 "config": config, "inputs": inputs, "versions": versions(),
-                "runs": (previous or {}).get("runs", [])}
-    run_entry, unfinished = register_run(manifest, run_id)
+                "runs": (previous or {}).get("runs", []), "lease": new_lease(run_id)}
+    _entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest, MANIFEST_NAME)
+    confirm_lease(fs, root, MANIFEST_NAME, run_id, output)
+    lease = Lease(fs, root, MANIFEST_NAME, run_id).start()
+
+    def failed(status: str, reason: str):
+        def change(m: dict) -> None:
+            run_entry(m, run_id).update(status=status, finished=now(), reason=reason[:500])
+            if m.get("lease", {}).get("run_id") == run_id:
+                m["status"] = "failed"
+                m["lease"]["released"] = now()
+        return change
+
+    try:
+        summary, failed_rows = _segment(
+            ray, fs, root, units, unfinished, run_id=run_id, output=output, model=model,
+            image_size=image_size, batch_size=batch_size, output_format=output_format,
+            overlays=overlays, storage_options=storage_options, plan=plan,
+            max_pixels=max_pixels, max_bytes=max_bytes, progress=progress, lease=lease)
+    except BaseException as exc:
+        lease.stop()
+        try:
+            lease.update(failed("fenced" if isinstance(exc, FencedError) else "failed",
+                                f"{type(exc).__name__}: {exc}"), always=True)
+        except Exception as record_exc:
+            logger.error("could not record the failure of run %s: %s", run_id, record_exc)
+        raise
+    lease.stop()
+    wall = time.perf_counter() - start
+    images = summary["images"]
+    summary = {"output": output, "manifest": to_uri(fs, manifest_path), "run_id": run_id,
+               "output_format": output_format, "image_size": image_size, **summary}
+    summary.update(wall_s=round(wall, 3),
+                   images_per_s=round(images / wall, 3) if wall else 0.0,
+                   error_examples=[f"{f['key']}: {f['error']}" for f in failed_rows[:10]])
+    for f in failed_rows:
+        logger.debug("failed: %s (%s): %s", f["key"], f["source"], f["error"])
+
+    def finish(m: dict) -> None:
+        run_entry(m, run_id).update(status="complete", finished=now(), images=images,
+                                    errors=len(failed_rows), skipped=summary["skipped"],
+                                    wall_s=summary["wall_s"],
+                                    images_per_s=summary["images_per_s"])
+        m.update(status="complete",
+                 counts={k: summary[k] for k in ("images", "errors", "skipped", "maps_total",
+                                                 "rows_total", "errors_total")
+                         if k in summary},
+                 errors=failed_rows)
+        m["lease"]["released"] = now()
+
+    lease.update(finish)
+    if lease.lost_to:
+        err = FencedError(f"run {run_id} lost {output} to run {lease.lost_to} before it could "
+                          "finish; re-run to complete the output")
+        lease.update(failed("fenced", str(err)), always=True)
+        raise err
+    log = logger.warning if failed_rows else logger.info
+    log("segment run %s done: %d maps, %d failed (listed in %s), %d already present; "
+        "%.1fs, %.2f images/s", run_id, images, len(failed_rows), summary["manifest"],
+        summary["skipped"], wall, summary["images_per_s"])
+    return summary
+
+
+def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id: str,
+             output: str, model: str, image_size: int, batch_size: int, output_format: str,
+             overlays: bool, storage_options, plan: dict, max_pixels, max_bytes,
+             progress: bool, lease: Lease) -> tuple[dict, list[dict]]:
+    """The run proper, once this run holds the output. Returns the counts and failed rows."""
     if output_format != "png":  # a PNG map rewritten by two runs is the same file
         await_leftover_writers(unfinished, output)
     done = _existing_maps(fs, root) if output_format == "png" else existing_keys(fs, root)
 
-    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
     n_units = len(units)
     units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
     containers = [u for u in units if u["kind"] != IMAGE]
@@ -420,6 +500,7 @@ def run_segment(
             ds = ds.map_batches(
                 read_and_decode, batch_size=None, zero_copy_batch=True,
                 fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
+                           "max_bytes": max_bytes,
                            "storage_options": storage_options, "skip_ref": skip_ref,
                            "rows_per_batch": batch_size, "keep_data": overlays},
                 num_cpus=1, max_retries=MAX_RETRIES)
@@ -442,50 +523,29 @@ def run_segment(
             else:
                 sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
                                 storage_options=storage_options)
-        try:
-            with progress_bars(progress), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
-        except BaseException:
-            run_entry.update(status="failed", finished=now())
-            write_manifest(fs, root, manifest, MANIFEST_NAME)
-            raise
+        with progress_bars(progress), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
+        if getattr(sink, "fenced", None):
+            raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
+                              f"because run {lease.lost_to or 'another run'} took over {output}; "
+                              "re-run to complete the output")
         if output_format == "png":
             images = sum(r["images"] for r in sink.results)
             failed = [f for r in sink.results for f in r["failed"]]
         else:
             images = sum(r["rows"] - r["errors"] for r in sink.results)
             failed = _failed_rows(fs, root, run_id)
+    if lease.lost_to:
+        raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
     failed.sort(key=lambda f: f["key"])
-
-    wall = time.perf_counter() - start
-    summary = {"output": output, "manifest": to_uri(fs, manifest_path), "run_id": run_id,
-               "output_format": output_format, "image_size": image_size,
-               "images": images, "errors": len(failed), "skipped": len(done)}
+    summary = {"images": images, "errors": len(failed), "skipped": len(done)}
     if output_format == "png":
         summary["maps_total"] = len(done) + images
     else:
         totals = count_parts(fs, root)
         summary.update(rows_total=totals["rows"], errors_total=totals["errors"])
-    summary.update(wall_s=round(wall, 3),
-                   images_per_s=round(images / wall, 3) if wall else 0.0,
-                   error_examples=[f"{f['key']}: {f['error']}" for f in failed[:10]])
-    for f in failed:
-        logger.debug("failed: %s (%s): %s", f["key"], f["source"], f["error"])
-    run_entry.update(status="complete", finished=now(), images=images, errors=len(failed),
-                     skipped=len(done), wall_s=summary["wall_s"],
-                     images_per_s=summary["images_per_s"])
-    manifest.update(status="complete",
-                    counts={k: summary[k] for k in ("images", "errors", "skipped", "maps_total",
-                                                    "rows_total", "errors_total")
-                            if k in summary},
-                    errors=failed)
-    write_manifest(fs, root, manifest, MANIFEST_NAME)
-    log = logger.warning if failed else logger.info
-    log("segment run %s done: %d maps, %d failed (listed in %s), %d already present; "
-        "%.1fs, %.2f images/s", run_id, images, len(failed), summary["manifest"], len(done),
-        wall, summary["images_per_s"])
-    return summary
+    return summary, failed
 
 
 def _failed_rows(fs, root: str, run_id: str) -> list[dict]:

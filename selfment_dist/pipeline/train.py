@@ -788,14 +788,10 @@ def run_train(
     """
     from ._ray import ensure_ray
 
+    from ..validation import TRAIN_RULES, check_settings
+
     start = time.perf_counter()
-    if workers < 1 or batch_size < 1 or epochs < 1 or checkpoint_every < 1:
-        raise ValueError("workers, batch_size, epochs and checkpoint_every must be >= 1")
-    for name, value, allowed in (("lr_scaling", lr_scaling, LR_SCALINGS),
-                                 ("shuffle", shuffle, SHUFFLES),
-                                 ("contrastive", contrastive, CONTRASTIVE_VARIANTS)):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    check_settings({k: v for k, v in locals().items() if k in TRAIN_RULES}, TRAIN_RULES)
     lr = lr * {"none": 1.0, "sqrt": math.sqrt(batch_size), "linear": float(batch_size)}[lr_scaling]
     fs, root = url_to_fs(output, storage_options)
     root = root.rstrip("/")
