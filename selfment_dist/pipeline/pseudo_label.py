@@ -41,7 +41,8 @@ import pyarrow as pa
 from ..backbone import DEFAULT_BACKBONE, check_image_size, resolve_precision
 from ..io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
-from ..io.schema import encode_features, pseudo_label_schema
+from ..io.schema import QUALITY_COLUMNS, encode_features, pseudo_label_schema
+from ..quality import NO_OBJECT_THRESHOLD
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..io.storage import is_local, url_to_fs
 from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, await_leftover_writers, check_resume,
@@ -56,7 +57,7 @@ __all__ = ["run_pseudo_label", "DEFAULT_BACKBONE", "MANIFEST_NAME"]
 
 # Settings that change what a row holds: a re-run into an existing output must match them.
 _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", "binary_graph",
-                "n_iter", "sample_size", "save_ncut", "save_features")
+                "n_iter", "sample_size", "save_ncut", "save_features", "no_object_threshold")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,12 +230,14 @@ class LabelActor:
                 cols["mask"].append(encode_mask(mask))
                 cols["fg_fraction"].append(float(mask.mean()))
                 cols["error"].append(None)
+                for name in QUALITY_COLUMNS:
+                    cols[name].append(res[name].item())
                 if self.save_ncut:
                     cols["ncut_mask"].append(encode_mask(res["ncut_mask"]))
                 if self.save_features:
                     cols["features"].append(encode_features(res["features"]))
             else:
-                for name in ("grid_h", "grid_w", "mask", "fg_fraction"):
+                for name in ("grid_h", "grid_w", "mask", "fg_fraction", *QUALITY_COLUMNS):
                     cols[name].append(None)
                 cols["error"].append(res)
                 if self.save_ncut:
@@ -284,6 +287,7 @@ def run_pseudo_label(
     binary_graph: bool = True,
     n_iter: int = 20,
     sample_size: int = 10,
+    no_object_threshold: float = NO_OBJECT_THRESHOLD,
     batch_size: int | None = None,
     save_ncut: bool = False,
     save_features: bool = False,
@@ -307,6 +311,8 @@ def run_pseudo_label(
         precision: the backbone's numerics: ``auto`` (bf16 autocast on GPU actors, fp32 on CPU
             ones), ``fp32`` or ``bf16`` (also on CPU: faster where the CPU has native bf16).
         tau, eps, binary_graph, n_iter, sample_size: NCut and IPO parameters.
+        no_object_threshold: rows whose ``confidence`` is below it get ``no_object`` set
+            (kept; ``train`` skips them by default).
         batch_size: images per model call (default 32 on GPU, 8 on CPU).
         save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
         max_pixels: decompression-bomb limit (width × height); None disables it.
@@ -330,6 +336,8 @@ def run_pseudo_label(
 
     start = time.perf_counter()
     check_image_size(backbone, image_size)  # in the driver, not in every actor
+    if not 0.0 <= no_object_threshold <= 1.0:
+        raise ValueError(f"no_object_threshold must be in [0, 1], got {no_object_threshold}")
     ensure_ray(address)
     plan = plan_resources(num_actors, num_gpus_per_actor)
     # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
@@ -342,7 +350,7 @@ def run_pseudo_label(
     config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
               "precision": resolved_precision, "tau": tau, "eps": eps,
               "binary_graph": binary_graph, "n_iter": n_iter, "sample_size": sample_size,
-              "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels,
+              "no_object_threshold": float(no_object_threshold), "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels,
               "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -382,7 +390,8 @@ def run_pseudo_label(
             "backbone": backbone, "weights": str(weights), "image_size": image_size,
             "precision": resolved_precision,
             "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
-                               "n_iter": n_iter, "sample_size": sample_size},
+                               "n_iter": n_iter, "sample_size": sample_size,
+                               "no_object_threshold": float(no_object_threshold)},
             "save_ncut": save_ncut, "save_features": save_features,
             "storage_options": storage_options, "device": plan["device"],
             "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
