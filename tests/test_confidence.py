@@ -148,8 +148,7 @@ def _trained_keys(debug_dir) -> set[str]:
     return keys
 
 
-@pytest.mark.parametrize("cut", [{}, {"keep_fraction": 0.3}, {"min_confidence": 0.0}],
-                         ids=["default", "keep_fraction", "all"])
+@pytest.mark.parametrize("cut", [{}, {"keep_fraction": 0.3}], ids=["default", "keep_fraction"])
 def test_train_honours_the_confidence_filters(labelled, tmp_path, cut):
     from selfment_dist.pipeline.train import run_train
 
@@ -159,8 +158,6 @@ def test_train_honours_the_confidence_filters(labelled, tmp_path, cut):
         k = math.ceil(0.3 * len(ok))
         last = sorted((r["confidence"] for r in ok), reverse=True)[k - 1]
         expected = {r["key"] for r in ok if r["confidence"] >= last}
-    elif "min_confidence" in cut:
-        expected = {r["key"] for r in ok}
     else:
         expected = {r["key"] for r in ok if not r["no_object"]}
     debug = tmp_path / "debug"
