@@ -43,10 +43,11 @@ def overlay(image: np.ndarray, mask: np.ndarray, *, size: int) -> np.ndarray:
     resample = Image.Resampling.NEAREST if mask.dtype == bool else Image.Resampling.BILINEAR
     m = np.asarray(Image.fromarray(m, mode="F").resize((size, size), resample)).clip(0, 1)
     out = base * (1 - 0.5 * m[..., None]) + _TINT * (0.5 * m[..., None])
-    # Outline: mask pixels with a background 4-neighbour.
+    # Outline: mask pixels with a background 4-neighbour, the outside of the image counting as
+    # background (a mask covering the whole image gets a frame).
     hard = m >= 0.5
-    edge = hard & ~(np.roll(hard, 1, 0) & np.roll(hard, -1, 0) & np.roll(hard, 1, 1)
-                    & np.roll(hard, -1, 1))
+    p = np.pad(hard, 1)
+    edge = hard & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
     out[edge] = _TINT
     return out.round().astype(np.uint8)
 
@@ -63,10 +64,14 @@ def contact_sheet(tiles: list[Tile], *, title: str, size: int = 128, cols: int =
     cols = max(1, min(cols, len(tiles) or 1))
     rows = max(1, -(-len(tiles) // cols))
     cell_w, cell_h = size + _PAD, size + _CAPTION_H + _PAD
-    top = 24
-    sheet = Image.new("RGB", (cols * cell_w + _PAD, top + rows * cell_h + _PAD), (255, 255, 255))
+    width = cols * cell_w + _PAD
+    big = _font(14)
+    lines = _wrap(title, width - 2 * _PAD, big)
+    top = 6 + 18 * len(lines)
+    sheet = Image.new("RGB", (width, top + rows * cell_h + _PAD), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    draw.text((_PAD, 5), title, fill=(0, 0, 0), font=_font(14))
+    for j, line in enumerate(lines):
+        draw.text((_PAD, 4 + 18 * j), line, fill=(0, 0, 0), font=big)
     small = _font(11)
     for i, tile in enumerate(tiles):
         x = _PAD + (i % cols) * cell_w
@@ -84,6 +89,18 @@ def contact_sheet(tiles: list[Tile], *, title: str, size: int = 128, cols: int =
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
+
+
+def _wrap(text: str, width: int, font) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` pixels (a sheet narrower than
+    its title must not cut it)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def _fit(text: str, width: int, font) -> str:

@@ -40,9 +40,9 @@ NO_OBJECT_THRESHOLD = 0.5
 # standardisation (mean, scale) of each feature, then the logistic weights and bias. Fitted on
 # 60 synthetic scenes through the pipeline with random backbone weights at 224 px and 120
 # DINO-like feature grids (16x16x64), 30 % of each without an object; target: "object present
-# and pseudo-mask IoU >= 0.5" (110 of 180 rows). The weights say: a mask touching the border
-# (-1.9), a small spectral gap (+1.3 per std of gap), IPO moving many patches (-0.7) or not
-# converging (+0.9 for converged) lower the trust.
+# and pseudo-mask IoU >= 0.5" (111 of 180 rows). Per standard deviation of each signal, trust
+# falls with the mask's share of the border (-1.9) and with IPO's changes (-0.7), and rises with
+# the spectral gap (+1.3) and with IPO's convergence (+0.9).
 _MEAN = (0.388, 0.5081, 0.4629, 0.2705, 0.1199, 0.1707, 0.08619, 0.8611)
 _SCALE = (0.3867, 0.3674, 0.4039, 0.2161, 0.2164, 0.2563, 0.1608, 0.3458)
 _WEIGHTS = (-0.4273, 1.319, -0.01429, 0.2267, -0.09789, -1.932, -0.6793, 0.9158)
