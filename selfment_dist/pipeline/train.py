@@ -139,8 +139,9 @@ def _confidence_filter(conf: np.ndarray, no_object: np.ndarray | None, *,
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     if no_object is None:
         if min_confidence or (keep_fraction is not None and keep_fraction < 1.0):
-            raise ValueError(f"the pseudo-labels at {labels} have no confidence column (made "
-                             "before it existed): pseudo-label them again to filter by it")
+            raise ValueError(f"the pseudo-labels at {labels} have no confidence column, or rows "
+                             "without one (made before it existed): pseudo-label them again to "
+                             "filter by it")
         return {"rule": "none", "threshold": None}, 0
     if keep_fraction is not None:
         # The confidence of the last row kept; ties with it are kept too.
@@ -229,6 +230,10 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
             quality = ["confidence", "no_object"] if has_quality else []
             table = pf.read(columns=["grid_h", "grid_w", "error", "source", *quality])
         ok = table.filter(table.column("error").is_null())
+        # Rows written without scores (null confidence) make the set unfilterable, as a whole:
+        # the driver's counts and the workers' filter must agree row for row.
+        if has_quality and ok.column("confidence").null_count:
+            has_quality = False
         if has_quality:
             confidences.append(ok.column("confidence").to_numpy(zero_copy_only=False))
             no_objects.append(ok.column("no_object").to_numpy(zero_copy_only=False))
