@@ -262,9 +262,9 @@ def _start_ray(args) -> None:
     import ray
 
     if not ray.is_initialized():
+        # "local": a new Ray even when another cluster runs on this machine.
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
-                 log_to_driver=False,
-                 configure_logging=False)
+                 log_to_driver=False, configure_logging=False)
 
 
 def main() -> None:

@@ -107,10 +107,14 @@ def _fit(text: str, width: int, font) -> str:
     """``text`` cut (with a middle ellipsis) to fit ``width`` pixels."""
     if font.getlength(text) <= width:
         return text
+
+    def cut(keep: int) -> str:
+        return text[:keep // 2] + "…" + text[len(text) - (keep - keep // 2):]
+
     keep = len(text)
-    while keep > 4 and font.getlength(text[:keep // 2] + "…" + text[-(keep - keep // 2):]) > width:
+    while keep > 4 and font.getlength(cut(keep)) > width:
         keep -= 1
-    return text[:keep // 2] + "…" + text[-(keep - keep // 2):]
+    return cut(keep)
 
 
 def confidence_histogram(confidence: np.ndarray, *, threshold: float | None, title: str) -> bytes:

@@ -350,7 +350,8 @@ def run_pseudo_label(
     config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
               "precision": resolved_precision, "tau": tau, "eps": eps,
               "binary_graph": binary_graph, "n_iter": n_iter, "sample_size": sample_size,
-              "no_object_threshold": float(no_object_threshold), "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels,
+              "no_object_threshold": float(no_object_threshold), "save_ncut": save_ncut,
+              "save_features": save_features, "max_pixels": max_pixels,
               "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)

@@ -885,8 +885,8 @@ def run_train(
     logger.info("training on %s: %d of %d rows (%d errors and %d low-confidence rows skipped, "
                 "filter %s), grid %s, features %s; %d workers (%s), %d epochs x ~%d steps of %d "
                 "images per worker -> %s", labels, ls.usable, ls.rows, ls.errors,
-                ls.low_confidence, ls.row_filter, ls.grid, config["feature_source"], workers, resources or "1 GPU each",
-                epochs, steps_per_epoch, batch_size, output)
+                ls.low_confidence, ls.row_filter, ls.grid, config["feature_source"], workers,
+                resources or "1 GPU each", epochs, steps_per_epoch, batch_size, output)
     logger.info("training config: %s", config)
 
     dataset = _build_dataset(ls, stored=stored, storage_options=storage_options,
