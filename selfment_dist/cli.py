@@ -101,6 +101,8 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--non-binary-graph", dest="binary_graph", action="store_false",
                 help="keep affinities ≥ tau instead of setting them to 1"),
             opt("--n-iter", type=int), opt("--sample-size", type=int),
+            opt("--no-object-threshold", type=float, metavar="X",
+                help="flag rows whose confidence is below X as no_object (default 0.5)"),
             opt("--save-ncut", action="store_true", help="also store the NCut mask before IPO"),
             opt("--save-features", action="store_true", help="also store float16 patch features"),
             opt("--max-pixels", type=int, help="refuse larger images (decompression bombs)"),
@@ -131,6 +133,11 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--embed-dim", type=int), opt("--seed", type=int),
             opt("--features", choices=["auto", "stored", "backbone"],
                 help="stored feature column, or recompute with the frozen backbone"),
+            opt("--min-confidence", type=float, metavar="X",
+                help="train on rows with confidence >= X (default: skip rows flagged no_object;"
+                     " 0 keeps all)"),
+            opt("--keep-fraction", type=float, metavar="F",
+                help="train on the most confident fraction F of the rows"),
             opt("--max-pixels", type=int),
             opt("--resources-per-worker", type=json.loads, metavar="JSON",
                 help='e.g. \'{"CPU": 4, "GPU": 1}\''),
@@ -180,10 +187,24 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--image-size", type=int,
                 help="inference size (default: twice the checkpoint's img_size, i.e. 1536)"),
         ]),
+    "inspect": dict(
+        help="contact sheets, confidence histogram and an HTML page of pseudo-labels",
+        target="selfment_dist.pipeline.inspect:run_inspect",
+        options=[
+            opt("--labels", required=True, metavar="URI", help="pseudo-label parquet dataset"),
+            opt("--output", required=True, metavar="URI", help="folder for the pictures"),
+            opt("--per-sheet", type=int, help="images per contact sheet (default 24)"),
+            opt("--thumb-size", type=int, help="pixels per image tile (default 128)"),
+            opt("--max-pixels", type=int),
+        ]),
     "demo": dict(
         help="synthetic data through the whole pipeline, locally",
         target="selfment_dist.pipeline.demo:run_demo",
-        options=[opt("--output", dest="output_dir", metavar="DIR")]),
+        options=[opt("--output", dest="output_dir", metavar="DIR"),
+                 opt("--image-size", type=int, help="backbone input size (default 224)"),
+                 opt("--epochs", type=int),
+                 opt("--verbose", action="store_true",
+                     help="show Ray's own output instead of one bar per stage")]),
 }
 
 
@@ -303,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _print_error(str(err))
         return 1
-    print(json.dumps(summary, indent=2, default=str))
+    if command != "demo":  # the demo prints its own short summary (all of it is in a file)
+        print(json.dumps(summary, indent=2, default=str))
     return 0 if not (isinstance(summary, dict) and summary.get("failed")) else 1
 
 

@@ -56,9 +56,10 @@ def ipo_refine(feats, mask, *, n_iter: int = 20, sample_size: int = 10,
 
 
 def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int, sample_size: int,
-              keep_previous_on_empty: bool = False) -> torch.Tensor:
+              keep_previous_on_empty: bool = False, return_converged: bool = False):
     """:func:`ipo_refine` of features already checked and normalised, mask already a bool
-    tensor on their device."""
+    tensor on their device. With ``return_converged`` also (B,) bool: the image reached a
+    fixed point (not stopped by ``n_iter``, a too small side or an emptied side)."""
     m = mask.clone()
     b, h, w, c = x4.shape
     x = x4.reshape(b, h * w, c)
@@ -68,6 +69,7 @@ def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int, sample_size:
     mu_fg, mu_bg, n_fg, n_bg = _side_means(x, m, total)
     ref = mu_fg - mu_bg
     active = torch.ones(b, dtype=torch.bool, device=x.device)
+    converged = torch.zeros(b, dtype=torch.bool, device=x.device)
     for _ in range(n_iter):
         active &= (n_fg >= sample_size) & (n_bg >= sample_size)
         if not bool(active.any()):
@@ -95,5 +97,6 @@ def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int, sample_size:
         mu_bg = torch.where(upd[:, None], new_bg, mu_bg)
         n_fg = torch.where(upd, new_nf, n_fg)
         n_bg = torch.where(upd, new_nb, n_bg)
+        converged |= active & ~changed
         active &= changed
-    return m.view(b, h, w)
+    return (m.view(b, h, w), converged) if return_converged else m.view(b, h, w)

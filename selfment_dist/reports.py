@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,7 +187,8 @@ def _plots(d: DatasetEvaluation) -> dict[str, bytes]:
               "usod": "unsupervised-SOD (β²=0.09)"}
 
     def render(draw) -> bytes:
-        fig = Figure(figsize=(5, 4), dpi=100)
+        # Constrained layout keeps the (wrapped) title, labels and legend inside the figure.
+        fig = Figure(figsize=(5, 4), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         draw(ax)
@@ -194,7 +196,6 @@ def _plots(d: DatasetEvaluation) -> dict[str, bytes]:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
-        fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         return buf.getvalue()
@@ -204,16 +205,21 @@ def _plots(d: DatasetEvaluation) -> dict[str, bytes]:
         ax.plot(usod["recall"], usod["precision"], label=labels["usod"], linestyle="--")
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
-        ax.set_title(f"{d.name}: precision–recall ({d.n_images} images)")
+        _title(ax, f"{d.name}: precision–recall ({d.n_images} images)")
 
     def fcurve(ax):
         ax.plot(sod["threshold"], sod["fmeasure"], label=labels["sod"])
         ax.plot(usod["threshold"], usod["fmeasure"], label=labels["usod"], linestyle="--")
         ax.set_xlabel("threshold")
         ax.set_ylabel("F-measure")
-        ax.set_title(f"{d.name}: F-measure vs threshold")
+        _title(ax, f"{d.name}: F-measure vs threshold")
 
     return {"pr": render(pr), "f": render(fcurve)}
+
+
+def _title(ax, text: str) -> None:
+    """A title wrapped to the axes' width: a long dataset name must not run off both edges."""
+    ax.set_title("\n".join(textwrap.wrap(text, 52)), fontsize=10)
 
 
 def _write(fs, path: str, data: bytes) -> None:

@@ -111,6 +111,7 @@ PSEUDO_LABEL_RULES: dict[str, Rule] = {
     "tau": number(low=0.0, high=1.0, high_open=True),
     "eps": number(low=0.0, high=1.0, low_open=True, high_open=True),
     "binary_graph": flag(), "n_iter": integer(low=1), "sample_size": integer(low=1),
+    "no_object_threshold": number(low=0.0, high=1.0),
     "batch_size": integer(low=1, optional=True),
     "save_ncut": flag(), "save_features": flag(),
     "max_pixels": integer(low=1, optional=True), "max_bytes": integer(low=1, optional=True),

@@ -77,6 +77,19 @@ def test_demo_offline_runs_everything_on_random_weights_and_says_so_once(tmp_pat
     assert "NOT meaningful" in results.splitlines()[0]
     assert wall < DEMO_LIMIT_S
 
+    # Issue 13: a short console (bars, then the summary); Ray's output in the log it names;
+    # contact sheets of the pseudo-labels and of the predictions, named in the summary.
+    assert outputs["log"] in proc.stdout and Path(outputs["log"]).stat().st_size > 0
+    assert "TrainingReport" not in text and "Failed to query Ray Train" not in text
+    assert len(text.splitlines()) < 60, text
+    for stage in ("pseudo-label", "train", "segment", "evaluate", "inspect"):
+        assert stage in proc.stderr, stage
+    for key in ("label_sheets", "prediction_sheet"):
+        assert Path(outputs[key]).exists() and outputs[key] in proc.stdout, key
+    for sheet in ("lowest.png", "middle.png", "highest.png", "confidence.png"):
+        assert (Path(outputs["label_sheets"]).parent / sheet).stat().st_size, sheet
+    assert 0.0 <= summary["pseudo_mask_iou"] <= 1.0 and "mean IoU" in proc.stdout
+
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")

@@ -15,6 +15,15 @@ error          string    null when fine, else a one-line reason (decode or model
 error_kind     string    null when fine; ``transient`` (I/O, timeouts, throttling, a model
                          failure: a re-run retries the key) or ``permanent`` (bad data, too
                          large: a re-run keeps the row)
+fiedler_value  float32   quality signals (``selfment_dist.quality``), null on error rows:
+spectral_gap   float32   λ2 and λ3 − λ2 of the NCut graph, the normalised-cut value of its
+ncut_value     float32   split, the share of the grid's outer ring in the mask, the share of
+border_fraction float32  patches IPO moved, whether IPO reached a fixed point
+ipo_change     float32
+ipo_converged  bool
+confidence     float32   in [0, 1]: calibrated trust in the mask (``benchmarks/confidence.py``)
+no_object      bool      confidence below the run's ``no_object_threshold``: ``train`` skips the
+                         row by default; null on error rows
 ncut_mask      binary    optional (``save_ncut``): the NCut mask before IPO, same encoding
 features       binary    optional (``save_features``): the unit-norm patch features as raw
                          little-endian float16 in C order (grid_h, grid_w, C): ``grid_h*grid_w*C``
@@ -33,8 +42,8 @@ import pyarrow as pa
 #: ``error_kind`` values: retried by a re-run, or kept.
 TRANSIENT, PERMANENT = "transient", "permanent"
 
-__all__ = ["TRANSIENT", "PERMANENT", "PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "error_row", "encode_features",
-           "decode_features", "OPTIONAL_COLUMNS"]
+__all__ = ["TRANSIENT", "PERMANENT", "PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "error_row",
+           "encode_features", "decode_features", "OPTIONAL_COLUMNS", "QUALITY_COLUMNS"]
 
 _BASE_FIELDS = [
     pa.field("key", pa.string(), nullable=False),
@@ -48,6 +57,19 @@ _BASE_FIELDS = [
     pa.field("error", pa.string()),
     pa.field("error_kind", pa.string()),
 ]
+# Quality columns: how much to trust each mask (after the base columns, before the optional ones).
+_QUALITY_FIELDS = [
+    pa.field("fiedler_value", pa.float32()),
+    pa.field("spectral_gap", pa.float32()),
+    pa.field("ncut_value", pa.float32()),
+    pa.field("border_fraction", pa.float32()),
+    pa.field("ipo_change", pa.float32()),
+    pa.field("ipo_converged", pa.bool_()),
+    pa.field("confidence", pa.float32()),
+    pa.field("no_object", pa.bool_()),
+]
+#: The quality columns' names (null on error rows).
+QUALITY_COLUMNS = tuple(f.name for f in _QUALITY_FIELDS)
 _NCUT_FIELD = pa.field("ncut_mask", pa.binary())
 _FEATURES_FIELD = pa.field(
     "features", pa.binary(),
@@ -64,7 +86,7 @@ _SCHEMA_METADATA = {
 
 def pseudo_label_schema(*, ncut_mask: bool = False, features: bool = False) -> pa.Schema:
     """The contract's schema, with the optional ``ncut_mask`` / ``features`` columns."""
-    fields = list(_BASE_FIELDS)
+    fields = list(_BASE_FIELDS) + _QUALITY_FIELDS
     if ncut_mask:
         fields.append(_NCUT_FIELD)
     if features:
@@ -87,7 +109,7 @@ def error_row(key: str, source: str, message: str, *, width: int | None = None,
     return {"key": str(key), "source": str(source), "width": width, "height": height,
             "grid_h": None, "grid_w": None, "mask": None, "fg_fraction": None,
             "error": str(message), "error_kind": str(kind), "ncut_mask": None,
-            "features": None}
+            "features": None, **dict.fromkeys(QUALITY_COLUMNS)}
 
 
 def encode_features(feats: np.ndarray) -> bytes:

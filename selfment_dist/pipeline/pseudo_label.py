@@ -41,8 +41,10 @@ import pyarrow as pa
 from ..backbone import DEFAULT_BACKBONE, resolve_precision
 from ..io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
-from ..io.schema import PERMANENT, TRANSIENT, encode_features, pseudo_label_schema
+from ..io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
+                         pseudo_label_schema)
 from ..io.sources import IMAGE, enumerate_units, iter_records
+from ..quality import NO_OBJECT_THRESHOLD
 from ..io.storage import is_local, url_to_fs
 from ..validation import PSEUDO_LABEL_RULES, check_backbone_size, check_settings
 from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
@@ -60,7 +62,7 @@ __all__ = ["run_pseudo_label", "DEFAULT_BACKBONE", "MANIFEST_NAME"]
 # Settings that change what a row holds: a re-run into an existing output must match them.
 _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", "binary_graph",
                 "n_iter", "sample_size", "save_ncut", "save_features", "max_pixels",
-                "max_bytes")
+                "max_bytes", "no_object_threshold")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,12 +246,14 @@ class LabelActor:
                 cols["fg_fraction"].append(float(mask.mean()))
                 cols["error"].append(None)
                 cols["error_kind"].append(None)
+                for name in QUALITY_COLUMNS:
+                    cols[name].append(res[name].item())
                 if self.save_ncut:
                     cols["ncut_mask"].append(encode_mask(res["ncut_mask"]))
                 if self.save_features:
                     cols["features"].append(encode_features(res["features"]))
             else:
-                for name in ("grid_h", "grid_w", "mask", "fg_fraction"):
+                for name in ("grid_h", "grid_w", "mask", "fg_fraction", *QUALITY_COLUMNS):
                     cols[name].append(None)
                 cols["error"].append(res)
                 # A failure inside the model (not in the input) may not recur: retried.
@@ -301,6 +305,7 @@ def run_pseudo_label(
     binary_graph: bool = True,
     n_iter: int = 20,
     sample_size: int = 10,
+    no_object_threshold: float = NO_OBJECT_THRESHOLD,
     batch_size: int | None = None,
     save_ncut: bool = False,
     save_features: bool = False,
@@ -327,6 +332,8 @@ def run_pseudo_label(
             device), ``fp32`` or ``bf16`` (autocast; faster on GPUs and on CPUs with native
             bf16, but it can flip graph edges near tau: see ``benchmarks/pseudo_label.py``).
         tau, eps, binary_graph, n_iter, sample_size: NCut and IPO parameters.
+        no_object_threshold: rows whose ``confidence`` is below it get ``no_object`` set
+            (kept; ``train`` skips them by default).
         batch_size: images per model call (default 32 on GPU, 8 on CPU).
         save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
         max_pixels: decompression-bomb limit (width × height); None disables it.
@@ -380,8 +387,9 @@ def run_pseudo_label(
     config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
               "precision": resolved_precision, "tau": tau, "eps": eps,
               "binary_graph": binary_graph, "n_iter": n_iter, "sample_size": sample_size,
-              "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels,
-              "max_bytes": max_bytes, "batch_size": batch_size, "num_actors": plan["actors"],
+              "no_object_threshold": float(no_object_threshold), "save_ncut": save_ncut,
+              "save_features": save_features, "max_pixels": max_pixels, "max_bytes": max_bytes,
+              "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
     logger.info("pseudo-label run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
@@ -413,7 +421,8 @@ def run_pseudo_label(
                 "backbone": backbone, "weights": str(weights), "image_size": image_size,
                 "precision": resolved_precision,
                 "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
-                                   "n_iter": n_iter, "sample_size": sample_size},
+                                   "n_iter": n_iter, "sample_size": sample_size,
+                                   "no_object_threshold": float(no_object_threshold)},
                 "save_ncut": save_ncut, "save_features": save_features,
                 "storage_options": storage_options, "device": plan["device"],
                 "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after},

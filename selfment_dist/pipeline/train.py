@@ -99,6 +99,9 @@ class LabelSet:
         uri: the dataset folder.
         files: URIs of its parquet parts.
         rows, errors: row counts (error rows have ``error`` set and are skipped).
+        low_confidence: rows without error that the confidence filter leaves out.
+        row_filter: the confidence filter: ``{"rule": "none" | "no_object" | "min_confidence",
+            "threshold": float | None}`` (``keep_fraction`` becomes a ``min_confidence``).
         grid: (grid_h, grid_w) shared by every usable row.
         feature_source: ``"stored"`` (train on the ``features`` column) or ``"backbone"``
             (recompute features from the image files with the manifest's backbone).
@@ -117,20 +120,68 @@ class LabelSet:
     weights: str
     image_size: int
     manifest: dict = field(repr=False, default_factory=dict)
+    low_confidence: int = 0
+    row_filter: dict = field(default_factory=lambda: {"rule": "none", "threshold": None})
 
     @property
     def usable(self) -> int:
-        return self.rows - self.errors
+        """Rows training reads: neither errors nor left out by the confidence filter."""
+        return self.rows - self.errors - self.low_confidence
+
+
+def _confidence_filter(conf: np.ndarray, no_object: np.ndarray | None, *,
+                       min_confidence: float | None, keep_fraction: float | None,
+                       labels: str) -> tuple[dict, int]:
+    """The rule choosing training rows by confidence, and how many usable rows it leaves out.
+
+    Args:
+        conf: float32 confidences of the usable rows (empty when the labels have none);
+            no_object: their bool flags (None when the labels have none).
+    """
+    if min_confidence is not None and keep_fraction is not None:
+        raise ValueError("give min_confidence or keep_fraction, not both")
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    if no_object is None:
+        if min_confidence or (keep_fraction is not None and keep_fraction < 1.0):
+            raise ValueError(f"the pseudo-labels at {labels} have no confidence column, or rows "
+                             "without one (made before it existed): pseudo-label them again to "
+                             "filter by it")
+        return {"rule": "none", "threshold": None}, 0
+    if keep_fraction is not None:
+        # The confidence of the last row kept; ties with it are kept too.
+        k = max(1, math.ceil(keep_fraction * len(conf)))
+        min_confidence = float(np.sort(conf)[::-1][k - 1])
+    if min_confidence is not None:
+        return ({"rule": "min_confidence", "threshold": float(min_confidence)},
+                int((conf < np.float32(min_confidence)).sum()))
+    return {"rule": "no_object", "threshold": None}, int(no_object.sum())
+
+
+def _filter_expr(row_filter: dict):
+    """The Ray Data expression keeping the rows ``row_filter`` keeps (None: keep all)."""
+    from ray.data.expressions import col, lit
+
+    if row_filter["rule"] == "no_object":
+        return ~col("no_object")
+    if row_filter["rule"] == "min_confidence":
+        return col("confidence") >= lit(float(np.float32(row_filter["threshold"])))
+    return None
 
 
 def inspect_labels(labels: str, *, storage_options: dict | None = None,
-                   features: str = "auto") -> LabelSet:
-    """Read the manifest, the parquet footers and the small grid/source columns of ``labels``.
+                   features: str = "auto", min_confidence: float | None = None,
+                   keep_fraction: float | None = None) -> LabelSet:
+    """Read the manifest, the parquet footers and the small grid/source/confidence columns of
+    ``labels``.
 
     Args:
         labels: folder (local or fsspec URL) written by ``selfment pseudo-label``.
         features: ``"auto"``, ``"stored"`` or ``"backbone"``; see :func:`run_train`. Decides
             ``LabelSet.feature_source``.
+        min_confidence, keep_fraction: the confidence filter; see :func:`run_train`.
 
     Raises:
         FileNotFoundError: nothing at ``labels``.
@@ -168,6 +219,8 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
     has_features = True
     feature_dim = manifest.get("feature_dim")
     containers: list[str] = []  # a few usable rows whose image is inside a container
+    confidences, no_objects = [], []
+    has_quality = True
     required = {"key", "source", "grid_h", "grid_w", "mask", "error"}
     for path in paths:
         with fs.open(path, "rb") as f:
@@ -180,8 +233,17 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
             kv = pf.metadata.metadata or {}
             if feature_dim is None and b"selfment.feature_dim" in kv:
                 feature_dim = int(kv[b"selfment.feature_dim"])
-            table = pf.read(columns=["grid_h", "grid_w", "error", "source"])
+            has_quality &= {"confidence", "no_object"} <= names
+            quality = ["confidence", "no_object"] if has_quality else []
+            table = pf.read(columns=["grid_h", "grid_w", "error", "source", *quality])
         ok = table.filter(table.column("error").is_null())
+        # Rows written without scores (null confidence) make the set unfilterable, as a whole:
+        # the driver's counts and the workers' filter must agree row for row.
+        if has_quality and ok.column("confidence").null_count:
+            has_quality = False
+        if has_quality:
+            confidences.append(ok.column("confidence").to_numpy(zero_copy_only=False))
+            no_objects.append(ok.column("no_object").to_numpy(zero_copy_only=False))
         rows += table.num_rows
         errors += table.num_rows - ok.num_rows
         grids.update(zip(ok.column("grid_h").to_pylist(), ok.column("grid_w").to_pylist()))
@@ -206,10 +268,19 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
             "pseudo-label those inputs with --save-features and train on the stored features")
     if stored and feature_dim is None:
         feature_dim = _feature_dim_from_rows(fs, paths)
+    row_filter, low_confidence = _confidence_filter(
+        np.concatenate(confidences).astype(np.float32) if has_quality else np.zeros(0, np.float32),
+        np.concatenate(no_objects).astype(bool) if has_quality else None,
+        min_confidence=min_confidence, keep_fraction=keep_fraction, labels=labels)
+    if rows - errors - low_confidence == 0:
+        raise ValueError(f"the confidence filter ({row_filter['rule']}, threshold "
+                         f"{row_filter['threshold']}) leaves none of the {rows - errors} usable "
+                         f"rows of {labels}; lower --min-confidence or raise --keep-fraction")
     return LabelSet(uri=labels, files=[_uri(fs, p) for p in paths], rows=rows, errors=errors,
                     grid=next(iter(grids)), feature_source="stored" if stored else "backbone",
                     feature_dim=int(feature_dim) if stored else None,
-                    backbone=backbone, weights=weights, image_size=image_size, manifest=manifest)
+                    backbone=backbone, weights=weights, image_size=image_size, manifest=manifest,
+                    low_confidence=low_confidence, row_filter=row_filter)
 
 
 def _parquet_parts(fs, root: str) -> list[str]:
@@ -285,8 +356,12 @@ def _build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
     pa_fs, _ = _arrow_fs(ls.uri, storage_options)
     paths = [_arrow_fs(p, storage_options)[1] for p in ls.files]
     columns = ["key", "grid_h", "grid_w", "mask", "features" if stored else "source", "error"]
-    ds = ray.data.read_parquet(paths, filesystem=pa_fs, columns=columns, file_extensions=None)
-    ds = ds.filter(expr=col("error").is_null()).drop_columns(["error"])
+    keep = _filter_expr(ls.row_filter)
+    quality = [] if keep is None else ["confidence", "no_object"]
+    ds = ray.data.read_parquet(paths, filesystem=pa_fs, columns=columns + quality,
+                               file_extensions=None)
+    ok = col("error").is_null()
+    ds = ds.filter(expr=ok if keep is None else ok & keep).drop_columns(["error", *quality])
     h, w = ls.grid
     if stored:
         row_bytes = h * w * (2 * ls.feature_dim) + (h * w + 7) // 8
@@ -683,6 +758,7 @@ def _finish(result, ls: LabelSet, config: dict, output: str, storage_options: di
         "status": "trained", "output": output, "labels": ls.uri,
         "epochs": progress.epoch, "steps": progress.global_step,
         "images_seen": progress.images_seen, "rows": ls.rows, "error_rows": ls.errors,
+        "low_confidence_rows": ls.low_confidence, "row_filter": ls.row_filter,
         "train_rows": ls.usable, "workers": config["workers"], "batch_size": config["batch_size"],
         "feature_source": config["feature_source"], "feature_dim": progress.in_dim,
         "embed_dim": progress.embed_dim, "lr": config["lr"],
@@ -727,6 +803,8 @@ def run_train(
     checkpoint_every: int = 200,
     max_failures: int = 2,
     features: str = "auto",
+    min_confidence: float | None = None,
+    keep_fraction: float | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     storage_options: dict | None = None,
     address: str | None = None,
@@ -762,6 +840,11 @@ def run_train(
         features: ``"auto"`` (the stored ``features`` column when every part has it, else the
             backbone), ``"stored"`` or ``"backbone"`` (recompute them with the frozen backbone
             of the labels' manifest, from each row's image file).
+        min_confidence, keep_fraction: which rows to train on by their ``confidence``. By
+            default the rows flagged ``no_object`` are skipped; ``min_confidence`` keeps the rows
+            with confidence >= it instead (0 keeps all); ``keep_fraction`` the most confident
+            fraction of the usable rows (ties with the last one kept too). Labels made before
+            the confidence column existed train on all their rows.
         max_pixels: decompression-bomb limit (width x height) when reading images for the
             backbone; None disables it.
         storage_options: fsspec options for every URL (labels, images, output).
@@ -777,7 +860,8 @@ def run_train(
     Returns:
         The training summary (also stored in ``model.json`` under ``training``): ``status``
         (``"trained"``, or ``"already_done"`` when ``output`` already held the finished run),
-        ``epochs``, ``steps``, ``images_seen``, ``rows``/``error_rows``/``train_rows``,
+        ``epochs``, ``steps``, ``images_seen``, ``rows``/``error_rows``/``low_confidence_rows``/
+        ``train_rows`` (the rows training read), ``row_filter``,
         ``history`` (per epoch: mean ``total``/``bce``/``dice``/``contrastive``, ``images``,
         ``seconds``), ``first_loss``/``final_loss``, ``resumed_from_steps``, ``wall_s``, ...
 
@@ -804,13 +888,15 @@ def run_train(
                          "here; choose a new output")
 
     # Labels: footers, manifest and small columns only; the workers read the rows.
-    ls = inspect_labels(labels, storage_options=storage_options, features=features)
+    ls = inspect_labels(labels, storage_options=storage_options, features=features,
+                        min_confidence=min_confidence, keep_fraction=keep_fraction)
     stored = ls.feature_source == "stored"
     config = {"labels": labels.rstrip("/"), "feature_source": ls.feature_source,
               "embed_dim": embed_dim, "batch_size": batch_size, "lr": lr,
               "weight_decay": weight_decay, "sim_weight": sim_weight, "temperature": temperature,
               "seed": seed, "shuffle": shuffle, "contrastive": contrastive, "epochs": epochs, "workers": workers, "use_gpu": use_gpu,
               "checkpoint_every": checkpoint_every, "max_failures": max_failures,
+              "row_filter": ls.row_filter,
               "backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size}
     _check_same_run(previous, config, output)
     if finished is not None and finished.get("training", {}).get("epochs", 0) >= epochs:
@@ -830,10 +916,11 @@ def run_train(
         raise ValueError(f"{ls.usable} usable pseudo-labels cannot feed {workers} workers")
     resources, threads = _plan_workers(workers, use_gpu, resources_per_worker)
     steps_per_epoch = math.ceil(per_worker / batch_size)
-    logger.info("training on %s: %d rows (%d errors skipped), grid %s, features %s; %d workers "
-                "(%s), %d epochs x ~%d steps of %d images per worker -> %s", labels, ls.rows,
-                ls.errors, ls.grid, config["feature_source"], workers, resources or "1 GPU each",
-                epochs, steps_per_epoch, batch_size, output)
+    logger.info("training on %s: %d of %d rows (%d errors and %d low-confidence rows skipped, "
+                "filter %s), grid %s, features %s; %d workers (%s), %d epochs x ~%d steps of %d "
+                "images per worker -> %s", labels, ls.usable, ls.rows, ls.errors,
+                ls.low_confidence, ls.row_filter, ls.grid, config["feature_source"], workers,
+                resources or "1 GPU each", epochs, steps_per_epoch, batch_size, output)
     logger.info("training config: %s", config)
 
     dataset = _build_dataset(ls, stored=stored, storage_options=storage_options,
