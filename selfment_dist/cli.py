@@ -35,6 +35,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _actor_options() -> list[Opt]:
+    """The model-actor options of pseudo-label, segment and evaluate --model."""
+    return [
+        opt("--num-actors", type=int, help="most model replicas"),
+        opt("--num-gpus-per-actor", type=_fraction,
+            help="GPUs per replica, 0 to 1 (asks an autoscaler for GPU nodes)"),
+        opt("--cpu-fallback", action="store_true",
+            help="let GPU actors run on CPU where CUDA is unusable (default: they refuse)"),
+        opt("--actor-wait-s", type=float,
+            help="longest wait for the first model actor (default 600), then fail"),
+    ]
+
+
 @dataclass
 class Opt:
     flags: tuple[str, ...]
@@ -76,7 +89,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--save-ncut", action="store_true", help="also store the NCut mask before IPO"),
             opt("--save-features", action="store_true", help="also store float16 patch features"),
             opt("--max-pixels", type=int, help="refuse larger images (decompression bombs)"),
-            opt("--num-actors", type=int), opt("--num-gpus-per-actor", type=_fraction),
+            *_actor_options(),
             opt("--rows-per-file", type=int, help="rows per parquet part"),
             opt("--no-progress", dest="progress", action="store_false", help="no progress bars"),
         ]),
@@ -110,7 +123,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--batch-size", type=int),
             opt("--format", dest="output_format", choices=["png", "parquet"]),
             opt("--overlays", action="store_true", help="also write images with the mask tinted"),
-            opt("--num-actors", type=int), opt("--num-gpus-per-actor", type=_fraction),
+            *_actor_options(),
         ]),
     "evaluate": dict(
         help="SOD/COD and unsupervised-SOD metrics, reports and plots",
@@ -124,6 +137,8 @@ COMMANDS: dict[str, dict[str, Any]] = {
                 metavar="NAME=IMAGES_URI,MASKS_URI"),
             opt("--output", required=True, metavar="URI"),
             opt("--image-size", type=int, help="inference size with --model"),
+            opt("--batch-size", type=int, help="images per model call with --model"),
+            *_actor_options(),
             opt("--num-shards", type=int),
         ]),
     "demo": dict(

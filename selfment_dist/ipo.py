@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._tensors import as_mask, as_unit_features
+from ._tensors import as_mask, as_unit_features, exact_math
 
 
 def _side_means(x: torch.Tensor, m: torch.Tensor, total: torch.Tensor):
@@ -47,6 +47,7 @@ def ipo_refine(feats, mask, *, n_iter: int = 20, sample_size: int = 10) -> torch
     return _ipo_unit(x4, as_mask(mask, x4), n_iter=n_iter, sample_size=sample_size)
 
 
+@exact_math
 def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int,
               sample_size: int) -> torch.Tensor:
     """:func:`ipo_refine` of features already checked and normalised, mask already a bool

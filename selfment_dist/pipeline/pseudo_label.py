@@ -44,11 +44,14 @@ from ..io.masks import encode_mask
 from ..io.schema import encode_features, pseudo_label_schema
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..io.storage import is_local, url_to_fs
+from ..ncut import take_dense_fallbacks
 from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, await_leftover_writers, check_resume,
                      count_parts, existing_keys, now, outside_output, read_manifest, register_run,
                      versions, write_manifest)
-from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
-                   progress_bars)
+from ._device import actor_device, run_guarded
+from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, ensure_ray,
+                   count_rows_here, decode_pool, model_pool_args, plan_resources, progress_bars,
+                   read_counters, split_counters, start_counters)
 
 logger = logging.getLogger(__name__)
 
@@ -144,13 +147,16 @@ class LabelActor:
 
     ``__call__`` maps the decode stage's batch to a ``pyarrow.Table`` of the contract. Rows that
     arrive with an error pass through as error rows; an exception while labelling a batch is
-    retried image by image so that only the failing image becomes an error row.
+    retried image by image so that only the failing image becomes an error row. CUDA faults
+    follow :mod:`._device` (OOM: smaller batches; others: the actor exits and Ray restarts it).
+    With ``require_gpu`` the actor refuses to start without its GPU.
     """
 
     def __init__(self, *, backbone: str, weights: str, image_size: int, labeler_kwargs: dict,
                  save_ncut: bool, save_features: bool, storage_options: dict | None,
                  device: str | None, cpu_threads: int | None, fail_once_after: int | None,
-                 fail_marker: str | None, precision: str = "auto"):
+                 fail_marker: str | None, precision: str = "auto", require_gpu: bool = False,
+                 counters=None):
         import torch
 
         from ..backbone import build_backbone
@@ -162,6 +168,7 @@ class LabelActor:
             except AttributeError:  # not Linux
                 available = os.cpu_count() or 1
             torch.set_num_threads(max(1, min(int(cpu_threads), available)))
+        device = actor_device(device, require_gpu=require_gpu)
         self.backbone = build_backbone(backbone, weights=weights, image_size=image_size,
                                        device=device, storage_options=storage_options,
                                        precision=precision)
@@ -171,6 +178,7 @@ class LabelActor:
         self.schema = pseudo_label_schema(ncut_mask=save_ncut, features=save_features)
         self.fail_once_after = fail_once_after
         self.fail_marker = fail_marker
+        self.counters = counters
         self.batches = 0
         logger.info("label actor ready: %r, %d torch threads", self.backbone,
                     torch.get_num_threads())
@@ -190,18 +198,16 @@ class LabelActor:
     def _label(self, images: np.ndarray) -> list[dict | str]:
         """Per image: the result dict, or an error message."""
         kw = {"return_ncut": self.save_ncut, "return_features": self.save_features}
-        try:
-            out = self.labeler(images, **kw)
-            return [{k: v[i] for k, v in out.items()} for i in range(len(images))]
-        except Exception as batch_exc:
-            if len(images) == 1:
-                return [f"labelling failed: {type(batch_exc).__name__}: {batch_exc}"]
-            logger.warning("batch of %d failed (%s); retrying image by image", len(images),
-                           batch_exc)
-            results: list[dict | str] = []
-            for i in range(len(images)):
-                results.extend(self._label(images[i:i + 1]))
-            return results
+
+        def label(part: np.ndarray) -> list[dict]:
+            out = self.labeler(part, **kw)
+            return [{k: v[i] for k, v in out.items()} for i in range(len(part))]
+
+        results = run_guarded(label, images, what="labelling")
+        fallbacks = take_dense_fallbacks()
+        if fallbacks and self.counters is not None:
+            self.counters.add.remote("dense_eigh_fallbacks", fallbacks)
+        return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self._maybe_fail()
@@ -241,13 +247,15 @@ class LabelActor:
                     cols["ncut_mask"].append(None)
                 if self.save_features:
                     cols["features"].append(None)
+        count_rows_here(self.counters, n)
         return pa.Table.from_pydict(cols, schema=self.schema)
 
 
 def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size: int,
                    max_pixels, storage_options, batch_size: int, plan: dict,
                    actor_kwargs: dict):
-    """units → read+decode (CPU tasks) → LabelActor (actor pool) — lazily, nothing runs yet."""
+    """units → read+decode (CPU tasks) → LabelActor (elastic actor pool) — lazily, nothing
+    runs yet."""
     import ray
 
     # About one batch of image files per read task; each container (parquet, tar) its own.
@@ -259,13 +267,11 @@ def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size
         fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
                    "storage_options": storage_options, "skip_ref": skip_ref,
                    "rows_per_batch": batch_size},
-        num_cpus=1, max_retries=MAX_RETRIES)
+        num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
+        max_retries=MAX_RETRIES)
     return ds.map_batches(
         LabelActor, batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False,
-        fn_constructor_kwargs=actor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
-        max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        fn_constructor_kwargs=actor_kwargs, **model_pool_args(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +298,8 @@ def run_pseudo_label(
     address: str | None = None,
     num_actors: int | None = None,
     num_gpus_per_actor: float | None = None,
+    cpu_fallback: bool = False,
+    actor_wait_s: float | None = None,
     rows_per_file: int | None = None,
     fail_once_after: int | None = None,
     progress: bool = True,
@@ -312,8 +320,13 @@ def run_pseudo_label(
         max_pixels: decompression-bomb limit (width × height); None disables it.
         storage_options: fsspec options for every URL (inputs, output, weights).
         address: Ray cluster address; default: the running Ray, else a local one.
-        num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
-        num_gpus_per_actor: GPUs per replica (default 1 when the cluster has GPUs, else 0).
+        num_actors: most model replicas (default: GPU actors: as many as the GPU nodes hold, the
+            pool grows as an autoscaler adds them; CPU actors: one per 8 CPUs of each node).
+        num_gpus_per_actor: GPUs per replica, 0 to 1 (default 1 when the cluster has GPUs now,
+            else 0); set it to have the autoscaler start GPU nodes.
+        cpu_fallback: GPU actors may run on CPU where CUDA is unusable (default: they refuse).
+        actor_wait_s: longest wait for the first model actor (default 600 s), then the run fails
+            naming the resource no node has.
         rows_per_file: rows per parquet part (default 1024; 256 with ``save_features``).
         fail_once_after: testing only: one model actor exits hard once after this many batches.
         progress: show Ray Data's progress bars.
@@ -321,7 +334,10 @@ def run_pseudo_label(
         summary: ``images`` and ``errors`` written by this run, ``skipped`` (already present),
         ``rows_total``/``errors_total``/``files_total`` in the output, ``wall_s``,
         ``images_per_s`` (rows written, error rows included, per second of wall time), ``output``,
-        ``run_id``; with ``fail_once_after`` also ``fault_injected`` (an actor did exit).
+        ``run_id``, ``dense_eigh_fallbacks`` (images whose eigen-solve fell back to a dense
+        float64 ``eigh``, slow on GPUs), ``rows_per_node`` (rows each Ray node's model actors
+        labelled, by node id; a batch retried after a failure counts again); with
+        ``fail_once_after`` also ``fault_injected`` (an actor did exit).
     Raises:
         ValueError: unknown backbone, bad image size, or an output made with other settings.
         FileNotFoundError: an input that does not exist.
@@ -331,7 +347,7 @@ def run_pseudo_label(
     start = time.perf_counter()
     check_image_size(backbone, image_size)  # in the driver, not in every actor
     ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor)
+    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback)
     # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
     resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
@@ -375,7 +391,7 @@ def run_pseudo_label(
     if fail_once_after is not None:
         fail_marker = os.path.join(tempfile.gettempdir(), f"selfment-fail-once-{run_id}")
 
-    written = {"rows": 0, "errors": 0}
+    written = {"rows": 0, "errors": 0, "dense_eigh_fallbacks": 0}
     fault_injected = False
     if units:
         actor_kwargs = {
@@ -386,11 +402,13 @@ def run_pseudo_label(
             "save_ncut": save_ncut, "save_features": save_features,
             "storage_options": storage_options, "device": plan["device"],
             "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
-            "fail_marker": fail_marker}
+            "fail_marker": fail_marker, "require_gpu": plan["require_gpu"],
+            "counters": start_counters()}
         sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
                          run_id, rows_per_file, storage_options, manifest=MANIFEST_NAME)
         try:
-            with progress_bars(progress), warnings.catch_warnings():
+            with progress_bars(progress), warnings.catch_warnings(), \
+                    bounded_actor_start(plan, actor_wait_s, "pseudo-label"):
                 # Retry limits travel as plain Ray remote args: Ray 2.60 deprecates
                 # ``**ray_remote_args`` for named parameters but has none for these yet, and its
                 # defaults (unlimited) would loop forever on an input that kills its worker.
@@ -400,7 +418,8 @@ def run_pseudo_label(
                                     image_size=image_size, max_pixels=max_pixels,
                                     storage_options=storage_options, batch_size=batch_size,
                                     plan=plan, actor_kwargs=actor_kwargs)
-                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
+                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
+                                                       "num_cpus": LIGHT_TASK_CPUS})
         except BaseException:
             run_entry.update(status="failed", finished=now())
             write_manifest(fs, root, manifest)
@@ -409,8 +428,10 @@ def run_pseudo_label(
             if fail_marker and os.path.exists(fail_marker):
                 fault_injected = True
                 os.remove(fail_marker)
+        per_node, counts = split_counters(read_counters(actor_kwargs["counters"]))
         written = {"rows": sum(r["rows"] for r in sink.results),
-                   "errors": sum(r["errors"] for r in sink.results)}
+                   "errors": sum(r["errors"] for r in sink.results),
+                   "rows_per_node": per_node, **counts}
 
     tmp = f"{root.rstrip('/')}/{TMP_DIR}"
     if is_local(fs) and fs.exists(tmp):
@@ -422,13 +443,17 @@ def run_pseudo_label(
         "images": written["rows"], "errors": written["errors"], "skipped": len(done),
         "rows_total": totals["rows"], "errors_total": totals["errors"],
         "files_total": totals["files"],
+        "dense_eigh_fallbacks": written.get("dense_eigh_fallbacks", 0),
+        "rows_per_node": written.get("rows_per_node", {}),
         "wall_s": round(wall, 3), "images_per_s": round(written["rows"] / wall, 3) if wall else 0.0,
     }
     if fail_once_after is not None:
         summary["fault_injected"] = fault_injected
     run_entry.update(status="complete", finished=now(), images=summary["images"],
                      errors=summary["errors"], skipped=summary["skipped"],
-                     wall_s=summary["wall_s"], images_per_s=summary["images_per_s"])
+                     wall_s=summary["wall_s"], images_per_s=summary["images_per_s"],
+                     dense_eigh_fallbacks=summary["dense_eigh_fallbacks"],
+                     rows_per_node=summary["rows_per_node"])
     manifest.update(status="complete", counts={"rows": totals["rows"],
                                                "errors": totals["errors"],
                                                "files": totals["files"]})

@@ -49,8 +49,10 @@ from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from ._parts import (PartsSink, await_leftover_writers, check_resume, count_parts, existing_keys,
                      now, outside_output, read_manifest, register_run, versions, write_manifest)
-from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
-                   progress_bars)
+from ._device import actor_device, run_guarded
+from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
+                   decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
+                   read_counters, split_counters, start_counters)
 from .pseudo_label import read_and_decode
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,8 @@ class SegmentActor:
     """
 
     def __init__(self, *, model: str, image_size: int, storage_options: dict | None,
-                 device: str | None, cpu_threads: int | None):
+                 device: str | None, cpu_threads: int | None, require_gpu: bool = False,
+                 counters=None):
         import torch
 
         from ..segmenter import Segmenter
@@ -107,24 +110,17 @@ class SegmentActor:
             except AttributeError:  # not Linux
                 available = os.cpu_count() or 1
             torch.set_num_threads(max(1, min(int(cpu_threads), available)))
+        device = actor_device(device, require_gpu=require_gpu)
         self.segmenter = Segmenter.from_artifact(model, image_size=image_size, device=device,
                                                  storage_options=storage_options)
+        self.counters = counters
         logger.info("segment actor ready: %r, %d torch threads", self.segmenter,
                     torch.get_num_threads())
 
     def _saliency(self, images: np.ndarray) -> list[np.ndarray | str]:
-        """Per image: float32 (h, w) saliency, or an error message."""
-        try:
-            return list(self.segmenter.saliency(images))
-        except Exception as batch_exc:
-            if len(images) == 1:
-                return [f"segmentation failed: {type(batch_exc).__name__}: {batch_exc}"]
-            logger.warning("batch of %d failed (%s); retrying image by image", len(images),
-                           batch_exc)
-            results: list[np.ndarray | str] = []
-            for i in range(len(images)):
-                results.extend(self._saliency(images[i:i + 1]))
-            return results
+        """Per image: float32 (h, w) saliency, or an error message (CUDA faults: see _device)."""
+        return run_guarded(lambda part: list(self.segmenter.saliency(part)), images,
+                           what="segmentation")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
@@ -140,6 +136,7 @@ class SegmentActor:
         out = {k: v for k, v in batch.items() if k != "image"}
         out["error"] = np.array(errors, dtype=object)
         out["saliency"] = saliency
+        count_rows_here(self.counters, n)
         return out
 
 
@@ -322,6 +319,8 @@ def run_segment(
     address: str | None = None,
     num_actors: int | None = None,
     num_gpus_per_actor: float | None = None,
+    cpu_fallback: bool = False,
+    actor_wait_s: float | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> dict:
@@ -342,15 +341,16 @@ def run_segment(
             foreground tinted.
         storage_options: fsspec options for every URL (model, inputs, output).
         address: Ray cluster address; default: the running Ray, else a local one.
-        num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
-        num_gpus_per_actor: GPUs per replica (default 1 when the cluster has GPUs, else 0).
+        num_actors, num_gpus_per_actor, cpu_fallback, actor_wait_s: the model actors, as in
+            :func:`~selfment_dist.pipeline.pseudo_label.run_pseudo_label`.
         max_pixels: decompression-bomb limit (width × height); None disables it.
         progress: show Ray Data's progress bars.
     Returns:
         summary: ``images`` (maps written by this run), ``errors`` (inputs that failed),
         ``skipped`` (already present), ``maps_total`` / ``rows_total``, ``wall_s``,
         ``images_per_s``, ``output``, ``manifest``, ``run_id``, ``image_size`` and
-        ``error_examples`` (up to 10; all of them are in ``_segment.json``).
+        ``error_examples`` (up to 10; all of them are in ``_segment.json``), ``rows_per_node``
+        (rows each Ray node's model actors processed, by node id).
     """
     import ray
 
@@ -369,7 +369,7 @@ def run_segment(
     except ValueError as exc:
         raise ValueError(f"model artifact {model}: {exc}") from None
     ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor)
+    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback)
     run_id = uuid.uuid4().hex[:12]
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
@@ -406,8 +406,9 @@ def run_segment(
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
 
-    images, failed = 0, []
+    images, failed, per_node = 0, [], {}
     if units:
+        counters = start_counters()
         skip_ref = [ray.put(sorted(done))] if (done and containers) else None
         n_blocks = max(1, min(len(units), len(containers) + math.ceil(
             (len(units) - len(containers)) / batch_size)))
@@ -421,20 +422,21 @@ def run_segment(
                 fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
                            "storage_options": storage_options, "skip_ref": skip_ref,
                            "rows_per_batch": batch_size, "keep_data": overlays},
-                num_cpus=1, max_retries=MAX_RETRIES)
+                num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
+                max_retries=MAX_RETRIES)
             ds = ds.map_batches(
                 SegmentActor, batch_size=batch_size, batch_format="numpy",
                 udf_modifying_row_count=False,
                 fn_constructor_kwargs={"model": model, "image_size": image_size,
                                        "storage_options": storage_options,
                                        "device": plan["device"],
-                                       "cpu_threads": plan["cpu_threads"]},
-                compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-                num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
-                max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+                                       "cpu_threads": plan["cpu_threads"],
+                                       "require_gpu": plan["require_gpu"],
+                                       "counters": counters},
+                **model_pool_args(plan))
             if output_format == "parquet":
                 ds = ds.map_batches(render_table, batch_format="numpy",
-                                    udf_modifying_row_count=False, num_cpus=1,
+                                    udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
                                     max_retries=MAX_RETRIES)
                 sink = _TableSink(output, SEGMENT_SCHEMA, run_id, _ROWS_PER_FILE,
                                   storage_options, manifest=MANIFEST_NAME)
@@ -442,13 +444,16 @@ def run_segment(
                 sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
                                 storage_options=storage_options)
         try:
-            with progress_bars(progress), warnings.catch_warnings():
+            with progress_bars(progress), warnings.catch_warnings(), \
+                    bounded_actor_start(plan, actor_wait_s, "segment"):
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
+                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
+                                                       "num_cpus": LIGHT_TASK_CPUS})
         except BaseException:
             run_entry.update(status="failed", finished=now())
             write_manifest(fs, root, manifest, MANIFEST_NAME)
             raise
+        per_node, _ = split_counters(read_counters(counters))
         if output_format == "png":
             images = sum(r["images"] for r in sink.results)
             failed = [f for r in sink.results for f in r["failed"]]
@@ -460,7 +465,8 @@ def run_segment(
     wall = time.perf_counter() - start
     summary = {"output": output, "manifest": to_uri(fs, manifest_path), "run_id": run_id,
                "output_format": output_format, "image_size": image_size,
-               "images": images, "errors": len(failed), "skipped": len(done)}
+               "images": images, "errors": len(failed), "skipped": len(done),
+               "rows_per_node": per_node}
     if output_format == "png":
         summary["maps_total"] = len(done) + images
     else:
@@ -472,7 +478,7 @@ def run_segment(
     for f in failed:
         logger.debug("failed: %s (%s): %s", f["key"], f["source"], f["error"])
     run_entry.update(status="complete", finished=now(), images=images, errors=len(failed),
-                     skipped=len(done), wall_s=summary["wall_s"],
+                     skipped=len(done), rows_per_node=per_node, wall_s=summary["wall_s"],
                      images_per_s=summary["images_per_s"])
     manifest.update(status="complete",
                     counts={k: summary[k] for k in ("images", "errors", "skipped", "maps_total",
