@@ -1,0 +1,253 @@
+"""A real multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``): a head without
+CPUs and two 3-CPU worker nodes, every input and output on S3 (moto), the pipelines connecting
+through ``address=`` as a user's driver would. Worker nodes are removed mid-run on purpose and a
+fresh one is added afterwards (what an autoscaler does), so each test starts with two workers.
+
+Nodes stay on Ray's default node address: forcing 127.0.0.1 made separate drivers fail to reach
+the cluster.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+
+from selfment_dist.synthetic import write_scenes
+
+pytestmark = pytest.mark.multinode
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER_CPUS = 3          # a 1.5-CPU model actor per node, the rest for decode/write and Ray Train data
+N_IMAGES = 32
+RUN = dict(backbone="vit_small_patch16_224.dino", weights="random", image_size=64, batch_size=4,
+           progress=False)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (0 CPUs, dashboard for the Jobs API) + two worker nodes; this process stays a
+    client of it for the module (as a user's driver)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    workers = [c.add_node(num_cpus=WORKER_CPUS) for _ in range(2)]
+    c.wait_for_nodes()
+    c.workers = workers
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def _replace_node(cluster, dead) -> None:
+    """Bring the cluster back to two worker nodes (what an autoscaler would do)."""
+    cluster.workers.remove(dead)
+    cluster.workers.append(cluster.add_node(num_cpus=WORKER_CPUS))
+    cluster.wait_for_nodes()
+
+
+def _remove_node_when(cluster, ready, *, what: str) -> dict:
+    """A thread that removes one worker node once ``ready()`` is true; returns its record."""
+    record = {"removed": None, "at": None}
+
+    def run():
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            try:
+                if ready():
+                    victim = cluster.workers[-1]
+                    logger.warning("removing worker node %s: %s", victim.node_id, what)
+                    cluster.remove_node(victim, allow_graceful=False)
+                    record.update(removed=victim, at=time.monotonic())
+                    return
+            except Exception as exc:  # keep polling (a listing can fail mid-write)
+                logger.debug("poll: %s", exc)
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    record["thread"] = thread
+    return record
+
+
+def _parts(fs, prefix: str) -> list[str]:
+    fs.invalidate_cache()
+    try:
+        return [p for p in fs.ls(prefix, detail=False) if p.rsplit("/", 1)[-1].startswith("part-")]
+    except FileNotFoundError:
+        return []
+
+
+def _keys(fs, prefix: str) -> tuple[list[str], int]:
+    keys, errors = [], 0
+    for path in _parts(fs, prefix):
+        with fs.open(path, "rb") as f:
+            t = pq.read_table(f, columns=["key", "error"])
+        keys += t.column("key").to_pylist()
+        errors += t.num_rows - t.column("error").null_count
+    return keys, errors
+
+
+@pytest.fixture(scope="module")
+def corpus(s3_server):
+    """N_IMAGES synthetic JPEGs in a bucket of this module."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(
+        Bucket="multinode")
+    so = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
+    keys = write_scenes("s3://multinode/data", N_IMAGES, size=(64, 80), storage_options=so)
+    return so, keys
+
+
+def test_plan_fits_the_nodes_of_a_head_without_cpus(cluster):
+    """Sized per node: one 1.5-CPU actor on each 3-CPU worker, not one 4.5-CPU actor."""
+    import ray
+
+    from selfment_dist.pipeline._ray import ensure_ray, plan_resources
+
+    ensure_ray(cluster.address)
+    plan = plan_resources(None, None)
+    assert ray.cluster_resources()["CPU"] == 2 * WORKER_CPUS
+    assert plan["actors"] == 2 and plan["num_cpus"] == 1.5 and plan["fits_now"]
+
+
+def test_pseudo_label_spreads_over_nodes_and_survives_losing_one(cluster, corpus):
+    from selfment_dist.pipeline.pseudo_label import run_pseudo_label
+
+    so, keys = corpus
+    fs = fsspec.filesystem("s3", **so)
+    out = "s3://multinode/labels"
+    killer = _remove_node_when(cluster, lambda: len(_parts(fs, "multinode/labels")) >= 1,
+                               what="pseudo-label published its first part")
+    summary = run_pseudo_label("s3://multinode/data/images", out, address=cluster.address,
+                               storage_options=so, rows_per_file=4, **RUN)
+    killer["thread"].join(timeout=1)
+    assert killer["removed"] is not None, "the run ended before the node could be removed"
+    _replace_node(cluster, killer["removed"])
+
+    got, errors = _keys(fs, "multinode/labels")
+    assert sorted(got) == sorted(keys) and errors == 0      # every key once, no error rows
+    assert summary["rows_total"] == N_IMAGES and summary["errors_total"] == 0
+    # Both worker nodes labelled rows (the removed one before it went).
+    assert len(summary["rows_per_node"]) >= 2, summary["rows_per_node"]
+    manifest = json.loads(fs.cat("multinode/labels/_selfment.json"))
+    assert manifest["runs"][-1]["rows_per_node"] == summary["rows_per_node"]
+
+
+def test_segment_spreads_over_nodes_and_survives_losing_one(cluster, corpus):
+    from selfment_dist.artifact import save_artifact
+    from selfment_dist.head import PatchHead
+    from selfment_dist.pipeline.segment import run_segment
+
+    so, keys = corpus
+    fs = fsspec.filesystem("s3", **so)
+    model = "s3://multinode/model"
+    save_artifact(model, PatchHead(in_dim=384, embed_dim=16),
+                  {"backbone": RUN["backbone"], "weights": "random", "image_size": 64},
+                  storage_options=so)
+    killer = _remove_node_when(cluster, lambda: len(_parts(fs, "multinode/maps")) >= 1,
+                               what="segment published its first part")
+    summary = run_segment(model, ["s3://multinode/data/images"], "s3://multinode/maps",
+                          output_format="parquet", batch_size=4, storage_options=so,
+                          address=cluster.address, progress=False)
+    killer["thread"].join(timeout=1)
+    assert killer["removed"] is not None, "the run ended before the node could be removed"
+    _replace_node(cluster, killer["removed"])
+
+    got, errors = _keys(fs, "multinode/maps")
+    assert sorted(got) == sorted(keys) and errors == 0
+    assert summary["rows_total"] == N_IMAGES and summary["errors"] == 0
+    assert len(summary["rows_per_node"]) >= 2, summary["rows_per_node"]
+
+
+def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluster, corpus,
+                                                                         tmp_path):
+    """Two workers (one per node), a node removed after the first checkpoint: Ray Train
+    (FailureConfig) restarts both from the last checkpoint, the run finishes, the artifact
+    loads. The steps done twice are measured from the per-step debug dumps."""
+    from selfment_dist.artifact import load_artifact
+    from selfment_dist.pipeline.pseudo_label import run_pseudo_label
+    from selfment_dist.pipeline.train import run_train
+
+    so, _ = corpus
+    fs = fsspec.filesystem("s3", **so)
+    labels = "s3://multinode/train-labels"
+    run_pseudo_label("s3://multinode/data/images", labels, address=cluster.address,
+                     storage_options=so, save_features=True, **RUN)
+    debug = tmp_path / "steps"
+
+    def checkpointed() -> bool:
+        fs.invalidate_cache()
+        return bool(fs.glob("multinode/model-train/_train/**/checkpoint-step*"))
+
+    killer = _remove_node_when(cluster, checkpointed, what="training wrote a checkpoint")
+    summary = run_train(labels, "s3://multinode/model-train", workers=2, epochs=3, batch_size=2,
+                        checkpoint_every=2, max_failures=2, storage_options=so,
+                        address=cluster.address, resources_per_worker={"CPU": 2},
+                        debug_dir=str(debug))
+    killer["thread"].join(timeout=1)
+    assert killer["removed"] is not None, "training ended before the node could be removed"
+    _replace_node(cluster, killer["removed"])
+
+    assert summary["status"] == "trained" and summary["epochs"] == 3
+    assert summary["resumed_from_steps"], "Ray Train did not restart from a checkpoint"
+    resumed = summary["resumed_from_steps"][-1]
+    assert resumed >= 2                                   # not from scratch
+    # Steps run before the failure beyond the checkpoint it resumed from were done twice.
+    steps_run = sorted(int(p.stem.split("step")[-1]) for p in debug.glob("rank0-step*.json"))
+    repeated = len(steps_run) - len(set(steps_run))
+    logger.warning("train node loss: resumed from step %d, %d steps repeated", resumed, repeated)
+    head, meta = load_artifact("s3://multinode/model-train", storage_options=so)
+    assert meta["training"]["steps"] == summary["steps"] and head is not None
+
+
+def test_pipeline_job_through_the_jobs_api(cluster, corpus):
+    """jobs/pipeline.py submitted to the multi-node cluster's head completes."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    so, _ = corpus
+    fs = fsspec.filesystem("s3", **so)
+    config = {
+        "storage_options": so,
+        "pipeline": {"output": "s3://multinode/job", "stages": ["pseudo_label", "train"]},
+        "pseudo_label": {"inputs": ["s3://multinode/data/images"], "weights": "random",
+                         "backbone": RUN["backbone"], "image_size": 64, "batch_size": 4,
+                         "save_features": True, "progress": False},
+        "train": {"workers": 2, "epochs": 1, "batch_size": 4,
+                  "resources_per_worker": {"CPU": 1}},
+    }
+    fs.pipe("multinode/job.yaml", json.dumps(config).encode())  # JSON is YAML
+    url = f"http://{cluster.head_node.address_info['webui_url']}"
+    client = JobSubmissionClient(url)
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} {REPO / 'jobs' / 'pipeline.py'} "
+                   f"--config s3://multinode/job.yaml "
+                   f"--storage-option endpoint_url={so['endpoint_url']} "
+                   f"--storage-option key=testing --storage-option secret=testing",
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
+    deadline = time.monotonic() + 600
+    status = client.get_job_status(job)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(2)
+        status = client.get_job_status(job)
+    logs = client.get_job_logs(job)
+    if not status.is_terminal():
+        client.stop_job(job)
+    assert status == JobStatus.SUCCEEDED, logs[-4000:]
+    summary = json.loads(fs.cat("multinode/job/pipeline_summary.json"))
+    assert {s: r["status"] for s, r in summary["stages"].items()} == {
+        "pseudo_label": "complete", "train": "complete"}
