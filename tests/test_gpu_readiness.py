@@ -29,6 +29,7 @@ def test_head_without_cpus_and_two_small_workers_get_one_fitting_actor_each():
     assert plan["num_gpus"] == 0 and plan["device"] == "cpu"
     assert plan["num_cpus"] <= 2 - 2 * LIGHT_TASK_CPUS      # fits a node, leaves room for I/O
     assert plan["actors"] == 2 and plan["cpu_threads"] == 2
+    assert plan["min_actors"] == plan["initial_actors"] == 2   # both nodes used from the start
     # Two actors on one surviving 2-CPU node still leave a CPU for decode and write tasks.
     assert 2 - 2 * plan["num_cpus"] >= 2 * LIGHT_TASK_CPUS
     assert plan["fits_now"] and plan["decode_concurrency"] >= 1
@@ -52,13 +53,15 @@ def test_no_gpu_now_but_gpus_asked_for_plans_an_elastic_gpu_pool():
     cpu_only = [node(4)]
     plan = plan_resources(None, 1, nodes=cpu_only)
     assert plan["num_gpus"] == 1 and plan["device"] == "cuda" and plan["require_gpu"]
-    assert plan["min_actors"] == 1 and plan["actors"] is None  # unbounded: grows with GPU nodes
+    assert plan["min_actors"] == plan["initial_actors"] == 1
+    assert plan["actors"] is None                               # unbounded: grows with GPU nodes
     assert not plan["fits_now"] and plan["need"] == {"CPU": 1.0, "GPU": 1.0}
     # GPU nodes arrive: the same settings give the same pool (it was never sized from them)
     # and now it fits; the default (no GPU setting) picks the GPU plan too.
     grown = [node(4), node(8, 4), node(8, 4)]
     again = plan_resources(None, 1, nodes=grown)
     assert again["actors"] is None and again["fits_now"]
+    assert again["initial_actors"] == 8                         # the GPUs there are, at once
     assert plan_resources(None, None, nodes=grown)["num_gpus"] == 1
     # Decode tasks are sized to feed the GPUs, and stay within the CPUs left over.
     assert 1 <= again["decode_concurrency"] <= 20 - 8

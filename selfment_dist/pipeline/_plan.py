@@ -5,9 +5,9 @@ cluster's totals asks for actors no node can hold (a head without CPUs and two 2
 "4 CPUs", and one 3-CPU actor then waits forever). So the plan looks at the nodes that exist:
 
 - GPU plan (``num_gpus_per_actor > 0``, asked for, or the cluster has GPUs now): one CPU per
-  actor, an elastic pool (``min_actors`` .. ``max_actors``) so that Ray Data asks the autoscaler
-  for GPU nodes and uses them as they arrive; ``max_actors`` is ``num_actors`` or unbounded
-  (the cluster's own limits bound it), never the GPUs present at start-up.
+  actor, an elastic pool (1 .. ``actors``, starting with the GPUs present) so that Ray Data
+  asks the autoscaler for GPU nodes and uses them as they arrive; ``actors`` is ``num_actors``
+  or unbounded (the cluster's own limits bound it), never the GPUs present at start-up.
 - CPU plan: actors sized for the largest CPU node (at most :data:`CPUS_PER_CPU_ACTOR` threads);
   each asks for its threads less one CPU and less :data:`LIGHT_TASK_CPUS` twice, so that the
   node keeps room for decode and write tasks; as many actors as the nodes hold that way.
@@ -79,7 +79,8 @@ def plan_resources(num_actors: int | None, num_gpus_per_actor: float | None, *,
         nodes: total resources of each alive node (default: the connected cluster's).
         allow_cpu_fallback: GPU actors may run on CPU when CUDA is missing (else they refuse).
     Returns:
-        ``actors`` (the most replicas; None = unbounded), ``min_actors``, ``num_gpus``,
+        ``actors`` (the most replicas; None = unbounded), ``min_actors``, ``initial_actors``,
+        ``num_gpus``,
         ``num_cpus`` (per actor), ``cpu_threads`` (None on GPU), ``device`` (``cuda``/``cpu``),
         ``require_gpu``, ``decode_concurrency`` (most decode tasks at once), ``fits_now``
         (some alive node can hold an actor), ``need`` (the resources one actor asks for).
@@ -104,7 +105,10 @@ def plan_resources(num_actors: int | None, num_gpus_per_actor: float | None, *,
                            "wait (at most actor_wait_s) for an autoscaler to add one", g)
         actors = int(num_actors) if num_actors else None
         fed = (actors or max(1, held)) * GPU_ACTOR_IMAGES_PER_S
-        plan = {"actors": actors, "min_actors": 1, "num_gpus": g, "num_cpus": 1,
+        # Start with the GPUs there are; grow as the autoscaler adds GPU nodes.
+        initial = max(1, min(held, actors) if actors else held)
+        plan = {"actors": actors, "min_actors": 1, "initial_actors": initial,
+                "num_gpus": g, "num_cpus": 1,
                 "cpu_threads": None, "device": None if allow_cpu_fallback else "cuda",
                 "require_gpu": not allow_cpu_fallback}
         spare = total_cpus - (actors or held)
@@ -123,7 +127,9 @@ def plan_resources(num_actors: int | None, num_gpus_per_actor: float | None, *,
             logger.warning("num_actors=%d but the nodes hold %d actors of %g CPUs while "
                            "keeping CPUs for decoding; the others wait for free CPUs",
                            num_actors, held, actor_cpus)
-        plan = {"actors": actors, "min_actors": 1, "num_gpus": 0, "num_cpus": actor_cpus,
+        # The nodes exist now: start every actor at once (one per node's share of CPUs).
+        plan = {"actors": actors, "min_actors": actors, "initial_actors": actors,
+                "num_gpus": 0, "num_cpus": actor_cpus,
                 "cpu_threads": need_threads, "device": "cpu", "require_gpu": False}
         fed = actors * need_threads * CPU_ACTOR_IMAGES_PER_S_PER_THREAD
         spare = total_cpus - actors * actor_cpus

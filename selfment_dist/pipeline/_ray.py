@@ -83,7 +83,8 @@ def model_pool_args(plan: dict) -> dict:
     towards ``plan["actors"]``, or without bound, and asks the autoscaler for the nodes), the
     per-actor resources, and bounded restarts."""
     return {"compute": ray.data.ActorPoolStrategy(min_size=plan["min_actors"],
-                                                  max_size=plan["actors"]),
+                                                  max_size=plan["actors"],
+                                                  initial_size=plan["initial_actors"]),
             "num_cpus": plan["num_cpus"], "num_gpus": plan["num_gpus"] or None,
             # One replica per node while there is room: work spreads over the nodes.
             "scheduling_strategy": "SPREAD",

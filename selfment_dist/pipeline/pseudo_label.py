@@ -65,11 +65,34 @@ _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read + decode (stateless, CPU tasks)
 
-_SKIP_CACHE: dict[str, frozenset] = {}
+_SKIP_CACHE: dict[str, "SortedKeys"] = {}
 
 
-def _skip_set(skip_ref: list | None) -> frozenset:
-    """The done keys (shared through the object store once per worker process)."""
+class SortedKeys:
+    """Membership in a sorted numpy array of UTF-8 keys (``dtype S``).
+
+    The done keys of a resume reach every read task through the object store; a numpy array of
+    fixed-width bytes is mapped from shared memory without a copy, where a Python set would be
+    rebuilt in every worker process (about 100 bytes per key each)."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = keys
+
+    @classmethod
+    def build(cls, keys: Iterable[str]) -> "SortedKeys":
+        return cls(np.array(sorted(k.encode() for k in keys), dtype=bytes))
+
+    def __contains__(self, key: object) -> bool:
+        b = str(key).encode()
+        i = int(np.searchsorted(self.keys, b))
+        return i < len(self.keys) and self.keys[i] == b
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _skip_set(skip_ref: list | None) -> SortedKeys | frozenset:
+    """The done keys (mapped from the object store once per worker process)."""
     if not skip_ref:
         return frozenset()
     ref = skip_ref[0]
@@ -77,7 +100,7 @@ def _skip_set(skip_ref: list | None) -> frozenset:
     if cache_key not in _SKIP_CACHE:
         import ray
         _SKIP_CACHE.clear()
-        _SKIP_CACHE[cache_key] = frozenset(ray.get(ref))
+        _SKIP_CACHE[cache_key] = SortedKeys(ray.get(ref))
     return _SKIP_CACHE[cache_key]
 
 
@@ -413,7 +436,8 @@ def run_pseudo_label(
                 # ``**ray_remote_args`` for named parameters but has none for these yet, and its
                 # defaults (unlimited) would loop forever on an input that kills its worker.
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-                skip_ref = [ray.put(sorted(done))] if (done and containers) else None
+                skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) \
+                    else None
                 ds = _build_dataset(units, n_containers=len(containers), skip_ref=skip_ref,
                                     image_size=image_size, max_pixels=max_pixels,
                                     storage_options=storage_options, batch_size=batch_size,

@@ -53,7 +53,7 @@ from ._device import actor_device, run_guarded
 from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
                    decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
                    read_counters, split_counters, start_counters)
-from .pseudo_label import read_and_decode
+from .pseudo_label import SortedKeys, read_and_decode
 
 logger = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ def run_segment(
     images, failed, per_node = 0, [], {}
     if units:
         counters = start_counters()
-        skip_ref = [ray.put(sorted(done))] if (done and containers) else None
+        skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
         n_blocks = max(1, min(len(units), len(containers) + math.ceil(
             (len(units) - len(containers)) / batch_size)))
         ds = ray.data.from_items(units, override_num_blocks=n_blocks)
