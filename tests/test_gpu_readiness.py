@@ -35,6 +35,13 @@ def test_head_without_cpus_and_two_small_workers_get_one_fitting_actor_each():
     assert plan["fits_now"] and plan["decode_concurrency"] >= 1
 
 
+@pytest.mark.parametrize("cpus", [2, 3, 5])
+def test_actors_restarted_on_one_survivor_leave_room_for_decode_and_write(cpus):
+    plan = plan_resources(None, None, nodes=[HEAD_NO_CPU, node(cpus), node(cpus)])
+    both = min(plan["actors"], int(cpus // plan["num_cpus"])) * plan["num_cpus"]
+    assert cpus - both >= 2 * LIGHT_TASK_CPUS
+
+
 @pytest.mark.parametrize("nodes, actors, cpus", [
     ([node(8)], 1, 6.5),
     ([node(16)], 2, 6.5),
@@ -233,3 +240,64 @@ def test_dense_eigh_fallbacks_are_counted_and_logged(monkeypatch, caplog):
         fiedler_vectors(x, dense_max_nodes=4)
     assert take_dense_fallbacks() == 3 and take_dense_fallbacks() == 0
     assert any("dense float64 eigh fallback" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+def test_evaluate_with_a_model_takes_segments_actor_options(monkeypatch):
+    from selfment_dist import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_target", lambda command: lambda **kw: seen.update(kw) or {})
+    assert cli.main(["evaluate", "--model", "m", "--benchmark", "B=i,g", "--output", "o",
+                     "--num-actors", "2", "--num-gpus-per-actor", "1", "--cpu-fallback",
+                     "--actor-wait-s", "30", "--batch-size", "4"]) == 0
+    assert {k: seen[k] for k in ("num_actors", "num_gpus_per_actor", "cpu_fallback",
+                                 "actor_wait_s", "batch_size")} == {
+        "num_actors": 2, "num_gpus_per_actor": 1.0, "cpu_fallback": True, "actor_wait_s": 30.0,
+        "batch_size": 4}
+
+
+def test_evaluate_forwards_the_actor_options_to_segment(monkeypatch, tmp_path):
+    from selfment_dist.pipeline import evaluate, segment
+
+    calls = []
+
+    def fake_segment(model, inputs, output, **kw):
+        calls.append(kw)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(segment, "run_segment", fake_segment)
+    monkeypatch.setattr(evaluate, "ensure_ray", lambda address: None)
+    with pytest.raises(RuntimeError, match="stop here"):
+        evaluate.run_evaluate(output=str(tmp_path), model="m", benchmarks={"B": ("i", "g")},
+                              num_actors=3, num_gpus_per_actor=0.5, actor_wait_s=9)
+    assert calls[0]["num_actors"] == 3 and calls[0]["num_gpus_per_actor"] == 0.5
+    assert calls[0]["actor_wait_s"] == 9 and calls[0]["cpu_fallback"] is False
+    assert "batch_size" not in calls[0]                 # left to run_segment's default
+
+
+def test_optimizer_state_is_loaded_on_cpu_on_resume(monkeypatch, tmp_path):
+    """Adam's ``step`` must stay a CPU tensor after a resume (on CUDA, map_location=device put
+    it on the GPU: one sync per parameter per step)."""
+    from selfment_dist.head import PatchHead
+    from selfment_dist.pipeline import train
+
+    head = PatchHead(in_dim=8, embed_dim=4)
+    opt = torch.optim.Adam(head.parameters())
+    head(torch.randn(1, 4, 8))[0].sum().backward()
+    opt.step()
+    torch.save({"head": head.state_dict(), "optimizer": opt.state_dict()},
+               tmp_path / train._STATE_FILE)
+    (tmp_path / train._PROGRESS_FILE).write_text(train._Progress().to_json())
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw.get("map_location"))
+                        or real(*a, **kw))
+    head2 = PatchHead(in_dim=8, embed_dim=4)
+    opt2 = torch.optim.Adam(head2.parameters())
+    train._restore(str(tmp_path), head2, opt2, torch.device("cpu"))
+    assert seen == ["cpu"]
+    state = next(iter(opt2.state.values()))
+    assert state["step"].device.type == "cpu"

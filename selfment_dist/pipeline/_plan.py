@@ -8,13 +8,15 @@ cluster's totals asks for actors no node can hold (a head without CPUs and two 2
   actor, an elastic pool (1 .. ``actors``, starting with the GPUs present) so that Ray Data
   asks the autoscaler for GPU nodes and uses them as they arrive; ``actors`` is ``num_actors``
   or unbounded (the cluster's own limits bound it), never the GPUs present at start-up.
-- CPU plan: actors sized for the largest CPU node (at most :data:`CPUS_PER_CPU_ACTOR` threads);
-  each asks for its threads less one CPU and less :data:`LIGHT_TASK_CPUS` twice, so that the
-  node keeps room for decode and write tasks; as many actors as the nodes hold that way.
+- CPU plan: actors sized for the largest CPU node (at most :data:`CPUS_PER_CPU_ACTOR` threads,
+  one actor per that many CPUs of each node); each asks for its threads less one CPU and less
+  :data:`LIGHT_TASK_CPUS` twice, and less again where needed so that a node holding as many of
+  them as fit still has room for two decode/write tasks.
 - Decode and write tasks ask for :data:`LIGHT_TASK_CPUS` each (they mostly wait on I/O and
   PIL; their concurrency is capped separately). When a node dies, Ray restarts its actors on
   the survivors; a 2-CPU node then holds two 0.5-CPU actors and still has a whole CPU for
-  decode and write tasks (with 1-CPU actors it would have none, and the run would stall).
+  decode and write tasks (with 1-CPU actors it would have none, and the run would stall). A
+  restarted actor that fits on no survivor waits for a new node (an autoscaler's).
 - Decode tasks: as many as keep the actors fed, from :data:`DECODE_IMAGES_PER_S_PER_CPU` and the
   expected model throughput (the same assumptions as the README's projection), never more than
   the CPUs that the actors leave free.
@@ -40,6 +42,8 @@ LIGHT_TASK_CPUS = 0.25
 DECODE_IMAGES_PER_S_PER_CPU = 60.0
 GPU_ACTOR_IMAGES_PER_S = 120.0
 CPU_ACTOR_IMAGES_PER_S_PER_THREAD = 1.0
+#: The image size those throughputs are stated at.
+REFERENCE_IMAGE_SIZE = 768
 #: Seconds to wait for the first model actor when no node can hold one now (an autoscaler may add
 #: one) or when the cluster is busy; then fail with a clear message.
 DEFAULT_ACTOR_WAIT_S = 600.0
@@ -68,7 +72,7 @@ def check_gpus_per_actor(num_gpus_per_actor: float | None) -> None:
 
 def plan_resources(num_actors: int | None, num_gpus_per_actor: float | None, *,
                    nodes: list[dict[str, float]] | None = None,
-                   allow_cpu_fallback: bool = False) -> dict:
+                   allow_cpu_fallback: bool = False, image_size: int | None = None) -> dict:
     """Actor pool size and per-actor resources for the model stage of a pipeline.
 
     Args:
@@ -78,6 +82,8 @@ def plan_resources(num_actors: int | None, num_gpus_per_actor: float | None, *,
             else 0 (CPU plan). Set it to ask for GPU nodes that an autoscaler has not started.
         nodes: total resources of each alive node (default: the connected cluster's).
         allow_cpu_fallback: GPU actors may run on CPU when CUDA is missing (else they refuse).
+        image_size: the model's input size: the actors' expected throughput (stated at
+            :data:`REFERENCE_IMAGE_SIZE`) scales with the number of patches.
     Returns:
         ``actors`` (the most replicas; None = unbounded), ``min_actors``, ``initial_actors``,
         ``num_gpus``,
@@ -117,12 +123,11 @@ def plan_resources(num_actors: int | None, num_gpus_per_actor: float | None, *,
         if cpu_nodes:
             largest = max(cpu_nodes)
             need_threads = int(min(largest, CPUS_PER_CPU_ACTOR))
-        # Keep CPUs of the actor's node for decode/write tasks (see the module docstring).
-        actor_cpus = max(2 * LIGHT_TASK_CPUS, need_threads - 1 - 2 * LIGHT_TASK_CPUS)
-        need = {"CPU": float(actor_cpus)}
         held = sum(int(c // need_threads) for c in cpu_nodes)
-        fits = [c for c in cpu_nodes if c >= actor_cpus]
         actors = int(num_actors) if num_actors else max(1, held)
+        actor_cpus = _cpu_actor_size(need_threads, cpu_nodes, actors)
+        need = {"CPU": float(actor_cpus)}
+        fits = [c for c in cpu_nodes if c >= actor_cpus]
         if num_actors and num_actors > held and held:
             logger.warning("num_actors=%d but the nodes hold %d actors of %g CPUs while "
                            "keeping CPUs for decoding; the others wait for free CPUs",
@@ -133,13 +138,28 @@ def plan_resources(num_actors: int | None, num_gpus_per_actor: float | None, *,
                 "cpu_threads": need_threads, "device": "cpu", "require_gpu": False}
         fed = actors * need_threads * CPU_ACTOR_IMAGES_PER_S_PER_THREAD
         spare = total_cpus - actors * actor_cpus
-    # Decode tasks: enough to feed the actors, at least one, never more than the free CPUs.
+    # Decode tasks: enough to feed the actors (at least one per actor), within the free CPUs.
+    if image_size:
+        fed *= (REFERENCE_IMAGE_SIZE / float(image_size)) ** 2
     wanted = math.ceil(fed / DECODE_IMAGES_PER_S_PER_CPU)
-    plan["decode_concurrency"] = max(1, min(wanted, int(spare)) if spare >= 1 else 1)
+    n_actors = plan["actors"] or max(1, held)
+    plan["decode_concurrency"] = max(1, min(max(wanted, n_actors), max(int(spare), n_actors)))
     plan["fits_now"] = bool(fits)
     plan["need"] = need
     logger.info("resource plan: %s (nodes: %s)", plan, _describe(nodes))
     return plan
+
+
+def _cpu_actor_size(threads: int, cpu_nodes: list[float], actors: int) -> float:
+    """CPUs a CPU actor asks for: at most its threads less one CPU and two light tasks, and
+    small enough that however many of the ``actors`` Ray packs onto one node (restarts after a
+    node loss land on the survivors), two light tasks still fit beside them."""
+    size = max(2 * LIGHT_TASK_CPUS, threads - 1 - 2 * LIGHT_TASK_CPUS)
+    while size > 2 * LIGHT_TASK_CPUS:
+        if all(c - min(actors, int(c // size)) * size >= 2 * LIGHT_TASK_CPUS for c in cpu_nodes):
+            break
+        size = round(size - 0.05, 2)
+    return max(size, 2 * LIGHT_TASK_CPUS)
 
 
 def _describe(nodes: list[dict[str, float]]) -> str:

@@ -370,7 +370,8 @@ def run_pseudo_label(
     start = time.perf_counter()
     check_image_size(backbone, image_size)  # in the driver, not in every actor
     ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback)
+    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback,
+                          image_size=image_size)
     # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
     resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:

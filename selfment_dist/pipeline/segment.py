@@ -369,7 +369,8 @@ def run_segment(
     except ValueError as exc:
         raise ValueError(f"model artifact {model}: {exc}") from None
     ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback)
+    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback,
+                          image_size=image_size)
     run_id = uuid.uuid4().hex[:12]
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
