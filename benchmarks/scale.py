@@ -133,8 +133,8 @@ def child(args) -> None:
     from selfment_dist.io.storage import url_to_fs
 
     so = json.loads(args.storage_options) if args.storage_options else None
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
     start = time.perf_counter()
     with PeakRss() as rss:
         if args.mode == "decode":

@@ -413,11 +413,12 @@ def run_segment(
         skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
         n_blocks = max(1, min(len(units), len(containers) + math.ceil(
             (len(units) - len(containers)) / batch_size)))
-        ds = ray.data.from_items(units, override_num_blocks=n_blocks)
         # Retry limits travel as plain Ray remote args (as in pseudo_label: Ray 2.60 deprecates
-        # ``**ray_remote_args`` but has no named parameters for them yet).
-        with warnings.catch_warnings():
+        # ``**ray_remote_args`` but has no named parameters for them yet). The dataset copies
+        # the DataContext when created: the bounded actor wait must be set by then.
+        with warnings.catch_warnings(), bounded_actor_start(plan, actor_wait_s, "segment"):
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds = ray.data.from_items(units, override_num_blocks=n_blocks)
             ds = ds.map_batches(
                 read_and_decode, batch_size=None, zero_copy_batch=True,
                 fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
