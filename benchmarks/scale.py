@@ -156,7 +156,7 @@ def child(args) -> None:
         fs.invalidate_cache()
         sizes = [fs.size(p) for p in fs.ls(root, detail=False)
                  if p.rsplit("/", 1)[-1].startswith("part-")]
-        out.update(parts=len(sizes), parts_mb=round(sum(sizes) / 2**20, 1),
+        out.update(parts=len(sizes), parts_kb=round(sum(sizes) / 2**10, 1),
                    rows_total=summary["rows_total"], errors_total=summary["errors_total"])
     ray.shutdown()
     print("RESULT " + json.dumps(out), flush=True)
@@ -180,7 +180,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="10000,50000,200000")
     p.add_argument("--store", default="local", help="local, s3 or local,s3")
-    p.add_argument("--shard-rows", type=int, default=10_000)
+    p.add_argument("--shard-rows", type=int, default=1_000)
     p.add_argument("--px", type=int, default=48, help="side of the stored JPEGs")
     p.add_argument("--image-size", type=int, default=32, help="model input size")
     p.add_argument("--batch-size", type=int, default=64)
@@ -229,14 +229,14 @@ def main() -> None:
     print(f"load average at end: {load_avg()}", file=sys.stderr)
 
     print("| store | N | decode-only rows/s | pipeline rows/s | pipeline / decode | driver peak MB"
-          " | worker peak MB | resume s | resume driver MB | parts | parts MB |")
+          " | worker peak MB | resume s | resume driver MB | parts | parts KB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         d, lab, res = r["decode"], r["label"], r["resume"]
         print(f"| {r['store']} | {r['n']:,} | {d['rows_per_s']:.0f} | {lab['rows_per_s']:.0f} | "
               f"{lab['rows_per_s'] / d['rows_per_s']:.2f} | {lab['driver_peak_mb']} | "
               f"{lab['worker_peak_mb']} | {res['wall_s']:.1f} | {res['driver_peak_mb']} | "
-              f"{lab['parts']} | {lab['parts_mb']} |")
+              f"{lab['parts']} | {lab['parts_kb']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -301,3 +301,20 @@ def test_optimizer_state_is_loaded_on_cpu_on_resume(monkeypatch, tmp_path):
     assert seen == ["cpu"]
     state = next(iter(opt2.state.values()))
     assert state["step"].device.type == "cpu"
+
+
+def test_the_s3_job_pins_training_to_the_multi_gpu_nodes_of_the_aws_config():
+    """Training workers fit only the 4-GPU node type (NCCL inside a node), not the 1-GPU ones
+    meant for the model actors."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    job = yaml.safe_load((root / "jobs" / "configs" / "s3.yaml").read_text())
+    aws = yaml.safe_load((root / "cluster" / "aws-gpu.yaml").read_text())
+    need = job["train"]["resources_per_worker"]
+    fits = [name for name, t in aws["available_node_types"].items()
+            if all(t["resources"].get(k, 0) >= v for k, v in need.items())]
+    assert fits and all(aws["available_node_types"][n]["resources"]["GPU"] >= 4 for n in fits)
+    assert job["pseudo_label"]["num_gpus_per_actor"] == 1 and "num_actors" not in job["pseudo_label"]
