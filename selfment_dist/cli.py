@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{command}: {', '.join(missing)} required (on the command line or in --config)")
     if command == "evaluate":
         _check_evaluate_modes(parser, options)
-    summary = _target(command)(**options)
+    from .pipeline._ray import call_as_driver  # ray:// runs the driver on the cluster
+
+    summary = call_as_driver(_target(command), options)
     print(json.dumps(summary, indent=2, default=str))
     return 0 if not (isinstance(summary, dict) and summary.get("failed")) else 1
 

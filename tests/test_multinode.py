@@ -277,6 +277,19 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
     assert meta["training"]["steps"] == summary["steps"] and head is not None
 
 
+def _submit_when_an_agent_is_up(client, **job) -> str:
+    """Submit; the head answers 'No available agent' until a node's job agent has registered
+    (nodes replaced by the tests above are still starting theirs)."""
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
 def test_pipeline_job_through_the_jobs_api(cluster, corpus):
     """jobs/pipeline.py submitted to the multi-node cluster's head completes."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -295,7 +308,8 @@ def test_pipeline_job_through_the_jobs_api(cluster, corpus):
     fs.pipe("multinode/job.yaml", json.dumps(config).encode())  # JSON is YAML
     url = f"http://{cluster.head_node.address_info['webui_url']}"
     client = JobSubmissionClient(url)
-    job = client.submit_job(
+    job = _submit_when_an_agent_is_up(
+        client,
         entrypoint=f"{sys.executable} {REPO / 'jobs' / 'pipeline.py'} "
                    f"--config s3://multinode/job.yaml "
                    f"--storage-option endpoint_url={so['endpoint_url']} "

@@ -16,7 +16,7 @@ from ._plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, p
 
 __all__ = ["MAX_ACTOR_RESTARTS", "MAX_TASK_RETRIES", "MAX_RETRIES", "ensure_ray",
            "plan_resources", "decode_pool", "model_pool_args", "progress_bars", "bounded_actor_start", "start_counters", "read_counters",
-           "count_rows_here", "split_counters",
+           "count_rows_here", "split_counters", "call_as_driver",
            "DEFAULT_ACTOR_WAIT_S", "LIGHT_TASK_CPUS", "UnschedulableError"]
 
 logger = logging.getLogger(__name__)
@@ -116,6 +116,8 @@ def bounded_actor_start(plan: dict, wait_s: float | None, stage: str):
 
 
 NODE_ROWS_PREFIX = "rows_on_node:"
+#: The resource Ray gives the head node only.
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -134,12 +136,9 @@ class RunCounters:
 
 
 def start_counters():
-    """A :class:`RunCounters` on the driver's node (which outlives any worker node)."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node = ray.get_runtime_context().get_node_id()
-    return RunCounters.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node, soft=True)).remote()
+    """A :class:`RunCounters` on the head node (which lives as long as the cluster; a worker
+    node, even the driver's, may be lost mid-run)."""
+    return RunCounters.options(resources={HEAD_RESOURCE: 0.001}).remote()
 
 
 def count_rows_here(counters, rows: int) -> None:
@@ -162,3 +161,27 @@ def read_counters(counters) -> dict[str, int]:
     except Exception as exc:  # counts are a report, never a reason to fail the run
         logger.warning("run counters unavailable: %s", exc)
         return {}
+
+
+def _call(func, options: dict):
+    return func(**options)
+
+
+def call_as_driver(func, options: dict):
+    """``func(**options)``, for a pipeline entry point (``run_*``) and its options.
+
+    With a Ray Client address (``ray://HOST:PORT``, in ``options["address"]`` or
+    ``RAY_ADDRESS``), Ray Data's streaming executor cannot run in the client process (Ray 2.60
+    fails with ``'Worker' object has no attribute 'core_worker'``): the call then runs as a task
+    on the cluster's head node, which drives the run there; its summary comes back. Inputs and
+    outputs must then be paths the cluster can reach (object storage).
+    """
+    address = options.get("address") or os.environ.get("RAY_ADDRESS") or ""
+    if not str(address).startswith("ray://"):
+        return func(**options)
+    ensure_ray(str(address))
+    inner = {k: v for k, v in options.items() if k != "address"}
+    task = ray.remote(num_cpus=0, max_retries=0, resources={HEAD_RESOURCE: 0.001})(_call)
+    logger.info("Ray Client: %s runs as a task on the cluster's head node",
+                getattr(func, "__name__", func))
+    return ray.get(task.remote(func, inner))
