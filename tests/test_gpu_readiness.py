@@ -317,4 +317,5 @@ def test_the_s3_job_pins_training_to_the_multi_gpu_nodes_of_the_aws_config():
     fits = [name for name, t in aws["available_node_types"].items()
             if all(t["resources"].get(k, 0) >= v for k, v in need.items())]
     assert fits and all(aws["available_node_types"][n]["resources"]["GPU"] >= 4 for n in fits)
-    assert job["pseudo_label"]["num_gpus_per_actor"] == 1 and "num_actors" not in job["pseudo_label"]
+    labelling = job["pseudo_label"]
+    assert labelling["num_gpus_per_actor"] == 1 and "num_actors" not in labelling

@@ -15,9 +15,10 @@ from ._plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, p
                     unschedulable_message)
 
 __all__ = ["MAX_ACTOR_RESTARTS", "MAX_TASK_RETRIES", "MAX_RETRIES", "ensure_ray",
-           "plan_resources", "decode_pool", "model_pool_args", "progress_bars", "bounded_actor_start", "start_counters", "read_counters",
-           "count_rows_here", "split_counters", "call_as_driver",
-           "DEFAULT_ACTOR_WAIT_S", "LIGHT_TASK_CPUS", "UnschedulableError"]
+           "plan_resources", "decode_pool", "model_pool_args", "progress_bars",
+           "bounded_actor_start", "start_counters", "read_counters", "count_rows_here",
+           "split_counters", "call_as_driver", "DEFAULT_ACTOR_WAIT_S", "LIGHT_TASK_CPUS",
+           "UnschedulableError"]
 
 logger = logging.getLogger(__name__)
 
