@@ -52,7 +52,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from _common import load_avg, start_ray  # noqa: E402
+from _common import load_avg, start_ray, sync  # noqa: E402
 
 
 def _images(root: Path, n: int, size: tuple[int, int]) -> Path:
@@ -114,9 +114,11 @@ class Meter:
 
 def bench_forward(backbone, arrays: np.ndarray, batch_size: int) -> Meter:
     backbone(arrays[:1])  # warm-up (allocations, kernels)
+    sync(backbone.device)
     with Meter() as m:
         for i in range(0, len(arrays), batch_size):
             backbone(arrays[i:i + batch_size])
+        sync(backbone.device)
     return m
 
 
@@ -124,9 +126,11 @@ def bench_ncut_ipo(backbone, arrays: np.ndarray, batch_size: int) -> Meter:
     from selfment_dist import pseudo_label
 
     feats = [backbone(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
+    sync(backbone.device)
     with Meter() as m:
         for f in feats:
             pseudo_label(f)
+        sync(backbone.device)
     return m
 
 
@@ -217,8 +221,15 @@ def speed(args, work: Path) -> str:
     small.mkdir()
     for f in files[:n_small]:
         shutil.copy(f, small / f.name)
+    on_gpu = backbone.device.type == "cuda"
+    if on_gpu:  # the pipeline's actors get the GPU to themselves
+        backbone = None
+        torch.cuda.empty_cache()
     pipe_small, _ = bench_pipeline(small, work / "speed-small-out", args)
     pipe, summary = bench_pipeline(folder, work / "speed-out", args)
+    if on_gpu:
+        backbone = build_backbone(args.backbone, weights=args.weights,
+                                  image_size=args.image_size, precision=args.precision)
     fwd2 = bench_forward(backbone, arrays, args.batch_size)
     pub = bench_published(backbone, files[:n_pub], args.image_size)
     load_after = load_avg()

@@ -63,6 +63,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _actor_options() -> list[Opt]:
+    """The model-actor options of pseudo-label, segment and evaluate --model."""
+    return [
+        opt("--num-actors", type=int, help="most model replicas"),
+        opt("--num-gpus-per-actor", type=_fraction,
+            help="GPUs per replica, 0 to 1 (asks an autoscaler for GPU nodes)"),
+        opt("--cpu-fallback", action="store_true",
+            help="let GPU actors run on CPU where CUDA is unusable (default: they refuse)"),
+        opt("--actor-wait-s", type=float,
+            help="longest wait for the first model actor (default 600), then fail"),
+    ]
+
+
 @dataclass
 class Opt:
     flags: tuple[str, ...]
@@ -108,7 +121,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--max-pixels", type=int, help="refuse larger images (decompression bombs)"),
             opt("--max-bytes", type=int, help="refuse larger encoded images (default 32 MiB)"),
             opt("--allow-empty", action="store_true", help="succeed on inputs without images"),
-            opt("--num-actors", type=int), opt("--num-gpus-per-actor", type=_fraction),
+            *_actor_options(),
             opt("--rows-per-file", type=int, help="rows per parquet part"),
             opt("--no-progress", dest="progress", action="store_false", help="no progress bars"),
         ]),
@@ -157,7 +170,7 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--max-pixels", type=int, help="refuse larger images (decompression bombs)"),
             opt("--max-bytes", type=int, help="refuse larger encoded images (default 32 MiB)"),
             opt("--allow-empty", action="store_true", help="succeed on inputs without images"),
-            opt("--num-actors", type=int), opt("--num-gpus-per-actor", type=_fraction),
+            *_actor_options(),
         ]),
     "evaluate": dict(
         help="SOD/COD and unsupervised-SOD metrics, reports and plots",
@@ -172,6 +185,8 @@ COMMANDS: dict[str, dict[str, Any]] = {
             opt("--output", required=True, metavar="URI"),
             opt("--image-size", type=int,
                 help="inference size with --model (default: the model's, twice its training size)"),
+            opt("--batch-size", type=int, help="images per model call with --model"),
+            *_actor_options(),
             opt("--num-shards", type=int),
         ]),
     "import-checkpoint": dict(
@@ -309,9 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{command}: {', '.join(missing)} required (on the command line or in --config)")
     if command == "evaluate":
         _check_evaluate_modes(parser, options)
-    target = _target(command)
+    from .pipeline._ray import call_as_driver  # ray:// runs the driver on the cluster
+
     try:
-        summary = target(**options)
+        summary = call_as_driver(_target(command), options)
     except _user_errors() as err:
         logger.debug("user error", exc_info=True)
         problems = getattr(err, "problems", None)  # SettingsError: one line per problem

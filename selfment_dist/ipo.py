@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._tensors import as_mask, as_unit_features
+from ._tensors import as_mask, as_unit_features, exact_math
 
 
 def _side_means(x: torch.Tensor, m: torch.Tensor, total: torch.Tensor):
@@ -55,6 +55,7 @@ def ipo_refine(feats, mask, *, n_iter: int = 20, sample_size: int = 10,
                      keep_previous_on_empty=keep_previous_on_empty)
 
 
+@exact_math
 def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int, sample_size: int,
               keep_previous_on_empty: bool = False, return_converged: bool = False):
     """:func:`ipo_refine` of features already checked and normalised, mask already a bool

@@ -21,9 +21,20 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ._tensors import as_unit_features
+from ._tensors import as_unit_features, exact_math
 
 logger = logging.getLogger(__name__)
+
+#: Images whose iterative solve fell back to a dense float64 ``eigh`` in this process (slow on
+#: GPUs with weak FP64); read and reset with :func:`take_dense_fallbacks`.
+_DENSE_FALLBACKS = 0
+
+
+def take_dense_fallbacks() -> int:
+    """Dense-``eigh`` fallbacks counted since the last call (in this process), reset to 0."""
+    global _DENSE_FALLBACKS
+    count, _DENSE_FALLBACKS = _DENSE_FALLBACKS, 0
+    return count
 
 #: Graphs with at most this many nodes are solved densely (exact and cheap at this size).
 DENSE_MAX_NODES = 256
@@ -173,6 +184,7 @@ def _cut_info(m: torch.Tensor, d: torch.Tensor, v: torch.Tensor, mu: torch.Tenso
             "ncut_value": value.to(torch.float32)}
 
 
+@exact_math
 def fiedler_vectors(x: torch.Tensor, *, tau: float = 0.2, eps: float = 1e-5,
                     binary_graph: bool = True, dense_max_nodes: int = DENSE_MAX_NODES,
                     return_info: bool = False):
@@ -188,6 +200,8 @@ def fiedler_vectors(x: torch.Tensor, *, tau: float = 0.2, eps: float = 1e-5,
         of ``v`` (0 for two disconnected parts, larger for a weaker cut).
     """
     b, n, _ = x.shape
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     if n == 1:
         v = x.new_ones(b, 1)
         if return_info:
@@ -202,8 +216,11 @@ def fiedler_vectors(x: torch.Tensor, *, tau: float = 0.2, eps: float = 1e-5,
         u0 = sqrt_d / sqrt_d.norm(dim=-1, keepdim=True)
         u, converged, mu = _block_krylov_second(m, u0, return_values=True)
         if not bool(converged.all()):
+            global _DENSE_FALLBACKS
             idx = (~converged).nonzero().squeeze(-1)
-            logger.debug("Block Krylov did not converge for %d/%d images; dense fallback", idx.numel(), b)
+            _DENSE_FALLBACKS += idx.numel()
+            logger.warning("block Krylov did not converge for %d/%d images of %d nodes; dense "
+                           "float64 eigh fallback (slow on GPUs with weak FP64)", idx.numel(), b, n)
             u[idx], mu[idx] = _dense_second(m[idx], return_values=True)
     v = u / sqrt_d
     return (v, _cut_info(m, d, v, mu)) if return_info else v
@@ -277,6 +294,7 @@ def ncut_bipartition(feats, *, tau: float = 0.2, eps: float = 1e-5,
     return _ncut_unit(as_unit_features(feats), tau=tau, eps=eps, binary_graph=binary_graph)
 
 
+@exact_math
 def _ncut_unit(x: torch.Tensor, *, tau: float, eps: float, binary_graph: bool,
                return_info: bool = False):
     """:func:`ncut_bipartition` of features already checked and normalised (B, h, w, C); with

@@ -118,6 +118,7 @@ PSEUDO_LABEL_RULES: dict[str, Rule] = {
     "storage_options": mapping(), "address": text(optional=True),
     "num_actors": integer(low=1, optional=True),
     "num_gpus_per_actor": number(low=0.0, optional=True),
+    "cpu_fallback": flag(), "actor_wait_s": number(low=0.0, low_open=True, optional=True),
     "rows_per_file": integer(low=1, optional=True),
     "fail_once_after": integer(low=0, optional=True),
     "allow_empty": flag(), "progress": flag(),
@@ -131,6 +132,7 @@ SEGMENT_RULES: dict[str, Rule] = {
     "storage_options": mapping(), "address": text(optional=True),
     "num_actors": integer(low=1, optional=True),
     "num_gpus_per_actor": number(low=0.0, optional=True),
+    "cpu_fallback": flag(), "actor_wait_s": number(low=0.0, low_open=True, optional=True),
     "max_pixels": integer(low=1, optional=True), "max_bytes": integer(low=1, optional=True),
     "allow_empty": flag(), "progress": flag(),
 }

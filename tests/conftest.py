@@ -46,8 +46,8 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
-    # address="local": never attach to another Ray running on this machine (ray.init alone
-    # would, and then refuses num_cpus).
+    # address="local": never attach to another Ray on this machine (a multi-node test cluster,
+    # another user's `ray start`), which would also refuse num_cpus.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False, ignore_reinit_error=True)
     yield ray

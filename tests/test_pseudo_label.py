@@ -244,7 +244,8 @@ def _cli(args: list[str], capsys) -> dict:
     capsys.readouterr()
     assert cli_main(["pseudo-label", *args, *CLI]) == 0
     out = capsys.readouterr().out
-    return json.loads(out[out.rindex("{\n"):])
+    start = out.rindex("\n{\n") + 1 if not out.startswith("{\n") else 0  # the top-level object
+    return json.loads(out[start:])
 
 
 def test_parquet_and_webdataset_with_optional_columns(corpus, reference, tmp_path, capsys):

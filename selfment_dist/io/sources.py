@@ -304,6 +304,25 @@ def _image_column(schema: pa.Schema) -> tuple[str | None, bool]:
     return None, False
 
 
+def _unskipped_batches(pf, columns: list[str], key_col: str | None, skip: Container[str],
+                       dedup: "_Dedup"):
+    """Record batches of ``pf``; a row group whose keys are all in ``skip`` is replaced by its
+    row count after reading only its key column (a resume over a finished shard then reads no
+    image bytes). Its keys still pass through ``dedup``, which must see every key."""
+    for g in range(pf.metadata.num_row_groups):
+        if skip and key_col:
+            keys = [None if k is None else str(k)
+                    for k in pf.read_row_group(g, columns=[key_col]).column(0).to_pylist()]
+            fresh = len(set(keys)) == len(keys) and not any(dedup.seen[k] for k in keys)
+            if fresh and all(k and k in skip for k in keys):  # no duplicate: keys stay as they are
+                for k in keys:
+                    dedup(k)
+                yield len(keys)
+                continue
+        yield from pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns,
+                                   row_groups=[g])
+
+
 def _iter_parquet(unit: dict, storage_options, skip: Container[str],
                   max_bytes: int | None) -> Iterator[dict]:
     source, shard_key = unit["uri"], unit["key"]
@@ -323,7 +342,10 @@ def _iter_parquet(unit: dict, storage_options, skip: Container[str],
             columns = [c for c in (key_col, img_col, *extra) if c]
             dedup = _Dedup()
             row = 0
-            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            for batch in _unskipped_batches(pf, columns, key_col, skip, dedup):
+                if isinstance(batch, int):  # a row group whose keys are all done
+                    row += batch
+                    continue
                 cols = batch.to_pydict()
                 for i in range(batch.num_rows):
                     raw_key = cols[key_col][i] if key_col else None

@@ -275,7 +275,9 @@ def run_evaluate(*, output: str, predictions: str | None = None, masks: str | No
                  name: str = "default", benchmarks: Mapping[str, tuple[str, str]] | None = None,
                  model: str | None = None, storage_options: dict | None = None,
                  num_shards: int | None = None, address: str | None = None,
-                 image_size: int | None = None) -> dict:
+                 image_size: int | None = None, batch_size: int | None = None,
+                 num_actors: int | None = None, num_gpus_per_actor: float | None = None,
+                 cpu_fallback: bool = False, actor_wait_s: float | None = None) -> dict:
     """Evaluate saliency maps and write the reports under ``output``.
 
     Args:
@@ -292,6 +294,8 @@ def run_evaluate(*, output: str, predictions: str | None = None, masks: str | No
         address: Ray cluster address (default: ``RAY_ADDRESS`` or a local in-process Ray).
         image_size: inference size handed to ``run_segment`` (benchmark mode); default: the
             artifact's ``inference_image_size`` (twice the training size).
+        batch_size, num_actors, num_gpus_per_actor, cpu_fallback, actor_wait_s: benchmark mode:
+            the model actors of ``run_segment``, as ``selfment segment`` takes them.
 
     Returns:
         The metrics.json document: ``datasets`` → ``{NAME: {n_images, scores, problems,
@@ -323,11 +327,18 @@ def run_evaluate(*, output: str, predictions: str | None = None, masks: str | No
     else:
         from . import segment  # imported here: the segmentation stage is only needed in this mode
 
+        segment_options = {k: v for k, v in {
+            "batch_size": batch_size, "num_actors": num_actors,
+            "num_gpus_per_actor": num_gpus_per_actor, "actor_wait_s": actor_wait_s}.items()
+            if v is not None}
+        segment_options["cpu_fallback"] = cpu_fallback
+
         for bench, (images_uri, masks_uri) in benchmarks.items():
             pred_uri = join(output, "predictions", bench)
             logger.info("%s: segmenting %s with %s into %s", bench, images_uri, model, pred_uri)
             summary = segment.run_segment(model, [images_uri], pred_uri, image_size=image_size,
-                                          storage_options=storage_options)
+                                          storage_options=storage_options,
+                                          **segment_options)
             dataset = evaluate_folders(pred_uri, masks_uri, name=bench,
                                        storage_options=storage_options, num_shards=num_shards)
             dataset.sources["images"] = images_uri

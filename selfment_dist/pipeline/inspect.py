@@ -192,7 +192,7 @@ def _page(summary: dict, files: dict) -> str:
              f"{summary['no_object']} flagged no_object (confidence below "
              f"{summary['no_object_threshold']}); confidence min {conf.get('min', 0):.3f}, "
              f"median {conf.get('median', 0):.3f}, max {conf.get('max', 0):.3f}")
-    parts = [f"<!doctype html><meta charset='utf-8'><title>selfment inspect</title>",
+    parts = ["<!doctype html><meta charset='utf-8'><title>selfment inspect</title>",
              "<style>body{font-family:sans-serif;margin:1.5em}img{max-width:100%}</style>",
              f"<h1>Pseudo-labels of {esc(summary['labels'])}</h1>", f"<p>{esc(stats)}</p>",
              "<h2>Confidence</h2><img src='confidence.png' alt='confidence histogram'>"]

@@ -46,14 +46,17 @@ from ..io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..quality import NO_OBJECT_THRESHOLD
 from ..io.storage import is_local, url_to_fs
+from ..ncut import take_dense_fallbacks
 from ..validation import PSEUDO_LABEL_RULES, check_backbone_size, check_settings
+from ._device import actor_device, run_guarded
 from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      await_leftover_writers, check_lease, check_resume, confirm_lease,
                      count_parts, existing_keys, has_parts, new_lease, now, outside_output,
                      read_manifest, register_run, resolve_duplicates, retire_transient,
                      run_entry, versions, write_manifest)
-from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
-                   progress_bars)
+from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, ensure_ray,
+                   count_rows_here, decode_pool, model_pool_args, plan_resources, progress_bars,
+                   read_counters, split_counters, start_counters)
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +71,34 @@ _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read + decode (stateless, CPU tasks)
 
-_SKIP_CACHE: dict[str, frozenset] = {}
+_SKIP_CACHE: dict[str, "SortedKeys"] = {}
 
 
-def _skip_set(skip_ref: list | None) -> frozenset:
-    """The done keys (shared through the object store once per worker process)."""
+class SortedKeys:
+    """Membership in a sorted numpy array of UTF-8 keys (``dtype S``).
+
+    The done keys of a resume reach every read task through the object store; a numpy array of
+    fixed-width bytes is mapped from shared memory without a copy, where a Python set would be
+    rebuilt in every worker process (about 100 bytes per key each)."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = keys
+
+    @classmethod
+    def build(cls, keys: Iterable[str]) -> "SortedKeys":
+        return cls(np.array(sorted(k.encode() for k in keys), dtype=bytes))
+
+    def __contains__(self, key: object) -> bool:
+        b = str(key).encode()
+        i = int(np.searchsorted(self.keys, b))
+        return i < len(self.keys) and self.keys[i] == b
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _skip_set(skip_ref: list | None) -> SortedKeys | frozenset:
+    """The done keys (mapped from the object store once per worker process)."""
     if not skip_ref:
         return frozenset()
     ref = skip_ref[0]
@@ -80,7 +106,7 @@ def _skip_set(skip_ref: list | None) -> frozenset:
     if cache_key not in _SKIP_CACHE:
         import ray
         _SKIP_CACHE.clear()
-        _SKIP_CACHE[cache_key] = frozenset(ray.get(ref))
+        _SKIP_CACHE[cache_key] = SortedKeys(ray.get(ref))
     return _SKIP_CACHE[cache_key]
 
 
@@ -159,13 +185,16 @@ class LabelActor:
 
     ``__call__`` maps the decode stage's batch to a ``pyarrow.Table`` of the contract. Rows that
     arrive with an error pass through as error rows; an exception while labelling a batch is
-    retried image by image so that only the failing image becomes an error row.
+    retried image by image so that only the failing image becomes an error row. CUDA faults
+    follow :mod:`._device` (OOM: smaller batches; others: the actor exits and Ray restarts it).
+    With ``require_gpu`` the actor refuses to start without its GPU.
     """
 
     def __init__(self, *, backbone: str, weights: str, image_size: int, labeler_kwargs: dict,
                  save_ncut: bool, save_features: bool, storage_options: dict | None,
                  device: str | None, cpu_threads: int | None, fail_once_after: int | None,
-                 fail_marker: str | None, precision: str = "auto"):
+                 fail_marker: str | None, precision: str = "auto", require_gpu: bool = False,
+                 counters=None):
         import torch
 
         from ..backbone import build_backbone
@@ -177,6 +206,7 @@ class LabelActor:
             except AttributeError:  # not Linux
                 available = os.cpu_count() or 1
             torch.set_num_threads(max(1, min(int(cpu_threads), available)))
+        device = actor_device(device, require_gpu=require_gpu)
         self.backbone = build_backbone(backbone, weights=weights, image_size=image_size,
                                        device=device, storage_options=storage_options,
                                        precision=precision)
@@ -186,6 +216,7 @@ class LabelActor:
         self.schema = pseudo_label_schema(ncut_mask=save_ncut, features=save_features)
         self.fail_once_after = fail_once_after
         self.fail_marker = fail_marker
+        self.counters = counters
         self.batches = 0
         logger.info("label actor ready: %r, %d torch threads", self.backbone,
                     torch.get_num_threads())
@@ -205,18 +236,16 @@ class LabelActor:
     def _label(self, images: np.ndarray) -> list[dict | str]:
         """Per image: the result dict, or an error message."""
         kw = {"return_ncut": self.save_ncut, "return_features": self.save_features}
-        try:
-            out = self.labeler(images, **kw)
-            return [{k: v[i] for k, v in out.items()} for i in range(len(images))]
-        except Exception as batch_exc:
-            if len(images) == 1:
-                return [f"labelling failed: {type(batch_exc).__name__}: {batch_exc}"]
-            logger.warning("batch of %d failed (%s); retrying image by image", len(images),
-                           batch_exc)
-            results: list[dict | str] = []
-            for i in range(len(images)):
-                results.extend(self._label(images[i:i + 1]))
-            return results
+
+        def label(part: np.ndarray) -> list[dict]:
+            out = self.labeler(part, **kw)
+            return [{k: v[i] for k, v in out.items()} for i in range(len(part))]
+
+        results = run_guarded(label, images, what="labelling")
+        fallbacks = take_dense_fallbacks()
+        if fallbacks and self.counters is not None:
+            self.counters.add.remote("dense_eigh_fallbacks", fallbacks)
+        return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self._maybe_fail()
@@ -262,13 +291,15 @@ class LabelActor:
                     cols["ncut_mask"].append(None)
                 if self.save_features:
                     cols["features"].append(None)
+        count_rows_here(self.counters, n)
         return pa.Table.from_pydict(cols, schema=self.schema)
 
 
 def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size: int,
                    max_pixels, max_bytes, storage_options, batch_size: int, plan: dict,
                    actor_kwargs: dict):
-    """units → read+decode (CPU tasks) → LabelActor (actor pool) — lazily, nothing runs yet."""
+    """units → read+decode (CPU tasks) → LabelActor (elastic actor pool) — lazily, nothing
+    runs yet."""
     import ray
 
     # About one batch of image files per read task; each container (parquet, tar) its own.
@@ -280,13 +311,11 @@ def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size
         fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "max_bytes": max_bytes,
                    "storage_options": storage_options, "skip_ref": skip_ref,
                    "rows_per_batch": batch_size},
-        num_cpus=1, max_retries=MAX_RETRIES)
+        num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
+        max_retries=MAX_RETRIES)
     return ds.map_batches(
         LabelActor, batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False,
-        fn_constructor_kwargs=actor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
-        max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        fn_constructor_kwargs=actor_kwargs, **model_pool_args(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +345,8 @@ def run_pseudo_label(
     address: str | None = None,
     num_actors: int | None = None,
     num_gpus_per_actor: float | None = None,
+    cpu_fallback: bool = False,
+    actor_wait_s: float | None = None,
     rows_per_file: int | None = None,
     fail_once_after: int | None = None,
     progress: bool = True,
@@ -342,8 +373,13 @@ def run_pseudo_label(
         allow_empty: succeed when the inputs hold no image (otherwise a ValueError).
         storage_options: fsspec options for every URL (inputs, output, weights).
         address: Ray cluster address; default: the running Ray, else a local one.
-        num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
-        num_gpus_per_actor: GPUs per replica (default 1 when the cluster has GPUs, else 0).
+        num_actors: most model replicas (default: GPU actors: as many as the GPU nodes hold, the
+            pool grows as an autoscaler adds them; CPU actors: one per 8 CPUs of each node).
+        num_gpus_per_actor: GPUs per replica, 0 to 1 (default 1 when the cluster has GPUs now,
+            else 0); set it to have the autoscaler start GPU nodes.
+        cpu_fallback: GPU actors may run on CPU where CUDA is unusable (default: they refuse).
+        actor_wait_s: longest wait for the first model actor (default 600 s), then the run fails
+            naming the resource no node has.
         rows_per_file: rows per parquet part (default 1024; 256 with ``save_features``).
         fail_once_after: testing only: one model actor exits hard once after this many batches.
         progress: show Ray Data's progress bars.
@@ -351,7 +387,10 @@ def run_pseudo_label(
         summary: ``images`` and ``errors`` written by this run, ``skipped`` (already present),
         ``rows_total``/``errors_total``/``files_total`` in the output, ``wall_s``,
         ``images_per_s`` (rows written, error rows included, per second of wall time), ``output``,
-        ``run_id``; with ``fail_once_after`` also ``fault_injected`` (an actor did exit).
+        ``run_id``, ``dense_eigh_fallbacks`` (images whose eigen-solve fell back to a dense
+        float64 ``eigh``, slow on GPUs), ``rows_per_node`` (rows each Ray node's model actors
+        labelled, by node id; a batch retried after a failure counts again); with
+        ``fail_once_after`` also ``fault_injected`` (an actor did exit).
     Raises:
         SettingsError (a ValueError): invalid settings, one line per problem (nothing written).
         ValueError: an output made with other settings, empty inputs, a bad checkpoint.
@@ -376,7 +415,8 @@ def run_pseudo_label(
                          "--allow-empty to accept empty inputs)")
 
     ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor)
+    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback,
+                          image_size=image_size)
     # What the actors will run (recorded, and compared on resume): auto means fp32.
     resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
@@ -425,8 +465,9 @@ def run_pseudo_label(
                                    "no_object_threshold": float(no_object_threshold)},
                 "save_ncut": save_ncut, "save_features": save_features,
                 "storage_options": storage_options, "device": plan["device"],
-                "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after},
-            lease=lease)
+                "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
+                "require_gpu": plan["require_gpu"]},
+            lease=lease, actor_wait_s=actor_wait_s)
     except BaseException as exc:
         lease.stop()
         status = "fenced" if isinstance(exc, FencedError) else "failed"
@@ -440,7 +481,9 @@ def run_pseudo_label(
         run_entry(m, run_id).update(
             status="complete" if all_done else "failed", finished=now(),
             images=summary["images"], errors=summary["errors"], skipped=summary["skipped"],
-            wall_s=summary["wall_s"], images_per_s=summary["images_per_s"])
+            wall_s=summary["wall_s"], images_per_s=summary["images_per_s"],
+            dense_eigh_fallbacks=summary["dense_eigh_fallbacks"],
+            rows_per_node=summary["rows_per_node"])
         m.update(status="complete" if all_done else "failed",
                  counts={"rows": summary["rows_total"], "errors": summary["errors_total"],
                          "files": summary["files_total"]})
@@ -496,8 +539,8 @@ def _check_checkpoint(backbone: str, weights: str, image_size: int,
 def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id: str,
          output: str, image_size: int, max_pixels, max_bytes, storage_options, batch_size: int,
          plan: dict, rows_per_file: int, save_ncut: bool, save_features: bool,
-         fail_once_after, progress: bool, actor_kwargs: dict, lease: Lease
-         ) -> tuple[dict, list[dict], bool]:
+         fail_once_after, progress: bool, actor_kwargs: dict, lease: Lease,
+         actor_wait_s: float | None) -> tuple[dict, list[dict], bool]:
     """The run proper, once this run holds the output: resume, label, publish, check.
 
     Returns:
@@ -520,24 +563,29 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
     if fail_once_after is not None:
         fail_marker = os.path.join(tempfile.gettempdir(), f"selfment-fail-once-{run_id}")
 
-    written = {"rows": 0, "errors": 0}
+    written = {"rows": 0, "errors": 0, "dense_eigh_fallbacks": 0}
     fault_injected = False
     if units:
+        counters = start_counters()  # rows per node, dense-eigh fallbacks
         sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
                          run_id, rows_per_file, storage_options, manifest=MANIFEST_NAME)
         try:
-            with progress_bars(progress), warnings.catch_warnings():
+            with progress_bars(progress), warnings.catch_warnings(), \
+                    bounded_actor_start(plan, actor_wait_s, "pseudo-label"):
                 # Retry limits travel as plain Ray remote args: Ray 2.60 deprecates
                 # ``**ray_remote_args`` for named parameters but has none for these yet, and its
                 # defaults (unlimited) would loop forever on an input that kills its worker.
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-                skip_ref = [ray.put(sorted(done))] if (done and containers) else None
+                skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) \
+                    else None
                 ds = _build_dataset(units, n_containers=len(containers), skip_ref=skip_ref,
                                     image_size=image_size, max_pixels=max_pixels,
                                     max_bytes=max_bytes, storage_options=storage_options,
                                     batch_size=batch_size, plan=plan,
-                                    actor_kwargs={**actor_kwargs, "fail_marker": fail_marker})
-                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
+                                    actor_kwargs={**actor_kwargs, "fail_marker": fail_marker,
+                                                  "counters": counters})
+                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
+                                                       "num_cpus": LIGHT_TASK_CPUS})
         finally:
             if fail_marker and os.path.exists(fail_marker):
                 fault_injected = True
@@ -546,8 +594,10 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
             raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
                               f"because run {lease.lost_to or 'another run'} took over {output}; "
                               "re-run to complete the output")
+        per_node, counts = split_counters(read_counters(counters))
         written = {"rows": sum(r["rows"] for r in sink.results),
-                   "errors": sum(r["errors"] for r in sink.results)}
+                   "errors": sum(r["errors"] for r in sink.results),
+                   "rows_per_node": per_node, **counts}
     if lease.lost_to:
         raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
 
@@ -565,6 +615,8 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
         "rows_total": totals["rows"], "errors_total": totals["errors"],
         "files_total": totals["files"], "duplicates": len(duplicates),
         "feature_dim": totals["feature_dim"],
+        "dense_eigh_fallbacks": written.get("dense_eigh_fallbacks", 0),
+        "rows_per_node": written.get("rows_per_node", {}),
     }
     if fail_once_after is not None:
         summary["fault_injected"] = fault_injected

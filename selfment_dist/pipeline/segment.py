@@ -48,13 +48,15 @@ from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from ..validation import SEGMENT_RULES, check_settings
+from ._device import actor_device, run_guarded
 from ._parts import (FencedError, Lease, PartsSink, await_leftover_writers, check_lease,
                      check_resume, confirm_lease, count_parts, existing_keys, has_parts,
                      new_lease, now, outside_output, read_manifest, register_run, run_entry,
                      versions, write_manifest)
-from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
-                   progress_bars)
-from .pseudo_label import read_and_decode
+from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
+                   decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
+                   read_counters, split_counters, start_counters)
+from .pseudo_label import SortedKeys, read_and_decode
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +101,8 @@ class SegmentActor:
     """
 
     def __init__(self, *, model: str, image_size: int, storage_options: dict | None,
-                 device: str | None, cpu_threads: int | None):
+                 device: str | None, cpu_threads: int | None, require_gpu: bool = False,
+                 counters=None):
         import torch
 
         from ..segmenter import Segmenter
@@ -110,24 +113,17 @@ class SegmentActor:
             except AttributeError:  # not Linux
                 available = os.cpu_count() or 1
             torch.set_num_threads(max(1, min(int(cpu_threads), available)))
+        device = actor_device(device, require_gpu=require_gpu)
         self.segmenter = Segmenter.from_artifact(model, image_size=image_size, device=device,
                                                  storage_options=storage_options)
+        self.counters = counters
         logger.info("segment actor ready: %r, %d torch threads", self.segmenter,
                     torch.get_num_threads())
 
     def _saliency(self, images: np.ndarray) -> list[np.ndarray | str]:
-        """Per image: float32 (h, w) saliency, or an error message."""
-        try:
-            return list(self.segmenter.saliency(images))
-        except Exception as batch_exc:
-            if len(images) == 1:
-                return [f"segmentation failed: {type(batch_exc).__name__}: {batch_exc}"]
-            logger.warning("batch of %d failed (%s); retrying image by image", len(images),
-                           batch_exc)
-            results: list[np.ndarray | str] = []
-            for i in range(len(images)):
-                results.extend(self._saliency(images[i:i + 1]))
-            return results
+        """Per image: float32 (h, w) saliency, or an error message (CUDA faults: see _device)."""
+        return run_guarded(lambda part: list(self.segmenter.saliency(part)), images,
+                           what="segmentation")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
@@ -143,6 +139,7 @@ class SegmentActor:
         out = {k: v for k, v in batch.items() if k != "image"}
         out["error"] = np.array(errors, dtype=object)
         out["saliency"] = saliency
+        count_rows_here(self.counters, n)
         return out
 
 
@@ -325,6 +322,8 @@ def run_segment(
     address: str | None = None,
     num_actors: int | None = None,
     num_gpus_per_actor: float | None = None,
+    cpu_fallback: bool = False,
+    actor_wait_s: float | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     allow_empty: bool = False,
@@ -348,8 +347,8 @@ def run_segment(
             foreground tinted.
         storage_options: fsspec options for every URL (model, inputs, output).
         address: Ray cluster address; default: the running Ray, else a local one.
-        num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
-        num_gpus_per_actor: GPUs per replica (default 1 when the cluster has GPUs, else 0).
+        num_actors, num_gpus_per_actor, cpu_fallback, actor_wait_s: the model actors, as in
+            :func:`~selfment_dist.pipeline.pseudo_label.run_pseudo_label`.
         max_pixels: decompression-bomb limit (width × height); None disables it.
         max_bytes: largest encoded image, checked before reading; None disables it.
         allow_empty: succeed when the inputs hold no image (otherwise a ValueError).
@@ -358,7 +357,8 @@ def run_segment(
         summary: ``images`` (maps written by this run), ``errors`` (inputs that failed),
         ``skipped`` (already present), ``maps_total`` / ``rows_total``, ``wall_s``,
         ``images_per_s``, ``output``, ``manifest``, ``run_id``, ``image_size`` and
-        ``error_examples`` (up to 10; all of them are in ``_segment.json``).
+        ``error_examples`` (up to 10; all of them are in ``_segment.json``), ``rows_per_node``
+        (rows each Ray node's model actors processed, by node id).
     """
     import ray
 
@@ -384,7 +384,8 @@ def run_segment(
         raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
                          "--allow-empty to accept empty inputs)")
     ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor)
+    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback,
+                          image_size=image_size)
     run_id = uuid.uuid4().hex[:12]
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
               "backbone": meta.get("backbone"), "weights": meta.get("weights"),
@@ -426,7 +427,8 @@ def run_segment(
             ray, fs, root, units, unfinished, run_id=run_id, output=output, model=model,
             image_size=image_size, batch_size=batch_size, output_format=output_format,
             overlays=overlays, storage_options=storage_options, plan=plan,
-            max_pixels=max_pixels, max_bytes=max_bytes, progress=progress, lease=lease)
+            max_pixels=max_pixels, max_bytes=max_bytes, progress=progress, lease=lease,
+            actor_wait_s=actor_wait_s)
     except BaseException as exc:
         lease.stop()
         try:
@@ -449,6 +451,7 @@ def run_segment(
     def finish(m: dict) -> None:
         run_entry(m, run_id).update(status="complete", finished=now(), images=images,
                                     errors=len(failed_rows), skipped=summary["skipped"],
+                                    rows_per_node=summary["rows_per_node"],
                                     wall_s=summary["wall_s"],
                                     images_per_s=summary["images_per_s"])
         m.update(status="complete",
@@ -474,7 +477,8 @@ def run_segment(
 def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id: str,
              output: str, model: str, image_size: int, batch_size: int, output_format: str,
              overlays: bool, storage_options, plan: dict, max_pixels, max_bytes,
-             progress: bool, lease: Lease) -> tuple[dict, list[dict]]:
+             progress: bool, lease: Lease, actor_wait_s: float | None
+             ) -> tuple[dict, list[dict]]:
     """The run proper, once this run holds the output. Returns the counts and failed rows."""
     if output_format != "png":  # a PNG map rewritten by two runs is the same file
         await_leftover_writers(unfinished, output)
@@ -487,49 +491,55 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
 
-    images, failed = 0, []
+    images, failed, per_node = 0, [], {}
     if units:
-        skip_ref = [ray.put(sorted(done))] if (done and containers) else None
+        counters = start_counters()
+        skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
         n_blocks = max(1, min(len(units), len(containers) + math.ceil(
             (len(units) - len(containers)) / batch_size)))
-        ds = ray.data.from_items(units, override_num_blocks=n_blocks)
         # Retry limits travel as plain Ray remote args (as in pseudo_label: Ray 2.60 deprecates
-        # ``**ray_remote_args`` but has no named parameters for them yet).
-        with warnings.catch_warnings():
+        # ``**ray_remote_args`` but has no named parameters for them yet). The dataset copies
+        # the DataContext when created: the bounded actor wait must be set by then.
+        with warnings.catch_warnings(), bounded_actor_start(plan, actor_wait_s, "segment"):
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds = ray.data.from_items(units, override_num_blocks=n_blocks)
             ds = ds.map_batches(
                 read_and_decode, batch_size=None, zero_copy_batch=True,
                 fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
                            "max_bytes": max_bytes,
                            "storage_options": storage_options, "skip_ref": skip_ref,
                            "rows_per_batch": batch_size, "keep_data": overlays},
-                num_cpus=1, max_retries=MAX_RETRIES)
+                num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
+                max_retries=MAX_RETRIES)
             ds = ds.map_batches(
                 SegmentActor, batch_size=batch_size, batch_format="numpy",
                 udf_modifying_row_count=False,
                 fn_constructor_kwargs={"model": model, "image_size": image_size,
                                        "storage_options": storage_options,
                                        "device": plan["device"],
-                                       "cpu_threads": plan["cpu_threads"]},
-                compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-                num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
-                max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+                                       "cpu_threads": plan["cpu_threads"],
+                                       "require_gpu": plan["require_gpu"],
+                                       "counters": counters},
+                **model_pool_args(plan))
             if output_format == "parquet":
                 ds = ds.map_batches(render_table, batch_format="numpy",
-                                    udf_modifying_row_count=False, num_cpus=1,
+                                    udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
                                     max_retries=MAX_RETRIES)
                 sink = _TableSink(output, SEGMENT_SCHEMA, run_id, _ROWS_PER_FILE,
                                   storage_options, manifest=MANIFEST_NAME)
             else:
                 sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
                                 storage_options=storage_options)
-        with progress_bars(progress), warnings.catch_warnings():
+        with progress_bars(progress), warnings.catch_warnings(), \
+                bounded_actor_start(plan, actor_wait_s, "segment"):
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-            ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
+            ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
+                                                   "num_cpus": LIGHT_TASK_CPUS})
         if getattr(sink, "fenced", None):
             raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
                               f"because run {lease.lost_to or 'another run'} took over {output}; "
                               "re-run to complete the output")
+        per_node, _ = split_counters(read_counters(counters))
         if output_format == "png":
             images = sum(r["images"] for r in sink.results)
             failed = [f for r in sink.results for f in r["failed"]]
@@ -539,7 +549,8 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
     if lease.lost_to:
         raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
     failed.sort(key=lambda f: f["key"])
-    summary = {"images": images, "errors": len(failed), "skipped": len(done)}
+    summary = {"images": images, "errors": len(failed), "skipped": len(done),
+               "rows_per_node": per_node}
     if output_format == "png":
         summary["maps_total"] = len(done) + images
     else:

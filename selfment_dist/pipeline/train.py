@@ -51,7 +51,7 @@ from ..head import PatchHead
 from ..io.images import DEFAULT_MAX_PIXELS
 from ..io.masks import decode_mask
 from ..io.storage import is_local, join, url_to_fs
-from ..losses import CONTRASTIVE_VARIANTS, selfment_loss
+from ..losses import selfment_loss
 from ..segmenter import default_inference_size
 
 logger = logging.getLogger(__name__)
@@ -492,6 +492,8 @@ def _train_loop(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
+            if device.type == "cuda":  # kernels run asynchronously: time them, not their launch
+                torch.cuda.synchronize(device)
             step_s = time.perf_counter() - start
 
             # Book-keeping: losses averaged over all ranks' images.
@@ -686,7 +688,10 @@ def _restore(directory: str, head: PatchHead | None, optimizer, device) -> _Prog
     with open(os.path.join(directory, _PROGRESS_FILE), encoding="utf-8") as f:
         progress = _Progress.from_json(f.read())
     if head is not None:
-        state = torch.load(os.path.join(directory, _STATE_FILE), map_location=device,
+        # Load on CPU: load_state_dict copies the head's tensors to its device, and Adam puts
+        # its moments next to their parameters but keeps ``step`` on CPU (a CUDA ``step`` costs
+        # a sync per parameter per step).
+        state = torch.load(os.path.join(directory, _STATE_FILE), map_location="cpu",
                            weights_only=True)
         head.load_state_dict(state["head"])
         if optimizer is not None:
