@@ -96,20 +96,23 @@ def load_artifact(
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"model artifact {uri}: {META_NAME} needs integer in_dim and embed_dim") from exc
 
-    if in_dim < 1 or embed_dim < 1:
-        raise ValueError(f"model artifact {uri}: {META_NAME} needs in_dim and embed_dim >= 1, "
-                         f"got {in_dim}, {embed_dim}")
+    try:
+        hidden_dim = int(meta.get("hidden_dim", HIDDEN_DIM))  # recorded by imported official heads
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model artifact {uri}: {META_NAME} has a non-integer hidden_dim") from exc
+    if min(in_dim, embed_dim, hidden_dim) < 1:
+        raise ValueError(f"model artifact {uri}: {META_NAME} needs in_dim, embed_dim and "
+                         f"hidden_dim >= 1, got {in_dim}, {embed_dim}, {hidden_dim}")
     weights_bytes = _read(fs, root, WEIGHTS_NAME, uri)
     # Shapes from the safetensors header against model.json, before any tensor is allocated:
     # an untrusted model.json must not size the head.
-    _check_shapes(uri, _header_shapes(uri, weights_bytes), _expected_shapes(in_dim, embed_dim),
-                  in_dim, embed_dim)
+    _check_shapes(uri, _header_shapes(uri, weights_bytes),
+                  _expected_shapes(in_dim, embed_dim, hidden_dim), in_dim, embed_dim)
     try:
         state = st_load(weights_bytes)
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise ValueError(f"model artifact {uri}: {WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
 
-    hidden_dim = int(meta.get("hidden_dim", HIDDEN_DIM))  # recorded by imported official heads
     head = PatchHead(in_dim, embed_dim, hidden_dim=hidden_dim)
     try:
         head.load_state_dict(state, strict=True)
@@ -140,11 +143,12 @@ def _header_shapes(uri: str, data: bytes) -> dict[str, tuple[int, ...]]:
         raise ValueError(f"{bad} (unreadable header: {exc})") from None
 
 
-def _expected_shapes(in_dim: int, embed_dim: int) -> dict[str, tuple[int, ...]]:
-    """The state dict shapes of ``PatchHead(in_dim, embed_dim)``, built on the meta device
-    (shapes only, no memory)."""
+def _expected_shapes(in_dim: int, embed_dim: int,
+                     hidden_dim: int = HIDDEN_DIM) -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of ``PatchHead(in_dim, embed_dim, hidden_dim=...)``, built on the
+    meta device (shapes only, no memory)."""
     with torch.device("meta"):
-        head = PatchHead(in_dim, embed_dim)
+        head = PatchHead(in_dim, embed_dim, hidden_dim=hidden_dim)
     return {k: tuple(v.shape) for k, v in head.state_dict().items()}
 
 

@@ -230,8 +230,9 @@ def test_ncut_and_ipo_ignore_a_callers_bf16_autocast():
 def test_dense_eigh_fallbacks_are_counted_and_logged(monkeypatch, caplog):
     from selfment_dist import ncut
 
-    def never_converges(m, u0, **kw):
-        return u0.clone(), torch.zeros(m.shape[0], dtype=torch.bool)
+    def never_converges(m, u0, *, return_values=False, **kw):
+        out = (u0.clone(), torch.zeros(m.shape[0], dtype=torch.bool))
+        return (*out, m.new_zeros(m.shape[0], 2, dtype=torch.float64)) if return_values else out
 
     monkeypatch.setattr(ncut, "_block_krylov_second", never_converges)
     take_dense_fallbacks()

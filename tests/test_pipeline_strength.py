@@ -163,8 +163,10 @@ def test_cli_dispatches_train_segment_evaluate(ray_local, scenes, tmp_path):
     assert cli_main(["pseudo-label", "--input", str(root / "images"), "--output", str(labels),
                      "--weights", "random", "--image-size", "64", "--save-features",
                      "--no-progress"]) == 0
+    # --min-confidence 0: every row (random weights flag most rows no_object, which train
+    # would skip by default); this test is about dispatch and the official one-image steps.
     assert cli_main(["train", "--labels", str(labels), "--output", str(model), "--workers", "1",
-                     "--epochs", "1", "--checkpoint-every", "100"]) == 0
+                     "--epochs", "1", "--checkpoint-every", "100", "--min-confidence", "0"]) == 0
     meta = json.loads((model / "model.json").read_text())
     assert meta["training"]["steps"] == N  # official schedule: one image per step
     assert meta["inference_image_size"] == 128
