@@ -3,8 +3,8 @@
     run_demo("selfment_demo")        # the same as: selfment demo --output selfment_demo
 
 It writes a small synthetic dataset (training scenes and a held-out set, half of it camouflaged,
-with ground truth), then runs pseudo-label → train (Ray Train, DDP) → segment → evaluate on an
-in-process Ray with a few CPUs, prints the metrics table and where every output is. The backbone's
+with ground truth), then runs pseudo-label → train (Ray Train, DDP) → segment → evaluate through
+the stage chain (:mod:`.chain`) on an in-process Ray with a few CPUs, prints the metrics table and where every output is. The backbone's
 hub weights are tried first; when the model hub cannot be reached the demo says so in one line
 and goes on with random weights, and marks the scores as not meaningful.
 
@@ -16,6 +16,7 @@ The output folder::
     model/                       head.safetensors + model.json                   (train)
     predictions/                 <key>.png saliency maps of data/eval/images      (segment)
     report/                      metrics.json, metrics.md, per_image.csv, plots/  (evaluate)
+    pipeline_summary.json        the stage chain's record (settings, status, summaries)
     results.md                   the metrics table with its caveat, and where everything is
     demo_summary.json            what :func:`run_demo` returns
 """
@@ -31,8 +32,8 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from ..backbone import DEFAULT_BACKBONE
 from ..io.storage import is_local, join, url_to_fs
+from ..settings import DemoSettings, SyntheticSettings, build_settings
 from ..synthetic import write_scenes
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ __all__ = ["run_demo", "write_synthetic_sets", "synthetic_layout", "hub_weights_
 #: Written first into a demo's output folder: a folder holding it may be cleared by a new demo.
 MARKER = ".selfment_demo"
 SUMMARY_NAME = "demo_summary.json"
+CHAIN_SUMMARY_NAME = "pipeline_summary.json"  # the stage chain's record, see .chain
 RESULTS_NAME = "results.md"
 _STAGE_DIRS = ("labels", "model", "predictions", "report")
 _HUB_PROBE_TIMEOUT_S = 3.0
@@ -128,24 +130,18 @@ def hub_weights_problem(backbone: str, image_size: int) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # The demo
 
-def run_demo(output_dir: str = "selfment_demo", *, n_images: int = 32, n_eval: int = 12,
-             image_size: int = 112, epochs: int = 3, workers: int = 2, batch_size: int = 8,
-             weights: str | None = None, backbone: str = DEFAULT_BACKBONE,
-             num_cpus: int = 2) -> dict[str, Any]:
+def run_demo(*args: DemoSettings | str, **options: Any) -> dict[str, Any]:
     """Synthetic data through pseudo-label → train → segment → evaluate on a local Ray.
 
-    Args:
-        output_dir: a local folder (created; see the module doc for its layout). A folder left
-            by an earlier demo is cleared of that demo's results first; any other non-empty
-            folder is refused.
-        n_images: training scenes (pseudo-labelled, then used to train the head).
-        n_eval: held-out scenes (segmented and evaluated against their masks).
-        image_size: backbone input size (a multiple of the patch size, 16).
-        epochs, workers, batch_size: training (``workers`` Ray Train DDP workers on CPU).
-        weights: ``None``: hub weights when the hub can be reached, else random ones (said in one
-            line); or any ``weights`` of ``build_backbone`` (``"random"``, a checkpoint path).
-        backbone: the timm DINO name.
-        num_cpus: CPUs of the in-process Ray (the demo ignores ``RAY_ADDRESS``: it runs locally).
+    Called as ``run_demo(settings)`` with :class:`DemoSettings` (every option, its default and
+    range is declared there) or ``run_demo(output_dir, **options)``. The stages run through the
+    stage chain (:func:`selfment_dist.pipeline.chain.run_chain`), as ``selfment run`` does.
+
+    Settings worth knowing: ``output_dir`` is a local folder (created; see the module doc for its
+    layout); a folder left by an earlier demo is cleared of that demo's results first, any other
+    non-empty folder is refused. ``weights`` None: hub weights when the hub can be reached, else
+    random ones (said in one line). The in-process Ray has ``num_cpus`` CPUs (the demo ignores
+    ``RAY_ADDRESS``: it runs locally).
 
     Returns:
         The summary written to ``demo_summary.json``: ``weights``, ``meaningful`` (False with
@@ -153,18 +149,16 @@ def run_demo(output_dir: str = "selfment_demo", *, n_images: int = 32, n_eval: i
         ``outputs`` (every path), ``stages`` (each stage's own summary), ``wall_s``.
     """
     from ..reports import DatasetEvaluation, scores_table
-    from .evaluate import run_evaluate
-    from .pseudo_label import run_pseudo_label
-    from .segment import run_segment
-    from .train import run_train
+    from .chain import run_chain
 
+    s = build_settings(DemoSettings, args, options)
     start = time.perf_counter()
-    root = _prepare_output(output_dir)
+    root = _prepare_output(s.output_dir)
     out = {name: os.path.join(root, name) for name in _STAGE_DIRS}
 
-    data = write_synthetic_sets(os.path.join(root, "data"), n_train=n_images, n_eval=n_eval)
+    weights = s.weights
     if weights is None:
-        problem = hub_weights_problem(backbone, image_size)
+        problem = hub_weights_problem(s.backbone, s.image_size)
         weights = "hub" if problem is None else "random"
         if problem is not None:
             logger.warning("Model hub not reachable (%s): continuing with random backbone weights; "
@@ -174,30 +168,22 @@ def run_demo(output_dir: str = "selfment_demo", *, n_images: int = 32, n_eval: i
             "random backbone weights: the pipeline ran end to end, but the scores are NOT "
             "meaningful")
 
-    started = _start_local_ray(num_cpus)
+    started = _start_local_ray(s.num_cpus)
     try:
-        stages: dict[str, Any] = {}
-        stages["pseudo_label"] = run_pseudo_label(
-            [data["train_images"]], out["labels"], backbone=backbone, weights=weights,
-            image_size=image_size, batch_size=batch_size, save_features=True, progress=False)
-        stages["train"] = run_train(out["labels"], out["model"], workers=workers,
-                                    epochs=epochs, batch_size=batch_size)
-        stages["segment"] = run_segment(out["model"], [data["eval_images"]], out["predictions"],
-                                        batch_size=batch_size, progress=False)
-        name = f"synthetic ({n_eval} scenes, {data['n_eval_camouflaged']} camouflaged)"
-        report = run_evaluate(output=out["report"], predictions=out["predictions"],
-                              masks=data["eval_masks"], name=name)
+        chain = run_chain(_chain_config(s, root, weights), force=True)
     finally:
         if started:
             import ray
 
             ray.shutdown()
+    stages = {name: record["summary"] for name, record in chain["stages"].items()}
+    data, report = chain["synthetic"], stages["evaluate"]
 
     metrics = {ds: {"n_images": d["n_images"], "scores": d["scores"]}
                for ds, d in report["datasets"].items()}
     table = scores_table([DatasetEvaluation(name=ds, scores=m["scores"], n_images=m["n_images"])
                           for ds, m in metrics.items()])
-    title = (f"Selfment demo: {backbone}, {weights} weights"
+    title = (f"Selfment demo: {s.backbone}, {weights} weights"
              + ("" if meaningful else " (RANDOM: NOT meaningful)"))
     outputs = {
         "data": os.path.join(root, "data"), **out,
@@ -208,8 +194,8 @@ def run_demo(output_dir: str = "selfment_demo", *, n_images: int = 32, n_eval: i
         "summary": os.path.join(root, SUMMARY_NAME),
     }
     summary = {
-        "output_dir": root, "backbone": backbone, "weights": weights, "meaningful": meaningful,
-        "note": note, "image_size": image_size, "metrics": metrics,
+        "output_dir": root, "backbone": s.backbone, "weights": weights, "meaningful": meaningful,
+        "note": note, "image_size": s.image_size, "metrics": metrics,
         "data": {k: data[k] for k in ("train_images", "eval_images", "eval_masks", "n_train",
                                       "n_eval", "n_eval_camouflaged")},
         "outputs": outputs, "stages": stages, "wall_s": round(time.perf_counter() - start, 1),
@@ -223,6 +209,21 @@ def run_demo(output_dir: str = "selfment_demo", *, n_images: int = 32, n_eval: i
     return summary
 
 
+def _chain_config(s: DemoSettings, root: str, weights: str) -> dict[str, Any]:
+    """The demo as a stage-chain config: synthetic scenes under ``root/data``, small CPU runs."""
+    n_camouflaged = math.floor(
+        s.n_eval * SyntheticSettings.model_fields["eval_camouflage_fraction"].default)
+    return {
+        "pipeline": {"output": root, "synthetic": {"root": os.path.join(root, "data"),
+                                                   "n_train": s.n_images, "n_eval": s.n_eval}},
+        "pseudo_label": {"backbone": s.backbone, "weights": weights, "image_size": s.image_size,
+                         "batch_size": s.batch_size, "save_features": True, "progress": False},
+        "train": {"workers": s.workers, "epochs": s.epochs, "batch_size": s.batch_size},
+        "segment": {"batch_size": s.batch_size, "progress": False},
+        "evaluate": {"name": f"synthetic ({s.n_eval} scenes, {n_camouflaged} camouflaged)"},
+    }
+
+
 def _prepare_output(output_dir: str) -> str:
     """The absolute output folder, emptied of an earlier demo's results (never of other files)."""
     fs, _ = url_to_fs(output_dir)
@@ -233,7 +234,7 @@ def _prepare_output(output_dir: str) -> str:
         if not os.path.exists(os.path.join(root, MARKER)):
             raise ValueError(f"{root} is not empty and was not written by `selfment demo`; "
                              "choose a new or empty folder")
-        for name in (*_STAGE_DIRS, RESULTS_NAME, SUMMARY_NAME):
+        for name in (*_STAGE_DIRS, RESULTS_NAME, SUMMARY_NAME, CHAIN_SUMMARY_NAME):
             path = os.path.join(root, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)

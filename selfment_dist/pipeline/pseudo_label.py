@@ -33,17 +33,18 @@ import tempfile
 import time
 import uuid
 import warnings
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from ..backbone import DEFAULT_BACKBONE, check_image_size, resolve_precision
-from ..io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ..io.images import ImageDecodeError, decode_image
 from ..io.masks import encode_mask
 from ..io.schema import encode_features, pseudo_label_schema
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..io.storage import is_local, url_to_fs
+from ..settings import PseudoLabelSettings, build_settings
 from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, await_leftover_writers, check_resume,
                      count_parts, existing_keys, now, outside_output, read_manifest, register_run,
                      versions, write_manifest)
@@ -271,81 +272,51 @@ def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-def run_pseudo_label(
-    inputs: str | Iterable[str],
-    output: str,
-    *,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "hub",
-    image_size: int = 768,
-    precision: str = "auto",
-    tau: float = 0.2,
-    eps: float = 1e-5,
-    binary_graph: bool = True,
-    n_iter: int = 20,
-    sample_size: int = 10,
-    batch_size: int | None = None,
-    save_ncut: bool = False,
-    save_features: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    storage_options: dict | None = None,
-    address: str | None = None,
-    num_actors: int | None = None,
-    num_gpus_per_actor: float | None = None,
-    rows_per_file: int | None = None,
-    fail_once_after: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Pseudo-label every image of ``inputs`` into a parquet dataset at ``output``.
+def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
+                     fail_once_after: int | None = None, **options: Any) -> dict:
+    """Pseudo-label every image of ``settings.inputs`` into a parquet dataset at ``settings.output``.
+
+    Called as ``run_pseudo_label(settings)`` with a :class:`PseudoLabelSettings` (every option,
+    its default and range is declared there), or in the keyword form
+    ``run_pseudo_label(inputs, output, **options)`` that builds one.
 
     Args:
-        inputs: one or more folders, globs, list files, img2dataset parquet files or WebDataset
-            tar shards (local paths or fsspec URLs; see :mod:`selfment_dist.io.sources`).
-        output: folder/prefix (local or fsspec URL) receiving ``part-*.parquet`` with the
-            contract of :mod:`selfment_dist.io.schema` and the ``_selfment.json`` manifest.
-        backbone, weights, image_size: the DINO backbone (see ``build_backbone``).
-        precision: the backbone's numerics: ``auto`` (bf16 autocast on GPU actors, fp32 on CPU
-            ones), ``fp32`` or ``bf16`` (also on CPU: faster where the CPU has native bf16).
-        tau, eps, binary_graph, n_iter, sample_size: NCut and IPO parameters.
-        batch_size: images per model call (default 32 on GPU, 8 on CPU).
-        save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
-        max_pixels: decompression-bomb limit (width × height); None disables it.
-        storage_options: fsspec options for every URL (inputs, output, weights).
-        address: Ray cluster address; default: the running Ray, else a local one.
-        num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
-        num_gpus_per_actor: GPUs per replica (default 1 when the cluster has GPUs, else 0).
-        rows_per_file: rows per parquet part (default 1024; 256 with ``save_features``).
+        settings: what to label, where to, and how (NCut/IPO, backbone, resources).
         fail_once_after: testing only: one model actor exits hard once after this many batches.
-        progress: show Ray Data's progress bars.
     Returns:
         summary: ``images`` and ``errors`` written by this run, ``skipped`` (already present),
         ``rows_total``/``errors_total``/``files_total`` in the output, ``wall_s``,
         ``images_per_s`` (rows written, error rows included, per second of wall time), ``output``,
         ``run_id``; with ``fail_once_after`` also ``fault_injected`` (an actor did exit).
+        The output's manifest records the settings (:meth:`Settings.record`: no secrets).
     Raises:
+        SettingsError: options that do not validate (keyword form).
         ValueError: unknown backbone, bad image size, or an output made with other settings.
         FileNotFoundError: an input that does not exist.
     """
     import ray
 
+    s = build_settings(PseudoLabelSettings, args, options)
+    inputs, output, storage_options = s.inputs, s.output, s.storage_options
+    batch_size, rows_per_file = s.batch_size, s.rows_per_file  # None: resolved below
     start = time.perf_counter()
-    check_image_size(backbone, image_size)  # in the driver, not in every actor
-    ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor)
+    check_image_size(s.backbone, s.image_size)  # in the driver, not in every actor
+    ensure_ray(s.address)
+    plan = plan_resources(s.num_actors, s.num_gpus_per_actor)
     # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
-    resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
+    resolved_precision = resolve_precision(s.precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
         batch_size = 32 if plan["num_gpus"] else 8
     if rows_per_file is None:
-        rows_per_file = 256 if save_features else 1024
+        rows_per_file = 256 if s.save_features else 1024
     run_id = uuid.uuid4().hex[:12]
-    config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
-              "precision": resolved_precision, "tau": tau, "eps": eps,
-              "binary_graph": binary_graph, "n_iter": n_iter, "sample_size": sample_size,
-              "save_ncut": save_ncut, "save_features": save_features, "max_pixels": max_pixels,
+    config = {"backbone": s.backbone, "weights": str(s.weights), "image_size": int(s.image_size),
+              "precision": resolved_precision, "tau": s.tau, "eps": s.eps,
+              "binary_graph": s.binary_graph, "n_iter": s.n_iter, "sample_size": s.sample_size,
+              "save_ncut": s.save_ncut, "save_features": s.save_features,
+              "max_pixels": s.max_pixels,
               "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     logger.info("pseudo-label run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
     # Output: register this run in the manifest (which fences the writes of an unfinished
@@ -357,7 +328,7 @@ def run_pseudo_label(
     check_resume(previous, config, output, keys=_RESUME_KEYS, holds="pseudo-labels")
     manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
     manifest.update({"status": "running", "config": config, "inputs": inputs,
-                     "versions": versions()})
+                     "settings": s.record(), "versions": versions()})
     run_entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest)
     await_leftover_writers(unfinished, output)
@@ -379,25 +350,26 @@ def run_pseudo_label(
     fault_injected = False
     if units:
         actor_kwargs = {
-            "backbone": backbone, "weights": str(weights), "image_size": image_size,
+            "backbone": s.backbone, "weights": str(s.weights), "image_size": s.image_size,
             "precision": resolved_precision,
-            "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
-                               "n_iter": n_iter, "sample_size": sample_size},
-            "save_ncut": save_ncut, "save_features": save_features,
+            "labeler_kwargs": {"tau": s.tau, "eps": s.eps, "binary_graph": s.binary_graph,
+                               "n_iter": s.n_iter, "sample_size": s.sample_size},
+            "save_ncut": s.save_ncut, "save_features": s.save_features,
             "storage_options": storage_options, "device": plan["device"],
             "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
             "fail_marker": fail_marker}
-        sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
+        sink = PartsSink(output,
+                         pseudo_label_schema(ncut_mask=s.save_ncut, features=s.save_features),
                          run_id, rows_per_file, storage_options, manifest=MANIFEST_NAME)
         try:
-            with progress_bars(progress), warnings.catch_warnings():
+            with progress_bars(s.progress), warnings.catch_warnings():
                 # Retry limits travel as plain Ray remote args: Ray 2.60 deprecates
                 # ``**ray_remote_args`` for named parameters but has none for these yet, and its
                 # defaults (unlimited) would loop forever on an input that kills its worker.
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
                 skip_ref = [ray.put(sorted(done))] if (done and containers) else None
                 ds = _build_dataset(units, n_containers=len(containers), skip_ref=skip_ref,
-                                    image_size=image_size, max_pixels=max_pixels,
+                                    image_size=s.image_size, max_pixels=s.max_pixels,
                                     storage_options=storage_options, batch_size=batch_size,
                                     plan=plan, actor_kwargs=actor_kwargs)
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})

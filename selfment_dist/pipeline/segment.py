@@ -35,17 +35,18 @@ import posixpath
 import time
 import uuid
 import warnings
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 from ray.data import Datasink
 
 from ..artifact import load_artifact
-from ..io.images import DEFAULT_MAX_PIXELS, decode_image
+from ..io.images import decode_image
 from ..io.sources import IMAGE, enumerate_units
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
+from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from ._parts import (PartsSink, await_leftover_writers, check_resume, count_parts, existing_keys,
                      now, outside_output, read_manifest, register_run, versions, write_manifest)
@@ -60,7 +61,6 @@ __all__ = ["run_segment", "SegmentActor", "read_and_decode", "SEGMENT_SCHEMA", "
 
 MANIFEST_NAME = "_segment.json"
 OVERLAY_DIR = "_overlays"
-OUTPUT_FORMATS = ("png", "parquet")
 #: Tint of the foreground in overlays (RGB) and its opacity where the saliency is 1.
 OVERLAY_COLOUR = (255, 40, 40)
 OVERLAY_ALPHA = 0.55
@@ -309,74 +309,46 @@ def _fingerprint(meta: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-def run_segment(
-    model: str,
-    inputs: str | Iterable[str],
-    output: str,
-    *,
-    image_size: int | None = None,
-    batch_size: int = 8,
-    output_format: str = "png",
-    overlays: bool = False,
-    storage_options: dict | None = None,
-    address: str | None = None,
-    num_actors: int | None = None,
-    num_gpus_per_actor: float | None = None,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    progress: bool = True,
-) -> dict:
-    """Segment every image of ``inputs`` with the model artifact ``model``.
+def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) -> dict:
+    """Segment every image of ``settings.inputs`` with the model artifact ``settings.model``.
 
-    Args:
-        model: model artifact folder (``head.safetensors`` + ``model.json``), local or URL.
-        inputs: one or more folders, globs, list files, img2dataset parquet files or WebDataset
-            tar shards (local paths or fsspec URLs; see :mod:`selfment_dist.io.sources`).
-        output: folder/prefix (local or URL). ``png``: ``<key>.png`` 8-bit maps at the original
-            size (keys with ``/`` make subfolders); ``parquet``: ``part-*.parquet`` with
-            :data:`SEGMENT_SCHEMA`. Both: ``_segment.json`` (config, counts, failed inputs).
-        image_size: inference size (a multiple of the patch size; larger than the training
-            size is fine); default: the training size in ``model.json``.
-        batch_size: images per model call.
-        output_format: ``"png"`` or ``"parquet"``.
-        overlays: png only: also write ``<output>/_overlays/<key>.jpg``, the image with its
-            foreground tinted.
-        storage_options: fsspec options for every URL (model, inputs, output).
-        address: Ray cluster address; default: the running Ray, else a local one.
-        num_actors: model replicas (default: one per GPU, or one per 8 CPUs without GPUs).
-        num_gpus_per_actor: GPUs per replica (default 1 when the cluster has GPUs, else 0).
-        max_pixels: decompression-bomb limit (width × height); None disables it.
-        progress: show Ray Data's progress bars.
+    Called as ``run_segment(settings)`` with a :class:`SegmentSettings` (every option, its
+    default and range is declared there), or in the keyword form
+    ``run_segment(model, inputs, output, **options)`` that builds one.
+
+    Outputs under ``settings.output``: ``png``: ``<key>.png`` 8-bit maps at the original size
+    (keys with ``/`` make subfolders), and with ``overlays`` ``_overlays/<key>.jpg``, the image
+    with its foreground tinted; ``parquet``: ``part-*.parquet`` with :data:`SEGMENT_SCHEMA`. Both:
+    ``_segment.json`` (config, settings without secrets, counts, failed inputs).
+
     Returns:
         summary: ``images`` (maps written by this run), ``errors`` (inputs that failed),
         ``skipped`` (already present), ``maps_total`` / ``rows_total``, ``wall_s``,
         ``images_per_s``, ``output``, ``manifest``, ``run_id``, ``image_size`` and
         ``error_examples`` (up to 10; all of them are in ``_segment.json``).
+    Raises:
+        SettingsError: options that do not validate (keyword form).
+        ValueError: a model artifact that cannot serve ``image_size``.
     """
     import ray
 
+    s = build_settings(SegmentSettings, args, options)
+    model, inputs, output, storage_options = s.model, s.inputs, s.output, s.storage_options
     start = time.perf_counter()
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
-                         f"got {output_format!r}")
-    if overlays and output_format != "png":
-        raise ValueError("overlays are written next to PNG maps: use output_format='png'")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     # Fail in the driver, not in every actor: a missing artifact or a bad size.
     _, meta = load_artifact(model, storage_options=storage_options)
     try:
-        image_size = resolve_image_size(meta, image_size)
+        image_size = resolve_image_size(meta, s.image_size)
     except ValueError as exc:
         raise ValueError(f"model artifact {model}: {exc}") from None
-    ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor)
+    ensure_ray(s.address)
+    plan = plan_resources(s.num_actors, s.num_gpus_per_actor)
     run_id = uuid.uuid4().hex[:12]
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
               "backbone": meta.get("backbone"), "weights": meta.get("weights"),
               "trained_image_size": meta.get("image_size"), "image_size": image_size,
-              "output_format": output_format, "overlays": bool(overlays),
-              "batch_size": int(batch_size), "max_pixels": max_pixels,
+              "output_format": s.output_format, "overlays": bool(s.overlays),
+              "batch_size": int(s.batch_size), "max_pixels": s.max_pixels,
               "num_actors": plan["actors"], "num_gpus_per_actor": plan["num_gpus"]}
     logger.info("segment run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
@@ -390,13 +362,14 @@ def run_segment(
     check_resume(previous, config, output, keys=_RESUME_KEYS, holds="saliency maps",
                  same="the same model and settings")
     manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
-                "config": config, "inputs": inputs, "versions": versions(),
+                "config": config, "inputs": inputs, "settings": s.record(),
+                "versions": versions(),
                 "runs": (previous or {}).get("runs", [])}
     run_entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest, MANIFEST_NAME)
-    if output_format != "png":  # a PNG map rewritten by two runs is the same file
+    if s.output_format != "png":  # a PNG map rewritten by two runs is the same file
         await_leftover_writers(unfinished, output)
-    done = _existing_maps(fs, root) if output_format == "png" else existing_keys(fs, root)
+    done = _existing_maps(fs, root) if s.output_format == "png" else existing_keys(fs, root)
 
     units = outside_output(enumerate_units(inputs, storage_options), fs, root)
     n_units = len(units)
@@ -410,7 +383,7 @@ def run_segment(
     if units:
         skip_ref = [ray.put(sorted(done))] if (done and containers) else None
         n_blocks = max(1, min(len(units), len(containers) + math.ceil(
-            (len(units) - len(containers)) / batch_size)))
+            (len(units) - len(containers)) / s.batch_size)))
         ds = ray.data.from_items(units, override_num_blocks=n_blocks)
         # Retry limits travel as plain Ray remote args (as in pseudo_label: Ray 2.60 deprecates
         # ``**ray_remote_args`` but has no named parameters for them yet).
@@ -418,12 +391,12 @@ def run_segment(
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             ds = ds.map_batches(
                 read_and_decode, batch_size=None, zero_copy_batch=True,
-                fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
+                fn_kwargs={"image_size": image_size, "max_pixels": s.max_pixels,
                            "storage_options": storage_options, "skip_ref": skip_ref,
-                           "rows_per_batch": batch_size, "keep_data": overlays},
+                           "rows_per_batch": s.batch_size, "keep_data": s.overlays},
                 num_cpus=1, max_retries=MAX_RETRIES)
             ds = ds.map_batches(
-                SegmentActor, batch_size=batch_size, batch_format="numpy",
+                SegmentActor, batch_size=s.batch_size, batch_format="numpy",
                 udf_modifying_row_count=False,
                 fn_constructor_kwargs={"model": model, "image_size": image_size,
                                        "storage_options": storage_options,
@@ -432,24 +405,24 @@ def run_segment(
                 compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
                 num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
                 max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-            if output_format == "parquet":
+            if s.output_format == "parquet":
                 ds = ds.map_batches(render_table, batch_format="numpy",
                                     udf_modifying_row_count=False, num_cpus=1,
                                     max_retries=MAX_RETRIES)
                 sink = _TableSink(output, SEGMENT_SCHEMA, run_id, _ROWS_PER_FILE,
                                   storage_options, manifest=MANIFEST_NAME)
             else:
-                sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
+                sink = _PngSink(output, overlays=s.overlays, max_pixels=s.max_pixels,
                                 storage_options=storage_options)
         try:
-            with progress_bars(progress), warnings.catch_warnings():
+            with progress_bars(s.progress), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
         except BaseException:
             run_entry.update(status="failed", finished=now())
             write_manifest(fs, root, manifest, MANIFEST_NAME)
             raise
-        if output_format == "png":
+        if s.output_format == "png":
             images = sum(r["images"] for r in sink.results)
             failed = [f for r in sink.results for f in r["failed"]]
         else:
@@ -459,9 +432,9 @@ def run_segment(
 
     wall = time.perf_counter() - start
     summary = {"output": output, "manifest": to_uri(fs, manifest_path), "run_id": run_id,
-               "output_format": output_format, "image_size": image_size,
+               "output_format": s.output_format, "image_size": image_size,
                "images": images, "errors": len(failed), "skipped": len(done)}
-    if output_format == "png":
+    if s.output_format == "png":
         summary["maps_total"] = len(done) + images
     else:
         totals = count_parts(fs, root)

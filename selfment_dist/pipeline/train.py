@@ -41,6 +41,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -48,10 +49,10 @@ import torch
 
 from ..artifact import META_NAME, save_artifact
 from ..head import PatchHead
-from ..io.images import DEFAULT_MAX_PIXELS
 from ..io.masks import decode_mask
 from ..io.storage import is_local, join, url_to_fs
 from ..losses import selfment_loss
+from ..settings import TrainSettings, build_settings
 
 logger = logging.getLogger(__name__)
 
@@ -689,58 +690,20 @@ def _finish(result, ls: LabelSet, config: dict, output: str, storage_options: di
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-def run_train(
-    labels: str,
-    output: str,
-    *,
-    workers: int = 2,
-    use_gpu: bool = False,
-    epochs: int = 10,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-5,
-    sim_weight: float = 0.1,
-    temperature: float = 0.05,
-    embed_dim: int = 128,
-    checkpoint_every: int = 200,
-    max_failures: int = 2,
-    features: str = "auto",
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    storage_options: dict | None = None,
-    address: str | None = None,
-    resources_per_worker: dict | None = None,
-    fail_at_step: int | None = None,
-    debug_dir: str | None = None,
-    seed: int = 0,
-) -> dict:
+def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
+              debug_dir: str | None = None, **options: Any) -> dict:
     """Train the segmentation head on pseudo-labels with Ray Train and write the model artifact.
 
+    Called as ``run_train(settings)`` with a :class:`TrainSettings` (every option, its default
+    and range is declared there), or in the keyword form ``run_train(labels, output, **options)``
+    that builds one. ``settings.output`` also holds the checkpoints (``_train/``).
+
     Args:
-        labels: pseudo-label folder (local or fsspec URL) from ``selfment pseudo-label``.
-        output: artifact folder (local or fsspec URL); also holds the checkpoints (``_train/``).
-        workers: Ray Train workers (DDP ranks).
-        use_gpu: one GPU per worker (bf16 autocast); otherwise CPU.
-        epochs: passes over the usable rows (each worker sees its shard once per epoch).
-        batch_size: images per step per worker (the effective batch is ``workers`` times this).
-        lr, weight_decay: Adam's settings (paper: 1e-3, 1e-5).
-        sim_weight, temperature: the contrastive term's weight and temperature.
-        embed_dim: width of the head's embedding.
-        checkpoint_every: steps between checkpoints (one is also written at each epoch's end).
-        max_failures: worker failures Ray Train recovers from before the run fails.
-        features: ``"auto"`` (the stored ``features`` column when every part has it, else the
-            backbone), ``"stored"`` or ``"backbone"`` (recompute them with the frozen backbone
-            of the labels' manifest, from each row's image file).
-        max_pixels: decompression-bomb limit (width x height) when reading images for the
-            backbone; None disables it.
-        storage_options: fsspec options for every URL (labels, images, output).
-        address: Ray cluster address; default: the running Ray, else a local one.
-        resources_per_worker: Ray resources per worker (e.g. ``{"CPU": 4, "GPU": 1}``); default:
-            one GPU (``use_gpu``), or the CPUs left after one for Ray Data shared among workers.
+        settings: the labels, the artifact folder, the schedule, the loss and the workers.
         fail_at_step: testing: the last worker exits hard once after this global step (a marker
             file under ``output/_train`` keeps the retry from failing again).
         debug_dir: testing/debugging: every rank writes its head weights and batch keys after
             every step to this local folder (``rank<r>-step<s>.safetensors``/``.json``).
-        seed: head initialisation and shuffling.
 
     Returns:
         The training summary (also stored in ``model.json`` under ``training``): ``status``
@@ -750,15 +713,16 @@ def run_train(
         ``seconds``), ``first_loss``/``final_loss``, ``resumed_from_steps``, ``wall_s``, ...
 
     Raises:
+        SettingsError: options that do not validate (keyword form).
         FileNotFoundError / ValueError: missing, empty or unusable labels; an ``output`` holding
             a run with other settings.
         ray.train.TrainingFailedError: more than ``max_failures`` worker failures.
     """
     from ._ray import ensure_ray
 
+    s = build_settings(TrainSettings, args, options)
+    labels, output, storage_options = s.labels, s.output, s.storage_options
     start = time.perf_counter()
-    if workers < 1 or batch_size < 1 or epochs < 1 or checkpoint_every < 1:
-        raise ValueError("workers, batch_size, epochs and checkpoint_every must be >= 1")
     fs, root = url_to_fs(output, storage_options)
     root = root.rstrip("/")
     if is_local(fs):  # workers run in another working directory
@@ -770,40 +734,42 @@ def run_train(
                          "here; choose a new output")
 
     # Labels: footers, manifest and small columns only; the workers read the rows.
-    ls = inspect_labels(labels, storage_options=storage_options, features=features)
+    ls = inspect_labels(labels, storage_options=storage_options, features=s.features)
     stored = ls.feature_source == "stored"
     config = {"labels": labels.rstrip("/"), "feature_source": ls.feature_source,
-              "embed_dim": embed_dim, "batch_size": batch_size, "lr": lr,
-              "weight_decay": weight_decay, "sim_weight": sim_weight, "temperature": temperature,
-              "seed": seed, "epochs": epochs, "workers": workers, "use_gpu": use_gpu,
-              "checkpoint_every": checkpoint_every, "max_failures": max_failures,
+              "embed_dim": s.embed_dim, "batch_size": s.batch_size, "lr": s.lr,
+              "weight_decay": s.weight_decay, "sim_weight": s.sim_weight,
+              "temperature": s.temperature,
+              "seed": s.seed, "epochs": s.epochs, "workers": s.workers, "use_gpu": s.use_gpu,
+              "checkpoint_every": s.checkpoint_every, "max_failures": s.max_failures,
               "backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size}
     _check_same_run(previous, config, output)
-    if finished is not None and finished.get("training", {}).get("epochs", 0) >= epochs:
+    if finished is not None and finished.get("training", {}).get("epochs", 0) >= s.epochs:
         logger.info("%s already holds the finished run (%d epochs); not training again",
                     output, finished["training"]["epochs"])
         return {**finished["training"], "status": "already_done"}
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{CONFIG_NAME}", "wt", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+        json.dump({**config, "settings": s.record()}, f, indent=2)  # no secrets: record()
 
-    ensure_ray(address)
+    ensure_ray(s.address)
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    per_worker = ls.usable // workers
+    per_worker = ls.usable // s.workers
     if per_worker == 0:
-        raise ValueError(f"{ls.usable} usable pseudo-labels cannot feed {workers} workers")
-    resources, threads = _plan_workers(workers, use_gpu, resources_per_worker)
-    steps_per_epoch = math.ceil(per_worker / batch_size)
+        raise ValueError(f"{ls.usable} usable pseudo-labels cannot feed {s.workers} workers")
+    resources, threads = _plan_workers(s.workers, s.use_gpu, s.resources_per_worker)
+    steps_per_epoch = math.ceil(per_worker / s.batch_size)
     logger.info("training on %s: %d rows (%d errors skipped), grid %s, features %s; %d workers "
                 "(%s), %d epochs x ~%d steps of %d images per worker -> %s", labels, ls.rows,
-                ls.errors, ls.grid, config["feature_source"], workers, resources or "1 GPU each",
-                epochs, steps_per_epoch, batch_size, output)
+                ls.errors, ls.grid, config["feature_source"], s.workers,
+                resources or "1 GPU each",
+                s.epochs, steps_per_epoch, s.batch_size, output)
     logger.info("training config: %s", config)
 
     dataset = _build_dataset(ls, stored=stored, storage_options=storage_options,
-                             max_pixels=max_pixels)
+                             max_pixels=s.max_pixels)
     loop_config = {
         **config, "in_dim": ls.feature_dim, "grid": list(ls.grid),
         "storage_options": storage_options, "output_storage_options": storage_options,
@@ -816,11 +782,11 @@ def run_train(
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={DATASET: dataset},
     )
