@@ -237,8 +237,10 @@ class EvaluateSettings(StageSettings):
         by_model = self.model is not None or self.benchmarks is not None
         if by_files == by_model:
             raise ValueError("give either predictions and masks, or model and benchmarks")
-        if by_files and (self.predictions is None or self.masks is None):
-            raise ValueError("predictions and masks go together")
+        if by_files and self.masks is None:
+            raise ValueError("masks (--masks) is required with predictions")
+        if by_files and self.predictions is None:
+            raise ValueError("predictions (--predictions) is required with masks")
         if by_model and (self.model is None or not self.benchmarks):
             raise ValueError("model needs at least one benchmark NAME=IMAGES_URI,MASKS_URI")
         return self
