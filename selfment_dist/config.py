@@ -16,7 +16,7 @@ truth, :mod:`selfment_dist.settings`).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
