@@ -12,6 +12,15 @@ def load_avg() -> str:
         return "n/a"
 
 
+def sync(device) -> None:
+    """Wait for the device's queued kernels: a timer stopped without this on a GPU measures
+    kernel launches, not the work."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def start_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to ``address``, or start a quiet local Ray with ``num_cpus`` (default: all)."""
     import ray

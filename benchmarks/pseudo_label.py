@@ -14,6 +14,10 @@ Speed (same synthetic JPEGs, same backbone, same image size):
                  of the hardware for this model.
   (d) ncut+ipo   batched NCut + IPO alone on (c)'s features (explains the gap (a) → (c)).
 
+With ``--precision bf16`` a last table compares bf16 with fp32 (the official numerics, what
+``auto`` runs): the forward speed gain, and how many mask patches agree (NCut + IPO on the
+features of each), so the gain can be weighed against the masks it changes.
+
 Wall time and CPU time (this process and its children: the local Ray) are both reported: on a
 shared machine other jobs stretch wall time but not CPU seconds per image.
 
@@ -48,7 +52,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from _common import load_avg, start_ray  # noqa: E402
+from _common import load_avg, start_ray, sync  # noqa: E402
 
 
 def _images(root: Path, n: int, size: tuple[int, int]) -> Path:
@@ -110,9 +114,11 @@ class Meter:
 
 def bench_forward(backbone, arrays: np.ndarray, batch_size: int) -> Meter:
     backbone(arrays[:1])  # warm-up (allocations, kernels)
+    sync(backbone.device)
     with Meter() as m:
         for i in range(0, len(arrays), batch_size):
             backbone(arrays[i:i + batch_size])
+        sync(backbone.device)
     return m
 
 
@@ -120,9 +126,11 @@ def bench_ncut_ipo(backbone, arrays: np.ndarray, batch_size: int) -> Meter:
     from selfment_dist import pseudo_label
 
     feats = [backbone(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
+    sync(backbone.device)
     with Meter() as m:
         for f in feats:
             pseudo_label(f)
+        sync(backbone.device)
     return m
 
 
@@ -139,6 +147,34 @@ def bench_published(backbone, files: list[Path], image_size: int) -> Meter:
             feats = backbone(arr[None])[0].cpu().numpy()
             reference_pseudo_label(feats)
     return m
+
+
+def precision_comparison(args, arrays: np.ndarray, bf16_backbone, bf16_fwd: float) -> str:
+    """bf16 vs fp32 on the same images and weights: forward speed and mask patch agreement."""
+    from selfment_dist import pseudo_label
+    from selfment_dist.backbone import build_backbone
+
+    fp32 = build_backbone(args.backbone, weights=args.weights, image_size=args.image_size,
+                          precision="fp32")
+    fwd = bench_forward(fp32, arrays, args.batch_size)
+    agree, same_image = [], []
+    for i in range(0, len(arrays), args.batch_size):
+        chunk = arrays[i:i + args.batch_size]
+        a = pseudo_label(fp32(chunk)).cpu().numpy()
+        b = pseudo_label(bf16_backbone(chunk)).cpu().numpy()
+        agree.append((a == b).reshape(len(a), -1).mean(1))
+        same_image.append((a == b).reshape(len(a), -1).all(1))
+    agree, same_image = np.concatenate(agree), np.concatenate(same_image)
+    fp32_rate = len(arrays) / fwd.wall
+    return "\n".join([
+        f"### bf16 vs fp32 (official numerics, `--precision auto`): {len(arrays)} images",
+        "",
+        "| forward images/s fp32 | forward images/s bf16 | bf16 speed-up | mask patches agreeing "
+        "(mean / min per image) | images with identical masks |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {fp32_rate:.3f} | {bf16_fwd:.3f} | {bf16_fwd / fp32_rate:.2f}x | "
+        f"{agree.mean():.4%} / {agree.min():.4%} | {same_image.mean():.1%} |",
+    ])
 
 
 def bench_pipeline(folder: Path, output: Path, args) -> tuple[Meter, dict]:
@@ -185,8 +221,15 @@ def speed(args, work: Path) -> str:
     small.mkdir()
     for f in files[:n_small]:
         shutil.copy(f, small / f.name)
+    on_gpu = backbone.device.type == "cuda"
+    if on_gpu:  # the pipeline's actors get the GPU to themselves
+        backbone = None
+        torch.cuda.empty_cache()
     pipe_small, _ = bench_pipeline(small, work / "speed-small-out", args)
     pipe, summary = bench_pipeline(folder, work / "speed-out", args)
+    if on_gpu:
+        backbone = build_backbone(args.backbone, weights=args.weights,
+                                  image_size=args.image_size, precision=args.precision)
     fwd2 = bench_forward(backbone, arrays, args.batch_size)
     pub = bench_published(backbone, files[:n_pub], args.image_size)
     load_after = load_avg()
@@ -238,6 +281,8 @@ def speed(args, work: Path) -> str:
         f"({platform.machine()}); load average (1/5/15 min) before: {load_before}, after: "
         f"{load_after}.",
     ]
+    if backbone.precision == "bf16":
+        lines += ["", precision_comparison(args, arrays, backbone, rate["c"])]
     return "\n".join(lines)
 
 
@@ -311,7 +356,8 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default="random")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="backbone numerics for every method (auto: bf16 on GPU, fp32 on CPU)")
+                   help="backbone numerics for every method (auto = fp32); bf16 adds a bf16-vs-fp32 "
+                        "speed and mask-agreement table")
     p.add_argument("--address", default=None, help="Ray cluster (default: local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
     p.add_argument("--memory-sizes", type=lambda s: [int(v) for v in s.split(",")],

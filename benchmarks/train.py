@@ -41,7 +41,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from _common import load_avg, start_ray  # noqa: E402
+from _common import load_avg, start_ray, sync  # noqa: E402
 
 
 def make_labels(work: Path, args) -> tuple[str, Path]:
@@ -109,9 +109,11 @@ def bench_published(rows: list[dict], n: int) -> float:
 
 def bench_forward(backbone, arrays: np.ndarray, batch_size: int) -> float:
     backbone(arrays[:1])  # warm-up (allocations)
+    sync(backbone.device)
     start = time.perf_counter()
     for i in range(0, len(arrays), batch_size):
         backbone(arrays[i:i + batch_size])
+    sync(backbone.device)
     return len(arrays) / (time.perf_counter() - start)
 
 
@@ -132,6 +134,9 @@ class _ForwardWorker:
     def forward(self, arrays: np.ndarray) -> int:
         for i in range(0, len(arrays), self.batch_size):
             self.backbone(arrays[i:i + self.batch_size])
+        if self.backbone.device.type == "cuda":  # (not _common.sync: workers cannot import it)
+            import torch
+            torch.cuda.synchronize(self.backbone.device)
         return len(arrays)
 
 

@@ -24,6 +24,7 @@ from selfment_dist.config import load_config
 from selfment_dist.io.storage import parse_storage_options
 from selfment_dist.pipeline.chain import (STAGES, chain_settings, stage_function, stage_settings,
                                           write_synthetic)
+from selfment_dist.settings import SettingsError
 
 __all__ = ["STAGES", "parse_args", "load_config", "print_summary", "run_stage"]
 
@@ -67,11 +68,17 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
         settings = stage_settings(config, stage)
         synthetic = chain_settings(config).synthetic
     except (ValueError, FileNotFoundError) as err:  # SettingsError is a ValueError
-        logger.error("%s: %s", args.config, err)
+        for problem in getattr(err, "problems", None) or [err]:
+            logger.error("%s: %s", args.config, problem)
         return 2
     write_synthetic(synthetic, config.get("storage_options"))  # pipeline.synthetic's scenes
     logger.info("%s settings: %s", stage, settings.record())
-    summary = stage_function(stage)(settings)
+    try:
+        summary = stage_function(stage)(settings)
+    except SettingsError as err:  # checks needing more than the model (a backbone's patch size)
+        for problem in err.problems:
+            logger.error("%s: %s", stage, problem)
+        return 2
     print_summary(summary)
     return 0 if not (isinstance(summary, dict) and summary.get("failed")) else 1
 

@@ -1,8 +1,21 @@
 """Validation and normalisation of patch features shared by the algorithm modules."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def exact_math(fn):
+    """Run ``fn`` with autocast off on every device type: NCut and IPO compute in float32 or
+    higher even inside a caller's bf16/fp16 autocast region (a bf16 affinity moves the
+    ``tau`` threshold, and CUDA has no bf16 QR)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def as_unit_features(feats, *, name: str = "feats") -> torch.Tensor:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from selfment_dist.head import PatchHead
+from selfment_dist.head import HIDDEN_DIM, PatchHead
 from selfment_dist.io.storage import url_to_fs
 
 logger = logging.getLogger(__name__)
@@ -95,24 +96,66 @@ def load_artifact(
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"model artifact {uri}: {META_NAME} needs integer in_dim and embed_dim") from exc
 
+    if in_dim < 1 or embed_dim < 1:
+        raise ValueError(f"model artifact {uri}: {META_NAME} needs in_dim and embed_dim >= 1, "
+                         f"got {in_dim}, {embed_dim}")
     weights_bytes = _read(fs, root, WEIGHTS_NAME, uri)
+    # Shapes from the safetensors header against model.json, before any tensor is allocated:
+    # an untrusted model.json must not size the head.
+    _check_shapes(uri, _header_shapes(uri, weights_bytes), _expected_shapes(in_dim, embed_dim),
+                  in_dim, embed_dim)
     try:
         state = st_load(weights_bytes)
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise ValueError(f"model artifact {uri}: {WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
 
-    head = PatchHead(in_dim, embed_dim)
+    hidden_dim = int(meta.get("hidden_dim", HIDDEN_DIM))  # recorded by imported official heads
+    head = PatchHead(in_dim, embed_dim, hidden_dim=hidden_dim)
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ValueError(
             f"model artifact {uri}: {WEIGHTS_NAME} does not match {META_NAME} "
-            f"(in_dim={in_dim}, embed_dim={embed_dim}): {exc}"
+            f"(in_dim={in_dim}, embed_dim={embed_dim}, hidden_dim={hidden_dim}): {exc}"
         ) from exc
     head.eval()
     if device is not None:
         head.to(device)
     return head, meta
+
+
+def _header_shapes(uri: str, data: bytes) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape, from a safetensors file's JSON header (no tensor is read)."""
+    bad = f"model artifact {uri}: {WEIGHTS_NAME} is not a valid safetensors file"
+    if len(data) < 8:
+        raise ValueError(f"{bad} ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError(f"{bad} (header of {n} bytes in a {len(data)}-byte file)")
+    try:
+        header = json.loads(data[8:8 + n])
+        return {name: tuple(int(d) for d in info["shape"]) for name, info in header.items()
+                if name != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{bad} (unreadable header: {exc})") from None
+
+
+def _expected_shapes(in_dim: int, embed_dim: int) -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of ``PatchHead(in_dim, embed_dim)``, built on the meta device
+    (shapes only, no memory)."""
+    with torch.device("meta"):
+        head = PatchHead(in_dim, embed_dim)
+    return {k: tuple(v.shape) for k, v in head.state_dict().items()}
+
+
+def _check_shapes(uri: str, found: dict, expected: dict, in_dim: int, embed_dim: int) -> None:
+    problems = [f"{k}: missing" for k in expected if k not in found]
+    problems += [f"{k}: unexpected" for k in found if k not in expected]
+    problems += [f"{k}: shape {list(found[k])}, expected {list(v)}" for k, v in expected.items()
+                 if k in found and tuple(found[k]) != v]
+    if problems:
+        raise ValueError(f"model artifact {uri}: {WEIGHTS_NAME} does not match {META_NAME} "
+                         f"(in_dim={in_dim}, embed_dim={embed_dim}): " + "; ".join(problems[:6]))
 
 
 def _read(fs, root: str, name: str, uri: str) -> bytes:

@@ -12,6 +12,12 @@ and demos) or a checkpoint path / fsspec URI in timm's layout or the original re
 
 Features follow the DESIGN: square ``image_size`` input, ImageNet mean/std, patch tokens of the
 last block after the final norm, prefix tokens (cls, registers) dropped, L2-normalised.
+
+Preprocessing in the official order (torchvision ``ToTensor`` then ``Resize((s, s),
+antialias=True)`` then ``Normalize``): :func:`resize_square` turns each decoded image into a
+float32 tensor in [0, 1] and resizes *that* bilinearly with antialias (it runs where images are
+decoded: Ray Data's CPU tasks, which ship float32 (S, S, 3) arrays, 4 bytes a value, to the
+model actors); :class:`Backbone` normalises the batch on its device.
 """
 from __future__ import annotations
 
@@ -99,8 +105,9 @@ def backbone_family(name: str) -> str:
 
 
 #: Numerics of the forward pass: ``fp32``; ``bf16`` (autocast: matmuls, convolutions and
-#: attention in bfloat16, norms and softmax statistics in float32); ``auto``: bf16 on CUDA, fp32
-#: elsewhere.
+#: attention in bfloat16, norms and softmax statistics in float32); ``auto``: fp32 everywhere,
+#: as the official code computes its features (bf16 can flip graph edges that lie near tau, so
+#: it is only used when asked for; ``benchmarks/pseudo_label.py`` reports its mask agreement).
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -109,7 +116,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+        return "fp32"
     return precision
 
 
@@ -168,8 +175,8 @@ class Backbone:
         self.grid = (side, side)
         self._num_prefix = int(model.num_prefix_tokens)
         # (1, 3, 1, 1) float32 on device, so normalisation happens where the pixels land.
-        self._mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(1, 3, 1, 1) * 255
+        self._mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_DEFAULT_STD, device=self.device).view(1, 3, 1, 1)
 
     def __repr__(self) -> str:
         return (f"Backbone(name={self.name!r}, weights={self.weights!r}, "
@@ -186,8 +193,10 @@ class Backbone:
         """Patch features of a batch of images.
 
         Args:
-            images: uint8 (B, S, S, 3) RGB, HWC, S == ``image_size`` (see :func:`resize_square`);
-                a numpy array or a torch tensor on any device.
+            images: float32 (B, S, S, 3) RGB in [0, 1], HWC, S == ``image_size``, as
+                :func:`resize_square` makes them (the official preprocessing); or uint8
+                (B, S, S, 3) already at size S (scaled by 1/255). A numpy array or a torch
+                tensor on any device.
 
         Returns:
             float32 (B, h, w, C) on ``self.device``, L2-normalised over C, where
@@ -199,8 +208,9 @@ class Backbone:
         if x.shape[0] == 0:
             return torch.empty((0, h, w, self.embed_dim), dtype=torch.float32, device=self.device)
         with torch.inference_mode():
-            # Normalise on device: uint8 (B,S,S,3) -> float32 (B,3,S,S).
-            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            # Normalise on device: (B,S,S,3) in [0, 1] -> float32 (B,3,S,S).
+            scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
+            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() * scale
             x = (x - self._mean) / self._std
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                                 enabled=self.precision == "bf16"):
@@ -211,12 +221,12 @@ class Backbone:
 
     def _as_tensor(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         if isinstance(images, np.ndarray):
-            if images.dtype != np.uint8:
-                raise ValueError(f"images must be uint8, got numpy {images.dtype}")
+            if images.dtype not in (np.uint8, np.float32):
+                raise ValueError(f"images must be float32 in [0, 1] or uint8, got numpy {images.dtype}")
             images = torch.from_numpy(np.ascontiguousarray(images))
         elif isinstance(images, torch.Tensor):
-            if images.dtype != torch.uint8:
-                raise ValueError(f"images must be uint8, got torch {images.dtype}")
+            if images.dtype not in (torch.uint8, torch.float32):
+                raise ValueError(f"images must be float32 in [0, 1] or uint8, got torch {images.dtype}")
         else:
             raise TypeError(f"images must be a numpy array or torch tensor, got {type(images)}")
         s = self.image_size
@@ -226,18 +236,27 @@ class Backbone:
         return images
 
 
-def resize_square(image: Image.Image, size: int) -> np.ndarray:
-    """The DESIGN's preprocessing: any PIL mode → RGB, bicubic resize to a size×size square.
+def resize_square(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """The official preprocessing up to normalisation: any PIL mode → RGB → float32 in [0, 1]
+    (``ToTensor``) → bilinear resize with antialias to size×size (``Resize((s, s),
+    antialias=True)``, align_corners=False). The order matters: resizing the uint8 image first
+    and converting afterwards gives other values.
 
+    Args:
+        image: a PIL image, or a uint8 (H, W, 3) RGB array.
     Returns:
-        uint8 (size, size, 3) RGB array (aspect ratio not preserved; EXIF orientation is the
-        decoder's job).
+        float32 (size, size, 3) RGB array in [0, 1] (aspect ratio not preserved; EXIF
+        orientation is the decoder's job).
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        image = np.array(image, dtype=np.uint8)  # a writable copy for torch
+    x = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    if tuple(x.shape[1:]) != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+    return x.permute(1, 2, 0).contiguous().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +287,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike =
         image_size: square input side; must be a multiple of the patch size.
         device: where the model runs; default ``cuda`` if available, else ``cpu``.
         storage_options: fsspec options for a checkpoint URI (e.g. ``endpoint_url``).
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32`` or ``bf16``. On
+        precision: ``auto`` (fp32 everywhere, as the official code), ``fp32`` or ``bf16``. On
             CPUs with native bf16 (AVX512-BF16, AMX) ``bf16`` is about 1.4x faster for ViT-S at
             768 px; features then differ from fp32 ones like on a GPU.
 
@@ -405,11 +424,40 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if not k.startswith("head.")}
 
 
+def _check_dropped_tensors(state: dict[str, torch.Tensor], model: torch.nn.Module, *, name: str,
+                           source: str) -> None:
+    """timm's DINOv3 filter drops some tensors of the original layout without a look: the rope
+    periods (recomputed by the model) and, for models without a qkv bias, ``qkv.bias``. Dropping
+    them is only right when they hold what the model assumes; otherwise the features would be
+    wrong with no error, so say so instead."""
+    if "storage_tokens" not in state:  # not the original DINOv3 layout
+        return
+    has_q_bias = any(n.endswith("q_bias") for n, _ in model.named_parameters())
+    for key, value in state.items():
+        if key.endswith("qkv.bias") and not has_q_bias:
+            mask = state.get(key.replace("qkv.bias", "qkv.bias_mask"))
+            effective = value * mask if mask is not None and mask.shape == value.shape else value
+            if bool(effective.abs().max() > 0):
+                raise CheckpointError(
+                    f"{source}: {key} is non-zero but {name} has no qkv bias (timm would drop it "
+                    f"and the features would be wrong); use the matching '_qkvb' model name")
+        elif key.endswith("rope_embed.periods"):
+            rope = getattr(model, "rope", None)
+            ours = getattr(rope, "periods", None)
+            if ours is None or ours.shape != value.shape or not torch.allclose(
+                    ours.float().cpu(), value.float(), rtol=1e-5, atol=0):
+                raise CheckpointError(
+                    f"{source}: {key} differs from the rope periods {name} computes (timm would "
+                    f"drop it and the features would be wrong)")
+
+
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], family: _Family, *,
                name: str, source: str) -> None:
     """Convert ``state`` with timm's family filter and load it strictly into ``model``."""
+    state = _strip_prefixes(state)
+    _check_dropped_tensors(state, model, name=name, source=source)
     try:
-        state = family.filter_fn(_strip_prefixes(state), model)
+        state = family.filter_fn(state, model)
     except Exception as e:  # timm's converters assume well-formed tensors
         raise CheckpointError(f"{source}: cannot convert to {name}'s layout ({e})") from e
     expected = model.state_dict()

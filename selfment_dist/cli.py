@@ -1,5 +1,10 @@
 """The ``selfment`` command line: flags generated from the settings models, then the pipeline.
 
+User mistakes (bad paths, values, YAML, checkpoints, a busy output) print one line per problem,
+``selfment: error: ...``, and exit 2; tracebacks are for bugs. ``--log-level`` sets this
+package's loggers only (other libraries stay at WARNING, so e.g. botocore never logs request
+headers), and log records are scrubbed of the credentials in the storage options.
+
 Each command's flags and ``--help`` come from its settings model (:mod:`selfment_dist.settings`):
 one flag per field, spelt as the field says. The parser records only what was given
 (``argparse.SUPPRESS``); ``--config`` fills in under it (:mod:`selfment_dist.config`, wired like
@@ -16,15 +21,39 @@ import sys
 import types
 import typing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Literal, Mapping
 
 from .config import load_config, values_for, with_overrides
 from .io.storage import parse_storage_options
-from .settings import (ChainSettings, DemoSettings, EvaluateSettings, PseudoLabelSettings,
-                       SegmentSettings, Settings, SettingsError, StageSettings, TrainSettings,
-                       flag_of, validate)
+from .settings import (ChainSettings, DemoSettings, EvaluateSettings, ImportCheckpointSettings,
+                       InspectSettings, PseudoLabelSettings, SegmentSettings, Settings,
+                       SettingsError, StageSettings, TrainSettings, flag_of, validate)
 
 logger = logging.getLogger("selfment_dist")
+
+#: Exit status of a user mistake (as argparse uses).
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one ``selfment: error: ...`` line, exit 2."""
+
+    def error(self, message: str):  # noqa: D401 (argparse's signature)
+        _print_error(message)
+        sys.exit(USAGE_ERROR)
+
+
+def _print_error(message: str) -> None:
+    for line in str(message).splitlines() or [""]:
+        print(f"selfment: error: {line}", file=sys.stderr)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean a user mistake, not a bug (imported lazily: no torch for --help)."""
+    from .pipeline._parts import OutputBusyError
+    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError, OutputBusyError)
 
 
 @dataclass(frozen=True)
@@ -44,6 +73,11 @@ COMMANDS: dict[str, Command] = {
                        "selfment_dist.pipeline.segment:run_segment"),
     "evaluate": Command("SOD/COD and unsupervised-SOD metrics, reports and plots",
                         EvaluateSettings, "selfment_dist.pipeline.evaluate:run_evaluate"),
+    "import-checkpoint": Command(
+        "turn an official Selfment head checkpoint (.pth) into a model artifact",
+        ImportCheckpointSettings, "selfment_dist.official_checkpoint:import_official_checkpoint"),
+    "inspect": Command("contact sheets, confidence histogram and an HTML page of pseudo-labels",
+                       InspectSettings, "selfment_dist.pipeline.inspect:run_inspect"),
     "demo": Command("synthetic data through the whole pipeline, locally", DemoSettings,
                     "selfment_dist.pipeline.demo:run_demo"),
     "run": Command("the whole chain from --config, skipping finished stages", ChainSettings,
@@ -144,8 +178,9 @@ def _from_command_line(model: type[Settings], given: Mapping[str, Any]) -> dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfment", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING …")
+    parser = _Parser(prog="selfment", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO",
+                        help="DEBUG, INFO, WARNING … (this package's loggers only)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help,
@@ -188,9 +223,9 @@ def command_settings(command: str, given: Mapping[str, Any], config_uri: str | N
         config = with_overrides(config, "pipeline", given, top)
         plan(config)
         return config
-    if model is DemoSettings:
-        values = {**values_for(config, DemoSettings), **given}
-        return validate(DemoSettings, values, "demo")
+    if model in (DemoSettings, InspectSettings, ImportCheckpointSettings):
+        values = {**values_for(config, model), **given, **top}
+        return validate(model, values, model.section)
     from .pipeline.chain import stage_settings
 
     stage = model.section
@@ -203,20 +238,100 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level.upper()
+    if not isinstance(logging.getLevelName(level), int):
+        parser.error(f"--log-level {args.log_level!r} is not a log level (DEBUG, INFO, WARNING, "
+                     "ERROR)")
     command = args.command
     given = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "config")}
     try:
         settings = command_settings(command, given, getattr(args, "config", None))
     except (ValueError, FileNotFoundError) as err:  # SettingsError is a ValueError
-        parser.error(f"{command}: {err}")
-    if command == "run":
-        summary = _target(command)(settings, config_uri=args.config)
-    else:
-        summary = _target(command)(settings)
-    print(json.dumps(summary, indent=2, default=str))
+        parser.error(str(err) if isinstance(err, SettingsError) else f"{command}: {err}")
+    storage_options = (settings.get("storage_options") if isinstance(settings, dict)
+                       else getattr(settings, "storage_options", None))
+    configure_logging(level, storage_options)
+    from .pipeline._ray import call_as_driver  # ray:// runs the driver on the cluster
+
+    try:
+        if command == "run":
+            summary = _target(command)(settings, config_uri=args.config)
+        else:
+            summary = call_as_driver(partial(_call_target, command),
+                                     {"settings": settings,
+                                      "address": getattr(settings, "address", None)})
+    except _user_errors() as err:
+        logger.debug("user error", exc_info=True)
+        problems = getattr(err, "problems", None)  # SettingsError: one line per problem
+        _print_error("\n".join(problems) if problems
+                     else " ".join(str(err).split()) or type(err).__name__)
+        return USAGE_ERROR
+    except Exception as err:
+        from .pipeline._parts import FencedError
+        if not isinstance(err, FencedError):
+            raise
+        _print_error(str(err))
+        return 1
+    if command != "demo":  # the demo prints its own short summary (all of it is in a file)
+        print(json.dumps(summary, indent=2, default=str))
     return 0 if not (isinstance(summary, dict) and summary.get("failed")) else 1
+
+
+def _call_target(command: str, settings: Settings, address: str | None = None) -> Any:
+    """The command's function with its settings (``address`` only routes ``call_as_driver``).
+    Commands without a stage settings object take their fields as keywords."""
+    target = _target(command)
+    if isinstance(settings, (InspectSettings, ImportCheckpointSettings)):
+        return target(**{name: getattr(settings, name) for name in settings.model_fields})
+    return target(settings)
+
+
+class _Redact(logging.Filter):
+    """Replaces the given secrets in every record's final message with ``***``."""
+
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            clean = message
+            for secret in self.secrets:
+                clean = clean.replace(secret, "***")
+            if clean != message:
+                record.msg, record.args = clean, None
+        return True
+
+
+def _secrets(options: Any) -> list[str]:
+    """String values of storage options that look like credentials (any nesting)."""
+    out: list[str] = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            if isinstance(value, dict):
+                out += _secrets(value)
+            elif isinstance(value, str) and any(w in str(key).lower() for w in (
+                    "key", "secret", "token", "password", "credential", "session")):
+                out.append(value)
+    return out
+
+
+def configure_logging(level: str, storage_options: dict | None = None) -> None:
+    """This package's loggers at ``level``; every other logger keeps the root's WARNING, so
+    libraries' DEBUG output (request headers, credentials) never appears. The root handlers
+    also redact the storage options' secrets from whatever they print."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Records of this package's loggers reach the root's handlers whatever the root's level.
+    logging.getLogger("selfment_dist").setLevel(level)
+    redact = _Redact(_secrets(storage_options))
+    for handler in root.handlers:
+        for old in [f for f in handler.filters if isinstance(f, _Redact)]:
+            handler.removeFilter(old)
+        handler.addFilter(redact)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,10 +21,11 @@ from typing import Any, Mapping
 import yaml
 
 from .io.storage import url_to_fs
-from .settings import STAGE_SETTINGS, DemoSettings, Settings, SettingsError, flag_of
+from .settings import (STAGE_SETTINGS, DemoSettings, ImportCheckpointSettings, InspectSettings,
+                       Settings, SettingsError, flag_of)
 
 #: Sections of a config file: one per stage, the chain's and the demo's.
-SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo")
+SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint")
 
 
 def normalise_key(key: str) -> str:
@@ -36,8 +37,18 @@ def read_config(uri: str, storage_options: dict | None = None) -> dict[str, Any]
     fs, path = url_to_fs(uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"config file not found: {uri}")
-    with fs.open(path, "r") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with fs.open(path, "r") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:  # syntax errors, and tags such as !!python/object (refused)
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config {uri}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config {uri}: not a text file ({exc.reason})") from None
+    except IsADirectoryError:
+        raise ValueError(f"config {uri} is a folder, not a YAML file") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"config {uri} must be a YAML mapping, got {type(data).__name__}")
     return _normalise(data)
@@ -89,7 +100,8 @@ def _rename(values: Mapping[str, Any], model: type[Settings]) -> dict[str, Any]:
 
 def _top_level_names() -> set[str]:
     names: set[str] = set(SECTIONS)
-    for model in (*STAGE_SETTINGS.values(), DemoSettings):
+    for model in (*STAGE_SETTINGS.values(), DemoSettings, InspectSettings,
+                  ImportCheckpointSettings):
         names |= set(aliases(model))
     return names
 

@@ -21,21 +21,25 @@ class PatchHead(nn.Module):
     Args:
         in_dim: channels C of the backbone's patch features.
         embed_dim: width of the embedding (the paper's 128).
+        hidden_dim: width of the hidden layer (128; the official head uses its ``embed_dim``,
+            so an imported official head with another ``embed_dim`` sets both).
 
     The head does not normalise its input: it is trained on, and expects, the L2-normalised
     patch features the backbone returns.
     """
 
-    def __init__(self, in_dim: int, embed_dim: int = 128):
+    def __init__(self, in_dim: int, embed_dim: int = 128, *, hidden_dim: int = HIDDEN_DIM):
         super().__init__()
-        if int(in_dim) < 1 or int(embed_dim) < 1:
-            raise ValueError(f"PatchHead needs in_dim >= 1 and embed_dim >= 1, got {in_dim}, {embed_dim}")
+        if int(in_dim) < 1 or int(embed_dim) < 1 or int(hidden_dim) < 1:
+            raise ValueError(f"PatchHead needs in_dim, embed_dim and hidden_dim >= 1, got "
+                             f"{in_dim}, {embed_dim}, {hidden_dim}")
         self.in_dim = int(in_dim)
         self.embed_dim = int(embed_dim)
+        self.hidden_dim = int(hidden_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(self.in_dim, HIDDEN_DIM),
+            nn.Linear(self.in_dim, self.hidden_dim),
             nn.ReLU(inplace=True),
-            nn.Linear(HIDDEN_DIM, self.embed_dim),
+            nn.Linear(self.hidden_dim, self.embed_dim),
         )
         self.classifier = nn.Linear(self.embed_dim, 2)
 

@@ -23,8 +23,11 @@ ground truth ``g = gt > 127``:
   the protocol's well-known quirk (β² = 0.09, not 0.3). The ``eps`` terms make empty predictions
   and empty ground truths score 0 instead of NaN (TokenCut's older code divides by ``+1e-20`` and
   maps NaN to 0: the same values up to ~1e-7 relative). The record keeps the integer counts
-  ``TP_k, PP_k, GP``; ``fmax`` is the maximum over ``k`` of the F curve averaged over images
-  (curve first, then max), not the mean of per-image maxima.
+  ``TP_k, PP_k, GP``. ``fmax`` is the official figure (Selfment's ``compute_simple_metrics``,
+  TokenCut's ``metric.py``): each image's own maximum over ``k``, averaged over images. The
+  older "curve first" figure, the maximum over ``k`` of the image-averaged F curve (always <= the
+  official one), is kept under its own name ``fmax_curve``; do not put it next to the paper's.
+  ``iou`` and ``accuracy`` are per image at 0.5, averaged over images (also official).
 
 **SOD/COD protocol** (keys ``max_fm mean_fm adp_fm wfm sm max_em mean_em adp_em mae``) is
 pysodmetrics (``py_sod_metrics``: ``Fmeasure`` β² = 0.3, ``WeightedFmeasure``, ``Smeasure``,
@@ -63,7 +66,7 @@ __all__ = [
 ]
 
 #: The keys of :func:`sod_scores` / :func:`merge_records`, in reporting order.
-SCORE_KEYS = ("iou", "accuracy", "fmax", "max_fm", "mean_fm", "adp_fm", "wfm", "sm",
+SCORE_KEYS = ("iou", "accuracy", "fmax", "fmax_curve", "max_fm", "mean_fm", "adp_fm", "wfm", "sm",
               "max_em", "mean_em", "adp_em", "mae")
 #: The per-image scalars of :func:`record_summary` (the per-image CSV columns).
 PER_IMAGE_KEYS = SCORE_KEYS + ("resized",)
@@ -222,7 +225,9 @@ def merge_records(records: Iterable[dict]) -> dict[str, float]:
     scores = {
         "iou": np.mean(_stack(records, "iou")),
         "accuracy": np.mean(_stack(records, "accuracy")),
-        "fmax": np.mean(f, axis=0).max(),
+        # Official: mean over images of each image's own max (per-image maxima, then mean).
+        "fmax": np.mean(f.max(axis=1)),
+        "fmax_curve": np.mean(f, axis=0).max(),
         "max_fm": fm_curve.max(),
         "mean_fm": fm_curve.mean(),
         "adp_fm": np.mean(_stack(records, "fm_adp")),
@@ -273,13 +278,16 @@ def record_summary(record: dict) -> dict[str, float | bool]:
     """Per-image scalars of one record (the per-image CSV row), keyed like :data:`PER_IMAGE_KEYS`.
 
     Curve metrics are this image's own: ``fmax``/``max_fm``/``max_em`` are the maxima of its
-    curves and ``mean_fm``/``mean_em`` their means (dataset scores average curves first).
+    curves and ``mean_fm``/``mean_em`` their means; for one image ``fmax_curve == fmax``. The
+    dataset ``fmax`` is the mean of these per-image ``fmax`` values; the pysodmetrics scores
+    average curves first.
     """
     _, _, f = _usod_fcurves(record["usod_tp"], record["usod_pp"], record["usod_gp"])
     return {
         "iou": float(record["iou"]),
         "accuracy": float(record["accuracy"]),
         "fmax": float(f.max()),
+        "fmax_curve": float(f.max()),
         "max_fm": float(record["fm_curve"].max()),
         "mean_fm": float(record["fm_curve"].mean()),
         "adp_fm": float(record["fm_adp"]),
@@ -302,7 +310,8 @@ def sod_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> dict[s
             compared at its ground truth's size (bilinear resize when they differ).
 
     Returns:
-        ``{iou, accuracy, fmax, max_fm, mean_fm, adp_fm, wfm, sm, max_em, mean_em, adp_em, mae}``
+        ``{iou, accuracy, fmax, fmax_curve, max_fm, mean_fm, adp_fm, wfm, sm, max_em, mean_em,
+        adp_em, mae}``
         as floats; see the module docstring for the exact definitions.
 
     Raises:

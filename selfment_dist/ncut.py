@@ -21,9 +21,20 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ._tensors import as_unit_features
+from ._tensors import as_unit_features, exact_math
 
 logger = logging.getLogger(__name__)
+
+#: Images whose iterative solve fell back to a dense float64 ``eigh`` in this process (slow on
+#: GPUs with weak FP64); read and reset with :func:`take_dense_fallbacks`.
+_DENSE_FALLBACKS = 0
+
+
+def take_dense_fallbacks() -> int:
+    """Dense-``eigh`` fallbacks counted since the last call (in this process), reset to 0."""
+    global _DENSE_FALLBACKS
+    count, _DENSE_FALLBACKS = _DENSE_FALLBACKS, 0
+    return count
 
 #: Graphs with at most this many nodes are solved densely (exact and cheap at this size).
 DENSE_MAX_NODES = 256
@@ -75,7 +86,8 @@ def _project_out(w: torch.Tensor, u0: torch.Tensor, basis: torch.Tensor | None) 
 
 
 def _block_krylov_second(m: torch.Tensor, u0: torch.Tensor, *, block: int = 8, max_steps: int = 24,
-                         gap_rtol: float = 1e-4, abs_tol: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+                         gap_rtol: float = 1e-4, abs_tol: float = 1e-7,
+                         return_values: bool = False):
     """Top eigenvector of ``m`` on the orthogonal complement of ``u0``, for a batch of graphs.
 
     Block Lanczos with full reorthogonalisation: each step multiplies ``m`` by a block of ``block``
@@ -90,7 +102,8 @@ def _block_krylov_second(m: torch.Tensor, u0: torch.Tensor, *, block: int = 8, m
     Returns:
         vec: (B, N) unit Ritz vectors; converged: (B,) bool, where the Ritz residual is below
         ``gap_rtol`` × the distance to the next Ritz value, below ``abs_tol`` (scaled to the
-        dtype), or stopped falling at the floor of the working precision.
+        dtype), or stopped falling at the floor of the working precision. With
+        ``return_values`` also (B, 2) float64: the two largest Ritz values (μ2, μ3 of ``m``).
     """
     b, n, _ = m.shape
     p = max(1, min(block, n - 1))
@@ -122,6 +135,7 @@ def _block_krylov_second(m: torch.Tensor, u0: torch.Tensor, *, block: int = 8, m
         converged = (resid <= gap_rtol * gap) | (resid <= abs_tol) | stalled
         prev = resid
         vec = vec64.squeeze(-1).to(m.dtype)
+        top2 = theta[:, [-1, -2]] if theta.shape[-1] > 1 else theta[:, [-1, -1]]
         if bool(converged.all()) or step == steps_max - 1:
             break
         # Next block: the new directions of M·(last block), orthogonal to everything so far.
@@ -136,39 +150,80 @@ def _block_krylov_second(m: torch.Tensor, u0: torch.Tensor, *, block: int = 8, m
             q, _ = torch.linalg.qr(torch.where(dead[:, None, :], fresh, q))
             q, _ = torch.linalg.qr(_project_out(q, u0, qs))
         basis.append(q)
-    return vec / vec.norm(dim=-1, keepdim=True), converged
+    vec = vec / vec.norm(dim=-1, keepdim=True)
+    return (vec, converged, top2) if return_values else (vec, converged)
 
 
-def _dense_second(m: torch.Tensor) -> torch.Tensor:
-    """Eigenvector of the second largest eigenvalue of each (N, N) matrix, in float64."""
-    _, vecs = torch.linalg.eigh(m.double())
-    return vecs[:, :, -2].to(m.dtype) if m.shape[-1] > 1 else vecs[:, :, -1].to(m.dtype)
+def _dense_second(m: torch.Tensor, *, return_values: bool = False):
+    """Eigenvector of the second largest eigenvalue of each (N, N) matrix, in float64; with
+    ``return_values`` also (B, 2) float64: the second and third largest eigenvalues."""
+    vals, vecs = torch.linalg.eigh(m.double())
+    vec = vecs[:, :, -2].to(m.dtype) if m.shape[-1] > 1 else vecs[:, :, -1].to(m.dtype)
+    if not return_values:
+        return vec
+    n = m.shape[-1]
+    return vec, vals[:, [max(n - 2, 0), max(n - 3, 0)]]
 
 
+def _cut_info(m: torch.Tensor, d: torch.Tensor, v: torch.Tensor, mu: torch.Tensor) -> dict:
+    """Quality of the split of each graph at the mean of its eigenvector ``v`` (B, N).
+
+    ``mu`` (B, 2): the top two non-trivial eigenvalues of ``M``. The normalised-cut value
+    ``cut/assoc(S) + cut/assoc(S̄)`` needs ``cut = Σ_{i∈S, j∉S} A_ij = (√d·1_S)ᵀ M (√d·1_S̄)``:
+    one batched mat-vec on ``M``, a fraction of one solver step.
+    """
+    side = (v > v.mean(-1, keepdim=True)).to(m.dtype)
+    sqrt_d = d.sqrt()
+    cut = ((sqrt_d * side).unsqueeze(1) @ (m @ (sqrt_d * (1 - side)).unsqueeze(-1))).view(-1)
+    assoc_s = (d * side).sum(-1)
+    assoc_t = d.sum(-1) - assoc_s
+    value = cut / assoc_s.clamp(min=1e-12) + cut / assoc_t.clamp(min=1e-12)
+    mu = mu.to(torch.float32)
+    # Generalised eigenvalues of (D − A) v = λ D v are 1 − μ.
+    return {"fiedler_value": 1 - mu[:, 0], "spectral_gap": mu[:, 0] - mu[:, 1],
+            "ncut_value": value.to(torch.float32)}
+
+
+@exact_math
 def fiedler_vectors(x: torch.Tensor, *, tau: float = 0.2, eps: float = 1e-5,
-                    binary_graph: bool = True, dense_max_nodes: int = DENSE_MAX_NODES) -> torch.Tensor:
+                    binary_graph: bool = True, dense_max_nodes: int = DENSE_MAX_NODES,
+                    return_info: bool = False):
     """Second smallest generalised eigenvectors of ``(D − A) v = λ D v``, batched.
 
     Args:
         x: (B, N, C) unit-norm features (float32 or float64) on any device.
+        return_info: also return the quality of the split (see below).
     Returns:
-        (B, N) eigenvectors ``v`` (scale and sign arbitrary; the bipartition ignores both).
+        (B, N) eigenvectors ``v`` (scale and sign arbitrary; the bipartition ignores both). With
+        ``return_info``: ``(v, info)``, ``info`` a dict of (B,) float32 tensors:
+        ``fiedler_value`` λ2, ``spectral_gap`` λ3 − λ2, ``ncut_value`` of the split at the mean
+        of ``v`` (0 for two disconnected parts, larger for a weaker cut).
     """
     b, n, _ = x.shape
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     if n == 1:
-        return x.new_ones(b, 1)
+        v = x.new_ones(b, 1)
+        if return_info:
+            zeros = x.new_zeros(b, dtype=torch.float32)
+            return v, {"fiedler_value": zeros, "spectral_gap": zeros, "ncut_value": zeros}
+        return v
     m, d = normalized_affinity(x, tau=tau, eps=eps, binary_graph=binary_graph)
     sqrt_d = d.sqrt()
     if n <= dense_max_nodes:
-        u = _dense_second(m)
+        u, mu = _dense_second(m, return_values=True)
     else:
         u0 = sqrt_d / sqrt_d.norm(dim=-1, keepdim=True)
-        u, converged = _block_krylov_second(m, u0)
+        u, converged, mu = _block_krylov_second(m, u0, return_values=True)
         if not bool(converged.all()):
+            global _DENSE_FALLBACKS
             idx = (~converged).nonzero().squeeze(-1)
-            logger.debug("Block Krylov did not converge for %d/%d images; dense fallback", idx.numel(), b)
-            u[idx] = _dense_second(m[idx])
-    return u / sqrt_d
+            _DENSE_FALLBACKS += idx.numel()
+            logger.warning("block Krylov did not converge for %d/%d images of %d nodes; dense "
+                           "float64 eigh fallback (slow on GPUs with weak FP64)", idx.numel(), b, n)
+            u[idx], mu[idx] = _dense_second(m[idx], return_values=True)
+    v = u / sqrt_d
+    return (v, _cut_info(m, d, v, mu)) if return_info else v
 
 
 def _spread_along_rows(comp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -239,13 +294,21 @@ def ncut_bipartition(feats, *, tau: float = 0.2, eps: float = 1e-5,
     return _ncut_unit(as_unit_features(feats), tau=tau, eps=eps, binary_graph=binary_graph)
 
 
-def _ncut_unit(x: torch.Tensor, *, tau: float, eps: float, binary_graph: bool) -> torch.Tensor:
-    """:func:`ncut_bipartition` of features already checked and normalised (B, h, w, C)."""
+@exact_math
+def _ncut_unit(x: torch.Tensor, *, tau: float, eps: float, binary_graph: bool,
+               return_info: bool = False):
+    """:func:`ncut_bipartition` of features already checked and normalised (B, h, w, C); with
+    ``return_info`` also the split's quality (see :func:`fiedler_vectors`)."""
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     # Bound memory: the (chunk, N, N) affinity is the largest buffer.
     chunk = max(1, MAX_AFFINITY_ELEMENTS // (h * w) ** 2)
-    v = torch.cat([fiedler_vectors(x[i:i + chunk], tau=tau, eps=eps, binary_graph=binary_graph)
-                   for i in range(0, b, chunk)])
+    parts = [fiedler_vectors(x[i:i + chunk], tau=tau, eps=eps, binary_graph=binary_graph,
+                             return_info=return_info)
+             for i in range(0, b, chunk)]
+    v = torch.cat([p[0] for p in parts] if return_info else parts)
     fg, seed = bipartition(v, (h, w))
-    return seed_component(fg, seed)
+    mask = seed_component(fg, seed)
+    if not return_info:
+        return mask
+    return mask, {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}

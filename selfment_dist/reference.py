@@ -1,5 +1,10 @@
 """The procedure as published: one image at a time, dense scipy eigensolver, numpy loops.
 
+Restates the official code (geshang777/Selfment ``train.py``: ``_tokencut_init_labels`` and
+``_unsupervised_saliency_labels``) step by step, including its degenerate cases: an empty or
+full NCut mask is returned unchanged, and an IPO update that empties a side is returned as the
+result.
+
 This is the yardstick for tests (mask agreement) and benchmarks (speed). It follows the
 TokenCut/Selfment reference code path literally and is deliberately not optimised; use
 :func:`selfment_dist.pseudo_label` for real work.
@@ -46,13 +51,16 @@ def reference_ipo(feats: np.ndarray, mask: np.ndarray, *, n_iter: int = 20,
     h, w, c = feats.shape
     x = _unit(feats).reshape(h * w, c)
     m = np.asarray(mask, dtype=bool).reshape(-1).copy()
-    ref = x[m].mean(0) - x[~m].mean(0) if 0 < m.sum() < m.size else np.zeros(c)
+    if m.all() or not m.any():
+        return m.reshape(h, w)
+    ref = x[m].mean(0) - x[~m].mean(0)
     for _ in range(n_iter):
         if m.sum() < sample_size or (~m).sum() < sample_size:
             break
         mu_fg, mu_bg = x[m].mean(0), x[~m].mean(0)
         new = x @ mu_fg > x @ mu_bg
         if new.all() or not new.any():
+            m = new  # official: the degenerate labels are the result
             break
         if (x[new].mean(0) - x[~new].mean(0)) @ ref < 0:
             new = ~new

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +65,12 @@ STANDARD_BENCHMARKS: dict[str, dict[str, Any]] = {
 
 PROTOCOLS = {
     "iou, accuracy, fmax": (
-        "unsupervised-SOD (TokenCut/SelfMask/FOUND): pred/255 vs gt>127; IoU and accuracy of "
-        "pred>0.5; fmax = max over t=k/255 (k<255, pred>t) of the image-averaged F curve, "
-        "F=(1+b2)PR/(b2 P+R+1e-7), b2=0.3^2, P=TP/(PP+1e-7), R=TP/(GP+1e-7); empty-union IoU = 1"),
+        "unsupervised-SOD, official Selfment/TokenCut protocol: pred/255 vs gt>127; per-image IoU "
+        "and accuracy of pred>0.5, averaged over images; fmax = mean over images of each image's "
+        "max over t=k/255 (k<255, pred>t) of F=(1+b2)PR/(b2 P+R+1e-7), b2=0.3^2, "
+        "P=TP/(PP+1e-7), R=TP/(GP+1e-7); empty-union IoU = 1"),
+    "fmax_curve": (
+        "not the paper's protocol: max over t of the image-averaged F curve (<= fmax)"),
     "max_fm ... mae": (
         "pysodmetrics Fmeasure (b2=0.3), WeightedFmeasure, Smeasure, Emeasure, MAE; "
         "max/mean over the image-averaged 256-threshold curves; adp = adaptive threshold"),
@@ -183,7 +187,8 @@ def _plots(d: DatasetEvaluation) -> dict[str, bytes]:
               "usod": "unsupervised-SOD (β²=0.09)"}
 
     def render(draw) -> bytes:
-        fig = Figure(figsize=(5, 4), dpi=100)
+        # Constrained layout keeps the (wrapped) title, labels and legend inside the figure.
+        fig = Figure(figsize=(5, 4), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         draw(ax)
@@ -191,7 +196,6 @@ def _plots(d: DatasetEvaluation) -> dict[str, bytes]:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
-        fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         return buf.getvalue()
@@ -201,16 +205,21 @@ def _plots(d: DatasetEvaluation) -> dict[str, bytes]:
         ax.plot(usod["recall"], usod["precision"], label=labels["usod"], linestyle="--")
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
-        ax.set_title(f"{d.name}: precision–recall ({d.n_images} images)")
+        _title(ax, f"{d.name}: precision–recall ({d.n_images} images)")
 
     def fcurve(ax):
         ax.plot(sod["threshold"], sod["fmeasure"], label=labels["sod"])
         ax.plot(usod["threshold"], usod["fmeasure"], label=labels["usod"], linestyle="--")
         ax.set_xlabel("threshold")
         ax.set_ylabel("F-measure")
-        ax.set_title(f"{d.name}: F-measure vs threshold")
+        _title(ax, f"{d.name}: F-measure vs threshold")
 
     return {"pr": render(pr), "f": render(fcurve)}
+
+
+def _title(ax, text: str) -> None:
+    """A title wrapped to the axes' width: a long dataset name must not run off both edges."""
+    ax.set_title("\n".join(textwrap.wrap(text, 52)), fontsize=10)
 
 
 def _write(fs, path: str, data: bytes) -> None:

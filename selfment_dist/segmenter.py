@@ -5,7 +5,7 @@ Like segment-anything's predictor: :class:`Segmenter` holds a frozen DINO backbo
 and turns batches of images into foreground probabilities::
 
     seg = Segmenter.from_artifact("s3://bucket/models/run1", image_size=1024)
-    sal = seg.saliency(images)                  # uint8 (B, S, S, 3) -> float32 (B, h, w)
+    sal = seg.saliency(images)                  # float32 (B, S, S, 3) in [0, 1] -> (B, h, w)
     full = upsample(sal[0], (H, W))             # float32 (H, W) in [0, 1]
     png = to_png_bytes(full)                    # 8-bit greyscale PNG, round(255 * s)
     maps = seg.predict([pil_a, pil_b])          # uint8 (H, W) each, at the images' own sizes
@@ -32,7 +32,8 @@ from .head import PatchHead
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Segmenter", "upsample", "to_uint8", "to_png_bytes", "resolve_image_size"]
+__all__ = ["Segmenter", "upsample", "to_uint8", "to_png_bytes", "resolve_image_size",
+           "default_inference_size"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,8 +90,19 @@ def to_png_bytes(saliency: np.ndarray | torch.Tensor) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Artifact metadata
 
+#: The official recipe infers at twice the training size (768 -> 1536 px).
+INFERENCE_SCALE = 2
+
+
+def default_inference_size(training_size: int) -> int:
+    """The inference size an artifact records by default: twice the training size."""
+    return INFERENCE_SCALE * int(training_size)
+
+
 def resolve_image_size(meta: dict[str, Any], image_size: int | None = None) -> int:
-    """The inference size: ``image_size`` if given, else the artifact's training size.
+    """The inference size: ``image_size`` if given, else the artifact's ``inference_image_size``
+    (for artifacts written before it was recorded: twice the training size, as the official
+    recipe).
 
     Checked here, before any model is built, so a bad size fails fast with a clear message.
 
@@ -102,11 +114,14 @@ def resolve_image_size(meta: dict[str, Any], image_size: int | None = None) -> i
     backbone_family(name)  # ValueError naming the supported backbones
     size = image_size
     if size is None:
-        size = meta.get("image_size")
-    if size is None and isinstance(meta.get("backbone"), dict):
-        size = meta["backbone"].get("image_size")
+        size = meta.get("inference_image_size")
     if size is None:
-        raise ValueError("the model artifact records no image_size; pass image_size=")
+        trained = meta.get("image_size")
+        if trained is None and isinstance(meta.get("backbone"), dict):
+            trained = meta["backbone"].get("image_size")
+        if trained is None:
+            raise ValueError("the model artifact records no image_size; pass image_size=")
+        size = default_inference_size(trained)
     try:
         check_image_size(name, size)
     except ValueError as exc:
@@ -170,8 +185,8 @@ class Segmenter:
 
         Args:
             uri: the artifact folder, local or any fsspec URL.
-            image_size: inference size; default: the training size recorded in ``model.json``.
-                Any multiple of the backbone's patch size works, larger than the training size
+            image_size: inference size; default: ``inference_image_size`` in ``model.json``
+                (twice the training size unless recorded otherwise). Any multiple of the backbone's patch size works, larger than the training size
                 included.
             device: default ``cuda`` when available, else ``cpu``.
             storage_options: fsspec options for the artifact and a checkpoint URI.
@@ -218,8 +233,9 @@ class Segmenter:
         """Foreground probability of every patch.
 
         Args:
-            images: uint8 (B, S, S, 3) RGB, HWC, S == :attr:`image_size` (see
-                :func:`~selfment_dist.backbone.resize_square`); numpy or torch on any device.
+            images: float32 (B, S, S, 3) RGB in [0, 1], HWC, S == :attr:`image_size`, from
+                :func:`~selfment_dist.backbone.resize_square` (or uint8 already at size S);
+                numpy or torch on any device.
         Returns:
             float32 numpy (B, h, w) in [0, 1], ``(h, w) == grid``: softmax(logits)[..., 1].
         """

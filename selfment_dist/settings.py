@@ -31,15 +31,19 @@ from pydantic_core import PydanticUndefined
 from typing_extensions import Annotated
 
 from .backbone import DEFAULT_BACKBONE, PRECISIONS
-from .io.images import DEFAULT_MAX_PIXELS
+from .io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from .quality import NO_OBJECT_THRESHOLD
 
 __all__ = ["Settings", "StageSettings", "PseudoLabelSettings", "TrainSettings", "SegmentSettings",
-           "EvaluateSettings", "SyntheticSettings", "ChainSettings", "DemoSettings",
-           "STAGE_SETTINGS", "SettingsError", "setting", "build_settings", "flag_of",
+           "EvaluateSettings", "InspectSettings", "ImportCheckpointSettings", "SyntheticSettings", "ChainSettings", "DemoSettings",
+           "ActorPoolSettings", "STAGE_SETTINGS", "SettingsError", "setting", "build_settings", "flag_of",
            "OUTPUT_FORMATS", "FEATURE_SOURCES"]
 
 OUTPUT_FORMATS = ("png", "parquet")
 FEATURE_SOURCES = ("auto", "stored", "backbone")
+SHUFFLES = ("full", "local")
+LR_SCALINGS = ("none", "sqrt", "linear")
+CONTRASTIVE_VARIANTS = ("official", "supcon")
 
 
 def setting(default: Any = PydanticUndefined, description: str = "", *, flag: str | None = None,
@@ -109,7 +113,21 @@ class StageSettings(Settings):
         secret=True)
 
 
-class PseudoLabelSettings(StageSettings):
+class ActorPoolSettings(StageSettings):
+    """The model actors of pseudo-label, segment and evaluate --model (see ``pipeline._plan``)."""
+    num_actors: int | None = setting(
+        None, "most model replicas (default: GPU actors as the GPU nodes hold, growing with an "
+              "autoscaler; CPU actors: one per 8 CPUs of each node)", ge=1)
+    num_gpus_per_actor: float | None = setting(
+        None, "GPUs per replica, 0 to 1 (default 1 when the cluster has GPUs now, else 0; "
+              "asks an autoscaler for GPU nodes)", ge=0.0, le=1.0)
+    cpu_fallback: bool = setting(
+        False, "let GPU actors run on CPU where CUDA is unusable (default: they refuse)")
+    actor_wait_s: float | None = setting(
+        None, "longest wait for the first model actor (default 600), then fail", gt=0.0)
+
+
+class PseudoLabelSettings(ActorPoolSettings):
     """``selfment pseudo-label``: DINO features → NCut → IPO pseudo-masks, as a parquet dataset."""
     positional: ClassVar[tuple[str, ...]] = ("inputs", "output")
     section: ClassVar[str] = "pseudo_label"
@@ -124,13 +142,16 @@ class PseudoLabelSettings(StageSettings):
     image_size: int = setting(768, "square backbone input size (a multiple of the patch size)",
                               gt=0)
     precision: Literal[PRECISIONS] = setting(
-        "auto", "backbone numerics: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
-    tau: float = setting(0.2, "NCut: affinities above it become edges", ge=-1.0, le=1.0)
+        "auto", "backbone numerics: auto (= fp32, official), fp32 or bf16 (faster, approximate)")
+    tau: float = setting(0.2, "NCut: affinities above it become edges", ge=0.0, lt=1.0)
     eps: float = setting(1e-5, "NCut: the weight of the other (dropped) edges", gt=0.0, lt=1.0)
     binary_graph: bool = setting(True, "NCut: set kept affinities to 1 (else keep them)",
                                  negative_flag="--non-binary-graph")
-    n_iter: int = setting(20, "IPO: most refinement rounds", ge=0)
+    n_iter: int = setting(20, "IPO: most refinement rounds", ge=1)
     sample_size: int = setting(10, "IPO: fewest patches a side needs to go on", ge=1)
+    no_object_threshold: float = setting(
+        NO_OBJECT_THRESHOLD, "flag rows whose confidence is below it as no_object (kept; train "
+                             "skips them by default)", ge=0.0, le=1.0, metavar="X")
     batch_size: int | None = setting(None, "images per model call (default 32 on GPU, 8 on CPU)",
                                      ge=1)
     save_ncut: bool = setting(False, "also store the NCut mask before IPO")
@@ -138,10 +159,9 @@ class PseudoLabelSettings(StageSettings):
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS,
                                      "refuse larger images (decompression bombs); null: no limit",
                                      ge=1)
-    num_actors: int | None = setting(
-        None, "model replicas (default: one per GPU, or one per 8 CPUs without GPUs)", ge=1)
-    num_gpus_per_actor: float | None = setting(
-        None, "GPUs per replica (default 1 when the cluster has GPUs, else 0)", ge=0.0)
+    max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images (file, tar "
+                                    "member, parquet cell), checked before reading", ge=1)
+    allow_empty: bool = setting(False, "succeed on inputs without images")
     rows_per_file: int | None = setting(
         None, "rows per parquet part (default 1024; 256 with --save-features)", ge=1)
     progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
@@ -158,17 +178,30 @@ class TrainSettings(StageSettings):
     workers: int = setting(2, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = setting(False, "one GPU per worker (bf16 autocast); otherwise CPU")
     epochs: int = setting(10, "passes over the usable rows", ge=1)
-    batch_size: int = setting(16, "images per step per worker", ge=1)
+    batch_size: int = setting(1, "images per step per worker (official: 1)", ge=1)
     lr: float = setting(1e-3, "Adam's learning rate", gt=0.0)
     weight_decay: float = setting(1e-5, "Adam's weight decay", ge=0.0)
+    lr_scaling: Literal[LR_SCALINGS] = setting(
+        "none", "lr x f(batch size) for the faster large-batch configuration")
+    shuffle: Literal[SHUFFLES] = setting(
+        "full", "full: whole set reshuffled every epoch (official); local: small buffer")
+    contrastive: Literal[CONTRASTIVE_VARIANTS] = setting(
+        "official", "contrastive loss variant")
     sim_weight: float = setting(0.1, "weight of the contrastive term", ge=0.0)
     temperature: float = setting(0.05, "temperature of the contrastive term", gt=0.0)
     embed_dim: int = setting(128, "width of the head's embedding", ge=1)
     checkpoint_every: int = setting(200, "steps between checkpoints (and one per epoch)", ge=1)
-    max_failures: int = setting(2, "worker failures Ray Train recovers from", ge=0)
+    max_failures: int = setting(2, "worker failures Ray Train recovers from (-1: no limit)",
+                                ge=-1)
     features: Literal[FEATURE_SOURCES] = setting(
         "auto", "stored feature column, or recompute with the frozen backbone (auto: stored "
                 "when every part has it)")
+    min_confidence: float | None = setting(
+        None, "train on rows with confidence >= X (default: skip rows flagged no_object; 0 "
+              "keeps all)", ge=0.0, le=1.0, metavar="X")
+    keep_fraction: float | None = setting(
+        None, "train on the most confident fraction F of the rows", gt=0.0, le=1.0,
+        metavar="F")
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS,
                                      "refuse larger images when recomputing features", ge=1)
     resources_per_worker: dict[str, float] | None = setting(
@@ -176,8 +209,14 @@ class TrainSettings(StageSettings):
         cli="json")
     seed: int = setting(0, "head initialisation and shuffling")
 
+    @model_validator(mode="after")
+    def _one_confidence_cut(self) -> TrainSettings:
+        if self.min_confidence is not None and self.keep_fraction is not None:
+            raise ValueError("give min_confidence or keep_fraction, not both")
+        return self
 
-class SegmentSettings(StageSettings):
+
+class SegmentSettings(ActorPoolSettings):
     """``selfment segment``: saliency maps of images with a trained model."""
     positional: ClassVar[tuple[str, ...]] = ("model", "inputs", "output")
     section: ClassVar[str] = "segment"
@@ -188,14 +227,14 @@ class SegmentSettings(StageSettings):
         flag="--input", metavar="URI")
     output: Uri = setting(description="folder of <key>.png maps (or parquet parts)", metavar="URI")
     image_size: int | None = setting(
-        None, "inference size, may exceed the training size (default: the model's)", gt=0)
+        None, "inference size (default: the model's, twice its training size)", gt=0)
     batch_size: int = setting(8, "images per model call", ge=1)
     output_format: Literal[OUTPUT_FORMATS] = setting("png", "png maps or parquet parts",
                                                      flag="--format")
     overlays: bool = setting(False, "also write images with the mask tinted (png only)")
-    num_actors: int | None = setting(None, "model replicas (default: from the cluster)", ge=1)
-    num_gpus_per_actor: float | None = setting(None, "GPUs per replica", ge=0.0)
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
+    max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images", ge=1)
+    allow_empty: bool = setting(False, "succeed on inputs without images")
     progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
 
     @model_validator(mode="after")
@@ -213,7 +252,7 @@ def _pairs(value: Any) -> Any:
     return value
 
 
-class EvaluateSettings(StageSettings):
+class EvaluateSettings(ActorPoolSettings):
     """``selfment evaluate``: folders of maps and masks, or a model and benchmarks to segment."""
     section: ClassVar[str] = "evaluate"
 
@@ -227,7 +266,10 @@ class EvaluateSettings(StageSettings):
     benchmarks: Annotated[dict[str, tuple[Uri, Uri]] | None, BeforeValidator(_pairs)] = setting(
         None, "NAME=IMAGES_URI,MASKS_URI to segment with --model and score (repeatable)",
         flag="--benchmark", metavar="NAME=IMAGES_URI,MASKS_URI", cli="benchmark")
-    image_size: int | None = setting(None, "inference size with --model", gt=0)
+    image_size: int | None = setting(
+        None, "inference size with --model (default: the model's, twice its training size)",
+        gt=0)
+    batch_size: int | None = setting(None, "images per model call with --model", ge=1)
     num_shards: int | None = setting(None, "Ray tasks per dataset (default: fill the cluster)",
                                      ge=1)
 
@@ -303,7 +345,7 @@ class DemoSettings(Settings):
                               flag="--output", metavar="DIR", min_length=1)
     n_images: int = setting(32, "training scenes", ge=1)
     n_eval: int = setting(12, "held-out scenes", ge=1)
-    image_size: int = setting(112, "backbone input size (a multiple of 16)", gt=0)
+    image_size: int = setting(224, "backbone input size (a multiple of 16)", gt=0)
     epochs: int = setting(3, "training epochs", ge=1)
     workers: int = setting(2, "Ray Train DDP workers (CPU)", ge=1)
     batch_size: int = setting(8, "images per model call and per training step", ge=1)
@@ -311,6 +353,32 @@ class DemoSettings(Settings):
         None, "hub | random | PATH (default: hub when reachable, else random)")
     backbone: str = setting(DEFAULT_BACKBONE, "timm DINO model name")
     num_cpus: int = setting(2, "CPUs of the in-process Ray", ge=1)
+    verbose: bool = setting(False, "show Ray's own output instead of one bar per stage")
+
+
+class InspectSettings(StageSettings):
+    """``selfment inspect``: contact sheets, histogram and HTML page of pseudo-labels."""
+    section: ClassVar[str] = "inspect"
+
+    labels: Uri = setting(description="pseudo-label parquet dataset", metavar="URI")
+    output: Uri = setting(description="folder for the pictures", metavar="URI")
+    per_sheet: int = setting(24, "images per contact sheet", ge=1)
+    thumb_size: int = setting(128, "pixels per image tile", ge=8)
+    max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
+
+
+class ImportCheckpointSettings(StageSettings):
+    """``selfment import-checkpoint``: an official Selfment head checkpoint → model artifact."""
+    section: ClassVar[str] = "import_checkpoint"
+
+    head: str = setting(description="official checkpoint: torch.save({'model_state': ..., "
+                                    "'args': ...})", metavar="HEAD.pth", min_length=1)
+    output: Uri = setting(description="model artifact folder", metavar="MODEL_URI")
+    backbone: str | None = setting(None, "timm DINO name (default: from the checkpoint's "
+                                         "dino_model_name, e.g. dinov3_vit7b16)")
+    weights: str = setting("hub", "backbone weights for segment: hub | random | PATH | URI")
+    image_size: int | None = setting(
+        None, "inference size (default: twice the checkpoint's img_size, i.e. 1536)", gt=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ painted with its own colours and texture (flat, stripes, noise or checker). Camo
 paint the objects with the background's texture kind and re-centre their colours on the
 background's mean and spread, plus a small colour offset: hard, but not impossible.
 
+Scenes without an object (``kind``) test whether a pipeline knows when there is nothing to
+segment: a texture, a gradient, clutter (many small shapes, none salient) carry an empty mask; an
+object that fills the frame (touching every border) carries its mask, covering most of the image.
+
 Everything is vectorised numpy and a pure function of the seed (a ``numpy.random.Generator``),
 a few milliseconds for 128x128.
 """
@@ -29,6 +33,9 @@ Seed = int | Sequence[int]
 
 MIN_FG_FRACTION = 0.03
 MAX_FG_FRACTION = 0.6
+#: Scene kinds without one salient object, in the order ``write_scenes`` cycles through them.
+NO_OBJECT_KINDS = ("texture", "gradient", "clutter", "fill")
+SCENE_KINDS = ("object", *NO_OBJECT_KINDS)
 _IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
 _WRITE_CHUNK = 256  # scenes encoded and written per fsspec ``pipe`` call
 
@@ -39,7 +46,8 @@ def scene_keys(n: int) -> list[str]:
 
 
 def make_scene(
-    seed: Seed, *, size: tuple[int, int] = (96, 128), camouflage: bool = False
+    seed: Seed, *, size: tuple[int, int] = (96, 128), camouflage: bool = False,
+    kind: str = "object",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one scene.
 
@@ -47,15 +55,24 @@ def make_scene(
         seed: anything ``numpy.random.default_rng`` takes (an int, or a sequence of ints such as
             ``(seed, index)``, which is what ``write_scenes`` uses).
         size: (H, W) in pixels, each at least 16.
-        camouflage: paint the objects with the background's colour statistics and texture kind.
+        camouflage: paint the objects with the background's colour statistics and texture kind
+            (``kind="object"`` only).
+        kind: ``"object"`` (one or two objects), or one of :data:`NO_OBJECT_KINDS`.
 
     Returns:
-        image: uint8 (H, W, 3) RGB; mask: bool (H, W), True on the objects, never empty nor full.
+        image: uint8 (H, W, 3) RGB; mask: bool (H, W), True on the objects: for ``"object"``
+        never empty nor full; empty for ``texture``/``gradient``/``clutter``; most of the image
+        for ``fill``.
     """
     h, w = (int(s) for s in size)
     if h < 16 or w < 16:
         raise ValueError(f"scene size must be at least 16x16, got {size}")
+    if kind not in SCENE_KINDS:
+        raise ValueError(f"kind must be one of {SCENE_KINDS}, got {kind!r}")
     rng = np.random.default_rng(seed)
+    if kind != "object":
+        image, fg_any = _no_object_scene(rng, kind, (h, w))
+        return _finish(rng, image, fg_any)
 
     # Background.
     bg_kind = rng.choice(["gradient", "noise", "stripes"])
@@ -74,13 +91,62 @@ def make_scene(
             layer = _paint(_texture(rng, kind, (h, w)), _distinct_colours(rng, bg_mean))
         image = np.where(obj[..., None], layer, image)
         fg_any |= obj
+    return _finish(rng, image, fg_any)
 
-    # Soft illumination and sensor noise over the whole scene.
+
+def _finish(rng: np.random.Generator, image: np.ndarray, fg_any: np.ndarray):
+    """Soft illumination and sensor noise over the whole scene; uint8 image and mask."""
+    h, w = fg_any.shape
     light = 1 + np.float32(rng.uniform(-0.15, 0.15)) * _texture(rng, "gradient", (h, w))
     image *= light[..., None]
     noise = rng.random(image.shape, dtype=np.float32) - np.float32(0.5)
     image += np.float32(rng.uniform(2, 10)) * noise  # uniform, std 0.6-2.9 levels
     return np.clip(image, 0, 255).round().astype(np.uint8), fg_any
+
+
+def _no_object_scene(rng: np.random.Generator, kind: str, shape: tuple[int, int]):
+    """float32 (H, W, 3) image and bool mask of a scene without one salient object."""
+    h, w = shape
+    colours = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+    empty = np.zeros(shape, dtype=bool)
+    if kind == "gradient":
+        return _paint(_texture(rng, "gradient", shape), colours), empty
+    if kind == "texture":
+        tex = rng.choice(["noise", "stripes", "checker"])
+        return _paint(_texture(rng, tex, shape), colours), empty
+    if kind == "clutter":  # many small shapes of many colours, none of them salient
+        image = _paint(_texture(rng, rng.choice(["gradient", "noise"]), shape), colours)
+        for _ in range(int(rng.integers(15, 35))):
+            area = rng.uniform(0.002, 0.01) * h * w
+            centre = (rng.uniform(0, h), rng.uniform(0, w))
+            blob = _ellipse(rng, shape, area, centre)
+            layer = _paint(_texture(rng, rng.choice(["flat", "noise"]), shape),
+                           rng.uniform(0, 255, size=(2, 3)))
+            image = np.where(blob[..., None], layer, image)
+        return image, empty
+    # fill: a close-up, the object's surface everywhere but a sliver of background
+    image = _paint(_texture(rng, rng.choice(["gradient", "noise"]), shape), colours)
+    r = np.sqrt(rng.uniform(1.2, 2.0) * h * w / np.pi)
+    obj = _ellipse(rng, shape, np.pi * r * r, (h / 2 + rng.uniform(-0.1, 0.1) * h,
+                                                w / 2 + rng.uniform(-0.1, 0.1) * w))
+    bg_mean, _ = _masked_stats(image, ~obj)
+    layer = _paint(_texture(rng, rng.choice(["flat", "stripes", "noise", "checker"]), shape),
+                   _distinct_colours(rng, bg_mean))
+    return np.where(obj[..., None], layer, image), obj
+
+
+def scene_kinds(n: int, *, no_object_fraction: float = 0.0) -> list[str]:
+    """Kinds of the first ``n`` scenes of :func:`write_scenes`: scene i holds no object when
+    floor((i+1)f) > floor(i f) (f = ``no_object_fraction``, spread evenly), cycling through
+    :data:`NO_OBJECT_KINDS`."""
+    kinds, k = [], 0
+    for i in range(n):
+        if _is_camouflaged(i, no_object_fraction):
+            kinds.append(NO_OBJECT_KINDS[k % len(NO_OBJECT_KINDS)])
+            k += 1
+        else:
+            kinds.append("object")
+    return kinds
 
 
 def write_scenes(
@@ -91,20 +157,25 @@ def write_scenes(
     size: tuple[int, int] = (96, 128),
     image_format: str = "jpg",
     camouflage_fraction: float = 0.25,
+    no_object_fraction: float = 0.0,
     storage_options: dict[str, Any] | None = None,
 ) -> list[str]:
     """Write ``n`` scenes as ``<root>/images/<key>.<image_format>`` and ``<root>/masks/<key>.png``.
 
-    Scene ``i`` is ``make_scene((seed, i), size=size, camouflage=...)``; the camouflaged ones are
-    spread evenly (scene i is camouflaged when floor((i+1)f) > floor(i f), f = camouflage_fraction),
-    so scene i does not depend on ``n``. Masks are 8-bit L PNGs with values 0/255. ``root_uri`` is
-    a local path or fsspec URL. Returns ``scene_keys(n)``.
+    Scene ``i`` is ``make_scene((seed, i), size=size, camouflage=..., kind=...)``; the camouflaged
+    ones are spread evenly (scene i is camouflaged when floor((i+1)f) > floor(i f),
+    f = camouflage_fraction), so scene i does not depend on ``n``; so are the scenes without an
+    object (``no_object_fraction``, kinds from :func:`scene_kinds`; they take precedence over
+    camouflage). Masks are 8-bit L PNGs with values 0/255. ``root_uri`` is a local path or fsspec
+    URL. Returns ``scene_keys(n)``.
     """
     ext = image_format.lower().lstrip(".")
     if ext not in _IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {sorted(_IMAGE_FORMATS)}, got {image_format!r}")
     if not 0.0 <= camouflage_fraction <= 1.0:
         raise ValueError(f"camouflage_fraction must be in [0, 1], got {camouflage_fraction}")
+    if not 0.0 <= no_object_fraction <= 1.0:
+        raise ValueError(f"no_object_fraction must be in [0, 1], got {no_object_fraction}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     fs, root = url_to_fs(root_uri, storage_options)
@@ -113,10 +184,12 @@ def write_scenes(
         fs.makedirs(f"{root}/{sub}", exist_ok=True)
 
     keys = scene_keys(n)
+    kinds = scene_kinds(n, no_object_fraction=no_object_fraction)
     for start in range(0, n, _WRITE_CHUNK):
         files: dict[str, bytes] = {}
         for i in range(start, min(start + _WRITE_CHUNK, n)):
-            image, mask = make_scene((seed, i), size=size, camouflage=_is_camouflaged(i, camouflage_fraction))
+            image, mask = make_scene((seed, i), size=size, kind=kinds[i],
+                                     camouflage=_is_camouflaged(i, camouflage_fraction))
             files[f"{root}/images/{keys[i]}.{ext}"] = _encode(image, _IMAGE_FORMATS[ext])
             files[f"{root}/masks/{keys[i]}.png"] = _encode(mask.astype(np.uint8) * 255, "PNG")
         fs.pipe(files)
@@ -338,11 +411,16 @@ def _blob(rng, shape, area, centre) -> np.ndarray:
 # Patch features (no image): for algorithm tests and benchmarks.
 
 
-def make_patch_features(rng: np.random.Generator, h: int, w: int, c: int, *, noise: float = 0.5) -> np.ndarray:
+def make_patch_features(rng: np.random.Generator, h: int, w: int, c: int, *, noise: float = 0.5,
+                        with_object: bool = True, return_mask: bool = False):
     """(h, w, c) float32 unnormalised patch features shaped like DINO's on an object-centric
     image: an object (an ellipse whose patches share a direction, drifting towards a second
     "part" direction) on a background drifting smoothly between three directions, plus noise.
-    For algorithm tests and benchmarks, where real features are not at hand."""
+    For algorithm tests and benchmarks, where real features are not at hand.
+
+    ``with_object=False`` leaves the background alone (a scene without an object; the same
+    random draws are made, so the rest of the stream does not shift). ``return_mask`` also
+    returns the bool (h, w) object mask (empty without an object)."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
     ry, rx = rng.uniform(0.15, 0.35) * max(h, 2), rng.uniform(0.15, 0.35) * max(w, 2)
@@ -350,7 +428,7 @@ def make_patch_features(rng: np.random.Generator, h: int, w: int, c: int, *, noi
     dy, dx = yy - cy, xx - cx
     u = dy * np.cos(theta) + dx * np.sin(theta)
     v = -dy * np.sin(theta) + dx * np.cos(theta)
-    fg = (u / ry) ** 2 + (v / rx) ** 2 < 1
+    fg = ((u / ry) ** 2 + (v / rx) ** 2 < 1) & with_object
     fg_dir = rng.normal(size=c)
     part_dir = fg_dir + 0.6 * rng.normal(size=c)
     bg_dirs = rng.normal(size=(3, c))
@@ -362,7 +440,7 @@ def make_patch_features(rng: np.random.Generator, h: int, w: int, c: int, *, noi
     part = np.clip((u / ry + 1) / 2, 0, 1)[..., None]
     obj = (1 - 0.5 * part) * fg_dir + 0.5 * part * part_dir
     feats = np.where(fg[..., None], obj, bg) * 1.0 + noise * rng.normal(size=(h, w, c))
-    return feats.astype(np.float32)
+    return (feats.astype(np.float32), fg) if return_mask else feats.astype(np.float32)
 
 
 def make_patch_feature_batch(rng: np.random.Generator, b: int, h: int, w: int, c: int, **kwargs) -> np.ndarray:

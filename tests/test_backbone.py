@@ -139,14 +139,14 @@ def test_precision():
     assert b.dtype == torch.float32 and torch.allclose(b.norm(dim=-1), torch.ones(2, 4, 4))
     assert not torch.equal(a, b)  # really ran in bf16 ...
     assert (a * b).sum(-1).min() > 0.98  # ... and gives nearly the same features
-    assert bb.resolve_precision("auto", "cuda") == "bf16"
+    assert bb.resolve_precision("auto", "cuda") == "fp32"  # official numerics on GPUs too
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
         build_backbone(DINO, weights="random", image_size=64, precision="fp16")
 
 
 @pytest.mark.parametrize("bad,err", [
-    (np.zeros((2, 64, 64, 3), np.float32), "uint8"),
-    (torch.zeros((2, 64, 64, 3), dtype=torch.float32), "uint8"),
+    (np.zeros((2, 64, 64, 3), np.float64), "float32 in \\[0, 1\\] or uint8"),
+    (torch.zeros((2, 64, 64, 3), dtype=torch.float16), "float32 in \\[0, 1\\] or uint8"),
     (np.zeros((64, 64, 3), np.uint8), r"\(B, 64, 64, 3\)"),
     (np.zeros((2, 3, 64, 64), np.uint8), r"\(B, 64, 64, 3\)"),
     (np.zeros((2, 80, 80, 3), np.uint8), r"\(B, 64, 64, 3\)"),
@@ -160,13 +160,28 @@ def test_bad_inputs(bad, err):
 def test_resize_square_any_mode(mode):
     image = Image.fromarray(_images(40, n=1)[0][:30]).convert(mode)  # 40x30, not square
     out = resize_square(image, 48)
-    assert out.shape == (48, 48, 3) and out.dtype == np.uint8
+    assert out.shape == (48, 48, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out, resize_square(image.convert("RGB"), 48))
 
 
-def test_resize_square_is_bicubic_rgb():
-    image = Image.fromarray(_images(40, n=1)[0])
-    expected = np.asarray(image.resize((24, 24), Image.Resampling.BICUBIC))
-    assert np.array_equal(resize_square(image, 24), expected)
+@pytest.mark.parametrize("size", [24, 48, 64])
+def test_resize_square_is_the_official_transform(size):
+    """torchvision's ToTensor then Resize((s, s), antialias=True), as the official code; down-
+    and upsampling, from a non-square image."""
+    tvt = pytest.importorskip("torchvision.transforms", reason="torchvision not installed")
+    image = Image.fromarray(_images(40, n=1)[0][:30])
+    expected = tvt.Compose([tvt.ToTensor(), tvt.Resize((size, size), antialias=True)])(image)
+    np.testing.assert_allclose(resize_square(image, size), expected.permute(1, 2, 0).numpy(),
+                               rtol=0, atol=1e-6)
+    # Not the old path (uint8 bicubic, then /255): the order of the steps shows in the values.
+    old = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+    assert np.abs(resize_square(image, size) - old).max() > 1e-2
+
+
+def test_backbone_takes_float_and_uint8_pixels_alike():
+    backbone = _random(DEFAULT_BACKBONE, 64)
+    u8 = _images(64)
+    torch.testing.assert_close(backbone(u8), backbone(u8.astype(np.float32) / 255))
 
 
 def test_hub_weights_go_through_timm_pretrained(monkeypatch):
@@ -236,9 +251,23 @@ def test_timm_layout_checkpoint_on_s3(s3_bucket, suffix):
 def test_checkpoint_resamples_position_embedding(tmp_path):
     """A DINO v1 checkpoint at one size loads into a model at another (like 224 → 768)."""
     path = tmp_path / "dino64.safetensors"
-    save_file(_state(_random(DINO, 64)), str(path))
+    src = _random(DINO, 64)
+    save_file(_state(src), str(path))
     loaded = build_backbone(DINO, weights=path, image_size=96, device="cpu")
     assert loaded(_images(96)).shape == (2, 6, 6, 384)
+    # Values, not just the shape: the 4x4 patch grid of position embeddings resampled to 6x6
+    # the way timm does it (bicubic, antialias), the cls slot untouched, the rest identical.
+    from timm.layers import resample_abs_pos_embed
+
+    pos = _state(src)["pos_embed"]
+    want = resample_abs_pos_embed(pos, new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=1,
+                                  interpolation="bicubic", antialias=True)
+    got = loaded.model.pos_embed.detach()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[:, :1], pos[:, :1], rtol=0, atol=0)
+    assert not torch.allclose(got[:, 1:7], got[:, 7:13])  # a real 2-D resampling, not a copy
+    state, ref = loaded.model.state_dict(), _state(src)
+    assert all(torch.equal(state[k], ref[k]) for k in ref if k != "pos_embed")
 
 
 def test_dino_v1_training_checkpoint(tmp_path):
@@ -290,24 +319,52 @@ def test_dinov2_original_layout_with_registers_and_chunks(tmp_path):
     assert torch.allclose(loaded(x), src(x), atol=1e-6)
 
 
-def test_dinov3_original_layout(tmp_path):
-    """facebookresearch/dinov3 hub-style backbone: storage_tokens, ls1/ls2.gamma, masked qkv
-    bias, rope_embed.periods, mask_token."""
-    src = _random(DEFAULT_BACKBONE, 64)
-    original = {"mask_token": torch.zeros(1, 384),
-                "rope_embed.periods": torch.arange(16, dtype=torch.float32)}
+def _dinov3_original(src, *, qkv_bias=None, periods=None) -> dict:
+    """timm state of ``src`` → facebookresearch/dinov3 layout, with random non-zero values in
+    every tensor that the conversion drops (mask token) or must check (rope periods, q/v bias)."""
+    g = torch.Generator().manual_seed(1)
+    model_periods = src.model.rope.periods.clone()
+    original = {"mask_token": torch.randn(1, 384, generator=g),
+                "rope_embed.periods": model_periods if periods is None else periods}
     for k, v in _state(src).items():
         k = (k.replace("reg_token", "storage_tokens")
              .replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma"))
         original[k] = v
         if k.endswith("attn.qkv.weight"):
-            original[k.replace("weight", "bias")] = torch.zeros(3 * 384)
-            original[k.replace("weight", "bias_mask")] = torch.ones(3 * 384)
+            mask = torch.ones(3 * 384)
+            mask[384:768] = 0  # the k part is masked out, as in DINOv3
+            bias = torch.randn(3 * 384, generator=g) * (1 - mask) if qkv_bias is None else qkv_bias
+            original[k.replace("weight", "bias")] = bias
+            original[k.replace("weight", "bias_mask")] = mask
+    return original
+
+
+def test_dinov3_original_layout(tmp_path):
+    """facebookresearch/dinov3 hub-style backbone: storage_tokens, ls1/ls2.gamma, masked qkv
+    bias, rope_embed.periods, mask_token; random non-zero values everywhere, and a non-zero bias
+    only where the mask zeroes it (k), so the features must be identical."""
+    src = _random(DEFAULT_BACKBONE, 64)
     path = tmp_path / "dinov3_vits16_pretrain.pth"
-    torch.save(original, path)
+    torch.save(_dinov3_original(src), path)
     loaded = build_backbone(DEFAULT_BACKBONE, weights=path, image_size=64, device="cpu")
     x = _images(64)
     assert torch.equal(loaded(x), src(x))
+
+
+@pytest.mark.parametrize("what", ["qkv_bias", "periods"])
+def test_dinov3_tensors_timm_would_drop_must_be_harmless(tmp_path, what):
+    src = _random(DEFAULT_BACKBONE, 64)
+    g = torch.Generator().manual_seed(2)
+    if what == "qkv_bias":  # a real q/v bias: ViT-S without qkv bias cannot represent it
+        state = _dinov3_original(src, qkv_bias=torch.randn(3 * 384, generator=g))
+        match = "qkv.bias is non-zero"
+    else:
+        state = _dinov3_original(src, periods=src.model.rope.periods * 1.5)
+        match = "rope periods"
+    path = tmp_path / "dinov3.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=match):
+        build_backbone(DEFAULT_BACKBONE, weights=path, image_size=64, device="cpu")
 
 
 class _Payload:

@@ -1,4 +1,9 @@
-"""PatchHead shapes and selfment_loss against a slow float64 per-image reference."""
+"""PatchHead shapes and selfment_loss against a slow float64 per-image reference.
+
+The reference restates the official definitions (geshang777/Selfment ``train.py``:
+``contrastive_loss_full_patch``, ``dice_loss`` with 1e-6, BCE on logits[:, 1]) with plain loops,
+independently of our vectorised code and of its constants.
+"""
 from __future__ import annotations
 
 import math
@@ -8,7 +13,9 @@ import pytest
 import torch
 
 from selfment_dist.head import HIDDEN_DIM, PatchHead
-from selfment_dist.losses import DICE_SMOOTH, selfment_loss
+from selfment_dist.losses import selfment_loss
+
+OFFICIAL_DICE_SMOOTH = 1e-6  # written out: the test must not follow our constant
 
 
 def _assert_close(actual, expected, *, rtol=1e-5, atol=1e-6):
@@ -27,9 +34,10 @@ def test_head_shapes(lead):
     logits, emb = head(torch.randn(*lead, 24))
     assert logits.shape == (*lead, 2)
     assert emb.shape == (*lead, 16)
-    sal = head.saliency(torch.randn(*lead, 24))
+    feats = torch.randn(*lead, 24)
+    sal = head.saliency(feats)
     assert sal.shape == lead and sal.dtype == torch.float32
-    assert bool(((sal >= 0) & (sal <= 1)).all())
+    _assert_close(sal, torch.softmax(head(feats)[0], -1)[..., 1])
 
 
 def test_head_architecture_and_defaults():
@@ -60,7 +68,7 @@ def test_head_casts_half_features_and_checks_channels():
 # Loss: a deliberately slow reference, loops and float64, straight from the definitions.
 
 
-def _reference_image(logits, emb, labels, sim_weight, temperature):
+def _reference_image(logits, emb, labels, sim_weight, temperature, variant="official"):
     logits = np.asarray(logits, dtype=np.float64)
     emb = np.asarray(emb, dtype=np.float64)
     y = [1.0 if v else 0.0 for v in np.asarray(labels)]
@@ -75,9 +83,11 @@ def _reference_image(logits, emb, labels, sim_weight, temperature):
         p.append(math.exp(logits[i, 1] - m) / (math.exp(logits[i, 0] - m) + math.exp(logits[i, 1] - m)))
     bce /= n
     inter = sum(p[i] * y[i] for i in range(n))
-    dice = 1 - (2 * inter + DICE_SMOOTH) / (sum(p) + sum(y) + DICE_SMOOTH)
+    dice = 1 - (2 * inter + OFFICIAL_DICE_SMOOTH) / (sum(p) + sum(y) + OFFICIAL_DICE_SMOOTH)
 
     z = [e / np.linalg.norm(e) for e in emb]
+    if variant == "official":
+        return bce, dice, _official_contrastive(z, y, temperature)
     anchor_losses = []
     for i in range(n):
         positives = [j for j in range(n) if j != i and y[j] == y[i]]
@@ -90,7 +100,24 @@ def _reference_image(logits, emb, labels, sim_weight, temperature):
     return bce, dice, contrastive
 
 
-def _reference(logits, emb, labels, valid=None, sim_weight=0.1, temperature=0.05):
+def _official_contrastive(z, y, temperature):
+    """The official loss: 0 unless both classes have >= 2 patches; log-softmax over each full row
+    (self included); per anchor the mean -log p over its positives; mean over all anchors."""
+    n = len(y)
+    if sum(y) < 2 or n - sum(y) < 2:
+        return 0.0
+    total = 0.0
+    for i in range(n):
+        row = [float(z[i] @ z[a]) / temperature for a in range(n)]
+        top = max(row)
+        log_norm = top + math.log(sum(math.exp(r - top) for r in row))
+        positives = [j for j in range(n) if j != i and y[j] == y[i]]
+        total += -sum(row[j] - log_norm for j in positives) / len(positives)
+    return total / n
+
+
+def _reference(logits, emb, labels, valid=None, sim_weight=0.1, temperature=0.05,
+               variant="official"):
     per_image = []
     for b in range(logits.shape[0]):
         keep = np.ones(logits.shape[1], bool) if valid is None else valid[b].numpy()
@@ -98,7 +125,7 @@ def _reference(logits, emb, labels, valid=None, sim_weight=0.1, temperature=0.05
             continue
         per_image.append(
             _reference_image(logits[b][keep].numpy(), emb[b][keep].numpy(), labels[b][keep].numpy(),
-                             sim_weight, temperature)
+                             sim_weight, temperature, variant)
         )
     bce, dice, con = (sum(t[k] for t in per_image) / len(per_image) for k in range(3))
     return {"bce": bce, "dice": dice, "contrastive": con, "total": bce + dice + sim_weight * con}
@@ -112,10 +139,12 @@ def _batch(b, n, e, seed, fg_prob=0.4):
     return logits, emb, labels
 
 
-def _assert_matches(out, ref):
+def _assert_matches(out, ref, dtype=torch.float32):
+    # float32 carries ~7 digits (and logsumexp of values up to 1/T = 20); float64 is held to 1e-9.
+    tol = 1e-5 if dtype == torch.float32 else 1e-9
     for key in ("total", "bce", "dice", "contrastive"):
-        assert out[key].dim() == 0 and out[key].dtype == torch.float32, key
-        assert abs(out[key].item() - ref[key]) <= 1e-5 * max(1.0, abs(ref[key])), (key, out[key].item(), ref[key])
+        assert out[key].dim() == 0 and out[key].dtype == dtype, key
+        assert abs(out[key].item() - ref[key]) <= tol * max(1.0, abs(ref[key])), (key, out[key].item(), ref[key])
 
 
 @pytest.mark.parametrize(
@@ -126,13 +155,59 @@ def test_loss_matches_reference(b, n, e, seed):
     _assert_matches(selfment_loss(logits, emb, labels), _reference(logits, emb, labels))
 
 
+@pytest.mark.parametrize(
+    "b,n,e,seed", [(4, 23, 8, 0), (3, 40, 16, 1), (1, 12, 4, 2), (2, 1, 8, 3), (2, 2, 5, 5)]
+)
+def test_loss_matches_official_in_float64(b, n, e, seed):
+    logits, emb, labels = _batch(b, n, e, seed)
+    out = selfment_loss(logits.double(), emb.double(), labels)
+    _assert_matches(out, _reference(logits, emb, labels), dtype=torch.float64)
+
+
 def test_loss_all_foreground_and_all_background_images():
-    logits, emb, labels = _batch(4, 15, 6, 7)
+    logits, emb, labels = _batch(6, 15, 6, 7)
     labels[0] = True   # all foreground
     labels[1] = False  # all background
     labels[2] = False
-    labels[2, 4] = True  # a single foreground patch: it is an anchor without positives
-    _assert_matches(selfment_loss(logits, emb, labels), _reference(logits, emb, labels))
+    labels[2, 4] = True  # a single foreground patch: no contrastive term for the image
+    labels[3] = True
+    labels[3, :2] = False  # exactly two background patches: the term is there
+    labels[4] = True
+    labels[4, 7] = False  # a single background patch
+    labels[5, :] = False
+    labels[5, :2] = True   # two foreground patches
+    out = selfment_loss(logits, emb, labels)
+    _assert_matches(out, _reference(logits, emb, labels))
+    _assert_matches(selfment_loss(logits.double(), emb.double(), labels),
+                    _reference(logits, emb, labels), dtype=torch.float64)
+    # Per image: the one-patch classes give exactly 0, the two-patch ones do not.
+    per_image = [selfment_loss(logits[i:i + 1], emb[i:i + 1], labels[i:i + 1])["contrastive"].item()
+                 for i in range(6)]
+    assert per_image[0] == per_image[1] == per_image[2] == per_image[4] == 0.0
+    assert per_image[3] > 0 and per_image[5] > 0
+
+
+def test_dice_smoothing_is_official():
+    # An empty mask with p = 0.5 everywhere: 1 - s / (2 + s) is ~1 with s = 1e-6 and 2/3 with the
+    # old s = 1. Pins the constant through behaviour.
+    logits = torch.zeros(1, 4, 2, dtype=torch.float64)
+    emb = torch.randn(1, 4, 3, dtype=torch.float64)
+    labels = torch.zeros(1, 4, dtype=torch.bool)
+    expected = 1 - OFFICIAL_DICE_SMOOTH / (2.0 + OFFICIAL_DICE_SMOOTH)
+    got = selfment_loss(logits, emb, labels)["dice"].item()
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_supcon_variant_is_kept_as_an_option():
+    logits, emb, labels = _batch(4, 23, 8, 0)
+    labels[1] = False
+    labels[1, 3] = True  # one-patch class: SupCon still scores the other class's anchors
+    out = selfment_loss(logits.double(), emb.double(), labels, contrastive="supcon")
+    _assert_matches(out, _reference(logits, emb, labels, variant="supcon"), dtype=torch.float64)
+    official = selfment_loss(logits, emb, labels)["contrastive"].item()
+    assert abs(out["contrastive"].item() - official) > 0.1
+    with pytest.raises(ValueError, match="contrastive"):
+        selfment_loss(logits, emb, labels, contrastive="nope")
 
 
 def test_loss_options_and_label_dtypes():

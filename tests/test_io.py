@@ -90,7 +90,13 @@ def test_schema_matches_contract():
     types = {f.name: f.type for f in PSEUDO_LABEL_SCHEMA}
     assert types == {"key": pa.string(), "source": pa.string(), "width": pa.int32(),
                      "height": pa.int32(), "grid_h": pa.int16(), "grid_w": pa.int16(),
-                     "mask": pa.binary(), "fg_fraction": pa.float32(), "error": pa.string()}
+                     "mask": pa.binary(), "fg_fraction": pa.float32(), "error": pa.string(),
+                     "error_kind": pa.string(),
+                     # issue 13: quality columns
+                     "fiedler_value": pa.float32(), "spectral_gap": pa.float32(),
+                     "ncut_value": pa.float32(), "border_fraction": pa.float32(),
+                     "ipo_change": pa.float32(), "ipo_converged": pa.bool_(),
+                     "confidence": pa.float32(), "no_object": pa.bool_()}
     full = pseudo_label_schema(ncut_mask=True, features=True)
     assert full.names[-2:] == ["ncut_mask", "features"]
     assert full.field("ncut_mask").type == pa.binary() == full.field("features").type

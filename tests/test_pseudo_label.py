@@ -244,7 +244,8 @@ def _cli(args: list[str], capsys) -> dict:
     capsys.readouterr()
     assert cli_main(["pseudo-label", *args, *CLI]) == 0
     out = capsys.readouterr().out
-    return json.loads(out[out.rindex("{\n"):])
+    start = out.rindex("\n{\n") + 1 if not out.startswith("{\n") else 0  # the top-level object
+    return json.loads(out[start:])
 
 
 def test_parquet_and_webdataset_with_optional_columns(corpus, reference, tmp_path, capsys):
@@ -275,11 +276,14 @@ def test_s3_in_and_out(s3_bucket, corpus, reference, capsys):
 def test_resume_is_a_noop_when_complete(folder_run, corpus):
     output, first = folder_run
     parts = sorted(p.name for p in Path(output).glob("*.parquet"))
+    # The fixture's output is shared: compare with its history as this test finds it.
+    history = [(r["run_id"], r["status"]) for r in _manifest(output)["runs"]]
     summary = run_pseudo_label(corpus["folder"], output, rows_per_file=8, **RUN)
     assert summary["images"] == 0 and summary["skipped"] == first["images"]
     assert summary["rows_total"] == first["rows_total"]
     assert sorted(p.name for p in Path(output).glob("*.parquet")) == parts
-    assert [r["status"] for r in _manifest(output)["runs"]] == ["complete", "complete"]
+    assert [(r["run_id"], r["status"]) for r in _manifest(output)["runs"]] == [
+        *history, (summary["run_id"], "complete")]
 
 
 def test_resume_after_a_killed_run(folder_run, corpus, reference, tmp_path):

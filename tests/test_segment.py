@@ -71,8 +71,11 @@ def model(tmp_path_factory):
         head.classifier.bias.mul_(scale)
         head.classifier.bias[1] -= float(diff.mean()) * scale
     uri = str(tmp_path_factory.mktemp("model") / "artifact")
+    # Inference recorded at the training size (the default would be twice it) to keep the
+    # Ray tests small; tests/test_official_semantics.py checks the default.
     meta = save_artifact(uri, head, {"backbone": BACKBONE, "weights": "random",
-                                     "image_size": TRAIN_SIZE, "training": {"epochs": 0}})
+                                     "image_size": TRAIN_SIZE, "inference_image_size": TRAIN_SIZE,
+                                     "training": {"epochs": 0}})
     return uri, Segmenter(backbone, head, meta=meta)
 
 
@@ -205,7 +208,7 @@ def test_stages_in_process(model, corpus, tmp_path, monkeypatch):
     real = seg.saliency
 
     def flaky(images):  # fails on any batch holding the all-black image
-        if any(int(im.max()) == 0 for im in images):
+        if any(float(im.max()) == 0 for im in images):  # float pixels in [0, 1]
             raise RuntimeError("injected failure")
         return real(images)
 
@@ -253,7 +256,10 @@ def test_maps_inside_an_input_folder_are_not_inputs(tmp_path):
 
 def test_artifact_metadata_resolution():
     meta = {"backbone": {"name": BACKBONE, "weights": "random", "image_size": 64}}
-    assert resolve_image_size(meta) == 64 and resolve_image_size(meta, 128) == 128
+    # No recorded inference size: twice the training size (the official 768 -> 1536 rule).
+    assert resolve_image_size(meta) == 128 and resolve_image_size(meta, 48) == 48
+    assert resolve_image_size({**meta, "inference_image_size": 96}) == 96
+    assert resolve_image_size({**meta, "inference_image_size": 96}, 64) == 64
     with pytest.raises(ValueError, match="no image_size"):
         resolve_image_size({"backbone": BACKBONE})
     with pytest.raises(ValueError, match="names no backbone"):

@@ -119,14 +119,15 @@ def test_unknown_keys_and_wrong_types_are_one_line_each(tmp_path):
     with pytest.raises(SettingsError) as err:
         chain.stage_settings(load_config(str(path)), "pseudo_label")
     assert err.value.problems[0] == "batchsize: unknown top-level option"
-    assert err.value.problems[1].startswith("pseudo_label.taux: unknown option; valid: address,")
+    assert err.value.problems[1].startswith("pseudo_label.taux: unknown option; valid: actor_wait_s,")
 
 
 def test_command_line_errors_exit_2_before_running(capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["pseudo-label", "--input", "a", "--output", "b", "--tau", "2"])
     assert exit_.value.code == 2
-    assert "pseudo_label.tau: Input should be less than or equal to 1" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "selfment: error: pseudo_label.tau: Input should be less than 1 (got 2.0)\n")
 
 
 def test_secrets_are_never_serialised():

@@ -4,7 +4,11 @@ Every way an input can be unusable ends in :class:`ImageDecodeError` with a one-
 (which becomes the ``error`` of that image's row), never in a crash or a silent skip:
 
 - empty file (0 bytes);
-- not an image (e.g. a text file named ``.jpg``): the format is not recognised;
+- too many bytes (``max_bytes``), checked before the image is parsed (sources check it before
+  reading, see :mod:`.sources`);
+- not an image (e.g. a text file named ``.jpg``), or a format outside :data:`FORMATS`: only
+  JPEG, PNG, WebP, GIF, BMP and TIFF are ever opened, whatever the file is named, so none of
+  Pillow's other parsers (EPS, PSD, FITS, ...) can be reached from an input;
 - too many pixels (decompression bombs): the size is read from the header and checked *before*
   the pixel data is decoded;
 - an unsupported mode (32-bit integer or float images, whose scaling to 8 bits is ambiguous);
@@ -21,14 +25,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageDecodeError", "decode_image", "DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS"]
+__all__ = ["ImageDecodeError", "decode_image", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES",
+           "IMAGE_EXTENSIONS", "FORMATS"]
 
 #: Default pixel-count limit (width × height) against decompression bombs: 100 megapixels.
 DEFAULT_MAX_PIXELS = 100_000_000
+#: Default byte limit of one encoded image (a file, a tar member, a parquet cell): 32 MiB, far
+#: above any web image, far below what would strain a decode task's memory.
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
-#: File extensions read as images (lower case, without the dot).
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff",
-                              "ppm", "pgm", "pbm", "pnm", "jfif", "jp2", "tga", "ico"})
+#: The only formats Pillow may open (Pillow format ids); every other format is an error row.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: File extensions read as images (lower case, without the dot): those of :data:`FORMATS`.
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "jfif", "png", "webp", "bmp", "gif", "tif", "tiff"})
 
 # 8-bit modes PIL converts to RGB faithfully; 16-bit greyscale is scaled by hand (>> 8).
 _RGB_CONVERTIBLE = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX",
@@ -40,6 +49,11 @@ class ImageDecodeError(ValueError):
     """An input that cannot be turned into an RGB image; the message says why, in one line."""
 
 
+def too_many_bytes(size: int, max_bytes: int) -> str:
+    """The error message for an input of ``size`` bytes over ``max_bytes``."""
+    return f"too many bytes: {size:,} > max_bytes {max_bytes:,}"
+
+
 def _head(data: bytes, n: int = 16) -> str:
     return repr(bytes(data[:n]))
 
@@ -48,24 +62,27 @@ def _open(data: bytes) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"too many pixels (decompression bomb guard): {exc}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            f"not an image: unrecognised format ({len(data)} bytes starting {_head(data)})"
+            f"not an image: unrecognised format ({len(data)} bytes starting {_head(data)}); "
+            f"supported: {', '.join(FORMATS)}"
         ) from None
     except Exception as exc:  # a recognised header that is itself broken
         raise ImageDecodeError(f"unreadable image header: {type(exc).__name__}: {exc}") from None
 
 
-def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 max_bytes: int | None = DEFAULT_MAX_BYTES) -> Image.Image:
     """Decode encoded image bytes to an RGB image, EXIF orientation applied.
 
     Args:
         data: the file's bytes (JPEG, PNG, WebP, …).
         max_pixels: largest accepted ``width * height`` (as stored, before orientation);
             ``None`` disables the check (PIL's own bomb guard still applies).
+        max_bytes: largest accepted ``len(data)``; ``None`` disables the check.
     Returns:
         ``PIL.Image`` in mode ``"RGB"``, size ``(width, height)`` after EXIF orientation.
     Raises:
@@ -73,6 +90,8 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty file (0 bytes)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageDecodeError(too_many_bytes(len(data), max_bytes))
     im = _open(data)
     fmt = im.format or "image"
 

@@ -12,6 +12,18 @@ grid_h/grid_w  int16     patch grid of ``mask``; null on error rows
 mask           binary    ``numpy.packbits`` of the bool (grid_h, grid_w) mask, C order (io.masks)
 fg_fraction    float32   share of foreground patches; null on error rows
 error          string    null when fine, else a one-line reason (decode or model failure)
+error_kind     string    null when fine; ``transient`` (I/O, timeouts, throttling, a model
+                         failure: a re-run retries the key) or ``permanent`` (bad data, too
+                         large: a re-run keeps the row)
+fiedler_value  float32   quality signals (``selfment_dist.quality``), null on error rows:
+spectral_gap   float32   λ2 and λ3 − λ2 of the NCut graph, the normalised-cut value of its
+ncut_value     float32   split, the share of the grid's outer ring in the mask, the share of
+border_fraction float32  patches IPO moved, whether IPO reached a fixed point
+ipo_change     float32
+ipo_converged  bool
+confidence     float32   in [0, 1]: calibrated trust in the mask (``benchmarks/confidence.py``)
+no_object      bool      confidence below the run's ``no_object_threshold``: ``train`` skips the
+                         row by default; null on error rows
 ncut_mask      binary    optional (``save_ncut``): the NCut mask before IPO, same encoding
 features       binary    optional (``save_features``): the unit-norm patch features as raw
                          little-endian float16 in C order (grid_h, grid_w, C): ``grid_h*grid_w*C``
@@ -27,8 +39,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "error_row", "encode_features",
-           "decode_features", "OPTIONAL_COLUMNS"]
+#: ``error_kind`` values: retried by a re-run, or kept.
+TRANSIENT, PERMANENT = "transient", "permanent"
+
+__all__ = ["TRANSIENT", "PERMANENT", "PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "error_row",
+           "encode_features", "decode_features", "OPTIONAL_COLUMNS", "QUALITY_COLUMNS"]
 
 _BASE_FIELDS = [
     pa.field("key", pa.string(), nullable=False),
@@ -40,7 +55,21 @@ _BASE_FIELDS = [
     pa.field("mask", pa.binary()),
     pa.field("fg_fraction", pa.float32()),
     pa.field("error", pa.string()),
+    pa.field("error_kind", pa.string()),
 ]
+# Quality columns: how much to trust each mask (after the base columns, before the optional ones).
+_QUALITY_FIELDS = [
+    pa.field("fiedler_value", pa.float32()),
+    pa.field("spectral_gap", pa.float32()),
+    pa.field("ncut_value", pa.float32()),
+    pa.field("border_fraction", pa.float32()),
+    pa.field("ipo_change", pa.float32()),
+    pa.field("ipo_converged", pa.bool_()),
+    pa.field("confidence", pa.float32()),
+    pa.field("no_object", pa.bool_()),
+]
+#: The quality columns' names (null on error rows).
+QUALITY_COLUMNS = tuple(f.name for f in _QUALITY_FIELDS)
 _NCUT_FIELD = pa.field("ncut_mask", pa.binary())
 _FEATURES_FIELD = pa.field(
     "features", pa.binary(),
@@ -57,7 +86,7 @@ _SCHEMA_METADATA = {
 
 def pseudo_label_schema(*, ncut_mask: bool = False, features: bool = False) -> pa.Schema:
     """The contract's schema, with the optional ``ncut_mask`` / ``features`` columns."""
-    fields = list(_BASE_FIELDS)
+    fields = list(_BASE_FIELDS) + _QUALITY_FIELDS
     if ncut_mask:
         fields.append(_NCUT_FIELD)
     if features:
@@ -70,15 +99,17 @@ PSEUDO_LABEL_SCHEMA = pseudo_label_schema()
 
 
 def error_row(key: str, source: str, message: str, *, width: int | None = None,
-              height: int | None = None) -> dict:
+              height: int | None = None, kind: str = "permanent") -> dict:
     """A row for an image that could not be labelled: everything but the ids (and the size when
     it is known) is null, ``error`` holds ``message``. Optional columns, when the schema has
-    them, are null too (pyarrow fills missing keys with null)."""
+    them, are null too (pyarrow fills missing keys with null). ``kind``: ``transient`` or
+    ``permanent`` (see the ``error_kind`` column)."""
     if not message:
         raise ValueError("an error row needs a message")
     return {"key": str(key), "source": str(source), "width": width, "height": height,
             "grid_h": None, "grid_w": None, "mask": None, "fg_fraction": None,
-            "error": str(message), "ncut_mask": None, "features": None}
+            "error": str(message), "error_kind": str(kind), "ncut_mask": None,
+            "features": None, **dict.fromkeys(QUALITY_COLUMNS)}
 
 
 def encode_features(feats: np.ndarray) -> bytes:

@@ -7,8 +7,13 @@ Two steps, so that whoever holds the list of work (the Ray driver) never holds i
    image's key; for a container (parquet file, tar shard) it names the container itself and is
    used only for a row that reports the whole container unreadable.
 2. :func:`iter_records` (worker): opens one unit and yields records
-   ``{"key": str, "source": str, "data": bytes | None, "error": str | None}`` — exactly one per
-   image (``data`` set) or per thing that failed (``error`` set).
+   ``{"key": str, "source": str, "data": bytes | None, "error": str | None,
+   "error_kind": "transient" | "permanent" | None}`` — exactly one per image (``data`` set) or
+   per thing that failed (``error`` set; ``error_kind`` says whether a re-run retries it: I/O
+   failures, timeouts and throttling are ``transient``, bad data is ``permanent``).
+
+Byte limit: an image file, a tar member or a parquet cell larger than ``max_bytes`` becomes an
+error row; files and tar members are checked by their size before they are read.
 
 Accepted inputs (local paths or any fsspec URL), mixed freely:
 
@@ -25,7 +30,12 @@ input root (the folder, the glob's fixed prefix, the list's common folder) witho
 extension (``a.jpg``, ``a.png``). For parquet: the ``key`` column (or ``<file key>/<row index>``
 when there is none). For WebDataset: the sample's ``__key__`` (member path up to the first dot of
 its basename). Keys repeated inside one container get a ``#dup<n>`` suffix and an error row;
-keys are not compared across containers (img2dataset and WebDataset writers make them unique).
+keys repeated across containers are resolved by the pipeline after writing (see
+``pipeline/_parts.py``: the container whose URI sorts first keeps the key).
+
+A WebDataset shard must end with its end-of-archive marker: a shard cut short (inside a header,
+inside a member, or just before the marker) gives the samples read so far plus an error row
+naming the shard and its last complete sample.
 """
 from __future__ import annotations
 
@@ -38,7 +48,8 @@ from typing import Container, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .images import IMAGE_EXTENSIONS
+from .images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, too_many_bytes
+from .schema import PERMANENT, TRANSIENT
 from .storage import is_local, to_uri, url_to_fs
 
 logger = logging.getLogger(__name__)
@@ -213,8 +224,28 @@ def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = 
 # ---------------------------------------------------------------------------------------------
 # Expansion (worker side)
 
-def _record(key, source, data=None, error=None) -> dict:
-    return {"key": key, "source": source, "data": data, "error": error}
+
+
+def _record(key, source, data=None, error=None, kind=None) -> dict:
+    if error is not None and kind is None:
+        kind = PERMANENT
+    return {"key": key, "source": source, "data": data, "error": error,
+            "error_kind": kind if error is not None else None}
+
+
+def error_kind(exc: BaseException) -> str:
+    """``transient`` for failures a re-run may not meet again (I/O, timeouts, throttling, the
+    network), ``permanent`` for ones it will (missing files, bad data)."""
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                        PermissionError)):
+        return PERMANENT
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return TRANSIENT
+    module = type(exc).__module__ or ""
+    if module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "requests",
+                          "google", "azure", "s3fs", "gcsfs", "adlfs")):
+        return TRANSIENT
+    return PERMANENT
 
 
 def _one_line(exc: BaseException) -> str:
@@ -236,13 +267,24 @@ class _Dedup:
         return f"{key}#dup{n}", f"duplicate key {key!r} inside this file (occurrence {n + 1})"
 
 
-def _iter_image(unit: dict, storage_options) -> Iterator[dict]:
+def _iter_image(unit: dict, storage_options, max_bytes: int | None) -> Iterator[dict]:
     try:
         fs, path = url_to_fs(unit["uri"], storage_options)
         with fs.open(path, "rb") as f:
-            data = f.read()
+            size = getattr(f, "size", None)
+            if size is None:
+                size = fs.size(path)
+            if max_bytes is not None and size is not None and size > max_bytes:
+                yield _record(unit["key"], unit["uri"], error=too_many_bytes(size, max_bytes))
+                return
+            # Read one byte past the limit: a file that grew, or reports no size, still stops.
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except Exception as exc:
-        yield _record(unit["key"], unit["uri"], error=f"cannot read file: {_one_line(exc)}")
+        yield _record(unit["key"], unit["uri"], error=f"cannot read file: {_one_line(exc)}",
+                      kind=error_kind(exc))
+        return
+    if max_bytes is not None and len(data) > max_bytes:
+        yield _record(unit["key"], unit["uri"], error=too_many_bytes(len(data), max_bytes))
         return
     yield _record(unit["key"], unit["uri"], data=data)
 
@@ -262,7 +304,27 @@ def _image_column(schema: pa.Schema) -> tuple[str | None, bool]:
     return None, False
 
 
-def _iter_parquet(unit: dict, storage_options, skip: Container[str]) -> Iterator[dict]:
+def _unskipped_batches(pf, columns: list[str], key_col: str | None, skip: Container[str],
+                       dedup: "_Dedup"):
+    """Record batches of ``pf``; a row group whose keys are all in ``skip`` is replaced by its
+    row count after reading only its key column (a resume over a finished shard then reads no
+    image bytes). Its keys still pass through ``dedup``, which must see every key."""
+    for g in range(pf.metadata.num_row_groups):
+        if skip and key_col:
+            keys = [None if k is None else str(k)
+                    for k in pf.read_row_group(g, columns=[key_col]).column(0).to_pylist()]
+            fresh = len(set(keys)) == len(keys) and not any(dedup.seen[k] for k in keys)
+            if fresh and all(k and k in skip for k in keys):  # no duplicate: keys stay as they are
+                for k in keys:
+                    dedup(k)
+                yield len(keys)
+                continue
+        yield from pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns,
+                                   row_groups=[g])
+
+
+def _iter_parquet(unit: dict, storage_options, skip: Container[str],
+                  max_bytes: int | None) -> Iterator[dict]:
     source, shard_key = unit["uri"], unit["key"]
     n_done = 0
     try:
@@ -280,7 +342,10 @@ def _iter_parquet(unit: dict, storage_options, skip: Container[str]) -> Iterator
             columns = [c for c in (key_col, img_col, *extra) if c]
             dedup = _Dedup()
             row = 0
-            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            for batch in _unskipped_batches(pf, columns, key_col, skip, dedup):
+                if isinstance(batch, int):  # a row group whose keys are all done
+                    row += batch
+                    continue
                 cols = batch.to_pydict()
                 for i in range(batch.num_rows):
                     raw_key = cols[key_col][i] if key_col else None
@@ -297,12 +362,14 @@ def _iter_parquet(unit: dict, storage_options, skip: Container[str]) -> Iterator
                         why = "; ".join(f"{c}={cols[c][i]}" for c in extra if cols[c][i])
                         error = ("no image bytes in this row" if data is None
                                  else "empty image bytes (0 bytes)") + (f" ({why})" if why else "")
+                    elif error is None and max_bytes is not None and len(data) > max_bytes:
+                        error = too_many_bytes(len(data), max_bytes)
                     yield _record(key, source, data=None if error else data, error=error)
                     n_done += 1
     except Exception as exc:
         if shard_key not in skip:
             yield _record(shard_key, source, error=f"unreadable parquet file after {n_done} rows: "
-                                                   f"{_one_line(exc)}")
+                                                   f"{_one_line(exc)}", kind=error_kind(exc))
 
 
 def _wds_split(name: str) -> tuple[str, str]:
@@ -312,12 +379,36 @@ def _wds_split(name: str) -> tuple[str, str]:
     return (posixpath.join(head, stem) if head else stem), ext.lower()
 
 
-def _iter_tar(unit: dict, storage_options, skip: Container[str]) -> Iterator[dict]:
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Notes on the archive how its member list ended: ``tarfile`` in stream mode reads a cut
+    (end of data inside or instead of a header) as the end of the archive, silently."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.EOFHeaderError:  # a block of zeros: the end-of-archive marker
+            tf.selfment_end = "marker"
+            raise
+        except tarfile.EmptyHeaderError:
+            tf.selfment_end = "no end-of-archive marker (the data stops between two members)"
+            raise
+        except tarfile.TruncatedHeaderError:
+            tf.selfment_end = "cut inside a member header"
+            raise
+        except tarfile.HeaderError as exc:
+            tf.selfment_end = f"invalid member header ({exc})"
+            raise
+
+
+def _iter_tar(unit: dict, storage_options, skip: Container[str],
+              max_bytes: int | None) -> Iterator[dict]:
     source, shard_key = unit["uri"], unit["key"]
     dedup = _Dedup()
     n_done = 0
+    last_good: str | None = None
     sample_key: str | None = None
-    members: dict[str, bytes | None] = {}
+    members: dict[str, bytes | str | None] = {}
 
     def flush() -> Iterator[dict]:
         if sample_key is None:
@@ -333,12 +424,19 @@ def _iter_tar(unit: dict, storage_options, skip: Container[str]) -> Iterator[dic
         if not images:
             found = ", ".join("." + e for e in sorted(members)) or "nothing"
             yield _record(key, source, error=f"WebDataset sample has no image member (found {found})")
+        elif isinstance(members[images[0]], str):  # over the byte limit: its message
+            yield _record(key, source, error=members[images[0]])
         else:
             yield _record(key, source, data=members[images[0]])
 
+    def where() -> str:
+        return f"after {n_done} samples (last complete sample: " \
+               f"{last_good if last_good is not None else 'none'})"
+
     try:
         fs, path = url_to_fs(source, storage_options)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*",
+                                                    tarinfo=_EndAwareTarInfo) as tf:
             for member in tf:
                 if not member.isfile():
                     continue
@@ -347,37 +445,58 @@ def _iter_tar(unit: dict, storage_options, skip: Container[str]) -> Iterator[dic
                     continue
                 if key != sample_key:
                     for rec in flush():
-                        n_done += 1
                         yield rec
+                    if sample_key is not None:
+                        n_done += 1
+                        last_good = sample_key
                     sample_key, members = key, {}
-                # Read only plain image members; others are noted by extension.
-                members[ext] = tf.extractfile(member).read() if ext in IMAGE_EXTENSIONS else None
+                # Read only plain image members, and only within the byte limit (checked on
+                # the header's size, before reading); others are noted by extension.
+                if ext not in IMAGE_EXTENSIONS:
+                    members[ext] = None
+                elif max_bytes is not None and member.size > max_bytes:
+                    members[ext] = too_many_bytes(member.size, max_bytes)
+                else:
+                    members[ext] = tf.extractfile(member).read()
+            # The pending sample's members were read whole, so it is yielded even when the
+            # shard was cut right after them.
             for rec in flush():
-                n_done += 1
                 yield rec
+            if sample_key is not None:
+                n_done += 1
+                last_good = sample_key
+            end = getattr(tf, "selfment_end", None)
+            if end == "marker":
+                return
+            if shard_key not in skip:
+                yield _record(shard_key, source, error=f"truncated WebDataset shard: "
+                                                       f"{end or 'no end-of-archive marker'} "
+                                                       f"{where()}")
     except Exception as exc:
         if shard_key not in skip:
-            yield _record(shard_key, source, error=f"unreadable WebDataset shard after {n_done} "
-                                                   f"samples: {_one_line(exc)}")
+            yield _record(shard_key, source, error=f"unreadable WebDataset shard {where()}: "
+                                                   f"{_one_line(exc)}", kind=error_kind(exc))
 
 
 def iter_records(unit: dict, *, storage_options: dict | None = None,
-                 skip: Container[str] = frozenset()) -> Iterator[dict]:
+                 skip: Container[str] = frozenset(),
+                 max_bytes: int | None = DEFAULT_MAX_BYTES) -> Iterator[dict]:
     """Expand one work unit into records (see module docstring); never raises for bad data.
 
     Args:
         unit: a dict from :func:`enumerate_units`.
         skip: keys not to yield (already done, e.g. on resume).
+        max_bytes: largest accepted encoded image, in bytes (None: no limit).
     Yields:
-        ``{"key", "source", "data": bytes | None, "error": str | None}``.
+        ``{"key", "source", "data": bytes | None, "error": str | None, "error_kind"}``.
     """
     kind = unit["kind"]
     if kind == IMAGE:
         if unit["key"] not in skip:
-            yield from _iter_image(unit, storage_options)
+            yield from _iter_image(unit, storage_options, max_bytes)
     elif kind == PARQUET:
-        yield from _iter_parquet(unit, storage_options, skip)
+        yield from _iter_parquet(unit, storage_options, skip, max_bytes)
     elif kind == TAR:
-        yield from _iter_tar(unit, storage_options, skip)
+        yield from _iter_tar(unit, storage_options, skip, max_bytes)
     else:
         raise ValueError(f"unknown work unit kind {kind!r}")

@@ -9,20 +9,37 @@ A killed run can leave Ray workers behind for a few seconds (each worker has its
 group), and a write task among them may still publish a part. To keep such a part from
 duplicating keys that a re-run is redoing, a run registers itself in the manifest before it
 lists what is done, and a write task publishes only while its run is still the manifest's latest
-(*fencing*); the re-run waits :data:`FENCE_GRACE_S` for writes already past that check. One run
-per output at a time: a second live run fences the first one's remaining writes.
+(*fencing*); the re-run waits :data:`FENCE_GRACE_S` for writes already past that check.
+
+One run per output at a time: a run holds a *lease* in the manifest (its id, host and driver pid,
+and a heartbeat renewed every :data:`HEARTBEAT_S`). A run that finds another run's live lease is
+refused at start (:class:`OutputBusyError`); a lease is dead when its heartbeat is older than
+:data:`LEASE_TTL_S`, or at once when its driver ran on this host and is gone (a killed run never
+blocks its re-run). Two runs starting in the same instant both write their lease, then read it
+back after :data:`LEASE_SETTLE_S`: the one whose lease was overwritten steps back. Should both
+still go on (a store slower than the settle time), write tasks publish only while their run holds
+the lease, and a run with a fenced write, or whose lease was taken, fails
+(:class:`FencedError`), never reports success. Every manifest write after the start is a
+read-modify-write of the stored manifest, never of a stale copy.
+
+After writing, a run rewrites in place (atomically, under the same name) the parts that hold
+rows a re-run must redo (``error_kind`` ``transient``: dropped before the re-run lists what is
+done) or rows whose key another container also gave (see :func:`resolve_duplicates`).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import re
+import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +54,22 @@ TMP_DIR = "_tmp"
 #: Seconds a re-run waits, after registering itself, for the publishes of an unfinished earlier
 #: run's leftover workers that passed the fencing check before the registration.
 FENCE_GRACE_S = 5.0
+#: Seconds between lease heartbeats, and the age at which a heartbeat counts as dead.
+HEARTBEAT_S = 5.0
+LEASE_TTL_S = 60.0
+#: Seconds a starting run waits before reading its lease back (two runs starting at once).
+LEASE_SETTLE_S = 0.5
+
+
+class OutputBusyError(RuntimeError):
+    """Another live run holds the output."""
+
+
+class FencedError(RuntimeError):
+    """This run lost the output to another run: some of its writes were not published."""
+#: Test hook (kill tests): seconds a write task pauses between writing a part and its fencing
+#: check, so that a test can freeze a writer there.
+PUBLISH_DELAY_ENV = "SELFMENT_TEST_PUBLISH_DELAY_S"
 PART_RE = re.compile(r"^part-(?P<run>[0-9a-f]+)-(?P<task>\d+)\.parquet$")
 
 
@@ -46,7 +79,7 @@ class PartsSink(Datasink):
     def __init__(self, output: str, schema: pa.Schema, run_id: str, rows_per_file: int,
                  storage_options: dict | None, manifest: str | None = None):
         """``manifest``: the file name (at ``output``) of the run manifest that fences writes:
-        a part is published only while ``run_id`` is the manifest's latest run."""
+        a part is published only while ``run_id`` holds the output (:func:`holder`)."""
         self.output = output
         self.manifest = manifest
         self.schema = schema
@@ -54,6 +87,7 @@ class PartsSink(Datasink):
         self.rows_per_file = rows_per_file
         self.storage_options = storage_options
         self.results: list[dict] = []
+        self.fenced: list[str] = []  # parts not published: another run took the output
 
     @property
     def min_rows_per_write(self) -> int:
@@ -93,6 +127,7 @@ class PartsSink(Datasink):
                 writer.add_key_value_metadata({"selfment.feature_dim": str(feature_dim)})
             writer.close()
             writer = None
+            _test_pause()
             if not local and self._fenced(fs, root, name):
                 return _fenced_result(name)  # ``finally`` aborts the upload
             handle.close()  # the object store publishes the part here, complete
@@ -103,6 +138,7 @@ class PartsSink(Datasink):
             if handle is not None:  # failed mid-way (or fenced): never publish a partial part
                 _discard(handle)
         if local:
+            _test_pause()
             if self._fenced(fs, root, name):
                 fs.rm(target)
                 return _fenced_result(name)
@@ -115,11 +151,11 @@ class PartsSink(Datasink):
         if not self.manifest:
             return False
         try:
-            runs = (read_manifest(fs, root, self.manifest) or {}).get("runs") or []
+            manifest = read_manifest(fs, root, self.manifest) or {}
         except Exception as exc:  # no readable manifest: publishing loses nothing
             logger.debug("fencing check skipped for %s: %s", name, exc)
             return False
-        latest = runs[-1].get("run_id") if runs else None
+        latest = holder(manifest)
         if latest is None or latest == self.run_id:
             return False
         logger.warning("not publishing %s: run %s has taken over this output since run %s "
@@ -128,6 +164,13 @@ class PartsSink(Datasink):
 
     def on_write_complete(self, write_result) -> None:
         self.results = [r for r in write_result.write_returns if r and r.get("file")]
+        self.fenced = [r["fenced"] for r in write_result.write_returns if r and r.get("fenced")]
+
+
+def _test_pause() -> None:
+    delay = os.environ.get(PUBLISH_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def _fenced_result(name: str) -> dict:
@@ -306,3 +349,210 @@ def await_leftover_writers(unfinished: list[str], output: str) -> None:
                    "leftover workers before resuming. Never run twice into one output at a "
                    "time.", unfinished[-1], output, FENCE_GRACE_S)
     time.sleep(FENCE_GRACE_S)
+
+
+def holder(manifest: dict) -> str | None:
+    """The run that owns the output: the lease holder, else (older manifests) the latest run."""
+    lease = manifest.get("lease")
+    if isinstance(lease, dict) and lease.get("run_id"):
+        return lease["run_id"]
+    runs = manifest.get("runs") or []
+    return runs[-1].get("run_id") if runs else None
+
+
+def _lease_alive(lease: dict) -> tuple[bool, float]:
+    """(alive, seconds since its heartbeat) of a lease read from a manifest."""
+    age = time.time() - float(lease.get("heartbeat") or 0)
+    if age > LEASE_TTL_S:
+        return False, age
+    if lease.get("host") == socket.gethostname() and lease.get("pid"):
+        try:
+            os.kill(int(lease["pid"]), 0)
+        except ProcessLookupError:
+            return False, age  # its driver is gone: killed
+        except PermissionError:
+            pass
+    return True, age
+
+
+def check_lease(manifest: dict | None, output: str, run_id: str) -> None:
+    """Raise :class:`OutputBusyError` when another run holds a live lease on ``output``."""
+    lease = (manifest or {}).get("lease")
+    if not isinstance(lease, dict) or lease.get("run_id") in (None, run_id) \
+            or lease.get("released"):
+        return
+    alive, age = _lease_alive(lease)
+    if alive:
+        raise OutputBusyError(
+            f"output {output} is in use by run {lease['run_id']} (host {lease.get('host')}, "
+            f"pid {lease.get('pid')}, heartbeat {age:.0f} s ago); wait for it to finish or "
+            f"choose another output (a killed run's lease expires {LEASE_TTL_S:.0f} s after its "
+            "last heartbeat)")
+
+
+def new_lease(run_id: str) -> dict:
+    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "heartbeat": time.time()}
+
+
+def confirm_lease(fs, root: str, name: str, run_id: str, output: str) -> None:
+    """Read the lease back after :data:`LEASE_SETTLE_S`; another run that wrote its lease in
+    the same instant wins if its write came last."""
+    time.sleep(LEASE_SETTLE_S)
+    fs.invalidate_cache(root)
+    manifest = read_manifest(fs, root, name) or {}
+    if holder(manifest) != run_id:
+        raise OutputBusyError(f"output {output} was taken by run {holder(manifest)} as this run "
+                              f"({run_id}) started; wait for it to finish or choose another "
+                              "output")
+
+
+class Lease:
+    """This run's hold on an output: heartbeats in a thread; every manifest change goes through
+    :meth:`update` (a read-modify-write under one lock, so heartbeats never clobber it)."""
+
+    def __init__(self, fs, root: str, name: str, run_id: str):
+        self.fs, self.root, self.name, self.run_id = fs, root, name, run_id
+        self.lost_to: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{run_id}", daemon=True)
+
+    def start(self) -> "Lease":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * HEARTBEAT_S)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.update(lambda m: m["lease"].update(heartbeat=time.time()))
+            except Exception as exc:  # a missed beat is no failure; a lost lease is noted
+                logger.debug("lease heartbeat of run %s failed: %s", self.run_id, exc)
+            if self.lost_to:
+                return
+
+    def update(self, change: Callable[[dict], None], *, always: bool = False) -> dict:
+        """Apply ``change`` to the stored manifest and write it back, while this run holds the
+        lease (``always``: also after losing it; ``change`` must then touch only this run's
+        own entry). Returns the manifest as written (or as read, when nothing was written)."""
+        with self._lock:
+            self.fs.invalidate_cache(self.root)
+            manifest = read_manifest(self.fs, self.root, self.name) or {}
+            owner = holder(manifest)
+            if owner != self.run_id:
+                if self.lost_to is None:
+                    logger.error("run %s lost the output to run %s", self.run_id, owner)
+                self.lost_to = owner or "?"
+                if not always:
+                    return manifest
+            change(manifest)
+            write_manifest(self.fs, self.root, manifest, self.name)
+            return manifest
+
+
+def run_entry(manifest: dict, run_id: str) -> dict:
+    """This run's entry in ``manifest["runs"]`` (added back if another run's write dropped it)."""
+    runs = manifest.setdefault("runs", [])
+    for entry in runs:
+        if entry.get("run_id") == run_id:
+            return entry
+    entry = {"run_id": run_id}
+    runs.append(entry)
+    return entry
+
+
+def has_parts(fs, root: str) -> bool:
+    return bool(list_parts(fs, root))
+
+
+def _rewrite_part(fs, root: str, path: str, keep) -> int:
+    """Rewrite the part at ``path`` with only the rows where ``keep`` (a bool array) is true,
+    atomically under the same name (rename on local disk; one PUT on an object store); an
+    emptied part is removed. Returns the rows removed."""
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    kept = table.filter(pa.array(keep, type=pa.bool_()))
+    removed = table.num_rows - kept.num_rows
+    if not removed:
+        return 0
+    if kept.num_rows == 0:
+        fs.rm(path)
+        return removed
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    target = path
+    if is_local(fs):
+        fs.makedirs(f"{root.rstrip('/')}/{TMP_DIR}", exist_ok=True)
+        target = f"{root.rstrip('/')}/{TMP_DIR}/rewrite-{name}"
+    with fs.open(target, "wb") as f:
+        pq.write_table(kept, f)
+    if target != path:
+        fs.mv(target, path)
+    return removed
+
+
+def retire_transient(fs, root: str) -> int:
+    """Remove the rows whose ``error_kind`` is ``transient`` (so a re-run redoes their keys);
+    returns how many."""
+    removed = 0
+    for path in list_parts(fs, root):
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                if "error_kind" not in pf.schema_arrow.names:
+                    continue
+                kinds = pf.read(columns=["error_kind"]).column(0).to_pylist()
+        except Exception as exc:  # unreadable: existing_keys removes it next
+            logger.debug("retire_transient skips %s: %s", path, exc)
+            continue
+        if "transient" in kinds:
+            removed += _rewrite_part(fs, root, path, [k != "transient" for k in kinds])
+    if removed:
+        logger.info("%d rows with transient errors are redone by this run", removed)
+    return removed
+
+
+def resolve_duplicates(fs, root: str) -> tuple[list[dict], set[str]]:
+    """Make every key appear once: where several rows share a key (one key in two containers,
+    or a part published twice), the row whose ``source`` sorts first is kept and the others are
+    removed. Deterministic (by ``source``, whatever the run order).
+
+    Returns:
+        one report per duplicated key, ``{"key", "kept": source, "removed": [sources]}``, and
+        the set of keys now in the output.
+    """
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    paths = list_parts(fs, root)
+    for path in paths:  # first pass: the key column only (what resume reads anyway)
+        with fs.open(path, "rb") as f:
+            for key in pq.read_table(f, columns=["key"]).column("key").to_pylist():
+                (repeated if key in seen else seen).add(key)
+    if not repeated:
+        return [], seen
+    rows: dict[str, list[tuple[str, str, int]]] = {}
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["key", "source"])
+        for i, (key, source) in enumerate(zip(table.column("key").to_pylist(),
+                                              table.column("source").to_pylist())):
+            if key in repeated:
+                rows.setdefault(key, []).append((source, path, i))
+    drop: dict[str, set[int]] = {}
+    reports = []
+    for key, found in sorted(rows.items()):
+        found.sort()
+        for _source, path, i in found[1:]:
+            drop.setdefault(path, set()).add(i)
+        reports.append({"key": key, "kept": found[0][0], "removed": [f[0] for f in found[1:]]})
+    for path, idx in drop.items():
+        with fs.open(path, "rb") as f:
+            n = pq.ParquetFile(f).metadata.num_rows
+        _rewrite_part(fs, root, path, [i not in idx for i in range(n)])
+    logger.error("%d keys were found in more than one input; each keeps the row of the input "
+                 "whose URI sorts first (listed in the manifest's duplicates), e.g. %r in %s",
+                 len(reports), reports[0]["key"], reports[0]["removed"])
+    return reports, seen

@@ -19,6 +19,7 @@ import torch
 from ..artifact import save_artifact
 from ..head import PatchHead
 from ..io.storage import join
+from ..segmenter import default_inference_size
 from ._train_data import LabelSet
 
 __all__ = ["Progress", "report", "restore", "read_json", "check_same_run", "save_model",
@@ -30,7 +31,7 @@ CONFIG_NAME = "_train_config.json"
 LOSS_KEYS = ("total", "bce", "dice", "contrastive")
 # Settings a re-run must share with the run it resumes or returns.
 RESUME_KEYS = ("labels", "feature_source", "embed_dim", "batch_size", "lr", "weight_decay",
-               "sim_weight", "temperature", "seed")
+               "sim_weight", "temperature", "seed", "shuffle", "contrastive")
 STATE_FILE = "state.pt"
 _PROGRESS_FILE = "progress.json"
 
@@ -95,7 +96,10 @@ def restore(directory: str, head: PatchHead | None, optimizer, device) -> Progre
     with open(os.path.join(directory, _PROGRESS_FILE), encoding="utf-8") as f:
         progress = Progress.from_json(f.read())
     if head is not None:
-        state = torch.load(os.path.join(directory, STATE_FILE), map_location=device,
+        # Load on CPU: load_state_dict copies the head's tensors to its device, and Adam puts
+        # its moments next to their parameters but keeps ``step`` on CPU (a CUDA ``step`` costs
+        # a sync per parameter per step).
+        state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu",
                            weights_only=True)
         head.load_state_dict(state["head"])
         if optimizer is not None:
@@ -137,11 +141,13 @@ def save_model(result, ls: LabelSet, config: dict, output: str, storage_options:
         "status": "trained", "output": output, "labels": ls.uri,
         "epochs": progress.epoch, "steps": progress.global_step,
         "images_seen": progress.images_seen, "rows": ls.rows, "error_rows": ls.errors,
+        "low_confidence_rows": ls.low_confidence, "row_filter": ls.row_filter,
         "train_rows": ls.usable, "workers": config["workers"], "batch_size": config["batch_size"],
         "feature_source": config["feature_source"], "feature_dim": progress.in_dim,
         "embed_dim": progress.embed_dim, "lr": config["lr"],
         "weight_decay": config["weight_decay"], "sim_weight": config["sim_weight"],
-        "temperature": config["temperature"], "history": progress.history,
+        "temperature": config["temperature"], "shuffle": config["shuffle"],
+        "contrastive": config["contrastive"], "history": progress.history,
         "first_loss": progress.history[0] if progress.history else None,
         "final_loss": progress.history[-1] if progress.history else None,
         "resumed_from_steps": progress.resumes,
@@ -151,6 +157,7 @@ def save_model(result, ls: LabelSet, config: dict, output: str, storage_options:
         "wall_s": round(wall, 3),
     }
     meta = {"backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size,
+            "inference_image_size": default_inference_size(ls.image_size),
             "grid": list(ls.grid), "feature_dim": progress.in_dim,
             "embed_dim": progress.embed_dim, "training": summary}
     save_artifact(output, head, meta, storage_options=storage_options)

@@ -61,10 +61,11 @@ def train_loop(config: dict) -> None:
     window = _Window()
     last_log = last_report = time.perf_counter()
     for epoch in range(progress.epoch, epochs):
+        local = config["shuffle"] == "local"  # "full": the dataset is reshuffled per epoch
         batches = iter(shard.iter_batches(
             batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
-            local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=config["seed"] * 100_003 + epoch))
+            local_shuffle_buffer_size=4 * batch_size if local else None,
+            local_shuffle_seed=config["seed"] * 100_003 + epoch if local else None))
         for _ in range(progress.step_in_epoch):  # resumed mid-epoch: skip what was done
             next(batches, None)
         mark = time.perf_counter()
@@ -77,10 +78,13 @@ def train_loop(config: dict) -> None:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 logits, emb = model(feats)
             losses = selfment_loss(logits, emb, labels, sim_weight=config["sim_weight"],
-                                   temperature=config["temperature"])
+                                   temperature=config["temperature"],
+                                   contrastive=config["contrastive"])
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
+            if device.type == "cuda":  # kernels run asynchronously: time them, not their launch
+                torch.cuda.synchronize(device)
             step_s = time.perf_counter() - start
 
             # Book-keeping: losses averaged over all ranks' images.

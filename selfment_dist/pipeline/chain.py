@@ -20,12 +20,13 @@ failed run goes on where it stopped. ``force`` runs every stage again (each resu
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 from ..config import values_for
 from ..io.storage import join, url_to_fs
@@ -199,14 +200,16 @@ def write_synthetic(synthetic: SyntheticSettings | None, storage_options: dict |
     return write_synthetic_sets(**synthetic.model_dump(), storage_options=storage_options)
 
 
-def run_chain(config: Mapping[str, Any], *, config_uri: str = "", force: bool | None = None
-              ) -> dict[str, Any]:
+def run_chain(config: Mapping[str, Any], *, config_uri: str = "", force: bool | None = None,
+              stage_context: Callable[[str], ContextManager] | None = None) -> dict[str, Any]:
     """Run the stages of ``config`` in order; returns what ``pipeline_summary.json`` holds.
 
     Args:
         config: a config mapping (:func:`selfment_dist.config.load_config`).
         config_uri: where it came from (recorded in the summary).
         force: overrides ``pipeline.force``: run every stage, even those recorded complete.
+        stage_context: a context manager to run each stage in, by stage name (the demo's
+            progress bars).
     Raises:
         SettingsError: from :func:`plan`, before anything runs.
         Whatever a stage raises (after recording it as failed in the summary).
@@ -253,7 +256,8 @@ def run_chain(config: Mapping[str, Any], *, config_uri: str = "", force: bool | 
         save()
         t0 = time.perf_counter()
         try:
-            result = stage_function(stage)(current)
+            with stage_context(stage) if stage_context else contextlib.nullcontext():
+                result = stage_function(stage)(current)
         except BaseException as exc:
             record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:2000],
                           wall_s=round(time.perf_counter() - t0, 1))

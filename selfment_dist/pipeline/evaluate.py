@@ -23,6 +23,7 @@ import logging
 import math
 import posixpath
 import re
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
@@ -278,7 +279,8 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
     default and range is declared there), or in the keyword form ``run_evaluate(**options)``.
     Two modes: ``predictions`` + ``masks`` (folders of 8-bit PNGs matched by key: relative path
     without extension), or ``model`` + ``benchmarks`` (``{NAME: (images_uri, masks_uri)}``,
-    each segmented with the model into ``output/predictions/<NAME>``, then evaluated).
+    each segmented with the model into ``output/predictions/<NAME>`` by ``run_segment`` with the
+    settings' model-actor options, then evaluated).
 
     Returns:
         The metrics.json document: ``datasets`` → ``{NAME: {n_images, scores, problems,
@@ -298,12 +300,17 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
     else:
         from . import segment  # imported here: the segmentation stage is only needed in this mode
 
+        segment_options = {k: v for k, v in {
+            "batch_size": s.batch_size, "num_actors": s.num_actors,
+            "num_gpus_per_actor": s.num_gpus_per_actor, "actor_wait_s": s.actor_wait_s}.items()
+            if v is not None}
+        segment_options["cpu_fallback"] = s.cpu_fallback
         for bench, (images_uri, masks_uri) in s.benchmarks.items():
             pred_uri = join(output, "predictions", bench)
             logger.info("%s: segmenting %s with %s into %s", bench, images_uri, s.model, pred_uri)
             summary = segment.run_segment(s.model, [images_uri], pred_uri,
                                           image_size=s.image_size,
-                                          storage_options=storage_options)
+                                          storage_options=storage_options, **segment_options)
             dataset = evaluate_folders(pred_uri, masks_uri, name=bench,
                                        storage_options=storage_options, num_shards=num_shards)
             dataset.sources["images"] = images_uri

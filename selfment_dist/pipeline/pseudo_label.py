@@ -38,18 +38,25 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..backbone import DEFAULT_BACKBONE, check_image_size, resolve_precision
-from ..io.images import ImageDecodeError, decode_image
+from ..backbone import DEFAULT_BACKBONE, resolve_precision
+from ..io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
-from ..io.schema import encode_features, pseudo_label_schema
+from ..io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
+                         pseudo_label_schema)
 from ..io.sources import IMAGE, enumerate_units, iter_records
 from ..io.storage import is_local, url_to_fs
-from ..settings import PseudoLabelSettings, build_settings
-from ._parts import (MANIFEST_NAME, TMP_DIR, PartsSink, await_leftover_writers, check_resume,
-                     count_parts, existing_keys, now, outside_output, read_manifest, register_run,
-                     versions, write_manifest)
-from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
-                   progress_bars)
+from ..ncut import take_dense_fallbacks
+from ..settings import PseudoLabelSettings, SettingsError, build_settings
+from ..validation import check_backbone_size
+from ._device import actor_device, run_guarded
+from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
+                     await_leftover_writers, check_lease, check_resume, confirm_lease,
+                     count_parts, existing_keys, has_parts, new_lease, now, outside_output,
+                     read_manifest, register_run, resolve_duplicates, retire_transient,
+                     run_entry, versions, write_manifest)
+from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, ensure_ray,
+                   count_rows_here, decode_pool, model_pool_args, plan_resources, progress_bars,
+                   read_counters, split_counters, start_counters)
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +64,41 @@ __all__ = ["run_pseudo_label", "DEFAULT_BACKBONE", "MANIFEST_NAME"]
 
 # Settings that change what a row holds: a re-run into an existing output must match them.
 _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", "binary_graph",
-                "n_iter", "sample_size", "save_ncut", "save_features")
+                "n_iter", "sample_size", "save_ncut", "save_features", "max_pixels",
+                "max_bytes", "no_object_threshold")
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read + decode (stateless, CPU tasks)
 
-_SKIP_CACHE: dict[str, frozenset] = {}
+_SKIP_CACHE: dict[str, "SortedKeys"] = {}
 
 
-def _skip_set(skip_ref: list | None) -> frozenset:
-    """The done keys (shared through the object store once per worker process)."""
+class SortedKeys:
+    """Membership in a sorted numpy array of UTF-8 keys (``dtype S``).
+
+    The done keys of a resume reach every read task through the object store; a numpy array of
+    fixed-width bytes is mapped from shared memory without a copy, where a Python set would be
+    rebuilt in every worker process (about 100 bytes per key each)."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = keys
+
+    @classmethod
+    def build(cls, keys: Iterable[str]) -> "SortedKeys":
+        return cls(np.array(sorted(k.encode() for k in keys), dtype=bytes))
+
+    def __contains__(self, key: object) -> bool:
+        b = str(key).encode()
+        i = int(np.searchsorted(self.keys, b))
+        return i < len(self.keys) and self.keys[i] == b
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _skip_set(skip_ref: list | None) -> SortedKeys | frozenset:
+    """The done keys (mapped from the object store once per worker process)."""
     if not skip_ref:
         return frozenset()
     ref = skip_ref[0]
@@ -75,12 +106,13 @@ def _skip_set(skip_ref: list | None) -> frozenset:
     if cache_key not in _SKIP_CACHE:
         import ray
         _SKIP_CACHE.clear()
-        _SKIP_CACHE[cache_key] = frozenset(ray.get(ref))
+        _SKIP_CACHE[cache_key] = SortedKeys(ray.get(ref))
     return _SKIP_CACHE[cache_key]
 
 
 def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[str, np.ndarray]:
-    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.uint8)
+    # float32 in [0, 1], resized in the official order (see backbone.resize_square).
+    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.float32)
     for i, row in enumerate(rows):
         if row["pixels"] is not None:
             images[i] = row["pixels"]
@@ -90,6 +122,7 @@ def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[st
         "width": np.array([r["width"] for r in rows], dtype=np.int32),
         "height": np.array([r["height"] for r in rows], dtype=np.int32),
         "error": np.array([r["error"] or "" for r in rows], dtype=object),
+        "error_kind": np.array([r["error_kind"] or "" for r in rows], dtype=object),
         "image": images,
     }
     if keep_data:  # the encoded original, for overlays
@@ -99,15 +132,17 @@ def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[st
 
 def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels: int | None,
                     storage_options: dict | None, skip_ref: list | None, rows_per_batch: int,
-                    keep_data: bool = False) -> Iterator[dict[str, np.ndarray]]:
+                    keep_data: bool = False, max_bytes: int | None = DEFAULT_MAX_BYTES
+                    ) -> Iterator[dict[str, np.ndarray]]:
     """Expand a batch of work units into decoded, resized images (Ray Data UDF).
 
     ``keep_data`` also carries the encoded file (segment's overlays need it).
 
     Yields:
         batches of at most ``rows_per_batch`` rows: ``key``, ``source``, ``width``/``height``
-        (int32 original size after EXIF orientation; -1 when unknown), ``error`` (``""`` when
-        fine), ``image`` uint8 (n, S, S, 3) (zeros on error rows) and, with ``keep_data``,
+        (int32 original size after EXIF orientation; -1 when unknown), ``error`` and
+        ``error_kind`` (``""`` when fine), ``image`` float32 (n, S, S, 3) in [0, 1] (zeros on
+        error rows) and, with ``keep_data``,
         ``data`` (the encoded file, ``b""`` on error rows).
     """
     from ..backbone import resize_square
@@ -116,19 +151,24 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
     pending: list[dict] = []
     for kind, uri, key in zip(units["kind"], units["uri"], units["key"]):
         unit = {"kind": str(kind), "uri": str(uri), "key": str(key)}
-        for rec in iter_records(unit, storage_options=storage_options, skip=skip):
+        for rec in iter_records(unit, storage_options=storage_options, skip=skip,
+                                max_bytes=max_bytes):
             row = {"key": rec["key"], "source": rec["source"], "width": -1, "height": -1,
-                   "error": rec["error"], "pixels": None, "data": None}
+                   "error": rec["error"], "error_kind": rec["error_kind"], "pixels": None,
+                   "data": None}
             if rec["error"] is None:
                 try:
-                    pil = decode_image(rec["data"], max_pixels=max_pixels)
+                    pil = decode_image(rec["data"], max_pixels=max_pixels, max_bytes=max_bytes)
                     row["width"], row["height"] = pil.size
                     row["pixels"] = resize_square(pil, image_size)
                     row["data"] = rec["data"] if keep_data else None
                 except ImageDecodeError as exc:
-                    row["error"] = str(exc)
+                    row["error"], row["error_kind"] = str(exc), PERMANENT
                 except Exception as exc:  # anything else about one image stays with that image
                     row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
+                    row["error_kind"] = PERMANENT
+                if row["error"] is not None:
+                    rec["data"] = None
             pending.append(row)
             if len(pending) >= rows_per_batch:
                 yield _decode_batch(pending, image_size, keep_data)
@@ -145,13 +185,16 @@ class LabelActor:
 
     ``__call__`` maps the decode stage's batch to a ``pyarrow.Table`` of the contract. Rows that
     arrive with an error pass through as error rows; an exception while labelling a batch is
-    retried image by image so that only the failing image becomes an error row.
+    retried image by image so that only the failing image becomes an error row. CUDA faults
+    follow :mod:`._device` (OOM: smaller batches; others: the actor exits and Ray restarts it).
+    With ``require_gpu`` the actor refuses to start without its GPU.
     """
 
     def __init__(self, *, backbone: str, weights: str, image_size: int, labeler_kwargs: dict,
                  save_ncut: bool, save_features: bool, storage_options: dict | None,
                  device: str | None, cpu_threads: int | None, fail_once_after: int | None,
-                 fail_marker: str | None, precision: str = "auto"):
+                 fail_marker: str | None, precision: str = "auto", require_gpu: bool = False,
+                 counters=None):
         import torch
 
         from ..backbone import build_backbone
@@ -163,6 +206,7 @@ class LabelActor:
             except AttributeError:  # not Linux
                 available = os.cpu_count() or 1
             torch.set_num_threads(max(1, min(int(cpu_threads), available)))
+        device = actor_device(device, require_gpu=require_gpu)
         self.backbone = build_backbone(backbone, weights=weights, image_size=image_size,
                                        device=device, storage_options=storage_options,
                                        precision=precision)
@@ -172,6 +216,7 @@ class LabelActor:
         self.schema = pseudo_label_schema(ncut_mask=save_ncut, features=save_features)
         self.fail_once_after = fail_once_after
         self.fail_marker = fail_marker
+        self.counters = counters
         self.batches = 0
         logger.info("label actor ready: %r, %d torch threads", self.backbone,
                     torch.get_num_threads())
@@ -191,24 +236,23 @@ class LabelActor:
     def _label(self, images: np.ndarray) -> list[dict | str]:
         """Per image: the result dict, or an error message."""
         kw = {"return_ncut": self.save_ncut, "return_features": self.save_features}
-        try:
-            out = self.labeler(images, **kw)
-            return [{k: v[i] for k, v in out.items()} for i in range(len(images))]
-        except Exception as batch_exc:
-            if len(images) == 1:
-                return [f"labelling failed: {type(batch_exc).__name__}: {batch_exc}"]
-            logger.warning("batch of %d failed (%s); retrying image by image", len(images),
-                           batch_exc)
-            results: list[dict | str] = []
-            for i in range(len(images)):
-                results.extend(self._label(images[i:i + 1]))
-            return results
+
+        def label(part: np.ndarray) -> list[dict]:
+            out = self.labeler(part, **kw)
+            return [{k: v[i] for k, v in out.items()} for i in range(len(part))]
+
+        results = run_guarded(label, images, what="labelling")
+        fallbacks = take_dense_fallbacks()
+        if fallbacks and self.counters is not None:
+            self.counters.add.remote("dense_eigh_fallbacks", fallbacks)
+        return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         self._maybe_fail()
         self.batches += 1
         n = len(batch["key"])
         errors = [str(e) or None for e in batch["error"]]
+        kinds = [str(k) or PERMANENT for k in batch.get("error_kind", [""] * n)]
         ok = [i for i in range(n) if errors[i] is None]
         results: dict[int, dict | str] = {}
         if ok:
@@ -230,25 +274,32 @@ class LabelActor:
                 cols["mask"].append(encode_mask(mask))
                 cols["fg_fraction"].append(float(mask.mean()))
                 cols["error"].append(None)
+                cols["error_kind"].append(None)
+                for name in QUALITY_COLUMNS:
+                    cols[name].append(res[name].item())
                 if self.save_ncut:
                     cols["ncut_mask"].append(encode_mask(res["ncut_mask"]))
                 if self.save_features:
                     cols["features"].append(encode_features(res["features"]))
             else:
-                for name in ("grid_h", "grid_w", "mask", "fg_fraction"):
+                for name in ("grid_h", "grid_w", "mask", "fg_fraction", *QUALITY_COLUMNS):
                     cols[name].append(None)
                 cols["error"].append(res)
+                # A failure inside the model (not in the input) may not recur: retried.
+                cols["error_kind"].append(kinds[i] if errors[i] is not None else TRANSIENT)
                 if self.save_ncut:
                     cols["ncut_mask"].append(None)
                 if self.save_features:
                     cols["features"].append(None)
+        count_rows_here(self.counters, n)
         return pa.Table.from_pydict(cols, schema=self.schema)
 
 
 def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size: int,
-                   max_pixels, storage_options, batch_size: int, plan: dict,
+                   max_pixels, max_bytes, storage_options, batch_size: int, plan: dict,
                    actor_kwargs: dict):
-    """units → read+decode (CPU tasks) → LabelActor (actor pool) — lazily, nothing runs yet."""
+    """units → read+decode (CPU tasks) → LabelActor (elastic actor pool) — lazily, nothing
+    runs yet."""
     import ray
 
     # About one batch of image files per read task; each container (parquet, tar) its own.
@@ -257,16 +308,14 @@ def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size
     ds = ray.data.from_items(units, override_num_blocks=n_blocks)
     ds = ds.map_batches(
         read_and_decode, batch_size=None, zero_copy_batch=True,
-        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
+        fn_kwargs={"image_size": image_size, "max_pixels": max_pixels, "max_bytes": max_bytes,
                    "storage_options": storage_options, "skip_ref": skip_ref,
                    "rows_per_batch": batch_size},
-        num_cpus=1, max_retries=MAX_RETRIES)
+        num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
+        max_retries=MAX_RETRIES)
     return ds.map_batches(
         LabelActor, batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False,
-        fn_constructor_kwargs=actor_kwargs,
-        compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-        num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
-        max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
+        fn_constructor_kwargs=actor_kwargs, **model_pool_args(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,36 +323,55 @@ def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size
 
 def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
                      fail_once_after: int | None = None, **options: Any) -> dict:
-    """Pseudo-label every image of ``settings.inputs`` into a parquet dataset at ``settings.output``.
+    """Pseudo-label every image of ``inputs`` into a parquet dataset at ``output``.
 
     Called as ``run_pseudo_label(settings)`` with a :class:`PseudoLabelSettings` (every option,
     its default and range is declared there), or in the keyword form
-    ``run_pseudo_label(inputs, output, **options)`` that builds one.
+    ``run_pseudo_label(inputs, output, **options)`` that builds one. The output's manifest
+    records the settings (:meth:`Settings.record`: secrets left out).
 
     Args:
-        settings: what to label, where to, and how (NCut/IPO, backbone, resources).
+        settings: the stage's settings.
         fail_once_after: testing only: one model actor exits hard once after this many batches.
+
     Returns:
         summary: ``images`` and ``errors`` written by this run, ``skipped`` (already present),
         ``rows_total``/``errors_total``/``files_total`` in the output, ``wall_s``,
         ``images_per_s`` (rows written, error rows included, per second of wall time), ``output``,
-        ``run_id``; with ``fail_once_after`` also ``fault_injected`` (an actor did exit).
-        The output's manifest records the settings (:meth:`Settings.record`: no secrets).
+        ``run_id``, ``dense_eigh_fallbacks`` (images whose eigen-solve fell back to a dense
+        float64 ``eigh``, slow on GPUs), ``rows_per_node`` (rows each Ray node's model actors
+        labelled, by node id; a batch retried after a failure counts again); with
+        ``fail_once_after`` also ``fault_injected`` (an actor did exit).
     Raises:
-        SettingsError: options that do not validate (keyword form).
-        ValueError: unknown backbone, bad image size, or an output made with other settings.
-        FileNotFoundError: an input that does not exist.
+        SettingsError (a ValueError): invalid settings, one line per problem (nothing written).
+        ValueError: an output made with other settings, empty inputs, a bad checkpoint.
+        FileNotFoundError: an input or checkpoint that does not exist.
+        OutputBusyError: another live run holds ``output``.
+        FencedError: another run took over ``output`` during this run.
     """
     import ray
 
-    s = build_settings(PseudoLabelSettings, args, options)
+    start = time.perf_counter()
+    s = build_settings(PseudoLabelSettings, args, options)  # types and ranges
+    problems = check_backbone_size(s.backbone, s.image_size)  # needs the backbone's patch size
+    if problems:
+        raise SettingsError([f"pseudo_label: {p}" for p in problems])
     inputs, output, storage_options = s.inputs, s.output, s.storage_options
     batch_size, rows_per_file = s.batch_size, s.rows_per_file  # None: resolved below
-    start = time.perf_counter()
-    check_image_size(s.backbone, s.image_size)  # in the driver, not in every actor
+    _check_checkpoint(s.backbone, s.weights, s.image_size, storage_options)
+    fs, root = url_to_fs(output, storage_options)
+    if fs.isfile(root):
+        raise ValueError(f"output {output} is a file; give a folder or prefix")
+    # Inputs are listed before anything is written: a missing or empty input leaves no trace.
+    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
+    if not units and not s.allow_empty:
+        raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
+                         "--allow-empty to accept empty inputs)")
+
     ensure_ray(s.address)
-    plan = plan_resources(s.num_actors, s.num_gpus_per_actor)
-    # What the actors will run (recorded, and compared on resume): auto means bf16 on a GPU.
+    plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
+                          image_size=s.image_size)
+    # What the actors will run (recorded, and compared on resume): auto means fp32.
     resolved_precision = resolve_precision(s.precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
         batch_size = 32 if plan["num_gpus"] else 8
@@ -313,29 +381,134 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     config = {"backbone": s.backbone, "weights": str(s.weights), "image_size": int(s.image_size),
               "precision": resolved_precision, "tau": s.tau, "eps": s.eps,
               "binary_graph": s.binary_graph, "n_iter": s.n_iter, "sample_size": s.sample_size,
-              "save_ncut": s.save_ncut, "save_features": s.save_features,
-              "max_pixels": s.max_pixels,
+              "no_object_threshold": float(s.no_object_threshold), "save_ncut": s.save_ncut,
+              "save_features": s.save_features, "max_pixels": s.max_pixels,
+              "max_bytes": s.max_bytes,
               "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
     logger.info("pseudo-label run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
-    # Output: register this run in the manifest (which fences the writes of an unfinished
-    # earlier run, see _parts), then read what is already there (resume).
-    fs, root = url_to_fs(output, storage_options)
+    # Output: take the lease and register this run in the manifest (which fences the writes of
+    # an unfinished earlier run, see _parts), then read what is already there (resume).
     fs.makedirs(root, exist_ok=True)
     fs.invalidate_cache(root)
     previous = read_manifest(fs, root)
-    check_resume(previous, config, output, keys=_RESUME_KEYS, holds="pseudo-labels")
+    check_lease(previous, output, run_id)
+    # Settings are locked by rows, not by a manifest: a run that wrote none locks nothing.
+    check_resume(previous if has_parts(fs, root) else None, config, output, keys=_RESUME_KEYS,
+                 holds="pseudo-labels")
     manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
     manifest.update({"status": "running", "config": config, "inputs": inputs,
-                     "settings": s.record(), "versions": versions()})
-    run_entry, unfinished = register_run(manifest, run_id)
+                     "settings": s.record(), "versions": versions(),
+                     "lease": new_lease(run_id)})
+    manifest.pop("duplicates", None)
+    _entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest)
+    confirm_lease(fs, root, MANIFEST_NAME, run_id, output)
+    lease = Lease(fs, root, MANIFEST_NAME, run_id).start()
+    try:
+        summary, duplicates, all_done = _run(
+            ray, fs, root, units, unfinished, run_id=run_id, output=output,
+            image_size=s.image_size, max_pixels=s.max_pixels, max_bytes=s.max_bytes,
+            storage_options=storage_options, batch_size=batch_size, plan=plan,
+            rows_per_file=rows_per_file, save_ncut=s.save_ncut, save_features=s.save_features,
+            fail_once_after=fail_once_after, progress=s.progress,
+            actor_kwargs={
+                "backbone": s.backbone, "weights": str(s.weights), "image_size": s.image_size,
+                "precision": resolved_precision,
+                "labeler_kwargs": {"tau": s.tau, "eps": s.eps, "binary_graph": s.binary_graph,
+                                   "n_iter": s.n_iter, "sample_size": s.sample_size,
+                                   "no_object_threshold": float(s.no_object_threshold)},
+                "save_ncut": s.save_ncut, "save_features": s.save_features,
+                "storage_options": storage_options, "device": plan["device"],
+                "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
+                "require_gpu": plan["require_gpu"]},
+            lease=lease, actor_wait_s=s.actor_wait_s)
+    except BaseException as exc:
+        lease.stop()
+        status = "fenced" if isinstance(exc, FencedError) else "failed"
+        _finish_failed(lease, run_id, status, f"{type(exc).__name__}: {exc}")
+        raise
+    lease.stop()
+    summary["wall_s"] = wall = round(time.perf_counter() - start, 3)
+    summary["images_per_s"] = round(summary["images"] / wall, 3) if wall else 0.0
+
+    def finish(m: dict) -> None:
+        run_entry(m, run_id).update(
+            status="complete" if all_done else "failed", finished=now(),
+            images=summary["images"], errors=summary["errors"], skipped=summary["skipped"],
+            wall_s=summary["wall_s"], images_per_s=summary["images_per_s"],
+            dense_eigh_fallbacks=summary["dense_eigh_fallbacks"],
+            rows_per_node=summary["rows_per_node"])
+        m.update(status="complete" if all_done else "failed",
+                 counts={"rows": summary["rows_total"], "errors": summary["errors_total"],
+                         "files": summary["files_total"]})
+        if summary.get("feature_dim") is not None:
+            m["feature_dim"] = summary["feature_dim"]
+        if duplicates:
+            m["duplicates"] = duplicates
+        m["lease"]["released"] = now()
+
+    lease.update(finish)
+    if lease.lost_to:
+        err = FencedError(f"run {run_id} lost {output} to run {lease.lost_to} before it could "
+                          "finish; re-run to complete the output")
+        _finish_failed(lease, run_id, "fenced", str(err))
+        raise err
+    summary.pop("feature_dim", None)
+    if not all_done:
+        raise RuntimeError(f"run {run_id}: some inputs have no row in {output}; re-run to "
+                           "complete the output")
+    logger.info("pseudo-label run %s done: %d images (%d errors) in %.1fs, %.2f images/s; "
+                "%d already present; output now %d rows (%d errors)", run_id, summary["images"],
+                summary["errors"], wall, summary["images_per_s"], summary["skipped"],
+                summary["rows_total"], summary["errors_total"])
+    return summary
+
+
+def _finish_failed(lease: Lease, run_id: str, status: str, reason: str) -> None:
+    """Record a failed run: its own entry always; the top-level status only while it holds the
+    lease (a run that lost the output must not overwrite the new holder's state)."""
+    def failed(m: dict) -> None:
+        run_entry(m, run_id).update(status=status, finished=now(), reason=reason[:500])
+        if m.get("lease", {}).get("run_id") == run_id:
+            m["status"] = "failed"
+            m["lease"]["released"] = now()
+    try:
+        lease.update(failed, always=True)
+    except Exception as exc:  # the original error matters more
+        logger.error("could not record the failure of run %s in the manifest: %s", run_id, exc)
+
+
+def _check_checkpoint(backbone: str, weights: str, image_size: int,
+                      storage_options: dict | None) -> None:
+    """Open and map a checkpoint in the driver, so a bad one fails here with one message
+    instead of killing every model actor."""
+    if weights in ("hub", "random"):
+        return
+    from ..backbone import build_backbone
+    model = build_backbone(backbone, weights=weights, image_size=image_size, device="cpu",
+                           storage_options=storage_options, precision="fp32")
+    del model
+
+
+def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id: str,
+         output: str, image_size: int, max_pixels, max_bytes, storage_options, batch_size: int,
+         plan: dict, rows_per_file: int, save_ncut: bool, save_features: bool,
+         fail_once_after, progress: bool, actor_kwargs: dict, lease: Lease,
+         actor_wait_s: float | None) -> tuple[dict, list[dict], bool]:
+    """The run proper, once this run holds the output: resume, label, publish, check.
+
+    Returns:
+        the summary (without timings), the duplicate-key reports, and whether every input
+        has a row.
+    """
     await_leftover_writers(unfinished, output)
+    retire_transient(fs, root)
     done = existing_keys(fs, root)
 
-    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
     n_units = len(units)
+    image_keys = [u["key"] for u in units if u["kind"] == IMAGE]
     units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
     containers = [u for u in units if u["kind"] != IMAGE]
     if done:
@@ -346,69 +519,61 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     if fail_once_after is not None:
         fail_marker = os.path.join(tempfile.gettempdir(), f"selfment-fail-once-{run_id}")
 
-    written = {"rows": 0, "errors": 0}
+    written = {"rows": 0, "errors": 0, "dense_eigh_fallbacks": 0}
     fault_injected = False
     if units:
-        actor_kwargs = {
-            "backbone": s.backbone, "weights": str(s.weights), "image_size": s.image_size,
-            "precision": resolved_precision,
-            "labeler_kwargs": {"tau": s.tau, "eps": s.eps, "binary_graph": s.binary_graph,
-                               "n_iter": s.n_iter, "sample_size": s.sample_size},
-            "save_ncut": s.save_ncut, "save_features": s.save_features,
-            "storage_options": storage_options, "device": plan["device"],
-            "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
-            "fail_marker": fail_marker}
-        sink = PartsSink(output,
-                         pseudo_label_schema(ncut_mask=s.save_ncut, features=s.save_features),
+        counters = start_counters()  # rows per node, dense-eigh fallbacks
+        sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
                          run_id, rows_per_file, storage_options, manifest=MANIFEST_NAME)
         try:
-            with progress_bars(s.progress), warnings.catch_warnings():
+            with progress_bars(progress), warnings.catch_warnings(), \
+                    bounded_actor_start(plan, actor_wait_s, "pseudo-label"):
                 # Retry limits travel as plain Ray remote args: Ray 2.60 deprecates
                 # ``**ray_remote_args`` for named parameters but has none for these yet, and its
                 # defaults (unlimited) would loop forever on an input that kills its worker.
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-                skip_ref = [ray.put(sorted(done))] if (done and containers) else None
+                skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) \
+                    else None
                 ds = _build_dataset(units, n_containers=len(containers), skip_ref=skip_ref,
-                                    image_size=s.image_size, max_pixels=s.max_pixels,
-                                    storage_options=storage_options, batch_size=batch_size,
-                                    plan=plan, actor_kwargs=actor_kwargs)
-                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
-        except BaseException:
-            run_entry.update(status="failed", finished=now())
-            write_manifest(fs, root, manifest)
-            raise
+                                    image_size=image_size, max_pixels=max_pixels,
+                                    max_bytes=max_bytes, storage_options=storage_options,
+                                    batch_size=batch_size, plan=plan,
+                                    actor_kwargs={**actor_kwargs, "fail_marker": fail_marker,
+                                                  "counters": counters})
+                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
+                                                       "num_cpus": LIGHT_TASK_CPUS})
         finally:
             if fail_marker and os.path.exists(fail_marker):
                 fault_injected = True
                 os.remove(fail_marker)
+        if sink.fenced:
+            raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
+                              f"because run {lease.lost_to or 'another run'} took over {output}; "
+                              "re-run to complete the output")
+        per_node, counts = split_counters(read_counters(counters))
         written = {"rows": sum(r["rows"] for r in sink.results),
-                   "errors": sum(r["errors"] for r in sink.results)}
+                   "errors": sum(r["errors"] for r in sink.results),
+                   "rows_per_node": per_node, **counts}
+    if lease.lost_to:
+        raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
 
     tmp = f"{root.rstrip('/')}/{TMP_DIR}"
+    duplicates, keys = resolve_duplicates(fs, root)
     if is_local(fs) and fs.exists(tmp):
         fs.rm(tmp, recursive=True)  # only empty or failed-attempt leftovers remain here
-    wall = time.perf_counter() - start
+    missing = [k for k in image_keys if k not in keys]
+    if missing:
+        logger.error("%d inputs have no row in %s, e.g. %s", len(missing), output, missing[:5])
     totals = count_parts(fs, root)
     summary = {
         "output": output, "run_id": run_id,
         "images": written["rows"], "errors": written["errors"], "skipped": len(done),
         "rows_total": totals["rows"], "errors_total": totals["errors"],
-        "files_total": totals["files"],
-        "wall_s": round(wall, 3), "images_per_s": round(written["rows"] / wall, 3) if wall else 0.0,
+        "files_total": totals["files"], "duplicates": len(duplicates),
+        "feature_dim": totals["feature_dim"],
+        "dense_eigh_fallbacks": written.get("dense_eigh_fallbacks", 0),
+        "rows_per_node": written.get("rows_per_node", {}),
     }
     if fail_once_after is not None:
         summary["fault_injected"] = fault_injected
-    run_entry.update(status="complete", finished=now(), images=summary["images"],
-                     errors=summary["errors"], skipped=summary["skipped"],
-                     wall_s=summary["wall_s"], images_per_s=summary["images_per_s"])
-    manifest.update(status="complete", counts={"rows": totals["rows"],
-                                               "errors": totals["errors"],
-                                               "files": totals["files"]})
-    if totals["feature_dim"] is not None:
-        manifest["feature_dim"] = totals["feature_dim"]
-    write_manifest(fs, root, manifest)
-    logger.info("pseudo-label run %s done: %d images (%d errors) in %.1fs, %.2f images/s; "
-                "%d already present; output now %d rows (%d errors)", run_id, summary["images"],
-                summary["errors"], wall, summary["images_per_s"], summary["skipped"],
-                totals["rows"], totals["errors"])
-    return summary
+    return summary, duplicates, not missing

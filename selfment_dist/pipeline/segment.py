@@ -48,11 +48,15 @@ from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
-from ._parts import (PartsSink, await_leftover_writers, check_resume, count_parts, existing_keys,
-                     now, outside_output, read_manifest, register_run, versions, write_manifest)
-from ._ray import (MAX_ACTOR_RESTARTS, MAX_RETRIES, MAX_TASK_RETRIES, ensure_ray, plan_resources,
-                   progress_bars)
-from .pseudo_label import read_and_decode
+from ._device import actor_device, run_guarded
+from ._parts import (FencedError, Lease, PartsSink, await_leftover_writers, check_lease,
+                     check_resume, confirm_lease, count_parts, existing_keys, has_parts,
+                     new_lease, now, outside_output, read_manifest, register_run, run_entry,
+                     versions, write_manifest)
+from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
+                   decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
+                   read_counters, split_counters, start_counters)
+from .pseudo_label import SortedKeys, read_and_decode
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ SEGMENT_SCHEMA = pa.schema(
     metadata={b"selfment.contract": b"saliency-maps/1",
               b"selfment.png": b"8-bit L, round(255 * saliency), original size"})
 # Settings that change what a map holds: a re-run into an existing output must match them.
-_RESUME_KEYS = ("model_fingerprint", "image_size", "output_format")
+_RESUME_KEYS = ("model_fingerprint", "image_size", "output_format", "max_pixels", "max_bytes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +100,8 @@ class SegmentActor:
     """
 
     def __init__(self, *, model: str, image_size: int, storage_options: dict | None,
-                 device: str | None, cpu_threads: int | None):
+                 device: str | None, cpu_threads: int | None, require_gpu: bool = False,
+                 counters=None):
         import torch
 
         from ..segmenter import Segmenter
@@ -107,24 +112,17 @@ class SegmentActor:
             except AttributeError:  # not Linux
                 available = os.cpu_count() or 1
             torch.set_num_threads(max(1, min(int(cpu_threads), available)))
+        device = actor_device(device, require_gpu=require_gpu)
         self.segmenter = Segmenter.from_artifact(model, image_size=image_size, device=device,
                                                  storage_options=storage_options)
+        self.counters = counters
         logger.info("segment actor ready: %r, %d torch threads", self.segmenter,
                     torch.get_num_threads())
 
     def _saliency(self, images: np.ndarray) -> list[np.ndarray | str]:
-        """Per image: float32 (h, w) saliency, or an error message."""
-        try:
-            return list(self.segmenter.saliency(images))
-        except Exception as batch_exc:
-            if len(images) == 1:
-                return [f"segmentation failed: {type(batch_exc).__name__}: {batch_exc}"]
-            logger.warning("batch of %d failed (%s); retrying image by image", len(images),
-                           batch_exc)
-            results: list[np.ndarray | str] = []
-            for i in range(len(images)):
-                results.extend(self._saliency(images[i:i + 1]))
-            return results
+        """Per image: float32 (h, w) saliency, or an error message (CUDA faults: see _device)."""
+        return run_guarded(lambda part: list(self.segmenter.saliency(part)), images,
+                           what="segmentation")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
@@ -140,6 +138,7 @@ class SegmentActor:
         out = {k: v for k, v in batch.items() if k != "image"}
         out["error"] = np.array(errors, dtype=object)
         out["saliency"] = saliency
+        count_rows_here(self.counters, n)
         return out
 
 
@@ -310,68 +309,144 @@ def _fingerprint(meta: dict) -> str:
 # Entry point
 
 def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) -> dict:
-    """Segment every image of ``settings.inputs`` with the model artifact ``settings.model``.
+    """Segment every image of ``inputs`` with the model artifact ``model``.
 
     Called as ``run_segment(settings)`` with a :class:`SegmentSettings` (every option, its
     default and range is declared there), or in the keyword form
-    ``run_segment(model, inputs, output, **options)`` that builds one.
-
-    Outputs under ``settings.output``: ``png``: ``<key>.png`` 8-bit maps at the original size
-    (keys with ``/`` make subfolders), and with ``overlays`` ``_overlays/<key>.jpg``, the image
-    with its foreground tinted; ``parquet``: ``part-*.parquet`` with :data:`SEGMENT_SCHEMA`. Both:
-    ``_segment.json`` (config, settings without secrets, counts, failed inputs).
+    ``run_segment(model, inputs, output, **options)`` that builds one. The manifest
+    (``_segment.json``) records the settings (:meth:`Settings.record`: secrets left out).
 
     Returns:
         summary: ``images`` (maps written by this run), ``errors`` (inputs that failed),
         ``skipped`` (already present), ``maps_total`` / ``rows_total``, ``wall_s``,
         ``images_per_s``, ``output``, ``manifest``, ``run_id``, ``image_size`` and
-        ``error_examples`` (up to 10; all of them are in ``_segment.json``).
-    Raises:
-        SettingsError: options that do not validate (keyword form).
-        ValueError: a model artifact that cannot serve ``image_size``.
+        ``error_examples`` (up to 10; all of them are in ``_segment.json``), ``rows_per_node``
+        (rows each Ray node's model actors processed, by node id).
     """
     import ray
 
-    s = build_settings(SegmentSettings, args, options)
-    model, inputs, output, storage_options = s.model, s.inputs, s.output, s.storage_options
     start = time.perf_counter()
+    s = build_settings(SegmentSettings, args, options)  # types, ranges, overlays need png
+    model, inputs, output, storage_options = s.model, s.inputs, s.output, s.storage_options
+    image_size = s.image_size  # None: resolved from the model below
     # Fail in the driver, not in every actor: a missing artifact or a bad size.
     _, meta = load_artifact(model, storage_options=storage_options)
     try:
-        image_size = resolve_image_size(meta, s.image_size)
+        image_size = resolve_image_size(meta, image_size)
     except ValueError as exc:
         raise ValueError(f"model artifact {model}: {exc}") from None
+    fs, root = url_to_fs(output, storage_options)
+    root = root.rstrip("/")
+    if fs.isfile(root):
+        raise ValueError(f"output {output} is a file; give a folder or prefix")
+    # Inputs are listed before anything is written: a missing or empty input leaves no trace.
+    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
+    if not units and not s.allow_empty:
+        raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
+                         "--allow-empty to accept empty inputs)")
     ensure_ray(s.address)
-    plan = plan_resources(s.num_actors, s.num_gpus_per_actor)
+    plan = plan_resources(s.num_actors, s.num_gpus_per_actor,
+                          allow_cpu_fallback=s.cpu_fallback, image_size=image_size)
     run_id = uuid.uuid4().hex[:12]
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
               "backbone": meta.get("backbone"), "weights": meta.get("weights"),
               "trained_image_size": meta.get("image_size"), "image_size": image_size,
               "output_format": s.output_format, "overlays": bool(s.overlays),
               "batch_size": int(s.batch_size), "max_pixels": s.max_pixels,
+              "max_bytes": s.max_bytes,
               "num_actors": plan["actors"], "num_gpus_per_actor": plan["num_gpus"]}
     logger.info("segment run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
     # Output: register this run in the manifest (which fences the parquet writes of an
     # unfinished earlier run, see _parts), then read what is already there (resume).
-    fs, root = url_to_fs(output, storage_options)
-    root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
+    fs.invalidate_cache(root)
     manifest_path = f"{root}/{MANIFEST_NAME}"
     previous = read_manifest(fs, root, MANIFEST_NAME)
-    check_resume(previous, config, output, keys=_RESUME_KEYS, holds="saliency maps",
-                 same="the same model and settings")
+    check_lease(previous, output, run_id)
+    written_before = has_parts(fs, root) if s.output_format == "parquet" \
+        else bool(_existing_maps(fs, root))
+    check_resume(previous if written_before else None, config, output, keys=_RESUME_KEYS,
+                 holds="saliency maps", same="the same model and settings")
     manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
                 "config": config, "inputs": inputs, "settings": s.record(),
                 "versions": versions(),
-                "runs": (previous or {}).get("runs", [])}
-    run_entry, unfinished = register_run(manifest, run_id)
+                "runs": (previous or {}).get("runs", []), "lease": new_lease(run_id)}
+    _entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest, MANIFEST_NAME)
-    if s.output_format != "png":  # a PNG map rewritten by two runs is the same file
-        await_leftover_writers(unfinished, output)
-    done = _existing_maps(fs, root) if s.output_format == "png" else existing_keys(fs, root)
+    confirm_lease(fs, root, MANIFEST_NAME, run_id, output)
+    lease = Lease(fs, root, MANIFEST_NAME, run_id).start()
 
-    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
+    def failed(status: str, reason: str):
+        def change(m: dict) -> None:
+            run_entry(m, run_id).update(status=status, finished=now(), reason=reason[:500])
+            if m.get("lease", {}).get("run_id") == run_id:
+                m["status"] = "failed"
+                m["lease"]["released"] = now()
+        return change
+
+    try:
+        summary, failed_rows = _segment(
+            ray, fs, root, units, unfinished, run_id=run_id, output=output, model=model,
+            image_size=image_size, batch_size=s.batch_size, output_format=s.output_format,
+            overlays=s.overlays, storage_options=storage_options, plan=plan,
+            max_pixels=s.max_pixels, max_bytes=s.max_bytes, progress=s.progress, lease=lease,
+            actor_wait_s=s.actor_wait_s)
+    except BaseException as exc:
+        lease.stop()
+        try:
+            lease.update(failed("fenced" if isinstance(exc, FencedError) else "failed",
+                                f"{type(exc).__name__}: {exc}"), always=True)
+        except Exception as record_exc:
+            logger.error("could not record the failure of run %s: %s", run_id, record_exc)
+        raise
+    lease.stop()
+    wall = time.perf_counter() - start
+    images = summary["images"]
+    summary = {"output": output, "manifest": to_uri(fs, manifest_path), "run_id": run_id,
+               "output_format": s.output_format, "image_size": image_size, **summary}
+    summary.update(wall_s=round(wall, 3),
+                   images_per_s=round(images / wall, 3) if wall else 0.0,
+                   error_examples=[f"{f['key']}: {f['error']}" for f in failed_rows[:10]])
+    for f in failed_rows:
+        logger.debug("failed: %s (%s): %s", f["key"], f["source"], f["error"])
+
+    def finish(m: dict) -> None:
+        run_entry(m, run_id).update(status="complete", finished=now(), images=images,
+                                    errors=len(failed_rows), skipped=summary["skipped"],
+                                    rows_per_node=summary["rows_per_node"],
+                                    wall_s=summary["wall_s"],
+                                    images_per_s=summary["images_per_s"])
+        m.update(status="complete",
+                 counts={k: summary[k] for k in ("images", "errors", "skipped", "maps_total",
+                                                 "rows_total", "errors_total")
+                         if k in summary},
+                 errors=failed_rows)
+        m["lease"]["released"] = now()
+
+    lease.update(finish)
+    if lease.lost_to:
+        err = FencedError(f"run {run_id} lost {output} to run {lease.lost_to} before it could "
+                          "finish; re-run to complete the output")
+        lease.update(failed("fenced", str(err)), always=True)
+        raise err
+    log = logger.warning if failed_rows else logger.info
+    log("segment run %s done: %d maps, %d failed (listed in %s), %d already present; "
+        "%.1fs, %.2f images/s", run_id, images, len(failed_rows), summary["manifest"],
+        summary["skipped"], wall, summary["images_per_s"])
+    return summary
+
+
+def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id: str,
+             output: str, model: str, image_size: int, batch_size: int, output_format: str,
+             overlays: bool, storage_options, plan: dict, max_pixels, max_bytes,
+             progress: bool, lease: Lease, actor_wait_s: float | None
+             ) -> tuple[dict, list[dict]]:
+    """The run proper, once this run holds the output. Returns the counts and failed rows."""
+    if output_format != "png":  # a PNG map rewritten by two runs is the same file
+        await_leftover_writers(unfinished, output)
+    done = _existing_maps(fs, root) if output_format == "png" else existing_keys(fs, root)
+
     n_units = len(units)
     units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
     containers = [u for u in units if u["kind"] != IMAGE]
@@ -379,85 +454,72 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
 
-    images, failed = 0, []
+    images, failed, per_node = 0, [], {}
     if units:
-        skip_ref = [ray.put(sorted(done))] if (done and containers) else None
+        counters = start_counters()
+        skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
         n_blocks = max(1, min(len(units), len(containers) + math.ceil(
-            (len(units) - len(containers)) / s.batch_size)))
-        ds = ray.data.from_items(units, override_num_blocks=n_blocks)
+            (len(units) - len(containers)) / batch_size)))
         # Retry limits travel as plain Ray remote args (as in pseudo_label: Ray 2.60 deprecates
-        # ``**ray_remote_args`` but has no named parameters for them yet).
-        with warnings.catch_warnings():
+        # ``**ray_remote_args`` but has no named parameters for them yet). The dataset copies
+        # the DataContext when created: the bounded actor wait must be set by then.
+        with warnings.catch_warnings(), bounded_actor_start(plan, actor_wait_s, "segment"):
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds = ray.data.from_items(units, override_num_blocks=n_blocks)
             ds = ds.map_batches(
                 read_and_decode, batch_size=None, zero_copy_batch=True,
-                fn_kwargs={"image_size": image_size, "max_pixels": s.max_pixels,
+                fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
+                           "max_bytes": max_bytes,
                            "storage_options": storage_options, "skip_ref": skip_ref,
-                           "rows_per_batch": s.batch_size, "keep_data": s.overlays},
-                num_cpus=1, max_retries=MAX_RETRIES)
+                           "rows_per_batch": batch_size, "keep_data": overlays},
+                num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
+                max_retries=MAX_RETRIES)
             ds = ds.map_batches(
-                SegmentActor, batch_size=s.batch_size, batch_format="numpy",
+                SegmentActor, batch_size=batch_size, batch_format="numpy",
                 udf_modifying_row_count=False,
                 fn_constructor_kwargs={"model": model, "image_size": image_size,
                                        "storage_options": storage_options,
                                        "device": plan["device"],
-                                       "cpu_threads": plan["cpu_threads"]},
-                compute=ray.data.ActorPoolStrategy(size=plan["actors"]),
-                num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or None,
-                max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)
-            if s.output_format == "parquet":
+                                       "cpu_threads": plan["cpu_threads"],
+                                       "require_gpu": plan["require_gpu"],
+                                       "counters": counters},
+                **model_pool_args(plan))
+            if output_format == "parquet":
                 ds = ds.map_batches(render_table, batch_format="numpy",
-                                    udf_modifying_row_count=False, num_cpus=1,
+                                    udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
                                     max_retries=MAX_RETRIES)
                 sink = _TableSink(output, SEGMENT_SCHEMA, run_id, _ROWS_PER_FILE,
                                   storage_options, manifest=MANIFEST_NAME)
             else:
-                sink = _PngSink(output, overlays=s.overlays, max_pixels=s.max_pixels,
+                sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
                                 storage_options=storage_options)
-        try:
-            with progress_bars(s.progress), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES})
-        except BaseException:
-            run_entry.update(status="failed", finished=now())
-            write_manifest(fs, root, manifest, MANIFEST_NAME)
-            raise
-        if s.output_format == "png":
+        with progress_bars(progress), warnings.catch_warnings(), \
+                bounded_actor_start(plan, actor_wait_s, "segment"):
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
+                                                   "num_cpus": LIGHT_TASK_CPUS})
+        if getattr(sink, "fenced", None):
+            raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
+                              f"because run {lease.lost_to or 'another run'} took over {output}; "
+                              "re-run to complete the output")
+        per_node, _ = split_counters(read_counters(counters))
+        if output_format == "png":
             images = sum(r["images"] for r in sink.results)
             failed = [f for r in sink.results for f in r["failed"]]
         else:
             images = sum(r["rows"] - r["errors"] for r in sink.results)
             failed = _failed_rows(fs, root, run_id)
+    if lease.lost_to:
+        raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
     failed.sort(key=lambda f: f["key"])
-
-    wall = time.perf_counter() - start
-    summary = {"output": output, "manifest": to_uri(fs, manifest_path), "run_id": run_id,
-               "output_format": s.output_format, "image_size": image_size,
-               "images": images, "errors": len(failed), "skipped": len(done)}
-    if s.output_format == "png":
+    summary = {"images": images, "errors": len(failed), "skipped": len(done),
+               "rows_per_node": per_node}
+    if output_format == "png":
         summary["maps_total"] = len(done) + images
     else:
         totals = count_parts(fs, root)
         summary.update(rows_total=totals["rows"], errors_total=totals["errors"])
-    summary.update(wall_s=round(wall, 3),
-                   images_per_s=round(images / wall, 3) if wall else 0.0,
-                   error_examples=[f"{f['key']}: {f['error']}" for f in failed[:10]])
-    for f in failed:
-        logger.debug("failed: %s (%s): %s", f["key"], f["source"], f["error"])
-    run_entry.update(status="complete", finished=now(), images=images, errors=len(failed),
-                     skipped=len(done), wall_s=summary["wall_s"],
-                     images_per_s=summary["images_per_s"])
-    manifest.update(status="complete",
-                    counts={k: summary[k] for k in ("images", "errors", "skipped", "maps_total",
-                                                    "rows_total", "errors_total")
-                            if k in summary},
-                    errors=failed)
-    write_manifest(fs, root, manifest, MANIFEST_NAME)
-    log = logger.warning if failed else logger.info
-    log("segment run %s done: %d maps, %d failed (listed in %s), %d already present; "
-        "%.1fs, %.2f images/s", run_id, images, len(failed), summary["manifest"], len(done),
-        wall, summary["images_per_s"])
-    return summary
+    return summary, failed
 
 
 def _failed_rows(fs, root: str, run_id: str) -> list[dict]:

@@ -68,12 +68,11 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
               debug_dir: str | None = None, **options: Any) -> dict:
     """Train the segmentation head on pseudo-labels with Ray Train and write the model artifact.
 
-    Called as ``run_train(settings)`` with a :class:`TrainSettings` (every option, its default
-    and range is declared there), or in the keyword form ``run_train(labels, output, **options)``
-    that builds one. ``settings.output`` also holds the checkpoints (``_train/``).
+    Called as ``run_train(settings)`` with a :class:`TrainSettings` (every option, its default and
+    range is declared there), or in the keyword form ``run_train(labels, output, **options)`` that builds one.
 
     Args:
-        settings: the labels, the artifact folder, the schedule, the loss and the workers.
+        settings: the stage's settings.
         fail_at_step: testing: the last worker exits hard once after this global step (a marker
             file under ``output/_train`` keeps the retry from failing again).
         debug_dir: testing/debugging: every rank writes its head weights and batch keys after
@@ -82,7 +81,8 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
     Returns:
         The training summary (also stored in ``model.json`` under ``training``): ``status``
         (``"trained"``, or ``"already_done"`` when ``output`` already held the finished run),
-        ``epochs``, ``steps``, ``images_seen``, ``rows``/``error_rows``/``train_rows``,
+        ``epochs``, ``steps``, ``images_seen``, ``rows``/``error_rows``/``low_confidence_rows``/
+        ``train_rows`` (the rows training read), ``row_filter``,
         ``history`` (per epoch: mean ``total``/``bce``/``dice``/``contrastive``, ``images``,
         ``seconds``), ``first_loss``/``final_loss``, ``resumed_from_steps``, ``wall_s``, ...
 
@@ -94,9 +94,11 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
     """
     from ._ray import ensure_ray
 
-    s = build_settings(TrainSettings, args, options)
-    labels, output, storage_options = s.labels, s.output, s.storage_options
     start = time.perf_counter()
+    s = build_settings(TrainSettings, args, options)  # types, ranges, one confidence cut
+    labels, output, storage_options = s.labels, s.output, s.storage_options
+    lr = s.lr * {"none": 1.0, "sqrt": math.sqrt(s.batch_size),
+                 "linear": float(s.batch_size)}[s.lr_scaling]
     fs, root = url_to_fs(output, storage_options)
     root = root.rstrip("/")
     if is_local(fs):  # workers run in another working directory
@@ -108,14 +110,17 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
                          "here; choose a new output")
 
     # Labels: footers, manifest and small columns only; the workers read the rows.
-    ls = inspect_labels(labels, storage_options=storage_options, features=s.features)
+    ls = inspect_labels(labels, storage_options=storage_options, features=s.features,
+                        min_confidence=s.min_confidence, keep_fraction=s.keep_fraction)
     stored = ls.feature_source == "stored"
     config = {"labels": labels.rstrip("/"), "feature_source": ls.feature_source,
-              "embed_dim": s.embed_dim, "batch_size": s.batch_size, "lr": s.lr,
+              "embed_dim": s.embed_dim, "batch_size": s.batch_size, "lr": lr,
               "weight_decay": s.weight_decay, "sim_weight": s.sim_weight,
               "temperature": s.temperature,
-              "seed": s.seed, "epochs": s.epochs, "workers": s.workers, "use_gpu": s.use_gpu,
+              "seed": s.seed, "shuffle": s.shuffle, "contrastive": s.contrastive,
+              "epochs": s.epochs, "workers": s.workers, "use_gpu": s.use_gpu,
               "checkpoint_every": s.checkpoint_every, "max_failures": s.max_failures,
+              "row_filter": ls.row_filter,
               "backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size}
     check_same_run(previous, config, output)
     if finished is not None and finished.get("training", {}).get("epochs", 0) >= s.epochs:
@@ -135,15 +140,15 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
         raise ValueError(f"{ls.usable} usable pseudo-labels cannot feed {s.workers} workers")
     resources, threads = _plan_workers(s.workers, s.use_gpu, s.resources_per_worker)
     steps_per_epoch = math.ceil(per_worker / s.batch_size)
-    logger.info("training on %s: %d rows (%d errors skipped), grid %s, features %s; %d workers "
-                "(%s), %d epochs x ~%d steps of %d images per worker -> %s", labels, ls.rows,
-                ls.errors, ls.grid, config["feature_source"], s.workers,
-                resources or "1 GPU each",
-                s.epochs, steps_per_epoch, s.batch_size, output)
+    logger.info("training on %s: %d of %d rows (%d errors and %d low-confidence rows skipped, "
+                "filter %s), grid %s, features %s; %d workers (%s), %d epochs x ~%d steps of %d "
+                "images per worker -> %s", labels, ls.usable, ls.rows, ls.errors,
+                ls.low_confidence, ls.row_filter, ls.grid, config["feature_source"], s.workers,
+                resources or "1 GPU each", s.epochs, steps_per_epoch, s.batch_size, output)
     logger.info("training config: %s", config)
 
     dataset = build_dataset(ls, stored=stored, storage_options=storage_options,
-                             max_pixels=s.max_pixels)
+                             max_pixels=s.max_pixels, shuffle=s.shuffle, seed=s.seed)
     loop_config = {
         **config, "in_dim": ls.feature_dim, "grid": list(ls.grid),
         "storage_options": storage_options, "output_storage_options": storage_options,

@@ -1,0 +1,32 @@
+"""Settings checks that need more than a settings model: run on entry to a ``run_*`` function.
+
+Types, ranges and the checks across fields of one stage are declared on the settings models
+(:mod:`selfment_dist.settings`), which raise :class:`SettingsError` (one line per problem) before
+anything starts. What is left here needs outside knowledge, such as a backbone's patch size.
+"""
+from __future__ import annotations
+
+from numbers import Integral
+from typing import Any
+
+from .settings import SettingsError
+
+__all__ = ["SettingsError", "check_backbone_size"]
+
+
+def check_backbone_size(backbone: Any, image_size: Any) -> list[str]:
+    """The problem with ``backbone``/``image_size`` (unknown backbone, size not a positive
+    multiple of its patch size), as a list of at most one line."""
+    if not isinstance(backbone, str):
+        return []  # already reported by the settings model
+    from .backbone import backbone_family, check_image_size
+    size_ok = not isinstance(image_size, bool) and isinstance(image_size, Integral) \
+        and image_size >= 1  # else already reported by the settings model
+    try:
+        if size_ok:
+            check_image_size(backbone, int(image_size))
+        else:
+            backbone_family(backbone)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
