@@ -1,10 +1,13 @@
-"""YAML configuration: read a file, pick what applies to a command, merge under the command line.
+"""YAML configuration: read a file, pick what applies to a settings model, merge the command line.
 
-A config file is a mapping. Keys may be spelt with ``-`` or ``_``. Top-level keys apply to
-every command that takes them (``address``, ``storage_options`` …); a section named after a
-command (``pseudo_label:``, ``train:``, ``segment:``, ``evaluate:``, ``demo:``) applies to that
-command only and wins over the top level. The command line wins over both, and whatever is
-set nowhere takes the pipeline function's own default (the one source of truth).
+A config file is a mapping. Keys may be spelt with ``-`` or ``_``, and like the option (``inputs``)
+or like its flag (``input``; ``non_binary_graph: true`` means ``binary_graph: false``). Top-level
+keys apply to every stage that takes them (``address``, ``storage_options`` …); a section named
+after a stage (``pseudo_label:``, ``train:``, ``segment:``, ``evaluate:``) applies to that stage
+only and wins over the top level; ``pipeline:`` holds the chain's settings
+(:class:`~selfment_dist.settings.ChainSettings`) and ``demo:`` the demo's. The command line wins
+over both, and whatever is set nowhere takes the settings model's default (the one source of
+truth, :mod:`selfment_dist.settings`).
 
     address: auto
     storage_options: {endpoint_url: "http://127.0.0.1:9000"}
@@ -13,13 +16,16 @@ set nowhere takes the pipeline function's own default (the one source of truth).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from .io.storage import url_to_fs
+from .settings import (STAGE_SETTINGS, DemoSettings, ImportCheckpointSettings, InspectSettings,
+                       Settings, SettingsError, flag_of)
 
-COMMANDS = ("pseudo_label", "train", "segment", "evaluate", "demo")
+#: Sections of a config file: one per stage, the chain's and the demo's.
+SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint")
 
 
 def normalise_key(key: str) -> str:
@@ -54,35 +60,80 @@ def _normalise(data: Mapping) -> dict[str, Any]:
         key = normalise_key(key)
         # Sections are mappings of options; option values that are mappings (storage_options,
         # benchmarks) keep their own keys as written.
-        out[key] = _normalise(value) if key in COMMANDS and isinstance(value, Mapping) else value
+        out[key] = _normalise(value) if key in SECTIONS and isinstance(value, Mapping) else value
     return out
 
 
-def options_for(config: Mapping[str, Any], command: str, accepted: Iterable[str],
-                known_anywhere: Iterable[str] = ()) -> dict[str, Any]:
-    """The options of ``config`` that apply to ``command``.
+def load_config(uri: str, cli_storage_options: dict | None = None) -> dict[str, Any]:
+    """The config at ``uri`` with ``--storage-option`` values merged over its ``storage_options``."""
+    config = read_config(uri, cli_storage_options or None)
+    if cli_storage_options:
+        config.update(merge_options({"storage_options": config.get("storage_options") or {}},
+                                    {"storage_options": cli_storage_options}))
+    return config
 
-    Args:
-        config: as returned by :func:`read_config`.
-        command: a name of :data:`COMMANDS`.
-        accepted: option names the command takes.
-        known_anywhere: option names some other command takes (ignored here, not an error).
-    Raises:
-        ValueError: for a key no command knows (most likely a typo), naming the valid ones.
+
+def aliases(model: type[Settings]) -> dict[str, tuple[str, bool]]:
+    """Each spelling of ``model``'s options → ``(field name, inverted)``.
+
+    A field answers to its name and to its flag without dashes (``input`` for ``inputs``);
+    ``inverted`` marks a negative flag's spelling (``non_binary_graph``, ``no_progress``).
     """
-    accepted = set(accepted)
-    known = accepted | set(known_anywhere) | set(COMMANDS)
-    unknown = sorted(k for k in config if k not in known)
-    section = config.get(command) or {}
-    if not isinstance(section, Mapping):
-        raise ValueError(f"config section {command!r} must be a mapping")
-    unknown += sorted(f"{command}.{k}" for k in section if k not in accepted)
-    if unknown:
-        raise ValueError(f"unknown config option(s) {', '.join(unknown)} for '{command}'; "
-                         f"valid: {', '.join(sorted(accepted))}")
-    merged = {k: v for k, v in config.items() if k in accepted}
-    merged.update(section)
-    return merged
+    out: dict[str, tuple[str, bool]] = {}
+    for name, info in model.model_fields.items():
+        out[normalise_key(flag_of(model, name).lstrip("-"))] = (name, False)
+        negative = (info.json_schema_extra or {}).get("negative_flag")
+        if negative:
+            out[normalise_key(negative.lstrip("-"))] = (name, True)
+        out[name] = (name, False)
+    return out
+
+
+def _rename(values: Mapping[str, Any], model: type[Settings]) -> dict[str, Any]:
+    spelling = aliases(model)
+    out = {}
+    for key, value in values.items():
+        name, inverted = spelling.get(key, (key, False))
+        out[name] = (not value) if inverted and isinstance(value, bool) else value
+    return out
+
+
+def _top_level_names() -> set[str]:
+    names: set[str] = set(SECTIONS)
+    for model in (*STAGE_SETTINGS.values(), DemoSettings, InspectSettings,
+                  ImportCheckpointSettings):
+        names |= set(aliases(model))
+    return names
+
+
+def values_for(config: Mapping[str, Any], model: type[Settings], *, section: str | None = None,
+               top_level: bool = True) -> dict[str, Any]:
+    """The values ``config`` sets for ``model``: its section over the top-level keys it takes.
+
+    Keys come back as field names (flag spellings renamed, negative flags inverted); the values
+    are not validated yet (the caller may still add to them, see ``pipeline.chain``).
+
+    Raises:
+        SettingsError: a top-level key no stage takes, or a key the section's model lacks (most
+            likely typos), naming the valid ones.
+    """
+    section = section or model.section
+    problems = [f"{key}: unknown top-level option" for key in config
+                if key not in _top_level_names()] if top_level else []
+    raw = config.get(section)
+    if raw is not None and not isinstance(raw, Mapping):
+        raise SettingsError([f"{section}: must be a mapping of options, got {raw!r}"])
+    own = _rename(raw or {}, model)
+    problems += [f"{section}.{key}: unknown option; valid: {', '.join(sorted(model.model_fields))}"
+                 for key in own if key not in model.model_fields]
+    if problems:
+        raise SettingsError(problems)
+    values = {}
+    if top_level:
+        top = _rename({k: v for k, v in config.items() if k not in SECTIONS}, model)
+        values = {k: v for k, v in top.items() if k in model.model_fields}
+    values.update(own)
+    return values
 
 
 def merge_options(defaults_from_config: Mapping[str, Any], from_cli: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,3 +145,17 @@ def merge_options(defaults_from_config: Mapping[str, Any], from_cli: Mapping[str
         else:
             merged[key] = value
     return merged
+
+
+def with_overrides(config: Mapping[str, Any], section: str, values: Mapping[str, Any],
+                   top_level: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``config`` with the command line's ``values`` over ``section`` and ``top_level`` over the
+    top level; ``storage_options`` merge key by key (also into a section that has its own)."""
+    out = dict(config)
+    out[section] = merge_options(out.get(section) or {}, values)
+    top_level = dict(top_level or {})
+    out.update(merge_options({k: out[k] for k in top_level if k in out}, top_level))
+    if "storage_options" in top_level and isinstance(out[section].get("storage_options"), Mapping):
+        out[section] = merge_options(out[section],
+                                     {"storage_options": top_level["storage_options"]})
+    return out

@@ -11,12 +11,13 @@ from selfment_dist import cli
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Record what each command would call instead of running a pipeline."""
+    """Record what each command would call instead of running a pipeline: the settings that
+    were set (on the command line or in the config), by name."""
     seen = []
 
     def fake_target(command):
-        def run(**kwargs):
-            seen.append((command, kwargs))
+        def run(settings, **_):
+            seen.append((command, {k: getattr(settings, k) for k in settings.model_fields_set}))
             return {"ok": True}
         return run
 
@@ -109,4 +110,5 @@ def test_negative_flag_in_config_keeps_its_meaning(calls, tmp_path):
 def test_precision_choices_are_the_backbones():
     from selfment_dist.backbone import PRECISIONS
 
-    assert cli.PRECISIONS == PRECISIONS
+    flags, kwargs = cli.argument(cli.PseudoLabelSettings, "precision")
+    assert flags == ["--precision"] and tuple(kwargs["choices"]) == PRECISIONS

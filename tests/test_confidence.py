@@ -17,7 +17,7 @@ from PIL import Image
 from selfment_dist.io.schema import QUALITY_COLUMNS
 from selfment_dist.labeler import pseudo_label
 from selfment_dist.ncut import fiedler_vectors
-from selfment_dist.pipeline.train import _confidence_filter
+from selfment_dist.pipeline._train_data import _confidence_filter
 from selfment_dist.quality import SIGNALS
 from selfment_dist.synthetic import (NO_OBJECT_KINDS, make_patch_feature_batch, make_scene,
                                      scene_kinds, write_scenes)

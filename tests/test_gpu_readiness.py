@@ -250,7 +250,8 @@ def test_evaluate_with_a_model_takes_segments_actor_options(monkeypatch):
     from selfment_dist import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "_target", lambda command: lambda **kw: seen.update(kw) or {})
+    monkeypatch.setattr(cli, "_target", lambda command: lambda settings: seen.update(
+        {k: getattr(settings, k) for k in settings.model_fields_set}) or {})
     assert cli.main(["evaluate", "--model", "m", "--benchmark", "B=i,g", "--output", "o",
                      "--num-actors", "2", "--num-gpus-per-actor", "1", "--cpu-fallback",
                      "--actor-wait-s", "30", "--batch-size", "4"]) == 0
@@ -283,22 +284,22 @@ def test_optimizer_state_is_loaded_on_cpu_on_resume(monkeypatch, tmp_path):
     """Adam's ``step`` must stay a CPU tensor after a resume (on CUDA, map_location=device put
     it on the GPU: one sync per parameter per step)."""
     from selfment_dist.head import PatchHead
-    from selfment_dist.pipeline import train
+    from selfment_dist.pipeline import _train_checkpoints as train
 
     head = PatchHead(in_dim=8, embed_dim=4)
     opt = torch.optim.Adam(head.parameters())
     head(torch.randn(1, 4, 8))[0].sum().backward()
     opt.step()
     torch.save({"head": head.state_dict(), "optimizer": opt.state_dict()},
-               tmp_path / train._STATE_FILE)
-    (tmp_path / train._PROGRESS_FILE).write_text(train._Progress().to_json())
+               tmp_path / train.STATE_FILE)
+    (tmp_path / train._PROGRESS_FILE).write_text(train.Progress().to_json())
     seen = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw.get("map_location"))
                         or real(*a, **kw))
     head2 = PatchHead(in_dim=8, embed_dim=4)
     opt2 = torch.optim.Adam(head2.parameters())
-    train._restore(str(tmp_path), head2, opt2, torch.device("cpu"))
+    train.restore(str(tmp_path), head2, opt2, torch.device("cpu"))
     assert seen == ["cpu"]
     state = next(iter(opt2.state.values()))
     assert state["step"].device.type == "cpu"

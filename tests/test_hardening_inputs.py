@@ -151,22 +151,23 @@ def test_read_failures_are_transient_bad_data_permanent(tmp_path):
 # -- 2: settings, checked on entry --------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, fragment", [
-    ({"eps": 2}, "eps must be in (0.0, 1.0)"),
-    ({"eps": 0.0}, "eps must be in (0.0, 1.0)"),
-    ({"tau": "0.2"}, "tau must be a number, got the string '0.2'"),
-    ({"tau": 2.0}, "tau must be in [0.0, 1.0)"),
-    ({"max_pixels": -1}, "max_pixels must be >= 1"),
-    ({"max_bytes": 0}, "max_bytes must be >= 1"),
-    ({"rows_per_file": 0}, "rows_per_file must be >= 1"),
-    ({"batch_size": -2}, "batch_size must be >= 1"),
-    ({"image_size": 0}, "image_size must be >= 1"),
+    # The settings models' messages (selfment_dist.settings): "<stage>.<name>: ... (got ...)".
+    ({"eps": 2}, "pseudo_label.eps: Input should be less than 1 (got 2)"),
+    ({"eps": 0.0}, "pseudo_label.eps: Input should be greater than 0 (got 0.0)"),
+    ({"tau": "0.2"}, "pseudo_label.tau: Input should be a valid number (got '0.2')"),
+    ({"tau": 2.0}, "pseudo_label.tau: Input should be less than 1 (got 2.0)"),
+    ({"max_pixels": -1}, "pseudo_label.max_pixels: Input should be greater than or equal to 1"),
+    ({"max_bytes": 0}, "pseudo_label.max_bytes: Input should be greater than or equal to 1"),
+    ({"rows_per_file": 0}, "pseudo_label.rows_per_file: Input should be greater than or equal"),
+    ({"batch_size": -2}, "pseudo_label.batch_size: Input should be greater than or equal to 1"),
+    ({"image_size": 0}, "pseudo_label.image_size: Input should be greater than 0"),
     ({"image_size": 60}, "not a positive multiple of"),
-    ({"image_size": "64"}, "image_size must be an integer"),
-    ({"n_iter": 2.5}, "n_iter must be an integer"),
-    ({"num_actors": 0}, "num_actors must be >= 1"),
+    ({"image_size": "64"}, "pseudo_label.image_size: Input should be a valid integer"),
+    ({"n_iter": 2.5}, "pseudo_label.n_iter: Input should be a valid integer"),
+    ({"num_actors": 0}, "pseudo_label.num_actors: Input should be greater than or equal to 1"),
     ({"backbone": "vit_nope"}, "unsupported backbone"),
-    ({"binary_graph": "yes"}, "binary_graph must be true or false"),
-    ({"inputs": []}, "inputs must be a URI or a non-empty list"),
+    ({"binary_graph": "yes"}, "pseudo_label.binary_graph: Input should be a valid boolean"),
+    ({"inputs": []}, "pseudo_label.inputs: Value should have at least 1 item"),
 ])
 def test_pseudo_label_settings_fail_before_anything_is_written(tmp_path, bad, fragment):
     out = tmp_path / "out"
@@ -187,10 +188,10 @@ def test_every_problem_is_reported_one_line_each(tmp_path):
 
 
 def test_segment_settings_fail_before_the_model_is_read(tmp_path):
-    with pytest.raises(SettingsError, match="batch_size must be >= 1"):
+    with pytest.raises(SettingsError, match="segment.batch_size: Input should be greater than or"):
         run_segment(str(tmp_path / "no-model"), str(tmp_path), str(tmp_path / "o"),
                     batch_size=-1)
-    with pytest.raises(SettingsError, match="max_pixels must be >= 1"):
+    with pytest.raises(SettingsError, match="segment.max_pixels: Input should be greater than"):
         run_segment(str(tmp_path / "no-model"), str(tmp_path), str(tmp_path / "o"),
                     max_pixels=0)
 
@@ -306,8 +307,10 @@ def test_train_settings_fail_before_anything_is_read(tmp_path):
     with pytest.raises(SettingsError) as info:
         run_train(str(tmp_path / "no-labels"), str(tmp_path / "m"), batch_size=-1, lr="1e-3",
                   epochs=0)
-    assert info.value.problems == ["epochs must be >= 1, got 0", "batch_size must be >= 1, got -1",
-                                   "lr must be a number, got the string '1e-3'"]
+    assert info.value.problems == [
+        "train.epochs: Input should be greater than or equal to 1 (got 0)",
+        "train.batch_size: Input should be greater than or equal to 1 (got -1)",
+        "train.lr: Input should be a valid number (got '1e-3')"]
     assert not (tmp_path / "m").exists()
 
 
@@ -323,5 +326,6 @@ def test_jobs_entrypoint_refuses_bad_settings_before_running(tmp_path, monkeypat
         f"image_size: 64, eps: 2, tau: '0.2'}}\n")
     with caplog.at_level(logging.ERROR):
         assert _common.run_stage("pseudo_label", ["--config", str(tmp_path / "c.yaml")]) == 2
-    assert "eps must be in" in caplog.text and "tau must be a number" in caplog.text
+    assert "pseudo_label.eps: Input should be less than 1" in caplog.text
+    assert "pseudo_label.tau: Input should be a valid number" in caplog.text
     assert not (tmp_path / "out").exists()

@@ -56,8 +56,10 @@ def _config(text: str, tmp_path: Path) -> dict:
 
 def test_local_config_wires_every_stage_to_the_previous_one():
     import _common
+    from selfment_dist.pipeline.chain import plan as chain_plan
 
-    plan = _common.resolve(_common.load_config(str(JOBS / "configs" / "local.yaml")))
+    _, settings = chain_plan(_common.load_config(str(JOBS / "configs" / "local.yaml")))
+    plan = {stage: s.model_dump() for stage, s in settings.items()}
     root = "/tmp/selfment-local"
     assert plan["pseudo_label"]["inputs"] == [f"{root}/data/train/images"]
     assert plan["pseudo_label"]["output"] == f"{root}/labels"
@@ -69,17 +71,17 @@ def test_local_config_wires_every_stage_to_the_previous_one():
     assert plan["evaluate"]["masks"] == f"{root}/data/eval/masks"
     assert plan["evaluate"]["output"] == f"{root}/report"
     assert plan["pseudo_label"]["weights"] == "random"
-    assert all(not _common.missing_options(s, o) for s, o in plan.items())
 
 
 def test_s3_config_runs_at_scale_and_evaluates_benchmarks_with_the_trained_model():
     import _common
-    from pipeline import check
+    from selfment_dist.pipeline.chain import plan as check
 
     config = _common.load_config(str(JOBS / "configs" / "s3.yaml"))
-    section, plan = check(config)
-    run = section["output"]
-    assert run.startswith("s3://") and section["stages"] == list(_common.STAGES)
+    section, settings = check(config)
+    plan = {stage: s.model_dump(exclude_none=True) for stage, s in settings.items()}
+    run = section.output
+    assert run.startswith("s3://") and section.stages == list(_common.STAGES)
     assert plan["pseudo_label"]["weights"] == "hub" and plan["pseudo_label"]["image_size"] == 768
     assert plan["train"]["use_gpu"] is True and plan["train"]["workers"] > 1
     assert plan["train"]["labels"] == plan["pseudo_label"]["output"] == f"{run}/labels"
@@ -94,23 +96,23 @@ def test_s3_config_runs_at_scale_and_evaluates_benchmarks_with_the_trained_model
 
 def test_config_problems_are_reported_before_anything_runs(tmp_path):
     import _common
-    from pipeline import check
+    from selfment_dist.pipeline.chain import plan as check
+    from selfment_dist.pipeline.chain import stage_settings, stage_values
 
     with pytest.raises(ValueError, match=r"train\.epoch\b.*valid: .*epochs"):
-        _config("pipeline: {output: /x}\ntrain: {epoch: 3}\n", tmp_path)
-        _common.resolve(_common.load_config(str(tmp_path / "config.yaml")))
-    with pytest.raises(ValueError, match="pseudo_label needs inputs"):
+        stage_values(_config("pipeline: {output: /x}\ntrain: {epoch: 3}\n", tmp_path))
+    with pytest.raises(ValueError, match=r"pseudo_label\.inputs \(--input\) is required"):
         check(_config("pipeline: {output: /x}\n", tmp_path))
-    with pytest.raises(ValueError, match="evaluate needs masks"):
+    with pytest.raises(ValueError, match=r"evaluate: masks \(--masks\) is required"):
         check(_config("pipeline: {output: /x, stages: [evaluate]}\n", tmp_path))
-    with pytest.raises(ValueError, match="unknown stage"):
+    with pytest.raises(ValueError, match=r"pipeline\.stages\.1: Input should be 'pseudo_label'"):
         check(_config("pipeline: {output: /x, stages: [pseudo_label, tune]}\n", tmp_path))
     with pytest.raises(ValueError, match="pipeline.output is required"):
         check(_config("pseudo_label: {inputs: [a], output: b}\n"
                       "pipeline: {stages: [pseudo_label]}\n", tmp_path))
     with pytest.raises(ValueError, match="output at the top level would apply to every stage"):
         check(_config("output: /x\npipeline: {output: /x}\n", tmp_path))
-    with pytest.raises(ValueError, match="pipeline.synthetic must be a mapping of"):
+    with pytest.raises(ValueError, match="pipeline.synthetic.nval: unknown option"):
         check(_config("pipeline: {output: /x, synthetic: {n_train: 3, nval: 2}}\n", tmp_path))
     # A single-stage entrypoint says what is missing and exits 2, without starting Ray.
     (tmp_path / "train.yaml").write_text("train: {workers: 1}\n")
@@ -120,32 +122,32 @@ def test_config_problems_are_reported_before_anything_runs(tmp_path):
                      "pipeline: {output: /r, stages: [segment, evaluate]}\n"
                      "segment: {inputs: [/images]}\nevaluate: {masks: /masks}\n", tmp_path)
     section, plan = check(config)
-    assert plan["segment"]["model"] == "/r/model"
-    assert plan["evaluate"]["predictions"] == "/r/predictions"
+    assert plan["segment"].model == "/r/model"
+    assert plan["evaluate"].predictions == "/r/predictions"
     merged = _common.load_config(str(tmp_path / "config.yaml"), {"key": "cli", "secret": "s"})
     assert merged["storage_options"] == {"anon": False, "key": "cli", "secret": "s"}
-    assert "storage_options" not in _common.public(plan["segment"])
+    assert "storage_options" not in plan["segment"].record()
     # Keys may be spelt like the command line's flags, as with `selfment --config`.
-    plan = _common.resolve(_config("pipeline: {output: /r}\npseudo_label: {input: /imgs}\n"
-                                   "segment: {format: png}\n", tmp_path))
-    assert plan["pseudo_label"]["inputs"] == ["/imgs"]
-    assert plan["segment"]["output_format"] == "png"
+    config = _config("pipeline: {output: /r}\npseudo_label: {input: /imgs}\n"
+                     "segment: {format: parquet}\n", tmp_path)
+    assert stage_settings(config, "pseudo_label").inputs == ["/imgs"]
+    assert stage_settings(config, "segment").output_format == "parquet"
 
 
 def test_pipeline_skips_complete_stages_and_reruns_from_the_first_incomplete_one(
         tmp_path, monkeypatch):
     """The orchestration alone: stage functions replaced by fakes that write each stage's
     completion marker, so no Ray is needed."""
-    import pipeline
+    from selfment_dist.pipeline import chain
 
     calls: list[str] = []
 
     def fake(stage, marker, document):
-        def run(**options):
+        def run(settings, fail=False):
             calls.append(stage)
-            if options.get("fail"):
+            if fail:
                 raise RuntimeError(f"{stage} broke")
-            out = Path(options["output"])
+            out = Path(settings.output)
             out.mkdir(parents=True, exist_ok=True)
             (out / marker).write_text(json.dumps(document))
             return {"stage": stage, **document}
@@ -158,14 +160,14 @@ def test_pipeline_skips_complete_stages_and_reruns_from_the_first_incomplete_one
         "evaluate": fake("evaluate", "metrics.json",
                          {"datasets": {"synthetic": {"n_images": 2, "scores": {"mae": 0.5}}}}),
     }
-    monkeypatch.setattr(pipeline, "stage_function", fakes.__getitem__)
+    monkeypatch.setattr(chain, "stage_function", fakes.__getitem__)
     root = tmp_path / "run"
     text = (f"pipeline: {{output: {root}}}\npseudo_label: {{inputs: [/images]}}\n"
             "segment: {inputs: [/eval]}\nevaluate: {masks: /masks}\n")
 
     def run(extra: str = "", *, force: bool = False) -> dict:
         calls.clear()
-        return pipeline.run_pipeline(_config(text + extra, tmp_path), force=force)
+        return chain.run_chain(_config(text + extra, tmp_path), force=force)
 
     def statuses(summary: dict) -> dict:
         return {s: r["status"] for s, r in summary["stages"].items()}
@@ -192,7 +194,7 @@ def test_pipeline_skips_complete_stages_and_reruns_from_the_first_incomplete_one
     assert calls == list(fakes)
     # A failing stage is recorded, and the error goes on to fail the job.
     (root / "predictions" / "_segment.json").unlink()
-    fakes["segment"] = (lambda f: lambda **o: f(**o, fail=True))(fakes["segment"])
+    fakes["segment"] = (lambda f: lambda s: f(s, fail=True))(fakes["segment"])
     with pytest.raises(RuntimeError, match="segment broke"):
         run("train: {epochs: 3}\n")
     failed = json.loads((root / "pipeline_summary.json").read_text())
@@ -400,11 +402,11 @@ def test_pipeline_job_on_a_real_ray_head(ray_head):
     # The same config again: every stage is complete with the same options, so nothing runs
     # (in this process, and no Ray is needed for it).
     import ray
-    from pipeline import run_pipeline
 
     import _common
+    from selfment_dist.pipeline.chain import run_chain
     was_initialized = ray.is_initialized()
-    again = run_pipeline(_common.load_config(str(config_path)), config_uri=str(config_path))
+    again = run_chain(_common.load_config(str(config_path)), config_uri=str(config_path))
     assert {s: r["status"] for s, r in again["stages"].items()} == dict.fromkeys(
         ["pseudo_label", "train", "segment", "evaluate"], "skipped")
     assert again["metrics"] == summary["metrics"]

@@ -25,6 +25,7 @@ The output folder::
     inspect/                     contact sheets + confidence histogram of the pseudo-labels
                                  (index.html), predictions.png: held-out predictions (inspect)
     demo.log                     everything Ray and the stages printed
+    pipeline_summary.json        the stage chain's record (settings, status, summaries)
     results.md                   the metrics table with its caveat, and where everything is
     demo_summary.json            what :func:`run_demo` returns
 """
@@ -40,8 +41,8 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from ..backbone import DEFAULT_BACKBONE
 from ..io.storage import is_local, join, url_to_fs
+from ..settings import DemoSettings, build_settings
 from ..synthetic import write_scenes
 from ._console import StageBar, quiet_console
 
@@ -52,6 +53,7 @@ __all__ = ["run_demo", "write_synthetic_sets", "synthetic_layout", "hub_weights_
 #: Written first into a demo's output folder: a folder holding it may be cleared by a new demo.
 MARKER = ".selfment_demo"
 SUMMARY_NAME = "demo_summary.json"
+CHAIN_SUMMARY_NAME = "pipeline_summary.json"  # the stage chain's record, see .chain
 RESULTS_NAME = "results.md"
 LOG_NAME = "demo.log"
 _STAGE_DIRS = ("labels", "model", "predictions", "report", "inspect")
@@ -139,26 +141,16 @@ def hub_weights_problem(backbone: str, image_size: int) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # The demo
 
-def run_demo(output_dir: str = "selfment_demo", *, n_images: int = 32, n_eval: int = 12,
-             image_size: int = 224, epochs: int = 3, workers: int = 2, batch_size: int = 8,
-             weights: str | None = None, backbone: str = DEFAULT_BACKBONE,
-             num_cpus: int = 2, verbose: bool = False) -> dict[str, Any]:
+def run_demo(*args: DemoSettings | str, **options: Any) -> dict[str, Any]:
     """Synthetic data through pseudo-label → train → segment → evaluate on a local Ray.
 
-    Args:
-        output_dir: a local folder (created; see the module doc for its layout). A folder left
-            by an earlier demo is cleared of that demo's results first; any other non-empty
-            folder is refused.
-        n_images: training scenes (pseudo-labelled, then used to train the head).
-        n_eval: held-out scenes (segmented and evaluated against their masks).
-        image_size: backbone input size (a multiple of the patch size, 16).
-        epochs, workers, batch_size: training (``workers`` Ray Train DDP workers on CPU).
-        weights: ``None``: hub weights when the hub can be reached, else random ones (said in one
-            line); or any ``weights`` of ``build_backbone`` (``"random"``, a checkpoint path).
-        backbone: the timm DINO name.
-        num_cpus: CPUs of the in-process Ray (the demo ignores ``RAY_ADDRESS``: it runs locally).
-        verbose: show Ray's and the stages' own output instead of one bar per stage (it goes to
-            ``demo.log`` otherwise).
+    Called as ``run_demo(settings)`` with :class:`DemoSettings` (every option, its default and
+    range is declared there) or ``run_demo(output_dir, **options)``. The four stages run through
+    the stage chain (:func:`selfment_dist.pipeline.chain.run_chain`), as ``selfment run`` does;
+    ``output_dir`` is a local folder (see the module doc for its layout): a folder left by an
+    earlier demo is cleared of that demo's results first, any other non-empty folder is refused.
+    ``weights`` None: hub weights when the hub can be reached, else random ones (said in one
+    line). The demo ignores ``RAY_ADDRESS``: it runs on an in-process Ray of ``num_cpus`` CPUs.
 
     Returns:
         The summary written to ``demo_summary.json``: ``weights``, ``meaningful`` (False with
@@ -167,6 +159,12 @@ def run_demo(output_dir: str = "selfment_demo", *, n_images: int = 32, n_eval: i
         truth), ``outputs`` (every path), ``stages`` (each stage's own summary), ``wall_s``.
     """
     from ..reports import DatasetEvaluation, scores_table
+
+    settings = build_settings(DemoSettings, args, options)
+    output_dir, n_images, n_eval = settings.output_dir, settings.n_images, settings.n_eval
+    image_size, epochs, workers = settings.image_size, settings.epochs, settings.workers
+    batch_size, weights, backbone = settings.batch_size, settings.weights, settings.backbone
+    num_cpus, verbose = settings.num_cpus, settings.verbose
     start = time.perf_counter()
     root = _prepare_output(output_dir)
     out = {name: os.path.join(root, name) for name in _STAGE_DIRS}
@@ -234,41 +232,41 @@ PREDICTION_SHEET = "predictions.png"
 def _run_stages(console, data: dict, out: dict, *, backbone: str, weights: str, image_size: int,
                 epochs: int, workers: int, batch_size: int, num_cpus: int, n_eval: int,
                 quiet: bool) -> tuple[dict, dict, float]:
-    """pseudo-label → train → segment → evaluate → inspect, one bar each on ``console``."""
-    from .evaluate import run_evaluate
+    """pseudo-label → train → segment → evaluate (the stage chain) → inspect, one bar each on
+    ``console``."""
+    from .chain import run_chain
     from .inspect import run_inspect
-    from .pseudo_label import run_pseudo_label
-    from .segment import run_segment
-    from .train import run_train
 
-    n_train = data["n_train"]
-    stages: dict[str, Any] = {}
+    name = f"synthetic ({n_eval} scenes, {data['n_eval_camouflaged']} camouflaged)"
+    config = {
+        "pipeline": {"output": os.path.dirname(out["labels"]), "force": True,
+                     "synthetic": {"root": os.path.dirname(os.path.dirname(data["train_images"])),
+                                   "n_train": data["n_train"], "n_eval": n_eval}},
+        "pseudo_label": {"backbone": backbone, "weights": weights, "image_size": image_size,
+                         "batch_size": batch_size, "save_features": True, "progress": False},
+        "train": {"workers": workers, "epochs": epochs, "batch_size": batch_size},
+        # At the training size, not the recipe's 2x: the demo's few-minute promise.
+        "segment": {"image_size": image_size, "batch_size": batch_size, "progress": False},
+        "evaluate": {"name": name},
+    }
+    bars = {
+        "pseudo_label": lambda: StageBar(console, "[1/5] pseudo-label", data["n_train"]),
+        "train": lambda: StageBar(console, "[2/5] train", epochs, unit="epochs",
+                                  poll=lambda: _epochs_done(out["model"])),
+        "segment": lambda: StageBar(console, "[3/5] segment", n_eval,
+                                    poll=lambda: _count(out["predictions"], ".png")),
+        "evaluate": lambda: StageBar(console, "[4/5] evaluate", n_eval),
+    }
     started = _start_local_ray(num_cpus, quiet=quiet)
     try:
-        with StageBar(console, "[1/5] pseudo-label", n_train):
-            stages["pseudo_label"] = run_pseudo_label(
-                [data["train_images"]], out["labels"], backbone=backbone, weights=weights,
-                image_size=image_size, batch_size=batch_size, save_features=True,
-                progress=False)
-        with StageBar(console, "[2/5] train", epochs, unit="epochs",
-                      poll=lambda: _epochs_done(out["model"])):
-            stages["train"] = run_train(out["labels"], out["model"], workers=workers,
-                                        epochs=epochs, batch_size=batch_size)
-        with StageBar(console, "[3/5] segment", n_eval,
-                      poll=lambda: _count(out["predictions"], ".png")):
-            # At the training size, not the recipe's 2x: the demo's few-minute promise.
-            stages["segment"] = run_segment(out["model"], [data["eval_images"]],
-                                            out["predictions"], image_size=image_size,
-                                            batch_size=batch_size, progress=False)
-        with StageBar(console, "[4/5] evaluate", n_eval):
-            name = f"synthetic ({n_eval} scenes, {data['n_eval_camouflaged']} camouflaged)"
-            report = run_evaluate(output=out["report"], predictions=out["predictions"],
-                                  masks=data["eval_masks"], name=name)
+        chain = run_chain(config, stage_context=lambda stage: bars[stage]())
     finally:
         if started:
             import ray
 
             ray.shutdown()
+    stages = {stage: record["summary"] for stage, record in chain["stages"].items()}
+    report = stages["evaluate"]
     with StageBar(console, "[5/5] inspect", 2, unit="sheets"):
         stages["inspect"] = run_inspect(out["labels"], out["inspect"], per_sheet=16)
         _prediction_sheet(data, out, report)
@@ -369,7 +367,7 @@ def _prepare_output(output_dir: str) -> str:
         if not os.path.exists(os.path.join(root, MARKER)):
             raise ValueError(f"{root} is not empty and was not written by `selfment demo`; "
                              "choose a new or empty folder")
-        for name in (*_STAGE_DIRS, RESULTS_NAME, SUMMARY_NAME, LOG_NAME):
+        for name in (*_STAGE_DIRS, RESULTS_NAME, SUMMARY_NAME, LOG_NAME, CHAIN_SUMMARY_NAME):
             path = os.path.join(root, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)

@@ -34,6 +34,7 @@ from PIL import Image
 from ..io.storage import join, url_to_fs
 from ..metrics import SCORE_KEYS, image_record, merge_curves, merge_records, record_summary
 from ..reports import STANDARD_BENCHMARKS, DatasetEvaluation, write_reports
+from ..settings import EvaluateSettings, build_settings
 from ._ray import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -271,82 +272,50 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def run_evaluate(*, output: str, predictions: str | None = None, masks: str | None = None,
-                 name: str = "default", benchmarks: Mapping[str, tuple[str, str]] | None = None,
-                 model: str | None = None, storage_options: dict | None = None,
-                 num_shards: int | None = None, address: str | None = None,
-                 image_size: int | None = None, batch_size: int | None = None,
-                 num_actors: int | None = None, num_gpus_per_actor: float | None = None,
-                 cpu_fallback: bool = False, actor_wait_s: float | None = None) -> dict:
-    """Evaluate saliency maps and write the reports under ``output``.
+def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) -> dict:
+    """Evaluate saliency maps and write the reports under ``settings.output``.
 
-    Args:
-        output: folder for metrics.json, metrics.md, per_image.csv and plots/ (local or URL);
-            in benchmark mode also ``predictions/<NAME>``.
-        predictions, masks: folders of 8-bit prediction PNGs and ground-truth masks, matched by
-            key (relative path without extension). Give both, or ``model`` + ``benchmarks``.
-        name: the dataset's name in the reports (folders mode).
-        benchmarks: ``{NAME: (images_uri, masks_uri)}`` to segment with ``model`` and evaluate.
-        model: a model artifact URI (benchmark mode).
-        storage_options: fsspec options for every URI (never written to the reports).
-        num_shards: Ray tasks per dataset (default: enough to fill the cluster twice, at most
-            ~128 images each).
-        address: Ray cluster address (default: ``RAY_ADDRESS`` or a local in-process Ray).
-        image_size: inference size handed to ``run_segment`` (benchmark mode); default: the
-            artifact's ``inference_image_size`` (twice the training size).
-        batch_size, num_actors, num_gpus_per_actor, cpu_fallback, actor_wait_s: benchmark mode:
-            the model actors of ``run_segment``, as ``selfment segment`` takes them.
+    Called as ``run_evaluate(settings)`` with an :class:`EvaluateSettings` (every option, its
+    default and range is declared there), or in the keyword form ``run_evaluate(**options)``.
+    Two modes: ``predictions`` + ``masks`` (folders of 8-bit PNGs matched by key: relative path
+    without extension), or ``model`` + ``benchmarks`` (``{NAME: (images_uri, masks_uri)}``,
+    each segmented with the model into ``output/predictions/<NAME>`` by ``run_segment`` with the
+    settings' model-actor options, then evaluated).
 
     Returns:
         The metrics.json document: ``datasets`` → ``{NAME: {n_images, scores, problems,
-        predictions, masks}}``, plus ``protocols``, ``config``, ``versions`` and ``files``.
+        predictions, masks}}``, plus ``protocols``, ``config`` (the settings, without
+        secrets), ``versions`` and ``files``.
 
     Raises:
-        ValueError: when the arguments mix or miss a mode.
+        SettingsError: options that do not validate, or that mix or miss a mode.
     """
-    folders_mode = predictions is not None or masks is not None
-    bench_mode = benchmarks is not None or model is not None
-    if folders_mode == bench_mode:
-        raise ValueError("give either predictions= and masks=, or model= and benchmarks=")
-    if folders_mode and (predictions is None or masks is None):
-        raise ValueError("predictions= and masks= go together")
-    if bench_mode:
-        if model is None or not benchmarks:
-            raise ValueError("model= and a non-empty benchmarks= go together")
-        for bench, pair in benchmarks.items():
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise ValueError(f"benchmark {bench!r}: expected (images_uri, masks_uri), got {pair!r}")
-    if not name:
-        raise ValueError("name must be a non-empty string")
-
-    ensure_ray(address)
+    s = build_settings(EvaluateSettings, () if settings is None else (settings,), options)
+    output, storage_options, num_shards = s.output, s.storage_options, s.num_shards
+    ensure_ray(s.address)
     datasets: list[DatasetEvaluation] = []
-    if folders_mode:
-        datasets.append(evaluate_folders(predictions, masks, name=name,
+    if s.predictions is not None:
+        datasets.append(evaluate_folders(s.predictions, s.masks, name=s.name,
                                          storage_options=storage_options, num_shards=num_shards))
     else:
         from . import segment  # imported here: the segmentation stage is only needed in this mode
 
         segment_options = {k: v for k, v in {
-            "batch_size": batch_size, "num_actors": num_actors,
-            "num_gpus_per_actor": num_gpus_per_actor, "actor_wait_s": actor_wait_s}.items()
+            "batch_size": s.batch_size, "num_actors": s.num_actors,
+            "num_gpus_per_actor": s.num_gpus_per_actor, "actor_wait_s": s.actor_wait_s}.items()
             if v is not None}
-        segment_options["cpu_fallback"] = cpu_fallback
-
-        for bench, (images_uri, masks_uri) in benchmarks.items():
+        segment_options["cpu_fallback"] = s.cpu_fallback
+        for bench, (images_uri, masks_uri) in s.benchmarks.items():
             pred_uri = join(output, "predictions", bench)
-            logger.info("%s: segmenting %s with %s into %s", bench, images_uri, model, pred_uri)
-            summary = segment.run_segment(model, [images_uri], pred_uri, image_size=image_size,
-                                          storage_options=storage_options,
-                                          **segment_options)
+            logger.info("%s: segmenting %s with %s into %s", bench, images_uri, s.model, pred_uri)
+            summary = segment.run_segment(s.model, [images_uri], pred_uri,
+                                          image_size=s.image_size,
+                                          storage_options=storage_options, **segment_options)
             dataset = evaluate_folders(pred_uri, masks_uri, name=bench,
                                        storage_options=storage_options, num_shards=num_shards)
             dataset.sources["images"] = images_uri
             dataset.sources["segment"] = _jsonable(summary)
             datasets.append(dataset)
 
-    config = {"output": output, "predictions": predictions, "masks": masks, "name": name,
-              "model": model, "benchmarks": {k: list(v) for k, v in (benchmarks or {}).items()},
-              "num_shards": num_shards, "image_size": image_size}
-    return write_reports(output, datasets, extra={"config": config, "versions": _versions()},
+    return write_reports(output, datasets, extra={"config": s.record(), "versions": _versions()},
                          storage_options=storage_options)

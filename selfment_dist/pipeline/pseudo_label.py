@@ -33,21 +33,21 @@ import tempfile
 import time
 import uuid
 import warnings
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from ..backbone import DEFAULT_BACKBONE, resolve_precision
-from ..io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ..io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
 from ..io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
                          pseudo_label_schema)
 from ..io.sources import IMAGE, enumerate_units, iter_records
-from ..quality import NO_OBJECT_THRESHOLD
 from ..io.storage import is_local, url_to_fs
 from ..ncut import take_dense_fallbacks
-from ..validation import PSEUDO_LABEL_RULES, check_backbone_size, check_settings
+from ..settings import PseudoLabelSettings, SettingsError, build_settings
+from ..validation import check_backbone_size
 from ._device import actor_device, run_guarded
 from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      await_leftover_writers, check_lease, check_resume, confirm_lease,
@@ -321,68 +321,19 @@ def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-def run_pseudo_label(
-    inputs: str | Iterable[str],
-    output: str,
-    *,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "hub",
-    image_size: int = 768,
-    precision: str = "auto",
-    tau: float = 0.2,
-    eps: float = 1e-5,
-    binary_graph: bool = True,
-    n_iter: int = 20,
-    sample_size: int = 10,
-    no_object_threshold: float = NO_OBJECT_THRESHOLD,
-    batch_size: int | None = None,
-    save_ncut: bool = False,
-    save_features: bool = False,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    max_bytes: int | None = DEFAULT_MAX_BYTES,
-    allow_empty: bool = False,
-    storage_options: dict | None = None,
-    address: str | None = None,
-    num_actors: int | None = None,
-    num_gpus_per_actor: float | None = None,
-    cpu_fallback: bool = False,
-    actor_wait_s: float | None = None,
-    rows_per_file: int | None = None,
-    fail_once_after: int | None = None,
-    progress: bool = True,
-) -> dict:
+def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
+                     fail_once_after: int | None = None, **options: Any) -> dict:
     """Pseudo-label every image of ``inputs`` into a parquet dataset at ``output``.
 
+    Called as ``run_pseudo_label(settings)`` with a :class:`PseudoLabelSettings` (every option,
+    its default and range is declared there), or in the keyword form
+    ``run_pseudo_label(inputs, output, **options)`` that builds one. The output's manifest
+    records the settings (:meth:`Settings.record`: secrets left out).
+
     Args:
-        inputs: one or more folders, globs, list files, img2dataset parquet files or WebDataset
-            tar shards (local paths or fsspec URLs; see :mod:`selfment_dist.io.sources`).
-        output: folder/prefix (local or fsspec URL) receiving ``part-*.parquet`` with the
-            contract of :mod:`selfment_dist.io.schema` and the ``_selfment.json`` manifest.
-        backbone, weights, image_size: the DINO backbone (see ``build_backbone``).
-        precision: the backbone's numerics: ``auto`` (fp32, the official numerics, on every
-            device), ``fp32`` or ``bf16`` (autocast; faster on GPUs and on CPUs with native
-            bf16, but it can flip graph edges near tau: see ``benchmarks/pseudo_label.py``).
-        tau, eps, binary_graph, n_iter, sample_size: NCut and IPO parameters.
-        no_object_threshold: rows whose ``confidence`` is below it get ``no_object`` set
-            (kept; ``train`` skips them by default).
-        batch_size: images per model call (default 32 on GPU, 8 on CPU).
-        save_ncut, save_features: add the optional ``ncut_mask`` / ``features`` columns.
-        max_pixels: decompression-bomb limit (width × height); None disables it.
-        max_bytes: largest encoded image (file, tar member, parquet cell), checked before
-            reading; None disables it.
-        allow_empty: succeed when the inputs hold no image (otherwise a ValueError).
-        storage_options: fsspec options for every URL (inputs, output, weights).
-        address: Ray cluster address; default: the running Ray, else a local one.
-        num_actors: most model replicas (default: GPU actors: as many as the GPU nodes hold, the
-            pool grows as an autoscaler adds them; CPU actors: one per 8 CPUs of each node).
-        num_gpus_per_actor: GPUs per replica, 0 to 1 (default 1 when the cluster has GPUs now,
-            else 0); set it to have the autoscaler start GPU nodes.
-        cpu_fallback: GPU actors may run on CPU where CUDA is unusable (default: they refuse).
-        actor_wait_s: longest wait for the first model actor (default 600 s), then the run fails
-            naming the resource no node has.
-        rows_per_file: rows per parquet part (default 1024; 256 with ``save_features``).
+        settings: the stage's settings.
         fail_once_after: testing only: one model actor exits hard once after this many batches.
-        progress: show Ray Data's progress bars.
+
     Returns:
         summary: ``images`` and ``errors`` written by this run, ``skipped`` (already present),
         ``rows_total``/``errors_total``/``files_total`` in the output, ``wall_s``,
@@ -401,34 +352,38 @@ def run_pseudo_label(
     import ray
 
     start = time.perf_counter()
-    settings = {k: v for k, v in locals().items() if k in PSEUDO_LABEL_RULES}
-    check_settings(settings, PSEUDO_LABEL_RULES, check_backbone_size(backbone, image_size))
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-    _check_checkpoint(backbone, weights, image_size, storage_options)
+    s = build_settings(PseudoLabelSettings, args, options)  # types and ranges
+    problems = check_backbone_size(s.backbone, s.image_size)  # needs the backbone's patch size
+    if problems:
+        raise SettingsError([f"pseudo_label: {p}" for p in problems])
+    inputs, output, storage_options = s.inputs, s.output, s.storage_options
+    batch_size, rows_per_file = s.batch_size, s.rows_per_file  # None: resolved below
+    _check_checkpoint(s.backbone, s.weights, s.image_size, storage_options)
     fs, root = url_to_fs(output, storage_options)
     if fs.isfile(root):
         raise ValueError(f"output {output} is a file; give a folder or prefix")
     # Inputs are listed before anything is written: a missing or empty input leaves no trace.
     units = outside_output(enumerate_units(inputs, storage_options), fs, root)
-    if not units and not allow_empty:
+    if not units and not s.allow_empty:
         raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
                          "--allow-empty to accept empty inputs)")
 
-    ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback,
-                          image_size=image_size)
+    ensure_ray(s.address)
+    plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
+                          image_size=s.image_size)
     # What the actors will run (recorded, and compared on resume): auto means fp32.
-    resolved_precision = resolve_precision(precision, "cuda" if plan["num_gpus"] else "cpu")
+    resolved_precision = resolve_precision(s.precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:
         batch_size = 32 if plan["num_gpus"] else 8
     if rows_per_file is None:
-        rows_per_file = 256 if save_features else 1024
+        rows_per_file = 256 if s.save_features else 1024
     run_id = uuid.uuid4().hex[:12]
-    config = {"backbone": backbone, "weights": str(weights), "image_size": int(image_size),
-              "precision": resolved_precision, "tau": tau, "eps": eps,
-              "binary_graph": binary_graph, "n_iter": n_iter, "sample_size": sample_size,
-              "no_object_threshold": float(no_object_threshold), "save_ncut": save_ncut,
-              "save_features": save_features, "max_pixels": max_pixels, "max_bytes": max_bytes,
+    config = {"backbone": s.backbone, "weights": str(s.weights), "image_size": int(s.image_size),
+              "precision": resolved_precision, "tau": s.tau, "eps": s.eps,
+              "binary_graph": s.binary_graph, "n_iter": s.n_iter, "sample_size": s.sample_size,
+              "no_object_threshold": float(s.no_object_threshold), "save_ncut": s.save_ncut,
+              "save_features": s.save_features, "max_pixels": s.max_pixels,
+              "max_bytes": s.max_bytes,
               "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
     logger.info("pseudo-label run %s: %s -> %s, config %s", run_id, inputs, output, config)
@@ -444,7 +399,8 @@ def run_pseudo_label(
                  holds="pseudo-labels")
     manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
     manifest.update({"status": "running", "config": config, "inputs": inputs,
-                     "versions": versions(), "lease": new_lease(run_id)})
+                     "settings": s.record(), "versions": versions(),
+                     "lease": new_lease(run_id)})
     manifest.pop("duplicates", None)
     _entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest)
@@ -453,21 +409,21 @@ def run_pseudo_label(
     try:
         summary, duplicates, all_done = _run(
             ray, fs, root, units, unfinished, run_id=run_id, output=output,
-            image_size=image_size, max_pixels=max_pixels, max_bytes=max_bytes,
+            image_size=s.image_size, max_pixels=s.max_pixels, max_bytes=s.max_bytes,
             storage_options=storage_options, batch_size=batch_size, plan=plan,
-            rows_per_file=rows_per_file, save_ncut=save_ncut, save_features=save_features,
-            fail_once_after=fail_once_after, progress=progress,
+            rows_per_file=rows_per_file, save_ncut=s.save_ncut, save_features=s.save_features,
+            fail_once_after=fail_once_after, progress=s.progress,
             actor_kwargs={
-                "backbone": backbone, "weights": str(weights), "image_size": image_size,
+                "backbone": s.backbone, "weights": str(s.weights), "image_size": s.image_size,
                 "precision": resolved_precision,
-                "labeler_kwargs": {"tau": tau, "eps": eps, "binary_graph": binary_graph,
-                                   "n_iter": n_iter, "sample_size": sample_size,
-                                   "no_object_threshold": float(no_object_threshold)},
-                "save_ncut": save_ncut, "save_features": save_features,
+                "labeler_kwargs": {"tau": s.tau, "eps": s.eps, "binary_graph": s.binary_graph,
+                                   "n_iter": s.n_iter, "sample_size": s.sample_size,
+                                   "no_object_threshold": float(s.no_object_threshold)},
+                "save_ncut": s.save_ncut, "save_features": s.save_features,
                 "storage_options": storage_options, "device": plan["device"],
                 "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
                 "require_gpu": plan["require_gpu"]},
-            lease=lease, actor_wait_s=actor_wait_s)
+            lease=lease, actor_wait_s=s.actor_wait_s)
     except BaseException as exc:
         lease.stop()
         status = "fenced" if isinstance(exc, FencedError) else "failed"

@@ -35,19 +35,19 @@ import posixpath
 import time
 import uuid
 import warnings
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 from ray.data import Datasink
 
 from ..artifact import load_artifact
-from ..io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_image
+from ..io.images import decode_image
 from ..io.sources import IMAGE, enumerate_units
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
+from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
-from ..validation import SEGMENT_RULES, check_settings
 from ._device import actor_device, run_guarded
 from ._parts import (FencedError, Lease, PartsSink, await_leftover_writers, check_lease,
                      check_resume, confirm_lease, count_parts, existing_keys, has_parts,
@@ -65,7 +65,6 @@ __all__ = ["run_segment", "SegmentActor", "read_and_decode", "SEGMENT_SCHEMA", "
 
 MANIFEST_NAME = "_segment.json"
 OVERLAY_DIR = "_overlays"
-OUTPUT_FORMATS = ("png", "parquet")
 #: Tint of the foreground in overlays (RGB) and its opacity where the saliency is 1.
 OVERLAY_COLOUR = (255, 40, 40)
 OVERLAY_ALPHA = 0.55
@@ -309,50 +308,14 @@ def _fingerprint(meta: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-def run_segment(
-    model: str,
-    inputs: str | Iterable[str],
-    output: str,
-    *,
-    image_size: int | None = None,
-    batch_size: int = 8,
-    output_format: str = "png",
-    overlays: bool = False,
-    storage_options: dict | None = None,
-    address: str | None = None,
-    num_actors: int | None = None,
-    num_gpus_per_actor: float | None = None,
-    cpu_fallback: bool = False,
-    actor_wait_s: float | None = None,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    max_bytes: int | None = DEFAULT_MAX_BYTES,
-    allow_empty: bool = False,
-    progress: bool = True,
-) -> dict:
+def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) -> dict:
     """Segment every image of ``inputs`` with the model artifact ``model``.
 
-    Args:
-        model: model artifact folder (``head.safetensors`` + ``model.json``), local or URL.
-        inputs: one or more folders, globs, list files, img2dataset parquet files or WebDataset
-            tar shards (local paths or fsspec URLs; see :mod:`selfment_dist.io.sources`).
-        output: folder/prefix (local or URL). ``png``: ``<key>.png`` 8-bit maps at the original
-            size (keys with ``/`` make subfolders); ``parquet``: ``part-*.parquet`` with
-            :data:`SEGMENT_SCHEMA`. Both: ``_segment.json`` (config, counts, failed inputs).
-        image_size: inference size (a multiple of the patch size; larger than the training
-            size is fine); default: ``inference_image_size`` in ``model.json``, twice the
-            training size as in the official recipe (768 -> 1536).
-        batch_size: images per model call.
-        output_format: ``"png"`` or ``"parquet"``.
-        overlays: png only: also write ``<output>/_overlays/<key>.jpg``, the image with its
-            foreground tinted.
-        storage_options: fsspec options for every URL (model, inputs, output).
-        address: Ray cluster address; default: the running Ray, else a local one.
-        num_actors, num_gpus_per_actor, cpu_fallback, actor_wait_s: the model actors, as in
-            :func:`~selfment_dist.pipeline.pseudo_label.run_pseudo_label`.
-        max_pixels: decompression-bomb limit (width × height); None disables it.
-        max_bytes: largest encoded image, checked before reading; None disables it.
-        allow_empty: succeed when the inputs hold no image (otherwise a ValueError).
-        progress: show Ray Data's progress bars.
+    Called as ``run_segment(settings)`` with a :class:`SegmentSettings` (every option, its
+    default and range is declared there), or in the keyword form
+    ``run_segment(model, inputs, output, **options)`` that builds one. The manifest
+    (``_segment.json``) records the settings (:meth:`Settings.record`: secrets left out).
+
     Returns:
         summary: ``images`` (maps written by this run), ``errors`` (inputs that failed),
         ``skipped`` (already present), ``maps_total`` / ``rows_total``, ``wall_s``,
@@ -363,35 +326,34 @@ def run_segment(
     import ray
 
     start = time.perf_counter()
-    settings = {k: v for k, v in locals().items() if k in SEGMENT_RULES}
-    check_settings(settings, SEGMENT_RULES, [
-        "overlays are written next to PNG maps: use output_format='png'"]
-        if overlays is True and output_format == "parquet" else [])
+    s = build_settings(SegmentSettings, args, options)  # types, ranges, overlays need png
+    model, inputs, output, storage_options = s.model, s.inputs, s.output, s.storage_options
+    image_size = s.image_size  # None: resolved from the model below
     # Fail in the driver, not in every actor: a missing artifact or a bad size.
     _, meta = load_artifact(model, storage_options=storage_options)
     try:
         image_size = resolve_image_size(meta, image_size)
     except ValueError as exc:
         raise ValueError(f"model artifact {model}: {exc}") from None
-    inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     fs, root = url_to_fs(output, storage_options)
     root = root.rstrip("/")
     if fs.isfile(root):
         raise ValueError(f"output {output} is a file; give a folder or prefix")
     # Inputs are listed before anything is written: a missing or empty input leaves no trace.
     units = outside_output(enumerate_units(inputs, storage_options), fs, root)
-    if not units and not allow_empty:
+    if not units and not s.allow_empty:
         raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
                          "--allow-empty to accept empty inputs)")
-    ensure_ray(address)
-    plan = plan_resources(num_actors, num_gpus_per_actor, allow_cpu_fallback=cpu_fallback,
-                          image_size=image_size)
+    ensure_ray(s.address)
+    plan = plan_resources(s.num_actors, s.num_gpus_per_actor,
+                          allow_cpu_fallback=s.cpu_fallback, image_size=image_size)
     run_id = uuid.uuid4().hex[:12]
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
               "backbone": meta.get("backbone"), "weights": meta.get("weights"),
               "trained_image_size": meta.get("image_size"), "image_size": image_size,
-              "output_format": output_format, "overlays": bool(overlays),
-              "batch_size": int(batch_size), "max_pixels": max_pixels, "max_bytes": max_bytes,
+              "output_format": s.output_format, "overlays": bool(s.overlays),
+              "batch_size": int(s.batch_size), "max_pixels": s.max_pixels,
+              "max_bytes": s.max_bytes,
               "num_actors": plan["actors"], "num_gpus_per_actor": plan["num_gpus"]}
     logger.info("segment run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
@@ -402,12 +364,13 @@ def run_segment(
     manifest_path = f"{root}/{MANIFEST_NAME}"
     previous = read_manifest(fs, root, MANIFEST_NAME)
     check_lease(previous, output, run_id)
-    written_before = has_parts(fs, root) if output_format == "parquet" \
+    written_before = has_parts(fs, root) if s.output_format == "parquet" \
         else bool(_existing_maps(fs, root))
     check_resume(previous if written_before else None, config, output, keys=_RESUME_KEYS,
                  holds="saliency maps", same="the same model and settings")
     manifest = {"format": "selfment-segment", "format_version": 1, "status": "running",
-                "config": config, "inputs": inputs, "versions": versions(),
+                "config": config, "inputs": inputs, "settings": s.record(),
+                "versions": versions(),
                 "runs": (previous or {}).get("runs", []), "lease": new_lease(run_id)}
     _entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest, MANIFEST_NAME)
@@ -425,10 +388,10 @@ def run_segment(
     try:
         summary, failed_rows = _segment(
             ray, fs, root, units, unfinished, run_id=run_id, output=output, model=model,
-            image_size=image_size, batch_size=batch_size, output_format=output_format,
-            overlays=overlays, storage_options=storage_options, plan=plan,
-            max_pixels=max_pixels, max_bytes=max_bytes, progress=progress, lease=lease,
-            actor_wait_s=actor_wait_s)
+            image_size=image_size, batch_size=s.batch_size, output_format=s.output_format,
+            overlays=s.overlays, storage_options=storage_options, plan=plan,
+            max_pixels=s.max_pixels, max_bytes=s.max_bytes, progress=s.progress, lease=lease,
+            actor_wait_s=s.actor_wait_s)
     except BaseException as exc:
         lease.stop()
         try:
@@ -441,7 +404,7 @@ def run_segment(
     wall = time.perf_counter() - start
     images = summary["images"]
     summary = {"output": output, "manifest": to_uri(fs, manifest_path), "run_id": run_id,
-               "output_format": output_format, "image_size": image_size, **summary}
+               "output_format": s.output_format, "image_size": image_size, **summary}
     summary.update(wall_s=round(wall, 3),
                    images_per_s=round(images / wall, 3) if wall else 0.0,
                    error_examples=[f"{f['key']}: {f['error']}" for f in failed_rows[:10]])

@@ -1,0 +1,329 @@
+"""The labelled dataset of ``selfment train``: pseudo-label parts → Ray Data training rows.
+
+The driver reads only the labels' manifest, parquet footers and a few small columns
+(:func:`inspect_labels` → :class:`LabelSet`); :func:`build_dataset` gives Ray Train the rows the
+workers iterate: error rows dropped, and either the stored ``features`` column or each row's
+image, read, decoded and resized by CPU tasks (:func:`load_images`) for the backbone; rows
+left out by the confidence filter (``no_object``, ``min_confidence``, ``keep_fraction``) are
+dropped as they are read.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..io.storage import is_local, url_to_fs
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LabelSet", "inspect_labels", "load_images", "build_dataset", "arrow_fs",
+           "MANIFEST_NAME"]
+
+MANIFEST_NAME = "_selfment.json"  # the pseudo-label manifest (pipeline.pseudo_label)
+_CONTAINER_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".tgz")
+# Label sets smaller than this (as the workers will see them) are materialised in the object
+# store once instead of being read again every epoch.
+_MATERIALIZE_MAX_BYTES = 512 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# The labels (driver side)
+
+@dataclass
+class LabelSet:
+    """What the driver knows about a pseudo-label dataset (from its manifest and footers).
+
+    Attributes:
+        uri: the dataset folder.
+        files: URIs of its parquet parts.
+        rows, errors: row counts (error rows have ``error`` set and are skipped).
+        low_confidence: rows without error that the confidence filter leaves out.
+        row_filter: the confidence filter: ``{"rule": "none" | "no_object" | "min_confidence",
+            "threshold": float | None}`` (``keep_fraction`` becomes a ``min_confidence``).
+        grid: (grid_h, grid_w) shared by every usable row.
+        feature_source: ``"stored"`` (train on the ``features`` column) or ``"backbone"``
+            (recompute features from the image files with the manifest's backbone).
+        feature_dim: channels C of the stored features (None when using the backbone).
+        backbone, weights, image_size: the pseudo-label run's backbone (from the manifest).
+    """
+
+    uri: str
+    files: list[str]
+    rows: int
+    errors: int
+    grid: tuple[int, int]
+    feature_source: str
+    feature_dim: int | None
+    backbone: str
+    weights: str
+    image_size: int
+    manifest: dict = field(repr=False, default_factory=dict)
+    low_confidence: int = 0
+    row_filter: dict = field(default_factory=lambda: {"rule": "none", "threshold": None})
+
+    @property
+    def usable(self) -> int:
+        """Rows training reads: neither errors nor left out by the confidence filter."""
+        return self.rows - self.errors - self.low_confidence
+
+
+def _confidence_filter(conf: np.ndarray, no_object: np.ndarray | None, *,
+                       min_confidence: float | None, keep_fraction: float | None,
+                       labels: str) -> tuple[dict, int]:
+    """The rule choosing training rows by confidence, and how many usable rows it leaves out.
+
+    Args:
+        conf: float32 confidences of the usable rows (empty when the labels have none);
+            no_object: their bool flags (None when the labels have none).
+    """
+    if min_confidence is not None and keep_fraction is not None:
+        raise ValueError("give min_confidence or keep_fraction, not both")
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    if no_object is None:
+        if min_confidence or (keep_fraction is not None and keep_fraction < 1.0):
+            raise ValueError(f"the pseudo-labels at {labels} have no confidence column, or rows "
+                             "without one (made before it existed): pseudo-label them again to "
+                             "filter by it")
+        return {"rule": "none", "threshold": None}, 0
+    if keep_fraction is not None:
+        # The confidence of the last row kept; ties with it are kept too.
+        k = max(1, math.ceil(keep_fraction * len(conf)))
+        min_confidence = float(np.sort(conf)[::-1][k - 1])
+    if min_confidence is not None:
+        return ({"rule": "min_confidence", "threshold": float(min_confidence)},
+                int((conf < np.float32(min_confidence)).sum()))
+    return {"rule": "no_object", "threshold": None}, int(no_object.sum())
+
+
+def _filter_expr(row_filter: dict):
+    """The Ray Data expression keeping the rows ``row_filter`` keeps (None: keep all)."""
+    from ray.data.expressions import col, lit
+
+    if row_filter["rule"] == "no_object":
+        return ~col("no_object")
+    if row_filter["rule"] == "min_confidence":
+        return col("confidence") >= lit(float(np.float32(row_filter["threshold"])))
+    return None
+
+
+def inspect_labels(labels: str, *, storage_options: dict | None = None,
+                   features: str = "auto", min_confidence: float | None = None,
+                   keep_fraction: float | None = None) -> LabelSet:
+    """Read the manifest, the parquet footers and the small grid/source/confidence columns of
+    ``labels``.
+
+    Args:
+        labels: folder (local or fsspec URL) written by ``selfment pseudo-label``.
+        features: ``"auto"``, ``"stored"`` or ``"backbone"``; see :func:`run_train`. Decides
+            ``LabelSet.feature_source``.
+        min_confidence, keep_fraction: the confidence filter; see :func:`run_train`.
+
+    Raises:
+        FileNotFoundError: nothing at ``labels``.
+        ValueError: no manifest, no parquet parts, no usable row, mixed grids, missing columns,
+            ``"stored"`` without a features column, or training through the backbone on rows
+            whose image sits inside a parquet/tar container (only files can be re-read).
+    """
+    if features not in ("auto", "stored", "backbone"):
+        raise ValueError(f"features must be 'auto', 'stored' or 'backbone', got {features!r}")
+    fs, root = url_to_fs(labels, storage_options)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise FileNotFoundError(f"no pseudo-labels at {labels}: run `selfment pseudo-label` first")
+    manifest_path = f"{root}/{MANIFEST_NAME}"
+    if not fs.exists(manifest_path):
+        raise ValueError(f"{labels} has no {MANIFEST_NAME} manifest: it is not the output of "
+                         "`selfment pseudo-label` (the manifest names the backbone to train for)")
+    with fs.open(manifest_path, "rt", encoding="utf-8") as f:
+        manifest = json.load(f)
+    config = manifest.get("config", manifest)
+    try:
+        backbone, weights = str(config["backbone"]), str(config["weights"])
+        image_size = int(config["image_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{labels}/{MANIFEST_NAME} lacks backbone/weights/image_size") from exc
+    if manifest.get("status", "complete") != "complete":
+        logger.warning("labels at %s come from an unfinished pseudo-label run (status %r); "
+                       "training on the rows present", labels, manifest.get("status"))
+
+    paths = _parquet_parts(fs, root)
+    if not paths:
+        raise ValueError(f"no pseudo-label parquet files in {labels}")
+    rows = errors = 0
+    grids: set[tuple[int, int]] = set()
+    has_features = True
+    feature_dim = manifest.get("feature_dim")
+    containers: list[str] = []  # a few usable rows whose image is inside a container
+    confidences, no_objects = [], []
+    has_quality = True
+    required = {"key", "source", "grid_h", "grid_w", "mask", "error"}
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            if required - names:
+                raise ValueError(f"{path}: not a pseudo-label part, missing columns "
+                                 f"{sorted(required - names)}")
+            has_features &= "features" in names
+            kv = pf.metadata.metadata or {}
+            if feature_dim is None and b"selfment.feature_dim" in kv:
+                feature_dim = int(kv[b"selfment.feature_dim"])
+            has_quality &= {"confidence", "no_object"} <= names
+            quality = ["confidence", "no_object"] if has_quality else []
+            table = pf.read(columns=["grid_h", "grid_w", "error", "source", *quality])
+        ok = table.filter(table.column("error").is_null())
+        # Rows written without scores (null confidence) make the set unfilterable, as a whole:
+        # the driver's counts and the workers' filter must agree row for row.
+        if has_quality and ok.column("confidence").null_count:
+            has_quality = False
+        if has_quality:
+            confidences.append(ok.column("confidence").to_numpy(zero_copy_only=False))
+            no_objects.append(ok.column("no_object").to_numpy(zero_copy_only=False))
+        rows += table.num_rows
+        errors += table.num_rows - ok.num_rows
+        grids.update(zip(ok.column("grid_h").to_pylist(), ok.column("grid_w").to_pylist()))
+        if len(containers) < 3:
+            containers += [s for s in ok.column("source").to_pylist()
+                           if str(s).lower().endswith(_CONTAINER_SUFFIXES)][:3]
+    if rows == 0:
+        raise ValueError(f"the pseudo-labels at {labels} are empty (0 rows)")
+    if rows == errors:
+        raise ValueError(f"all {rows} pseudo-label rows at {labels} are errors: nothing to train on")
+    if len(grids) != 1:
+        raise ValueError(f"pseudo-labels at {labels} mix patch grids {sorted(grids)}; one "
+                         "pseudo-label run (one image size) per training set")
+    if features == "stored" and not has_features:
+        raise ValueError(f"features='stored' but the pseudo-labels at {labels} have no "
+                         "features column (pseudo-label with --save-features)")
+    stored = has_features and features != "backbone"
+    if not stored and containers:
+        raise ValueError(
+            f"training through the backbone re-reads each image from its file, but some images "
+            f"of {labels} sit inside parquet/tar containers (e.g. {containers[0]}); "
+            "pseudo-label those inputs with --save-features and train on the stored features")
+    if stored and feature_dim is None:
+        feature_dim = _feature_dim_from_rows(fs, paths)
+    row_filter, low_confidence = _confidence_filter(
+        np.concatenate(confidences).astype(np.float32) if has_quality else np.zeros(0, np.float32),
+        np.concatenate(no_objects).astype(bool) if has_quality else None,
+        min_confidence=min_confidence, keep_fraction=keep_fraction, labels=labels)
+    if rows - errors - low_confidence == 0:
+        raise ValueError(f"the confidence filter ({row_filter['rule']}, threshold "
+                         f"{row_filter['threshold']}) leaves none of the {rows - errors} usable "
+                         f"rows of {labels}; lower --min-confidence or raise --keep-fraction")
+    return LabelSet(uri=labels, files=[_uri(fs, p) for p in paths], rows=rows, errors=errors,
+                    grid=next(iter(grids)), feature_source="stored" if stored else "backbone",
+                    feature_dim=int(feature_dim) if stored else None,
+                    backbone=backbone, weights=weights, image_size=image_size, manifest=manifest,
+                    low_confidence=low_confidence, row_filter=row_filter)
+
+
+def _parquet_parts(fs, root: str) -> list[str]:
+    """Parquet files under ``root``, skipping names (and folders) starting with ``_`` or ``.``."""
+    found = []
+    for path in fs.find(root):
+        rel = path[len(root):].lstrip("/")
+        if path.endswith(".parquet") and not any(p.startswith(("_", ".")) for p in rel.split("/")):
+            found.append(path)
+    return sorted(found)
+
+
+def _feature_dim_from_rows(fs, paths: list[str]) -> int:
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["features", "grid_h", "grid_w", "error"])
+        table = table.filter(table.column("error").is_null())
+        if table.num_rows:
+            row = table.slice(0, 1).to_pylist()[0]
+            return len(row["features"]) // (2 * int(row["grid_h"]) * int(row["grid_w"]))
+    raise ValueError("no usable row with features")
+
+
+def _uri(fs, path: str) -> str:
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data: the training rows
+
+def load_images(batch: dict[str, np.ndarray], *, image_size: int, storage_options: dict | None,
+                max_pixels: int | None) -> dict[str, np.ndarray]:
+    """Ray Data UDF: add ``image`` float32 (n, S, S, 3) in [0, 1] read from each row's
+    ``source`` file and resized in the official order (:func:`~selfment_dist.backbone.resize_square`).
+
+    Rows whose image can no longer be read are dropped with a warning (they were readable when
+    they were pseudo-labelled); the other columns pass through.
+    """
+    from ..backbone import resize_square
+    from ..io.images import decode_image
+
+    keep, images = [], []
+    for i, (key, source) in enumerate(zip(batch["key"], batch["source"])):
+        try:
+            fs, path = url_to_fs(str(source), storage_options)
+            pil = decode_image(fs.cat_file(path), max_pixels=max_pixels)
+            images.append(resize_square(pil, image_size))
+            keep.append(i)
+        except Exception as exc:  # one unreadable image must not stop the epoch
+            logger.warning("skipping %s: cannot read its image %s (%s: %s)", key, source,
+                           type(exc).__name__, exc)
+    out = {k: v[keep] for k, v in batch.items() if k != "source"}
+    out["image"] = (np.stack(images) if images
+                    else np.zeros((0, image_size, image_size, 3), dtype=np.float32))
+    return out
+
+
+def arrow_fs(uri: str, storage_options: dict | None):
+    """(pyarrow filesystem or None for local disk, path) for Ray Data and Ray Train storage."""
+    import pyarrow.fs as pafs
+
+    fs, path = url_to_fs(uri, storage_options)
+    if is_local(fs):
+        return None, os.path.abspath(path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
+
+
+def build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
+                   max_pixels: int | None, shuffle: str = "full", seed: int = 0):
+    import ray
+    from ray.data.expressions import col
+
+    pa_fs, _ = arrow_fs(ls.uri, storage_options)
+    paths = [arrow_fs(p, storage_options)[1] for p in ls.files]
+    columns = ["key", "grid_h", "grid_w", "mask", "features" if stored else "source", "error"]
+    keep = _filter_expr(ls.row_filter)
+    quality = [] if keep is None else ["confidence", "no_object"]
+    ds = ray.data.read_parquet(paths, filesystem=pa_fs, columns=columns + quality,
+                               file_extensions=None)
+    ok = col("error").is_null()
+    ds = ds.filter(expr=ok if keep is None else ok & keep).drop_columns(["error", *quality])
+    h, w = ls.grid
+    if stored:
+        row_bytes = h * w * (2 * ls.feature_dim) + (h * w + 7) // 8
+    else:
+        ds = ds.map_batches(load_images, batch_size=16, batch_format="numpy",
+                            fn_kwargs={"image_size": ls.image_size,
+                                       "storage_options": storage_options,
+                                       "max_pixels": max_pixels})
+        row_bytes = ls.image_size ** 2 * 3 * 4  # float32 pixels
+    if ls.usable * row_bytes <= _MATERIALIZE_MAX_BYTES:
+        logger.info("caching the %d training rows (~%.0f MiB) in the object store", ls.usable,
+                    ls.usable * row_bytes / 2**20)
+        ds = ds.materialize()
+    if shuffle == "full":
+        # Official schedule: every epoch sees the whole training set in a new order. Ray Data
+        # runs the shuffle again at each epoch's execution; reseeding keeps runs reproducible
+        # while the order changes from epoch to epoch.
+        from ray.data import RandomSeedConfig
+
+        ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds

@@ -1,0 +1,449 @@
+"""Typed settings of every stage: each option's type, range, default and one-line description.
+
+This module is the one place an option is declared. The command line's flags and ``--help``
+(:mod:`selfment_dist.cli`), the YAML sections (:mod:`selfment_dist.config`), the Ray Jobs
+entrypoints (``jobs/``), the stage chain (:mod:`selfment_dist.pipeline.chain`) and the manifests
+all read these models; adding an option is one field here (and its use in the stage).
+
+    settings = PseudoLabelSettings(inputs=["s3://b/images/"], output="s3://b/labels", tau=0.3)
+    run_pseudo_label(settings)
+
+Why pydantic (v2, already a Ray dependency) rather than dataclasses: the models validate types
+and ranges when built, report every problem with its location at once, refuse unknown keys,
+and serialise with fields marked ``secret`` left out by construction; with dataclasses each of
+those would be code of our own. Models are strict (``tau: "0.2"`` in YAML is an error, not a
+silent conversion) except where a YAML spelling must become a Python type (a single input URI
+becomes a list, ``[images, masks]`` a pair).
+
+Field metadata read by the command line (``setting(..., flag=..., negative_flag=...)``):
+``flag`` replaces the flag derived from the name (``inputs`` → ``--input``), ``negative_flag``
+names the ``store_false`` flag of an option that defaults to True (``--no-progress``), ``cli``
+picks a parser for values that are not a plain type (``key=value``, ``benchmark``, ``json``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Literal, Mapping, Sequence
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
+from pydantic_core import PydanticUndefined
+from typing_extensions import Annotated
+
+from .backbone import DEFAULT_BACKBONE, PRECISIONS
+from .io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from .quality import NO_OBJECT_THRESHOLD
+
+__all__ = ["Settings", "StageSettings", "PseudoLabelSettings", "TrainSettings", "SegmentSettings",
+           "EvaluateSettings", "InspectSettings", "ImportCheckpointSettings", "SyntheticSettings", "ChainSettings", "DemoSettings",
+           "ActorPoolSettings", "STAGE_SETTINGS", "SettingsError", "setting", "build_settings", "flag_of",
+           "OUTPUT_FORMATS", "FEATURE_SOURCES"]
+
+OUTPUT_FORMATS = ("png", "parquet")
+FEATURE_SOURCES = ("auto", "stored", "backbone")
+SHUFFLES = ("full", "local")
+LR_SCALINGS = ("none", "sqrt", "linear")
+CONTRASTIVE_VARIANTS = ("official", "supcon")
+
+
+def setting(default: Any = PydanticUndefined, description: str = "", *, flag: str | None = None,
+            negative_flag: str | None = None, metavar: str | None = None,
+            cli: str | None = None, secret: bool = False, **constraints: Any) -> Any:
+    """A field with its one-line description and command-line metadata.
+
+    Args:
+        default: the default; leave it out for a required option.
+        description: one line: what the option does (``--help`` adds the default).
+        flag: the command-line flag when it is not ``--`` + the name with ``-``.
+        negative_flag: for a bool that defaults to True, the flag that sets it False.
+        metavar: ``--help``'s name for the value.
+        cli: ``"key=value"`` (repeatable KEY=VALUE, fsspec style), ``"benchmark"``
+            (repeatable NAME=IMAGES,MASKS) or ``"json"`` (one JSON value).
+        secret: never serialised (``model_dump`` leaves it out): manifests, summaries, logs.
+        constraints: pydantic's (``ge``, ``gt``, ``le`` …).
+    """
+    extra = {k: v for k, v in (("flag", flag), ("negative_flag", negative_flag),
+                               ("metavar", metavar), ("cli", cli)) if v is not None}
+    return Field(default, description=description, exclude=secret or None,
+                 json_schema_extra=extra or None, **constraints)
+
+
+def _fspath(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def _uri_list(value: Any) -> Any:
+    """One URI (the YAML shorthand ``input: s3://b/x``) or a sequence of them, as a list."""
+    value = _fspath(value)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [_fspath(v) for v in value]
+    return value
+
+
+#: A local path or fsspec URL (``os.PathLike`` accepted from Python).
+Uri = Annotated[str, BeforeValidator(_fspath), Field(min_length=1)]
+UriList = Annotated[list[Uri], BeforeValidator(_uri_list), Field(min_length=1)]
+
+
+class Settings(BaseModel):
+    """Base of every settings model: strict types, unknown names refused, checked on assignment.
+
+    ``positional`` names the fields the keyword form of a stage function takes positionally
+    (``run_pseudo_label(inputs, output, ...)``); ``section`` is the model's YAML section.
+    """
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True,
+                              validate_default=True)
+    positional: ClassVar[tuple[str, ...]] = ()
+    section: ClassVar[str] = ""
+
+    def record(self) -> dict[str, Any]:
+        """JSON-safe settings for manifests, summaries and logs: ``secret`` fields left out."""
+        return self.model_dump(mode="json")
+
+
+class StageSettings(Settings):
+    """What every stage takes: where Ray is and how to reach storage."""
+    address: str | None = setting(
+        None, "Ray cluster address (default: RAY_ADDRESS, the running Ray, else a local one)")
+    storage_options: dict[str, Any] | None = setting(
+        None, "fsspec options for every URI, e.g. endpoint_url=http://127.0.0.1:9000 "
+              "(repeatable)", flag="--storage-option", metavar="KEY=VALUE", cli="key=value",
+        secret=True)
+
+
+class ActorPoolSettings(StageSettings):
+    """The model actors of pseudo-label, segment and evaluate --model (see ``pipeline._plan``)."""
+    num_actors: int | None = setting(
+        None, "most model replicas (default: GPU actors as the GPU nodes hold, growing with an "
+              "autoscaler; CPU actors: one per 8 CPUs of each node)", ge=1)
+    num_gpus_per_actor: float | None = setting(
+        None, "GPUs per replica, 0 to 1 (default 1 when the cluster has GPUs now, else 0; "
+              "asks an autoscaler for GPU nodes)", ge=0.0, le=1.0)
+    cpu_fallback: bool = setting(
+        False, "let GPU actors run on CPU where CUDA is unusable (default: they refuse)")
+    actor_wait_s: float | None = setting(
+        None, "longest wait for the first model actor (default 600), then fail", gt=0.0)
+
+
+class PseudoLabelSettings(ActorPoolSettings):
+    """``selfment pseudo-label``: DINO features → NCut → IPO pseudo-masks, as a parquet dataset."""
+    positional: ClassVar[tuple[str, ...]] = ("inputs", "output")
+    section: ClassVar[str] = "pseudo_label"
+
+    inputs: UriList = setting(
+        description="folders, globs, list files, img2dataset parquet or WebDataset tar shards",
+        flag="--input", metavar="URI")
+    output: Uri = setting(description="parquet dataset folder (parts + _selfment.json manifest)",
+                          metavar="URI")
+    backbone: str = setting(DEFAULT_BACKBONE, "timm DINO model name")
+    weights: str = setting("hub", "hub | random | PATH | URI of a checkpoint")
+    image_size: int = setting(768, "square backbone input size (a multiple of the patch size)",
+                              gt=0)
+    precision: Literal[PRECISIONS] = setting(
+        "auto", "backbone numerics: auto (= fp32, official), fp32 or bf16 (faster, approximate)")
+    tau: float = setting(0.2, "NCut: affinities above it become edges", ge=0.0, lt=1.0)
+    eps: float = setting(1e-5, "NCut: the weight of the other (dropped) edges", gt=0.0, lt=1.0)
+    binary_graph: bool = setting(True, "NCut: set kept affinities to 1 (else keep them)",
+                                 negative_flag="--non-binary-graph")
+    n_iter: int = setting(20, "IPO: most refinement rounds", ge=1)
+    sample_size: int = setting(10, "IPO: fewest patches a side needs to go on", ge=1)
+    no_object_threshold: float = setting(
+        NO_OBJECT_THRESHOLD, "flag rows whose confidence is below it as no_object (kept; train "
+                             "skips them by default)", ge=0.0, le=1.0, metavar="X")
+    batch_size: int | None = setting(None, "images per model call (default 32 on GPU, 8 on CPU)",
+                                     ge=1)
+    save_ncut: bool = setting(False, "also store the NCut mask before IPO")
+    save_features: bool = setting(False, "also store float16 patch features")
+    max_pixels: int | None = setting(DEFAULT_MAX_PIXELS,
+                                     "refuse larger images (decompression bombs); null: no limit",
+                                     ge=1)
+    max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images (file, tar "
+                                    "member, parquet cell), checked before reading", ge=1)
+    allow_empty: bool = setting(False, "succeed on inputs without images")
+    rows_per_file: int | None = setting(
+        None, "rows per parquet part (default 1024; 256 with --save-features)", ge=1)
+    progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
+
+
+class TrainSettings(StageSettings):
+    """``selfment train``: the segmentation head on pseudo-labels with Ray Train (DDP)."""
+    positional: ClassVar[tuple[str, ...]] = ("labels", "output")
+    section: ClassVar[str] = "train"
+
+    labels: Uri = setting(description="pseudo-label parquet dataset", metavar="URI")
+    output: Uri = setting(description="model artifact folder (also holds the checkpoints)",
+                          metavar="URI")
+    workers: int = setting(2, "Ray Train workers (DDP ranks)", ge=1)
+    use_gpu: bool = setting(False, "one GPU per worker (bf16 autocast); otherwise CPU")
+    epochs: int = setting(10, "passes over the usable rows", ge=1)
+    batch_size: int = setting(1, "images per step per worker (official: 1)", ge=1)
+    lr: float = setting(1e-3, "Adam's learning rate", gt=0.0)
+    weight_decay: float = setting(1e-5, "Adam's weight decay", ge=0.0)
+    lr_scaling: Literal[LR_SCALINGS] = setting(
+        "none", "lr x f(batch size) for the faster large-batch configuration")
+    shuffle: Literal[SHUFFLES] = setting(
+        "full", "full: whole set reshuffled every epoch (official); local: small buffer")
+    contrastive: Literal[CONTRASTIVE_VARIANTS] = setting(
+        "official", "contrastive loss variant")
+    sim_weight: float = setting(0.1, "weight of the contrastive term", ge=0.0)
+    temperature: float = setting(0.05, "temperature of the contrastive term", gt=0.0)
+    embed_dim: int = setting(128, "width of the head's embedding", ge=1)
+    checkpoint_every: int = setting(200, "steps between checkpoints (and one per epoch)", ge=1)
+    max_failures: int = setting(2, "worker failures Ray Train recovers from (-1: no limit)",
+                                ge=-1)
+    features: Literal[FEATURE_SOURCES] = setting(
+        "auto", "stored feature column, or recompute with the frozen backbone (auto: stored "
+                "when every part has it)")
+    min_confidence: float | None = setting(
+        None, "train on rows with confidence >= X (default: skip rows flagged no_object; 0 "
+              "keeps all)", ge=0.0, le=1.0, metavar="X")
+    keep_fraction: float | None = setting(
+        None, "train on the most confident fraction F of the rows", gt=0.0, le=1.0,
+        metavar="F")
+    max_pixels: int | None = setting(DEFAULT_MAX_PIXELS,
+                                     "refuse larger images when recomputing features", ge=1)
+    resources_per_worker: dict[str, float] | None = setting(
+        None, "Ray resources per worker, e.g. '{\"CPU\": 4, \"GPU\": 1}'", metavar="JSON",
+        cli="json")
+    seed: int = setting(0, "head initialisation and shuffling")
+
+    @model_validator(mode="after")
+    def _one_confidence_cut(self) -> TrainSettings:
+        if self.min_confidence is not None and self.keep_fraction is not None:
+            raise ValueError("give min_confidence or keep_fraction, not both")
+        return self
+
+
+class SegmentSettings(ActorPoolSettings):
+    """``selfment segment``: saliency maps of images with a trained model."""
+    positional: ClassVar[tuple[str, ...]] = ("model", "inputs", "output")
+    section: ClassVar[str] = "segment"
+
+    model: Uri = setting(description="model artifact folder", metavar="URI")
+    inputs: UriList = setting(
+        description="folders, globs, list files, img2dataset parquet or WebDataset tar shards",
+        flag="--input", metavar="URI")
+    output: Uri = setting(description="folder of <key>.png maps (or parquet parts)", metavar="URI")
+    image_size: int | None = setting(
+        None, "inference size (default: the model's, twice its training size)", gt=0)
+    batch_size: int = setting(8, "images per model call", ge=1)
+    output_format: Literal[OUTPUT_FORMATS] = setting("png", "png maps or parquet parts",
+                                                     flag="--format")
+    overlays: bool = setting(False, "also write images with the mask tinted (png only)")
+    max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
+    max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images", ge=1)
+    allow_empty: bool = setting(False, "succeed on inputs without images")
+    progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
+
+    @model_validator(mode="after")
+    def _overlays_need_png(self) -> SegmentSettings:
+        if self.overlays and self.output_format != "png":
+            raise ValueError("overlays are written next to PNG maps: use output_format png")
+        return self
+
+
+def _pairs(value: Any) -> Any:
+    """YAML's ``NAME: [images, masks]`` lists as ``(images, masks)`` tuples."""
+    if isinstance(value, Mapping):
+        return {k: tuple(_fspath(x) for x in v) if isinstance(v, (list, tuple)) else v
+                for k, v in value.items()}
+    return value
+
+
+class EvaluateSettings(ActorPoolSettings):
+    """``selfment evaluate``: folders of maps and masks, or a model and benchmarks to segment."""
+    section: ClassVar[str] = "evaluate"
+
+    output: Uri = setting(description="folder of metrics.json, metrics.md, per_image.csv, plots/",
+                          metavar="URI")
+    predictions: Uri | None = setting(None, "folder of saliency PNGs", metavar="URI")
+    masks: Uri | None = setting(None, "folder of ground-truth PNGs", metavar="URI")
+    name: str = setting("default", "dataset name in the reports", min_length=1)
+    model: Uri | None = setting(None, "model artifact: segment the benchmarks first",
+                                metavar="URI")
+    benchmarks: Annotated[dict[str, tuple[Uri, Uri]] | None, BeforeValidator(_pairs)] = setting(
+        None, "NAME=IMAGES_URI,MASKS_URI to segment with --model and score (repeatable)",
+        flag="--benchmark", metavar="NAME=IMAGES_URI,MASKS_URI", cli="benchmark")
+    image_size: int | None = setting(
+        None, "inference size with --model (default: the model's, twice its training size)",
+        gt=0)
+    batch_size: int | None = setting(None, "images per model call with --model", ge=1)
+    num_shards: int | None = setting(None, "Ray tasks per dataset (default: fill the cluster)",
+                                     ge=1)
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> EvaluateSettings:
+        by_files = self.predictions is not None or self.masks is not None
+        by_model = self.model is not None or self.benchmarks is not None
+        if by_files == by_model:
+            raise ValueError("give either predictions and masks, or model and benchmarks")
+        if by_files and self.masks is None:
+            raise ValueError("masks (--masks) is required with predictions")
+        if by_files and self.predictions is None:
+            raise ValueError("predictions (--predictions) is required with masks")
+        if by_model and (self.model is None or not self.benchmarks):
+            raise ValueError("model needs at least one benchmark NAME=IMAGES_URI,MASKS_URI")
+        return self
+
+
+STAGE_SETTINGS: dict[str, type[StageSettings]] = {
+    "pseudo_label": PseudoLabelSettings, "train": TrainSettings,
+    "segment": SegmentSettings, "evaluate": EvaluateSettings,
+}
+
+
+def _pair(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class SyntheticSettings(Settings):
+    """``pipeline.synthetic``: synthetic scenes written first (kept when already there)."""
+    section: ClassVar[str] = "pipeline.synthetic"
+
+    root: Uri | None = setting(None, "where the scenes go (default: <pipeline.output>/data)")
+    n_train: int = setting(32, "training scenes (pseudo-labelled, then trained on)", ge=1)
+    n_eval: int = setting(12, "held-out scenes (segmented and evaluated)", ge=1)
+    size: Annotated[tuple[int, int], BeforeValidator(_pair)] = setting(
+        (96, 128), "H, W of the scenes")
+    seed: int = setting(0, "scenes are a pure function of the seed")
+    eval_camouflage_fraction: float = setting(0.5, "share of camouflaged held-out scenes",
+                                              ge=0.0, le=1.0)
+
+
+class ChainSettings(Settings):
+    """``pipeline:`` (and ``selfment run``): the stages to run in order, and the run's root."""
+    section: ClassVar[str] = "pipeline"
+
+    output: Uri | None = setting(
+        None, "the run's root: labels/ model/ predictions/ report/ pipeline_summary.json",
+        metavar="URI")
+    stages: list[Literal[tuple(STAGE_SETTINGS)]] = setting(
+        list(STAGE_SETTINGS), "the stages to run (always in pipeline order)", metavar="STAGE")
+    synthetic: SyntheticSettings | None = setting(
+        None, "write synthetic scenes first and run on them", cli="none")
+    force: bool = setting(False, "run every stage, even those recorded complete")
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stages")
+    @classmethod
+    def _in_order(cls, value: list[str]) -> list[str]:
+        return [s for s in STAGE_SETTINGS if s in value]
+
+
+class DemoSettings(Settings):
+    """``selfment demo``: synthetic data through the whole chain on a local Ray."""
+    positional: ClassVar[tuple[str, ...]] = ("output_dir",)
+    section: ClassVar[str] = "demo"
+
+    output_dir: str = setting("selfment_demo", "local folder of the demo's outputs",
+                              flag="--output", metavar="DIR", min_length=1)
+    n_images: int = setting(32, "training scenes", ge=1)
+    n_eval: int = setting(12, "held-out scenes", ge=1)
+    image_size: int = setting(224, "backbone input size (a multiple of 16)", gt=0)
+    epochs: int = setting(3, "training epochs", ge=1)
+    workers: int = setting(2, "Ray Train DDP workers (CPU)", ge=1)
+    batch_size: int = setting(8, "images per model call and per training step", ge=1)
+    weights: str | None = setting(
+        None, "hub | random | PATH (default: hub when reachable, else random)")
+    backbone: str = setting(DEFAULT_BACKBONE, "timm DINO model name")
+    num_cpus: int = setting(2, "CPUs of the in-process Ray", ge=1)
+    verbose: bool = setting(False, "show Ray's own output instead of one bar per stage")
+
+
+class InspectSettings(StageSettings):
+    """``selfment inspect``: contact sheets, histogram and HTML page of pseudo-labels."""
+    section: ClassVar[str] = "inspect"
+
+    labels: Uri = setting(description="pseudo-label parquet dataset", metavar="URI")
+    output: Uri = setting(description="folder for the pictures", metavar="URI")
+    per_sheet: int = setting(24, "images per contact sheet", ge=1)
+    thumb_size: int = setting(128, "pixels per image tile", ge=8)
+    max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
+
+
+class ImportCheckpointSettings(StageSettings):
+    """``selfment import-checkpoint``: an official Selfment head checkpoint → model artifact."""
+    section: ClassVar[str] = "import_checkpoint"
+
+    head: str = setting(description="official checkpoint: torch.save({'model_state': ..., "
+                                    "'args': ...})", metavar="HEAD.pth", min_length=1)
+    output: Uri = setting(description="model artifact folder", metavar="MODEL_URI")
+    backbone: str | None = setting(None, "timm DINO name (default: from the checkpoint's "
+                                         "dino_model_name, e.g. dinov3_vit7b16)")
+    weights: str = setting("hub", "backbone weights for segment: hub | random | PATH | URI")
+    image_size: int | None = setting(
+        None, "inference size (default: twice the checkpoint's img_size, i.e. 1536)", gt=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building settings, and what a problem looks like
+
+def flag_of(model: type[Settings], name: str) -> str:
+    """The command-line flag of ``model``'s field ``name``."""
+    extra = model.model_fields[name].json_schema_extra or {}
+    return extra.get("flag") or "--" + name.replace("_", "-")
+
+
+class SettingsError(ValueError):
+    """Settings that do not validate: one line per problem, each naming where it is."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def _problem(model: type[Settings], where: str, error: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    name = ".".join([where, *loc]) if where else ".".join(loc) or model.__name__
+    if error["type"] == "missing":
+        field = loc[0] if loc else ""
+        flag = f" ({flag_of(model, field)})" if field in model.model_fields else ""
+        return f"{name}{flag} is required"
+    if error["type"] == "extra_forbidden":
+        return (f"{name}: unknown option; valid: "
+                f"{', '.join(sorted(model.model_fields))}")
+    message = error["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across fields
+        return f"{where or model.__name__}: {message}"
+    return f"{name}: {message} (got {error['input']!r})"
+
+
+def validate(model: type[Settings], values: Mapping[str, Any], where: str = "") -> Settings:
+    """``model`` built from ``values``, or :class:`SettingsError` (``where`` prefixes problems)."""
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        raise SettingsError([_problem(model, where, e) for e in exc.errors()]) from None
+
+
+def build_settings(model: type[Settings], args: Sequence[Any], options: Mapping[str, Any]
+                   ) -> Settings:
+    """The settings a stage function was called with: ``f(settings)`` or ``f(*positional, **kw)``.
+
+    Raises:
+        TypeError: settings of another model, or too many positional arguments.
+        SettingsError: values that do not validate.
+    """
+    if len(args) == 1 and isinstance(args[0], Settings):
+        if not isinstance(args[0], model):
+            raise TypeError(f"expected {model.__name__}, got {type(args[0]).__name__}")
+        return args[0] if not options else validate(
+            model, {**_given(args[0]), **options}, model.section)
+    if len(args) > len(model.positional):
+        raise TypeError(f"takes at most {len(model.positional)} positional arguments "
+                        f"({', '.join(model.positional)}), got {len(args)}")
+    values = dict(zip(model.positional, args))
+    clash = sorted(set(values) & set(options))
+    if clash:
+        raise TypeError(f"got multiple values for {', '.join(clash)}")
+    return validate(model, {**values, **options}, model.section)
+
+
+def _given(settings: Settings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in settings.model_fields_set}
