@@ -356,7 +356,8 @@ def test_pipeline_job_on_a_real_ray_head(ray_head):
         "pipeline": {"output": str(run)},
         "pseudo_label": {"inputs": [data["train_images"]], "weights": "random", "image_size": 64,
                          "batch_size": 8, "save_features": True, "progress": False},
-        "train": {"workers": 1, "epochs": 2, "batch_size": 8},
+        # min_confidence 0: every row (random weights flag most masks no_object).
+        "train": {"workers": 1, "epochs": 2, "batch_size": 8, "min_confidence": 0},
         "segment": {"inputs": [data["eval_images"]], "progress": False},
         "evaluate": {"masks": data["eval_masks"], "name": "synthetic"},
     }

@@ -23,7 +23,6 @@ import logging
 import math
 import posixpath
 import re
-from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
