@@ -215,6 +215,21 @@ class TrainSettings(StageSettings):
             raise ValueError("give min_confidence or keep_fraction, not both")
         return self
 
+    @model_validator(mode="after")
+    def _whole_gpus(self) -> TrainSettings:
+        # One DDP rank drives one device: a fraction of a GPU would put two NCCL ranks on one
+        # device, more than one would leave GPUs idle.
+        resources = self.resources_per_worker or {}
+        if any(v < 0 for v in resources.values()):
+            raise ValueError(f"resources_per_worker must not be negative, got {resources}")
+        gpus = resources.get("GPU", 0)
+        if gpus not in (0, 1):
+            raise ValueError(f"resources_per_worker GPU must be 0 or 1 (one GPU per worker; "
+                             f"use more workers for more GPUs), got {gpus}")
+        if gpus == 1 and not self.use_gpu:
+            raise ValueError("resources_per_worker asks for a GPU: set use_gpu")
+        return self
+
 
 class SegmentSettings(ActorPoolSettings):
     """``selfment segment``: saliency maps of images with a trained model."""

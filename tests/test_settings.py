@@ -198,3 +198,16 @@ def test_selfment_run_local_config_end_to_end(tmp_path):
 def summary_pipeline(tmp_path: Path) -> dict:
     config = load_config(str(JOBS / "configs" / "local.yaml"))
     return {**config["pipeline"], "output": str(tmp_path / "run")}
+
+
+@pytest.mark.parametrize("resources, use_gpu, problem", [
+    ({"GPU": 0.5}, True, "GPU must be 0 or 1"),
+    ({"GPU": 2}, True, "GPU must be 0 or 1"),
+    ({"GPU": 1}, False, "set use_gpu"),
+    ({"CPU": -1}, False, "must not be negative"),
+])
+def test_training_gpus_are_whole_and_one_per_worker(resources, use_gpu, problem):
+    with pytest.raises(ValueError, match=problem):
+        TrainSettings(labels="l", output="m", resources_per_worker=resources, use_gpu=use_gpu)
+    assert TrainSettings(labels="l", output="m", resources_per_worker={"CPU": 4, "GPU": 1},
+                         use_gpu=True).resources_per_worker == {"CPU": 4, "GPU": 1}
