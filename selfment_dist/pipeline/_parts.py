@@ -309,6 +309,23 @@ def outside_output(units: list[dict], fs, root: str) -> list[dict]:
     return kept
 
 
+def list_inputs(inputs: list[str], output: str, storage_options: dict | None, *,
+                allow_empty: bool) -> tuple:
+    """``(fs, root, units)``: the output's filesystem and path, and the inputs' work units
+    outside it. Listed before anything is written, so a missing or empty input (an error unless
+    ``allow_empty``) or an output that is a file leaves no trace."""
+    from ..io.sources import enumerate_units
+
+    fs, root = url_to_fs(output, storage_options)
+    if fs.isfile(root):
+        raise ValueError(f"output {output} is a file; give a folder or prefix")
+    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
+    if not units and not allow_empty:
+        raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
+                         "--allow-empty to accept empty inputs)")
+    return fs, root, units
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("selfment-dist", "torch", "timm", "ray", "pyarrow", "numpy"):

@@ -43,15 +43,15 @@ from ..io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
 from ..io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
                          pseudo_label_schema)
-from ..io.sources import IMAGE, enumerate_units, iter_records
-from ..io.storage import is_local, url_to_fs
+from ..io.sources import IMAGE, iter_records
+from ..io.storage import is_local
 from ..ncut import take_dense_fallbacks
 from ..settings import PseudoLabelSettings, SettingsError, build_settings
 from ..validation import check_backbone_size
 from ._device import actor_device, run_guarded
 from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      await_leftover_writers, check_lease, check_resume, confirm_lease,
-                     count_parts, existing_keys, has_parts, new_lease, now, outside_output,
+                     count_parts, existing_keys, has_parts, list_inputs, new_lease, now,
                      read_manifest, register_run, resolve_duplicates, retire_transient,
                      run_entry, versions, write_manifest)
 from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, ensure_ray,
@@ -359,14 +359,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     inputs, output, storage_options = s.inputs, s.output, s.storage_options
     batch_size, rows_per_file = s.batch_size, s.rows_per_file  # None: resolved below
     _check_checkpoint(s.backbone, s.weights, s.image_size, storage_options)
-    fs, root = url_to_fs(output, storage_options)
-    if fs.isfile(root):
-        raise ValueError(f"output {output} is a file; give a folder or prefix")
-    # Inputs are listed before anything is written: a missing or empty input leaves no trace.
-    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
-    if not units and not s.allow_empty:
-        raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
-                         "--allow-empty to accept empty inputs)")
+    fs, root, units = list_inputs(inputs, output, storage_options, allow_empty=s.allow_empty)
 
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,

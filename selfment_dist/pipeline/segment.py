@@ -43,7 +43,7 @@ from ray.data import Datasink
 
 from ..artifact import load_artifact
 from ..io.images import decode_image
-from ..io.sources import IMAGE, enumerate_units
+from ..io.sources import IMAGE
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
@@ -51,7 +51,7 @@ from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 from ._device import actor_device, run_guarded
 from ._parts import (FencedError, Lease, PartsSink, await_leftover_writers, check_lease,
                      check_resume, confirm_lease, count_parts, existing_keys, has_parts,
-                     new_lease, now, outside_output, read_manifest, register_run, run_entry,
+                     list_inputs, new_lease, now, read_manifest, register_run, run_entry,
                      versions, write_manifest)
 from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
                    decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
@@ -335,15 +335,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
         image_size = resolve_image_size(meta, image_size)
     except ValueError as exc:
         raise ValueError(f"model artifact {model}: {exc}") from None
-    fs, root = url_to_fs(output, storage_options)
+    fs, root, units = list_inputs(inputs, output, storage_options, allow_empty=s.allow_empty)
     root = root.rstrip("/")
-    if fs.isfile(root):
-        raise ValueError(f"output {output} is a file; give a folder or prefix")
-    # Inputs are listed before anything is written: a missing or empty input leaves no trace.
-    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
-    if not units and not s.allow_empty:
-        raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
-                         "--allow-empty to accept empty inputs)")
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor,
                           allow_cpu_fallback=s.cpu_fallback, image_size=image_size)
