@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -172,32 +171,6 @@ def test_chain_records_settings_without_secrets(tmp_path, monkeypatch):
     text = (tmp_path / "run" / chain.SUMMARY_NAME).read_text()
     assert "TOKEN" not in text
     assert summary["stages"]["pseudo_label"]["options"]["tau"] == 0.25
-
-
-@pytest.mark.slow
-def test_selfment_run_local_config_end_to_end(tmp_path):
-    """``selfment run --config jobs/configs/local.yaml`` (its root moved under tmp_path), twice:
-    the second run skips every stage."""
-    command = [sys.executable, "-m", "selfment_dist.cli", "run", "--config",
-               str(JOBS / "configs" / "local.yaml"), "--output", str(tmp_path / "run")]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    summary = json.loads((tmp_path / "run" / chain.SUMMARY_NAME).read_text())
-    assert {s: r["status"] for s, r in summary["stages"].items()} == dict.fromkeys(
-        chain.STAGES, "complete")
-    assert summary["metrics"]["synthetic"]["n_images"] == 12
-    manifest = json.loads((tmp_path / "run" / "labels" / "_selfment.json").read_text())
-    assert manifest["settings"]["image_size"] == 112 and "storage_options" not in manifest[
-        "settings"]
-    again = chain.run_chain({**load_config(str(JOBS / "configs" / "local.yaml")),
-                             "pipeline": {**summary_pipeline(tmp_path)}})
-    assert {s: r["status"] for s, r in again["stages"].items()} == dict.fromkeys(
-        chain.STAGES, "skipped")
-
-
-def summary_pipeline(tmp_path: Path) -> dict:
-    config = load_config(str(JOBS / "configs" / "local.yaml"))
-    return {**config["pipeline"], "output": str(tmp_path / "run")}
 
 
 @pytest.mark.parametrize("resources, use_gpu, problem", [
