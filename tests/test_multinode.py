@@ -412,8 +412,8 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
 
 
 def _submit_when_an_agent_is_up(client, **job) -> str:
-    """Submit; the head answers 'No available agent' until a node's job agent has registered
-    (nodes replaced by the tests above are still starting theirs)."""
+    """Submit; the head answers 'No available agent' until its dashboard agent has registered
+    (it may still be starting on a loaded machine)."""
     deadline = time.monotonic() + 300
     while True:
         try:
@@ -425,20 +425,19 @@ def _submit_when_an_agent_is_up(client, **job) -> str:
 
 
 def test_pipeline_job_through_the_jobs_api(cluster, corpus):
-    """jobs/pipeline.py submitted to the multi-node cluster's head completes."""
+    """jobs/pipeline.py submitted to the multi-node cluster's head completes: its driver runs
+    on the head (no CPUs) and pseudo-labels on the worker nodes. (One stage: Ray Train on this
+    cluster is the train test's; a Jobs run of every stage is tests/test_jobs.py's.)"""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    so, _ = corpus
+    so, keys = corpus
     fs = fsspec.filesystem("s3", **so)
     config = {
         "storage_options": so,
-        "pipeline": {"output": "s3://multinode/job", "stages": ["pseudo_label", "train"]},
+        "pipeline": {"output": "s3://multinode/job", "stages": ["pseudo_label"]},
         "pseudo_label": {"inputs": ["s3://multinode/data/images"], "weights": "random",
                          "backbone": RUN["backbone"], "image_size": 64, "batch_size": 4,
-                         "save_features": True, "progress": False},
-        "train": {"workers": 2, "epochs": 1, "batch_size": 4,
-                  "resources_per_worker": {"CPU": 1},
-                  "min_confidence": 0.0},  # random weights flag most masks no_object
+                         "progress": False},
     }
     fs.pipe("multinode/job.yaml", json.dumps(config).encode())  # JSON is YAML
     url = f"http://{cluster.head_node.address_info['webui_url']}"
@@ -450,7 +449,7 @@ def test_pipeline_job_through_the_jobs_api(cluster, corpus):
                    f"--storage-option endpoint_url={so['endpoint_url']} "
                    f"--storage-option key=testing --storage-option secret=testing",
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900  # a guard against a hang, far above a loaded run
     status = client.get_job_status(job)
     while not status.is_terminal() and time.monotonic() < deadline:
         time.sleep(2)
@@ -460,8 +459,9 @@ def test_pipeline_job_through_the_jobs_api(cluster, corpus):
         client.stop_job(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     summary = json.loads(fs.cat("multinode/job/pipeline_summary.json"))
-    assert {s: r["status"] for s, r in summary["stages"].items()} == {
-        "pseudo_label": "complete", "train": "complete"}
+    assert {s: r["status"] for s, r in summary["stages"].items()} == {"pseudo_label": "complete"}
+    got, errors = _keys(fs, "multinode/job/labels")
+    assert sorted(got) == sorted(keys) and errors == 0
 
 
 def test_ray_client_address_drives_a_pipeline(cluster, corpus, tmp_path):
@@ -478,6 +478,21 @@ def test_ray_client_address_drives_a_pipeline(cluster, corpus, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    if proc.returncode and "Starting Ray client server failed" in proc.stderr:
+        # Seen once on a machine under load ~40: the head's client proxy started the
+        # per-client server and that process was gone ~0.1 s later with empty logs (Ray's
+        # side, before any of our code ran). Nothing ran, so connecting again is safe.
+        logger.warning("Ray Client server did not start; connecting again:%s",
+                       _client_server_logs(cluster))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, ((proc.stdout + proc.stderr)[-4000:]
+                                  + _client_server_logs(cluster))
     got, errors = _keys(fs, "multinode/client-labels")
     assert sorted(got) == sorted(keys) and errors == 0
+
+
+def _client_server_logs(cluster) -> str:
+    """The tails of the head's Ray Client server logs (for a failure message)."""
+    logs = Path(cluster.head_node.get_session_dir_path()) / "logs"
+    return "".join(f"\n== {p.name}\n" + p.read_text(errors="replace")[-1500:]
+                   for p in sorted(logs.glob("ray_client_server*")))
