@@ -52,7 +52,6 @@ class ReadGate:
         self.held: tuple[str, ...] = ()
         self.opened = threading.Event()
         self.opened.set()
-        self.waits = 0
 
     def hold(self, suffixes) -> None:
         self.held = tuple(suffixes)
@@ -64,7 +63,6 @@ class ReadGate:
     def __call__(self, environ, start_response):
         if (not self.opened.is_set() and environ.get("REQUEST_METHOD") in ("GET", "HEAD")
                 and environ.get("PATH_INFO", "").endswith(self.held)):
-            self.waits += 1
             self.opened.wait(timeout=900)  # released by the test, at the latest on teardown
         return self.app(environ, start_response)
 
@@ -132,11 +130,9 @@ def _new_counters(before: set[str]):
 
     from selfment_dist.pipeline._ray import COUNTERS_PREFIX, split_counters
 
-    for a in ray.util.list_named_actors(all_namespaces=True):
-        name = a["name"] if isinstance(a, dict) else a
-        if name.startswith(COUNTERS_PREFIX) and name not in before:
-            actor = ray.get_actor(name, namespace=a.get("namespace") if isinstance(a, dict)
-                                  else None)
+    for a in ray.util.list_named_actors(all_namespaces=True):  # [{"name", "namespace"}]
+        if a["name"].startswith(COUNTERS_PREFIX) and a["name"] not in before:
+            actor = ray.get_actor(a["name"], namespace=a["namespace"])
             return split_counters(ray.get(actor.get.remote(), timeout=30))[0]
     return None
 
