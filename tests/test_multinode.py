@@ -5,12 +5,17 @@ fresh one is added afterwards (what an autoscaler does), so each test starts wit
 
 Nodes stay on Ray's default node address: forcing 127.0.0.1 made separate drivers fail to reach
 the cluster.
+
+No test here races the clock: a node goes once the run's own state says so (rows from the model
+actors of both nodes in the run's counters, a checkpoint committed by Ray Train), and the S3
+server holds back the reads of the last images until then, so a run cannot finish first.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -29,23 +34,54 @@ pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1200)]
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-# Not working yet (see the report of this change): with several nodes on one machine (one IP)
-# the head finds no dashboard-agent info for a node (KeyError in job_head._fetch_agent_info),
-# so job submission answers "No available agent" and the Ray Client server fails to start;
-# likely the nodes' agents collide on fixed ports. jobs/pipeline.py on a one-node head is
-# covered by tests/test_jobs.py.
-_AGENTS_ON_ONE_MACHINE = pytest.mark.skip(
-    reason="multi-node on one machine: no dashboard-agent info for a node (job submission and "
-           "the Ray Client server fail); not solved yet")
-_NOT_YET_RELIABLE = pytest.mark.xfail(
-    strict=False,
-    reason="issue 12 left open: on this one-machine cluster both model actors were placed on one "
-           "node in clean runs (rows_per_node has one node), and Ray Train did not restart from a "
-           "checkpoint after the node loss; passed under a loaded machine, fails on an idle one")
 WORKER_CPUS = 3          # a model actor per node, the rest for decode/write and Ray Train data
 N_IMAGES = 32
+LABELS = "s3://multinode/labels"  # the labelled fixture's output
+N_HELD = 8               # images whose reads wait until a node is gone (see ReadGate)
 RUN = dict(backbone="vit_small_patch16_224.dino", weights="random", image_size=64, batch_size=4,
            progress=False)
+
+
+class ReadGate:
+    """WSGI middleware of this module's S3 server: while closed, GETs and HEADs of the held
+    objects wait. Holding the last images of a run keeps the run going until a node has been
+    removed, however fast the machine (the decode tasks of those images block on S3)."""
+
+    def __init__(self, app):
+        self.app = app
+        self.held: tuple[str, ...] = ()
+        self.opened = threading.Event()
+        self.opened.set()
+
+    def hold(self, suffixes) -> None:
+        self.held = tuple(suffixes)
+        self.opened.clear()
+
+    def release(self) -> None:
+        self.opened.set()
+
+    def __call__(self, environ, start_response):
+        if (not self.opened.is_set() and environ.get("REQUEST_METHOD") in ("GET", "HEAD")
+                and environ.get("PATH_INFO", "").endswith(self.held)):
+            self.opened.wait(timeout=900)  # released by the test, at the latest on teardown
+        return self.app(environ, start_response)
+
+
+@pytest.fixture(scope="module")
+def s3_gated():
+    """This module's own S3 server (moto) behind a :class:`ReadGate`; yields (url, gate)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    gate = ReadGate(server._server.app)
+    server._server.app = gate  # werkzeug's handler calls server.app per request
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}", gate
+    finally:
+        gate.release()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +96,14 @@ def cluster():
     with socket.socket() as s:  # Ray binds it at once; nothing else here picks ports this way
         s.bind(("127.0.0.1", 0))
         client_port = s.getsockname()[1]
+    # Other Rays on this machine (other test sessions, a user's) hold Ray's default dashboard
+    # port (8265) and dashboard-agent port (52365): the head's agent then fails to bind, never
+    # registers, and the Jobs API answers "No available agent". So the dashboard takes the next
+    # free port from 8265 (dashboard_port None), and the head's agent one the OS picks (None;
+    # worker nodes get theirs that way from Cluster.add_node already).
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+        "dashboard_port": None, "dashboard_agent_listen_port": None,
         "ray_client_server_port": client_port})
     c.client_address = f"ray://127.0.0.1:{client_port}"
     workers = [c.add_node(num_cpus=WORKER_CPUS) for _ in range(2)]
@@ -81,28 +123,61 @@ def _replace_node(cluster, dead) -> None:
     cluster.wait_for_nodes()
 
 
-def _remove_node_when(cluster, ready, *, what: str) -> dict:
-    """A thread that removes one worker node once ``ready()`` is true; returns its record.
+def _new_counters(before: set[str]):
+    """The rows per node so far of the run started after ``before`` was taken (its
+    ``RunCounters`` actor, named by the pipeline), or None while it has none."""
+    import ray
+
+    from selfment_dist.pipeline._ray import COUNTERS_PREFIX, split_counters
+
+    for a in ray.util.list_named_actors(all_namespaces=True):  # [{"name", "namespace"}]
+        if a["name"].startswith(COUNTERS_PREFIX) and a["name"] not in before:
+            actor = ray.get_actor(a["name"], namespace=a["namespace"])
+            return split_counters(ray.get(actor.get.remote(), timeout=30))[0]
+    return None
+
+
+def _counter_names() -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+
+
+def _remove_node_once_both_worked(cluster, gate: ReadGate, *, what: str) -> dict:
+    """A thread that, once the model actors of both worker nodes have labelled rows (the run's
+    counters say so), removes one of those nodes and then lets the held reads through; returns
+    its record (``removed``: the node, ``rows_then``: rows per node id at that moment).
+
+    If every row the gate lets through is labelled and one node still has none, it removes that
+    one's peer anyway (so the run can finish) and the test's assertions report it.
     (Nodes are added from the main thread only: starting one needs signal handlers.)"""
-    record = {"removed": None, "stop": threading.Event()}
+    record = {"removed": None, "rows_then": None, "stop": threading.Event()}
+    before = _counter_names()
+    open_rows = N_IMAGES - N_HELD
 
     def run():
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if record["stop"].is_set():  # the run ended first
-                return
-            try:
-                if ready():
-                    break
-            except Exception as exc:  # keep polling (a listing can fail mid-write)
-                logger.debug("poll: %s", exc)
-            time.sleep(0.3)
-        else:
-            return
-        victim = cluster.workers[-1]
-        logger.warning("removing worker node %s: %s", victim.node_id, what)
-        cluster.remove_node(victim, allow_graceful=False)
-        record["removed"] = victim
+        try:
+            per_node = None
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline and not record["stop"].is_set():
+                try:
+                    per_node = _new_counters(before)
+                except Exception as exc:  # keep polling (the actor may be starting)
+                    logger.debug("poll: %s", exc)
+                workers = {w.node_id: w for w in cluster.workers}
+                worked = [n for n, rows in (per_node or {}).items() if rows and n in workers]
+                if len(worked) >= 2 or (worked and sum(per_node.values()) >= open_rows):
+                    # Prefer the newest node (its actor has done work either way).
+                    victim = next(w for w in reversed(cluster.workers) if w.node_id in worked)
+                    logger.warning("removing worker node %s (%s; rows per node %s)",
+                                   victim.node_id, what, per_node)
+                    record["rows_then"] = dict(per_node)
+                    cluster.remove_node(victim, allow_graceful=False)
+                    record["removed"] = victim
+                    return
+                time.sleep(0.3)
+        finally:
+            gate.release()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -129,15 +204,25 @@ def _keys(fs, prefix: str) -> tuple[list[str], int]:
 
 
 @pytest.fixture(scope="module")
-def corpus(s3_server):
+def corpus(s3_gated):
     """N_IMAGES synthetic JPEGs in a bucket of this module."""
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(
+    url, _gate = s3_gated
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(
         Bucket="multinode")
-    so = {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
+    so = {"endpoint_url": url, "key": "testing", "secret": "testing"}
     keys = write_scenes("s3://multinode/data", N_IMAGES, size=(64, 80), storage_options=so)
     return so, keys
+
+
+def _hold_last_images(gate: ReadGate, so: dict, keys: list[str]) -> None:
+    """Close the gate on the last N_HELD images (keys sort as the pipeline's work units)."""
+    fs = fsspec.filesystem("s3", **so)
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls("multinode/data/images", detail=False)}
+    held = [n for n in names if n.rsplit(".", 1)[0] in set(sorted(keys)[-N_HELD:])]
+    assert len(held) == N_HELD, held
+    gate.hold("/" + n for n in held)
 
 
 def test_plan_fits_the_nodes_of_a_head_without_cpus(cluster):
@@ -167,92 +252,113 @@ def test_a_run_no_node_can_hold_fails_in_bounded_time_naming_the_resource(cluste
                          actor_wait_s=5, **RUN)
 
 
-@_NOT_YET_RELIABLE
-def test_pseudo_label_spreads_over_nodes_and_survives_losing_one(cluster, corpus):
+@pytest.fixture(scope="module")
+def labelled(cluster, corpus, s3_gated):
+    """pseudo-label on the cluster (features saved: the train and Jobs tests train on these
+    labels) with one worker node removed once the model actors of both nodes have labelled rows
+    and before the last images are read (held at S3). Returns (summary, removal record)."""
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label
 
     so, keys = corpus
+    _url, gate = s3_gated
+    _hold_last_images(gate, so, keys)
+    killer = _remove_node_once_both_worked(cluster, gate, what="pseudo-label: both nodes "
+                                                               "labelled rows")
+    try:
+        summary = run_pseudo_label("s3://multinode/data/images", LABELS,
+                                   address=cluster.address, storage_options=so,
+                                   rows_per_file=4, save_features=True, **RUN)
+    finally:
+        killer["stop"].set()
+        killer["thread"].join()
+        if killer["removed"] is not None:
+            _replace_node(cluster, killer["removed"])
+    return summary, killer
+
+
+def test_pseudo_label_spreads_over_nodes_and_survives_losing_one(corpus, labelled):
+    """Both nodes' model actors label rows; one of those nodes goes mid-run: every key once,
+    no error rows, rows of both nodes recorded in the summary and the manifest."""
+    so, keys = corpus
+    summary, killer = labelled
     fs = fsspec.filesystem("s3", **so)
-    out = "s3://multinode/labels"
-    killer = _remove_node_when(cluster, lambda: len(_parts(fs, "multinode/labels")) >= 1,
-                               what="pseudo-label published its first part")
-    summary = run_pseudo_label("s3://multinode/data/images", out, address=cluster.address,
-                               storage_options=so, rows_per_file=4, **RUN)
-    killer["stop"].set()
-    killer["thread"].join()
     assert killer["removed"] is not None, "the run ended before the node could be removed"
-    _replace_node(cluster, killer["removed"])
 
     got, errors = _keys(fs, "multinode/labels")
     assert sorted(got) == sorted(keys) and errors == 0      # every key once, no error rows
     assert summary["rows_total"] == N_IMAGES and summary["errors_total"] == 0
     # Both worker nodes labelled rows (the removed one before it went).
+    assert len(killer["rows_then"]) >= 2, killer["rows_then"]
+    assert killer["removed"].node_id in summary["rows_per_node"], summary["rows_per_node"]
     assert len(summary["rows_per_node"]) >= 2, summary["rows_per_node"]
     manifest = json.loads(fs.cat("multinode/labels/_selfment.json"))
     assert manifest["runs"][-1]["rows_per_node"] == summary["rows_per_node"]
 
 
-@_NOT_YET_RELIABLE
-def test_segment_spreads_over_nodes_and_survives_losing_one(cluster, corpus):
+def test_segment_spreads_over_nodes_and_survives_losing_one(cluster, corpus, s3_gated):
     from selfment_dist.artifact import save_artifact
     from selfment_dist.head import PatchHead
     from selfment_dist.pipeline.segment import run_segment
 
     so, keys = corpus
+    _url, gate = s3_gated
     fs = fsspec.filesystem("s3", **so)
     model = "s3://multinode/model"
     save_artifact(model, PatchHead(in_dim=384, embed_dim=16),
                   {"backbone": RUN["backbone"], "weights": "random", "image_size": 64},
                   storage_options=so)
-
-    def maps() -> list[str]:
-        fs.invalidate_cache()
-        return fs.glob("multinode/maps/*.png")
-
-    # PNG maps appear one by one (parquet parts only at the end of this small run).
-    killer = _remove_node_when(cluster, lambda: len(maps()) >= 1,
-                               what="segment published its first map")
-    summary = run_segment(model, ["s3://multinode/data/images"], "s3://multinode/maps",
-                          batch_size=4, storage_options=so, address=cluster.address,
-                          progress=False)
-    killer["stop"].set()
-    killer["thread"].join()
+    _hold_last_images(gate, so, keys)
+    killer = _remove_node_once_both_worked(cluster, gate, what="segment: both nodes "
+                                                               "segmented rows")
+    try:
+        summary = run_segment(model, ["s3://multinode/data/images"], "s3://multinode/maps",
+                              batch_size=4, storage_options=so, address=cluster.address,
+                              progress=False)
+    finally:
+        killer["stop"].set()
+        killer["thread"].join()
+        if killer["removed"] is not None:
+            _replace_node(cluster, killer["removed"])
     assert killer["removed"] is not None, "the run ended before the node could be removed"
-    _replace_node(cluster, killer["removed"])
 
-    got = sorted(p.rsplit("/", 1)[-1][:-len(".png")] for p in maps())
+    fs.invalidate_cache()
+    got = sorted(p.rsplit("/", 1)[-1][:-len(".png")] for p in fs.glob("multinode/maps/*.png"))
     assert got == sorted(keys)                       # every key once (one file per key)
     assert summary["errors"] == 0 and summary["maps_total"] == N_IMAGES
+    assert len(killer["rows_then"]) >= 2, killer["rows_then"]
+    assert killer["removed"].node_id in summary["rows_per_node"], summary["rows_per_node"]
     assert len(summary["rows_per_node"]) >= 2, summary["rows_per_node"]
 
 
-@_NOT_YET_RELIABLE
 def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluster, corpus,
-                                                                         tmp_path):
-    """Two workers (one per node), a node removed after the first checkpoint: Ray Train
-    (FailureConfig) restarts both from the last checkpoint, the run finishes, the artifact
-    loads. The steps done twice are measured from the per-step debug dumps."""
+                                                                         labelled, tmp_path):
+    """Two workers (one per node: 2 CPUs each on 3-CPU nodes). Once Ray Train has committed a
+    checkpoint (its checkpoint manager's snapshot on storage names it; a checkpoint folder alone
+    may not be registered yet, and a restart would then start from scratch), a node holding a
+    worker goes: Ray Train (FailureConfig) restarts both workers from that checkpoint, the run
+    finishes, the artifact loads. The steps done twice are measured from rank 0's per-step
+    dumps. The ranks step in lockstep (DDP), so training cannot finish without the lost one."""
     from selfment_dist.artifact import load_artifact
-    from selfment_dist.pipeline.pseudo_label import run_pseudo_label
     from selfment_dist.pipeline.train import run_train
 
     so, _ = corpus
     fs = fsspec.filesystem("s3", **so)
-    labels = "s3://multinode/train-labels"
-    run_pseudo_label("s3://multinode/data/images", labels, address=cluster.address,
-                     storage_options=so, save_features=True, **RUN)
+    labels = LABELS
     debug = tmp_path / "steps"
-    seen = {"steps_before": 0}
+    snapshot = "multinode/model-train/_train/checkpoint_manager_snapshot.json"
 
-    def checkpointed() -> bool:
+    def committed_step() -> int | None:
+        """The step of the latest checkpoint Ray Train has registered, if any."""
         fs.invalidate_cache()
-        done = bool(fs.glob("multinode/model-train/_train/checkpoint-step*"))
-        if done:  # the steps finished when the node goes (rank 0's per-step dumps)
-            seen["steps_before"] = max((int(p.stem.split("step")[-1])
-                                        for p in debug.glob("rank0-step*.json")), default=0)
-        return done
+        try:
+            state = json.loads(fs.cat(snapshot))
+        except FileNotFoundError:
+            return None
+        latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name", "")
+        found = re.search(r"checkpoint-step(\d+)", latest)
+        return int(found.group(1)) if found else None
 
-    # Training runs in a thread; this thread removes a node after the first checkpoint and
+    # Training runs in a thread; this thread removes a node once a checkpoint is committed and
     # then adds a fresh one (Ray Train needs both workers back), as an autoscaler would.
     result: dict = {}
 
@@ -270,14 +376,21 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
     trainer = threading.Thread(target=train, daemon=True)
     trainer.start()
     deadline = time.monotonic() + 900
-    while not checkpointed() and trainer.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while committed_step() is None and trainer.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.3)
     assert trainer.is_alive(), f"training ended before a node could be removed: {result}"
+    committed = committed_step()
+    assert committed is not None, "no checkpoint committed in time"
     victim = cluster.workers[-1]
-    logger.warning("removing worker node %s: training wrote a checkpoint", victim.node_id)
+    logger.warning("removing worker node %s: Ray Train committed the checkpoint of step %d",
+                   victim.node_id, committed)
     cluster.remove_node(victim, allow_graceful=False)
+    # The surviving rank cannot step without its peer: what rank 0 finished is final now.
+    steps_before = max((int(p.stem.split("step")[-1]) for p in debug.glob("rank0-step*.json")),
+                       default=0)
     _replace_node(cluster, victim)
     trainer.join(timeout=900)
+    assert not trainer.is_alive(), "training did not finish after the node loss"
     if "error" in result:
         raise result["error"]
     summary = result["summary"]
@@ -285,18 +398,18 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
     assert summary["status"] == "trained" and summary["epochs"] == 3
     assert summary["resumed_from_steps"], "Ray Train did not restart from a checkpoint"
     resumed = summary["resumed_from_steps"][-1]
-    assert resumed >= 2                                   # not from scratch
+    assert resumed >= committed >= 2                      # not from scratch
     # Steps finished before the failure beyond the checkpoint it resumed from ran twice.
-    repeated = max(0, seen["steps_before"] - resumed)
+    repeated = max(0, steps_before - resumed)
     logger.warning("train node loss: node removed after step %d, resumed from step %d: %d "
-                   "steps repeated (checkpoint_every=2)", seen["steps_before"], resumed, repeated)
+                   "steps repeated (checkpoint_every=2)", steps_before, resumed, repeated)
     head, meta = load_artifact("s3://multinode/model-train", storage_options=so)
     assert meta["training"]["steps"] == summary["steps"] and head is not None
 
 
 def _submit_when_an_agent_is_up(client, **job) -> str:
-    """Submit; the head answers 'No available agent' until a node's job agent has registered
-    (nodes replaced by the tests above are still starting theirs)."""
+    """Submit; the head answers 'No available agent' until its dashboard agent has registered
+    (it may still be starting on a loaded machine)."""
     deadline = time.monotonic() + 300
     while True:
         try:
@@ -307,21 +420,20 @@ def _submit_when_an_agent_is_up(client, **job) -> str:
             time.sleep(3)
 
 
-@_AGENTS_ON_ONE_MACHINE
 def test_pipeline_job_through_the_jobs_api(cluster, corpus):
-    """jobs/pipeline.py submitted to the multi-node cluster's head completes."""
+    """jobs/pipeline.py submitted to the multi-node cluster's head completes: its driver runs
+    on the head (no CPUs) and pseudo-labels on the worker nodes. (One stage: Ray Train on this
+    cluster is the train test's; a Jobs run of every stage is tests/test_jobs.py's.)"""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    so, _ = corpus
+    so, keys = corpus
     fs = fsspec.filesystem("s3", **so)
     config = {
         "storage_options": so,
-        "pipeline": {"output": "s3://multinode/job", "stages": ["pseudo_label", "train"]},
+        "pipeline": {"output": "s3://multinode/job", "stages": ["pseudo_label"]},
         "pseudo_label": {"inputs": ["s3://multinode/data/images"], "weights": "random",
                          "backbone": RUN["backbone"], "image_size": 64, "batch_size": 4,
-                         "save_features": True, "progress": False},
-        "train": {"workers": 2, "epochs": 1, "batch_size": 4,
-                  "resources_per_worker": {"CPU": 1}},
+                         "progress": False},
     }
     fs.pipe("multinode/job.yaml", json.dumps(config).encode())  # JSON is YAML
     url = f"http://{cluster.head_node.address_info['webui_url']}"
@@ -333,7 +445,7 @@ def test_pipeline_job_through_the_jobs_api(cluster, corpus):
                    f"--storage-option endpoint_url={so['endpoint_url']} "
                    f"--storage-option key=testing --storage-option secret=testing",
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900  # a guard against a hang, far above a loaded run
     status = client.get_job_status(job)
     while not status.is_terminal() and time.monotonic() < deadline:
         time.sleep(2)
@@ -343,11 +455,11 @@ def test_pipeline_job_through_the_jobs_api(cluster, corpus):
         client.stop_job(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
     summary = json.loads(fs.cat("multinode/job/pipeline_summary.json"))
-    assert {s: r["status"] for s, r in summary["stages"].items()} == {
-        "pseudo_label": "complete", "train": "complete"}
+    assert {s: r["status"] for s, r in summary["stages"].items()} == {"pseudo_label": "complete"}
+    got, errors = _keys(fs, "multinode/job/labels")
+    assert sorted(got) == sorted(keys) and errors == 0
 
 
-@_AGENTS_ON_ONE_MACHINE
 def test_ray_client_address_drives_a_pipeline(cluster, corpus, tmp_path):
     """``--address ray://HOST:PORT`` (Ray Client): the command line, in its own process, runs
     pseudo-label on the cluster through the head's client server."""
@@ -362,6 +474,21 @@ def test_ray_client_address_drives_a_pipeline(cluster, corpus, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    if proc.returncode and "Starting Ray client server failed" in proc.stderr:
+        # Seen once on a machine under load ~40: the head's client proxy started the
+        # per-client server and that process was gone ~0.1 s later with empty logs (Ray's
+        # side, before any of our code ran). Nothing ran, so connecting again is safe.
+        logger.warning("Ray Client server did not start; connecting again:%s",
+                       _client_server_logs(cluster))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, ((proc.stdout + proc.stderr)[-4000:]
+                                  + _client_server_logs(cluster))
     got, errors = _keys(fs, "multinode/client-labels")
     assert sorted(got) == sorted(keys) and errors == 0
+
+
+def _client_server_logs(cluster) -> str:
+    """The tails of the head's Ray Client server logs (for a failure message)."""
+    logs = Path(cluster.head_node.get_session_dir_path()) / "logs"
+    return "".join(f"\n== {p.name}\n" + p.read_text(errors="replace")[-1500:]
+                   for p in sorted(logs.glob("ray_client_server*")))

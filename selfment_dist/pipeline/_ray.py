@@ -16,9 +16,9 @@ from ._plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, p
 
 __all__ = ["MAX_ACTOR_RESTARTS", "MAX_TASK_RETRIES", "MAX_RETRIES", "ensure_ray",
            "plan_resources", "decode_pool", "model_pool_args", "progress_bars",
-           "bounded_actor_start", "start_counters", "read_counters", "count_rows_here",
-           "split_counters", "call_as_driver", "DEFAULT_ACTOR_WAIT_S", "LIGHT_TASK_CPUS",
-           "UnschedulableError"]
+           "bounded_actor_start", "COUNTERS_PREFIX", "start_counters", "read_counters",
+           "count_rows_here", "split_counters", "call_as_driver", "DEFAULT_ACTOR_WAIT_S",
+           "LIGHT_TASK_CPUS", "UnschedulableError"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +136,19 @@ class RunCounters:
         return dict(self.counts)
 
 
-def start_counters():
+#: Name of a run's :class:`RunCounters` actor (``COUNTERS_PREFIX + run id``), in the driver's
+#: namespace: a monitor (or a test) can find it with ``ray.util.list_named_actors`` and read
+#: the rows each node has labelled so far.
+COUNTERS_PREFIX = "selfment-counters-"
+
+
+def start_counters(run_id: str | None = None):
     """A :class:`RunCounters` on the head node (which lives as long as the cluster; a worker
-    node, even the driver's, may be lost mid-run)."""
-    return RunCounters.options(resources={HEAD_RESOURCE: 0.001}).remote()
+    node, even the driver's, may be lost mid-run), named for ``run_id`` when given."""
+    options: dict = {"resources": {HEAD_RESOURCE: 0.001}}
+    if run_id:
+        options["name"] = COUNTERS_PREFIX + run_id
+    return RunCounters.options(**options).remote()
 
 
 def count_rows_here(counters, rows: int) -> None:

@@ -515,7 +515,7 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
     written = {"rows": 0, "errors": 0, "dense_eigh_fallbacks": 0}
     fault_injected = False
     if units:
-        counters = start_counters()  # rows per node, dense-eigh fallbacks
+        counters = start_counters(run_id)  # rows per node, dense-eigh fallbacks
         sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
                          run_id, rows_per_file, storage_options, manifest=MANIFEST_NAME)
         try:

@@ -449,7 +449,7 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
 
     images, failed, per_node = 0, [], {}
     if units:
-        counters = start_counters()
+        counters = start_counters(run_id)
         skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
         n_blocks = max(1, min(len(units), len(containers) + math.ceil(
             (len(units) - len(containers)) / batch_size)))
