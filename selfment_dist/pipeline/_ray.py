@@ -106,14 +106,20 @@ def bounded_actor_start(plan: dict, wait_s: float | None, stage: str):
     ctx = DataContext.get_current()
     saved = ctx.wait_for_min_actors_s
     ctx.wait_for_min_actors_s = max(1, math.ceil(wait_s))
+    timed_out = False
     try:
         yield
     except ray.exceptions.GetTimeoutError as exc:
         if "starting actors" not in str(exc):
             raise
-        raise UnschedulableError(unschedulable_message(plan, wait_s, stage)) from None
+        timed_out = True
     finally:
         ctx.wait_for_min_actors_s = saved
+    if timed_out:
+        # Raised outside the handler: an exception raised inside would keep the timeout (and
+        # through its traceback Ray Data's executor with its pending actors) as __context__,
+        # so the unschedulable request stayed queued for as long as the error was held.
+        raise UnschedulableError(unschedulable_message(plan, wait_s, stage))
 
 
 NODE_ROWS_PREFIX = "rows_on_node:"
