@@ -54,7 +54,7 @@ from .storage import is_local, to_uri, url_to_fs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["enumerate_units", "iter_records", "classify", "LIST_EXTENSIONS",
+__all__ = ["enumerate_units", "iter_records", "container_keys", "classify", "LIST_EXTENSIONS",
            "PARQUET_IMAGE_COLUMNS", "IMAGE", "PARQUET", "TAR"]
 
 IMAGE, PARQUET, TAR = "image", "parquet", "tar"
@@ -476,6 +476,41 @@ def _iter_tar(unit: dict, storage_options, skip: Container[str],
         if shard_key not in skip:
             yield _record(shard_key, source, error=f"unreadable WebDataset shard {where()}: "
                                                    f"{_one_line(exc)}", kind=error_kind(exc))
+
+
+def container_keys(unit: dict, *, storage_options: dict | None = None) -> list[str] | None:
+    """The keys :func:`iter_records` gives rows to for ``unit`` when nothing fails, told without
+    reading any image bytes (a parquet file's ``key`` column; no column: its row numbers), so a
+    resume can leave out containers whose keys are all done.
+
+    Returns:
+        the keys, with the ``#dup<n>`` suffixes of repeats; for a parquet file without an image
+        column, the file's own key (its error row); ``None`` when the keys cannot be told
+        without reading the whole container (tar shards, unreadable files).
+    """
+    kind, shard_key = unit["kind"], unit["key"]
+    if kind == IMAGE:
+        return [shard_key]
+    if kind != PARQUET:
+        return None
+    try:
+        fs, path = url_to_fs(unit["uri"], storage_options)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if _image_column(pf.schema_arrow)[0] is None:
+                return [shard_key]
+            if "key" in pf.schema_arrow.names:
+                raw = pf.read(columns=["key"]).column(0).to_pylist()
+            else:
+                raw = [None] * pf.metadata.num_rows
+    except Exception as exc:  # the read task reports it, with its error row
+        logger.debug("keys of %s unknown without reading it: %s", unit["uri"], exc)
+        return None
+    dedup = _Dedup()
+    stem = _strip_ext(shard_key)
+    # The same naming as _iter_parquet: empty keys by row number, repeats suffixed.
+    return [dedup(f"{stem}/{i:09d}" if k is None or k == "" else str(k))[0]
+            for i, k in enumerate(raw)]
 
 
 def iter_records(unit: dict, *, storage_options: dict | None = None,
