@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from selfment_dist.io.sources import container_keys, iter_records
+from selfment_dist.io.sources import container_key_array, container_keys, iter_records
 from selfment_dist.pipeline import pseudo_label
 from selfment_dist.pipeline._done_keys import SortedKeys
 from selfment_dist.synthetic import make_scene
@@ -35,6 +35,7 @@ def test_container_keys_name_rows_as_reading_does(tmp_path, keys):
     _shard(path, keys)
     unit = {"kind": "parquet", "uri": str(path), "key": "s.parquet"}
     assert container_keys(unit) == [r["key"] for r in iter_records(unit)]
+    assert container_key_array(unit).to_pylist() == container_keys(unit)
 
 
 def test_container_keys_without_key_column_or_image_column(tmp_path):
@@ -49,6 +50,7 @@ def test_container_keys_without_key_column_or_image_column(tmp_path):
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really")
     assert container_keys({"kind": "parquet", "uri": str(broken), "key": "b"}) is None
+    assert container_key_array({"kind": "parquet", "uri": str(broken), "key": "b"}) is None
     tar = tmp_path / "s.tar"
     with tarfile.open(tar, "w"):
         pass
@@ -60,6 +62,13 @@ def test_contains_all():
     assert done.contains_all(["ccc", "a"]) and done.contains_all([])
     assert not done.contains_all(["a", "b"]) and not done.contains_all(["cccc"])
     assert not SortedKeys.build([]).contains_all(["a"])
+    assert done.contains_arrow(pa.array(["bb", "a"])) and done.contains_arrow(pa.array([], pa.string()))
+    assert not done.contains_arrow(pa.array(["bb", "b"]))
+    assert not done.contains_arrow(pa.array(["a", None]))
+    arrow, repeats = SortedKeys.from_arrow([pa.chunked_array([["bb", "a"], ["ccc", "a"]])])
+    assert arrow.keys.tolist() == done.keys.tolist() and repeats == 1
+    assert list(arrow) == ["a", "bb", "ccc"] and SortedKeys.build(arrow) is arrow
+    assert arrow.contains_each(["a", "b", "ccc"]).tolist() == [True, False, True]
 
 
 def test_resume_skips_finished_shards_and_starts_nothing_when_all_done(ray_local, tmp_path,

@@ -46,6 +46,7 @@ from collections import Counter, defaultdict
 from typing import Container, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, too_many_bytes
@@ -54,7 +55,8 @@ from .storage import is_local, to_uri, url_to_fs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["enumerate_units", "iter_records", "container_keys", "classify", "LIST_EXTENSIONS",
+__all__ = ["enumerate_units", "iter_records", "container_keys", "container_key_array",
+           "classify", "LIST_EXTENSIONS",
            "PARQUET_IMAGE_COLUMNS", "IMAGE", "PARQUET", "TAR"]
 
 IMAGE, PARQUET, TAR = "image", "parquet", "tar"
@@ -511,6 +513,29 @@ def container_keys(unit: dict, *, storage_options: dict | None = None) -> list[s
     # The same naming as _iter_parquet: empty keys by row number, repeats suffixed.
     return [dedup(f"{stem}/{i:09d}" if k is None or k == "" else str(k))[0]
             for i, k in enumerate(raw)]
+
+
+def container_key_array(unit: dict, *, storage_options: dict | None = None) -> pa.Array | None:
+    """:func:`container_keys` as an arrow string array. A parquet file whose ``key`` column is
+    plain (strings, none empty, none repeated: img2dataset's) is taken as it is, with no Python
+    object per key; other files go through :func:`container_keys`."""
+    if unit["kind"] == PARQUET:
+        try:
+            fs, path = url_to_fs(unit["uri"], storage_options)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                if "key" in names and _image_column(pf.schema_arrow)[0] is not None \
+                        and pa.types.is_string(pf.schema_arrow.field("key").type):
+                    keys = pf.read(columns=["key"]).column(0).combine_chunks()
+                    plain = keys.null_count == 0 and not pc.any(pc.equal(keys, "")).as_py() \
+                        and pc.count_distinct(keys).as_py() == len(keys)
+                    if plain:
+                        return keys
+        except Exception:  # container_keys below says None for an unreadable file
+            pass
+    keys = container_keys(unit, storage_options=storage_options)
+    return None if keys is None else pa.array(keys, type=pa.string())
 
 
 def iter_records(unit: dict, *, storage_options: dict | None = None,

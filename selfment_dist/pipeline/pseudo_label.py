@@ -465,18 +465,17 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
 
     n_units = len(units)
     image_keys = [u["key"] for u in units if u["kind"] == IMAGE]
-    units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
+    image_done = iter(done.contains_each(image_keys).tolist())  # one vectorised search
+    units = [u for u in units if not (u["kind"] == IMAGE and next(image_done))]
     containers = [u for u in units if u["kind"] != IMAGE]
-    skip_ref = None
     if done and containers:
-        skip_ref = [ray.put(SortedKeys.build(done).keys)]
         # Containers whose keys are all done are left out here: a resume over a finished
         # output then starts no read task and no model actor.
-        kept = containers_with_work(containers, skip_ref, storage_options)
+        kept = containers_with_work(containers, done, storage_options)
         if len(kept) < len(containers):
             units = [u for u in units if u["kind"] == IMAGE] + kept
             containers = kept
-        skip_ref = skip_ref if containers else None
+    skip_ref = [ray.put(done.keys)] if (done and containers) else None
     if done:
         logger.info("resuming: %d keys already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
@@ -525,7 +524,7 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
     duplicates, keys = resolve_duplicates(fs, root)
     if is_local(fs) and fs.exists(tmp):
         fs.rm(tmp, recursive=True)  # only empty or failed-attempt leftovers remain here
-    missing = [k for k in image_keys if k not in keys]
+    missing = [k for k, there in zip(image_keys, keys.contains_each(image_keys)) if not there]
     if missing:
         logger.error("%d inputs have no row in %s, e.g. %s", len(missing), output, missing[:5])
     totals = count_parts(fs, root)

@@ -444,11 +444,11 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
     n_units = len(units)
     units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
     containers = [u for u in units if u["kind"] != IMAGE]
-    skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
-    if skip_ref:  # finished containers are left out: nothing to read, no actor to start
-        kept = containers_with_work(containers, skip_ref, storage_options)
+    if done and containers:  # finished containers are left out: nothing to read, no actor
+        kept = containers_with_work(containers, done, storage_options)
         if len(kept) < len(containers):
             units, containers = [u for u in units if u["kind"] == IMAGE] + kept, kept
+    skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
     if done:
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
