@@ -8,16 +8,19 @@ script starts), then runs, each in a fresh driver process with a local Ray:
   label    ``run_pseudo_label`` end to end (backbone + NCut + IPO, parquet parts out);
   resume   ``run_pseudo_label`` again into the finished output (all N keys done: nothing to do).
 
-and reports rows/s, peak RSS of the driver and of any one worker process (psutil, sampled every
+It reports rows/s, peak RSS of the driver and of any one worker process (psutil, sampled every
 50 ms over the driver's process tree: the local Ray's raylet, workers and actors are its
 children), and the number and total size of the output parts. Markdown table on stdout (and
-``--json``).
+``--json``). With ``--resume-copies K`` it also times a resume over K times the largest N
+finished keys: that output is made by replicating the largest run's parts with shifted keys
+(a resume reads only keys, error kinds and footers), since labelling them would take hours here.
 
 Usage::
 
     python benchmarks/scale.py                               # 10k, 50k, 200k on local disk
     python benchmarks/scale.py --sizes 2000,10000 --store local,s3
     python benchmarks/scale.py --sizes 200 --store s3 --image-size 32   # smoke run
+    python benchmarks/scale.py --sizes 10000,30000 --resume-copies 7     # + resume over 210k
 """
 from __future__ import annotations
 
@@ -72,6 +75,29 @@ def write_shards(root: str, n: int, *, shard_rows: int, px: int, storage_options
             pq.write_table(table, f, row_group_size=1024)
         paths.append(path)
     return [root.rstrip("/")]
+
+
+def replicate_output(src: str, dst: str, *, n: int, copies: int) -> None:
+    """A finished output of ``n * copies`` keys made from the finished output of ``n`` keys at
+    ``src`` (local disk): its parts rewritten ``copies`` times with the keys shifted by ``n`` each
+    time, and its manifest. A resume reads only the parts' ``key``/``error_kind`` columns and
+    footers, so this measures a resume over that many finished keys without labelling them."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(dst, exist_ok=True)
+    shutil.copy(f"{src}/_selfment.json", f"{dst}/_selfment.json")
+    parts = sorted(p for p in os.listdir(src) if p.startswith("part-"))
+    for c in range(copies):
+        for i, name in enumerate(parts):
+            table = pq.read_table(f"{src}/{name}")
+            keys = [f"{int(k) + c * n:09d}" for k in table.column("key").to_pylist()]
+            table = table.set_column(table.schema.get_field_index("key"), "key",
+                                     pa.array(keys, pa.string()))
+            run = name.split("-")[1]
+            pq.write_table(table, f"{dst}/part-{run}-{c * len(parts) + i:06d}.parquet")
 
 
 # --- one measured run (child process) ----------------------------------------------------------
@@ -135,13 +161,16 @@ def child(args) -> None:
     so = json.loads(args.storage_options) if args.storage_options else None
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
              log_to_driver=False, configure_logging=False)
+    # Imported before the clock starts: importing torch, timm and the pipeline takes seconds
+    # (tens of seconds on a busy machine), whatever N is.
+    from selfment_dist.pipeline.pseudo_label import run_pseudo_label
+
     start = time.perf_counter()
     with PeakRss() as rss:
         if args.mode == "decode":
             rows = _decode_only(args.inputs, args.image_size, so, args.batch_size)
             summary = {}
         else:
-            from selfment_dist.pipeline.pseudo_label import run_pseudo_label
             summary = run_pseudo_label(args.inputs, args.output, backbone=BACKBONE,
                                        weights="random", image_size=args.image_size,
                                        batch_size=args.batch_size, storage_options=so,
@@ -187,9 +216,12 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
     p.add_argument("--timeout", type=float, default=3 * 3600)
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--resume-copies", type=int, default=0,
+                   help="also time a resume over K x the largest N finished keys (local disk), "
+                        "its output made by replicating the largest run's parts with new keys")
     args = p.parse_args()
 
-    results = []
+    results, replicated = [], []
     stores = args.store.split(",")
     server = None
     work = Path(tempfile.mkdtemp(prefix="selfment-scale-"))
@@ -224,6 +256,18 @@ def main() -> None:
                 print(f"  {mode}: {res}", file=sys.stderr)
                 row[mode] = res
             results.append(row)
+        if args.resume_copies > 1 and store == "local":
+            n = max(int(x) for x in args.sizes.split(","))
+            big = n * args.resume_copies
+            base = str(work / f"{big}-replicated")
+            inputs = write_shards(f"{base}/shards", big, shard_rows=args.shard_rows, px=args.px,
+                                  storage_options=None)
+            replicate_output(str(work / str(n) / "labels"), f"{base}/labels", n=n,
+                             copies=args.resume_copies)
+            res = _run_child("resume", inputs, f"{base}/labels", args, None)
+            print(f"  resume over {big} keys (the {n}-key output replicated): {res}",
+                  file=sys.stderr)
+            replicated.append({"store": store, "n": big, "resume": res})
     if server is not None:
         server.stop()
     print(f"load average at end: {load_avg()}", file=sys.stderr)
@@ -237,8 +281,14 @@ def main() -> None:
               f"{lab['rows_per_s'] / d['rows_per_s']:.2f} | {lab['driver_peak_mb']} | "
               f"{lab['worker_peak_mb']} | {res['wall_s']:.1f} | {res['driver_peak_mb']} | "
               f"{lab['parts']} | {lab['parts_kb']} |")
+    for r in replicated:
+        res = r["resume"]
+        print(f"\nResume over {r['n']:,} finished keys ({res['parts']} parts, made by replicating "
+              f"the largest output): {res['wall_s']:.1f} s, driver peak {res['driver_peak_mb']} "
+              f"MB, worker peak {res['worker_peak_mb']} MB")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": results, "replicated_resume": replicated},
+                                              indent=2))
 
 
 def _child_main() -> None:

@@ -46,6 +46,7 @@ from collections import Counter, defaultdict
 from typing import Container, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, too_many_bytes
@@ -54,7 +55,8 @@ from .storage import is_local, to_uri, url_to_fs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["enumerate_units", "iter_records", "classify", "LIST_EXTENSIONS",
+__all__ = ["enumerate_units", "iter_records", "container_keys", "container_key_array",
+           "classify", "LIST_EXTENSIONS",
            "PARQUET_IMAGE_COLUMNS", "IMAGE", "PARQUET", "TAR"]
 
 IMAGE, PARQUET, TAR = "image", "parquet", "tar"
@@ -476,6 +478,64 @@ def _iter_tar(unit: dict, storage_options, skip: Container[str],
         if shard_key not in skip:
             yield _record(shard_key, source, error=f"unreadable WebDataset shard {where()}: "
                                                    f"{_one_line(exc)}", kind=error_kind(exc))
+
+
+def container_keys(unit: dict, *, storage_options: dict | None = None) -> list[str] | None:
+    """The keys :func:`iter_records` gives rows to for ``unit`` when nothing fails, told without
+    reading any image bytes (a parquet file's ``key`` column; no column: its row numbers), so a
+    resume can leave out containers whose keys are all done.
+
+    Returns:
+        the keys, with the ``#dup<n>`` suffixes of repeats; for a parquet file without an image
+        column, the file's own key (its error row); ``None`` when the keys cannot be told
+        without reading the whole container (tar shards, unreadable files).
+    """
+    kind, shard_key = unit["kind"], unit["key"]
+    if kind == IMAGE:
+        return [shard_key]
+    if kind != PARQUET:
+        return None
+    try:
+        fs, path = url_to_fs(unit["uri"], storage_options)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if _image_column(pf.schema_arrow)[0] is None:
+                return [shard_key]
+            if "key" in pf.schema_arrow.names:
+                raw = pf.read(columns=["key"]).column(0).to_pylist()
+            else:
+                raw = [None] * pf.metadata.num_rows
+    except Exception as exc:  # the read task reports it, with its error row
+        logger.debug("keys of %s unknown without reading it: %s", unit["uri"], exc)
+        return None
+    dedup = _Dedup()
+    stem = _strip_ext(shard_key)
+    # The same naming as _iter_parquet: empty keys by row number, repeats suffixed.
+    return [dedup(f"{stem}/{i:09d}" if k is None or k == "" else str(k))[0]
+            for i, k in enumerate(raw)]
+
+
+def container_key_array(unit: dict, *, storage_options: dict | None = None) -> pa.Array | None:
+    """:func:`container_keys` as an arrow string array. A parquet file whose ``key`` column is
+    plain (strings, none empty, none repeated: img2dataset's) is taken as it is, with no Python
+    object per key; other files go through :func:`container_keys`."""
+    if unit["kind"] == PARQUET:
+        try:
+            fs, path = url_to_fs(unit["uri"], storage_options)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                names = pf.schema_arrow.names
+                if "key" in names and _image_column(pf.schema_arrow)[0] is not None \
+                        and pa.types.is_string(pf.schema_arrow.field("key").type):
+                    keys = pf.read(columns=["key"]).column(0).combine_chunks()
+                    plain = keys.null_count == 0 and not pc.any(pc.equal(keys, "")).as_py() \
+                        and pc.count_distinct(keys).as_py() == len(keys)
+                    if plain:
+                        return keys
+        except Exception:  # container_keys below says None for an unreadable file
+            pass
+    keys = container_keys(unit, storage_options=storage_options)
+    return None if keys is None else pa.array(keys, type=pa.string())
 
 
 def iter_records(unit: dict, *, storage_options: dict | None = None,

@@ -41,11 +41,14 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Callable, Iterable
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from ..io.storage import is_local, to_uri, url_to_fs
+from ._done_keys import SortedKeys
 
 logger = logging.getLogger(__name__)
 
@@ -212,21 +215,19 @@ def list_parts(fs, root: str) -> list[str]:
     return sorted(p for p in entries if PART_RE.match(p.rstrip("/").rsplit("/", 1)[-1]))
 
 
-def existing_keys(fs, root: str) -> set[str]:
-    """Keys in the complete parts at ``root`` (``key`` column only); removes unreadable parts."""
-    done: set[str] = set()
-    duplicates = 0
+def existing_keys(fs, root: str) -> SortedKeys:
+    """Keys in the complete parts at ``root`` (``key`` column only, kept as one sorted array:
+    about the keys' bytes, with no Python object per key); removes unreadable parts."""
+    columns = []
     for path in list_parts(fs, root):
         try:
             with fs.open(path, "rb") as f:
-                keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+                columns.append(pq.read_table(f, columns=["key"]).column("key"))
         except Exception as exc:
             logger.warning("removing unreadable part %s (%s); its rows will be redone", path, exc)
             fs.rm(path)
             continue
-        before = len(done)
-        done.update(keys)
-        duplicates += len(keys) - (len(done) - before)
+    done, duplicates = SortedKeys.from_arrow(columns)
     if duplicates:
         logger.error("output already holds %d duplicate keys", duplicates)
     tmp = f"{root.rstrip('/')}/{TMP_DIR}"
@@ -521,43 +522,46 @@ def retire_transient(fs, root: str) -> int:
                 pf = pq.ParquetFile(f)
                 if "error_kind" not in pf.schema_arrow.names:
                     continue
-                kinds = pf.read(columns=["error_kind"]).column(0).to_pylist()
+                kinds = pf.read(columns=["error_kind"]).column(0)
         except Exception as exc:  # unreadable: existing_keys removes it next
             logger.debug("retire_transient skips %s: %s", path, exc)
             continue
-        if "transient" in kinds:
-            removed += _rewrite_part(fs, root, path, [k != "transient" for k in kinds])
+        keep = pc.fill_null(pc.not_equal(kinds, "transient"), True)
+        if not pc.all(keep).as_py():
+            removed += _rewrite_part(fs, root, path, keep.to_numpy(zero_copy_only=False))
     if removed:
         logger.info("%d rows with transient errors are redone by this run", removed)
     return removed
 
 
-def resolve_duplicates(fs, root: str) -> tuple[list[dict], set[str]]:
+def resolve_duplicates(fs, root: str) -> tuple[list[dict], SortedKeys]:
     """Make every key appear once: where several rows share a key (one key in two containers,
     or a part published twice), the row whose ``source`` sorts first is kept and the others are
     removed. Deterministic (by ``source``, whatever the run order).
 
     Returns:
         one report per duplicated key, ``{"key", "kept": source, "removed": [sources]}``, and
-        the set of keys now in the output.
+        the keys now in the output.
     """
-    seen: set[str] = set()
-    repeated: set[str] = set()
     paths = list_parts(fs, root)
+    columns = []
     for path in paths:  # first pass: the key column only (what resume reads anyway)
         with fs.open(path, "rb") as f:
-            for key in pq.read_table(f, columns=["key"]).column("key").to_pylist():
-                (repeated if key in seen else seen).add(key)
-    if not repeated:
+            columns.append(pq.read_table(f, columns=["key"]).column("key"))
+    seen, n_repeats = SortedKeys.from_arrow(columns)
+    if not n_repeats:
         return [], seen
+    counts = pc.value_counts(pa.chunked_array([c for col in columns for c in col.chunks],
+                                              type=pa.string()))
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     rows: dict[str, list[tuple[str, str, int]]] = {}
     for path in paths:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["key", "source"])
-        for i, (key, source) in enumerate(zip(table.column("key").to_pylist(),
-                                              table.column("source").to_pylist())):
-            if key in repeated:
-                rows.setdefault(key, []).append((source, path, i))
+        hit = pc.is_in(table.column("key"), value_set=repeated).to_numpy(zero_copy_only=False)
+        keys, sources = table.column("key"), table.column("source")
+        for i in np.flatnonzero(hit).tolist():
+            rows.setdefault(keys[i].as_py(), []).append((sources[i].as_py(), path, i))
     drop: dict[str, set[int]] = {}
     reports = []
     for key, found in sorted(rows.items()):

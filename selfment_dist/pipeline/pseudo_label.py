@@ -49,6 +49,8 @@ from ..ncut import take_dense_fallbacks
 from ..settings import PseudoLabelSettings, SettingsError, build_settings
 from ..validation import check_backbone_size
 from ._device import actor_device, run_guarded
+from ._done_keys import SortedKeys, containers_with_work  # noqa: F401 (SortedKeys: re-exported)
+from ._done_keys import skip_set as _skip_set
 from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      await_leftover_writers, check_lease, check_resume, confirm_lease,
                      count_parts, existing_keys, has_parts, list_inputs, new_lease, now,
@@ -70,45 +72,6 @@ _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read + decode (stateless, CPU tasks)
-
-_SKIP_CACHE: dict[str, "SortedKeys"] = {}
-
-
-class SortedKeys:
-    """Membership in a sorted numpy array of UTF-8 keys (``dtype S``).
-
-    The done keys of a resume reach every read task through the object store; a numpy array of
-    fixed-width bytes is mapped from shared memory without a copy, where a Python set would be
-    rebuilt in every worker process (about 100 bytes per key each)."""
-
-    def __init__(self, keys: np.ndarray):
-        self.keys = keys
-
-    @classmethod
-    def build(cls, keys: Iterable[str]) -> "SortedKeys":
-        return cls(np.array(sorted(k.encode() for k in keys), dtype=bytes))
-
-    def __contains__(self, key: object) -> bool:
-        b = str(key).encode()
-        i = int(np.searchsorted(self.keys, b))
-        return i < len(self.keys) and self.keys[i] == b
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def _skip_set(skip_ref: list | None) -> SortedKeys | frozenset:
-    """The done keys (mapped from the object store once per worker process)."""
-    if not skip_ref:
-        return frozenset()
-    ref = skip_ref[0]
-    cache_key = ref.hex()
-    if cache_key not in _SKIP_CACHE:
-        import ray
-        _SKIP_CACHE.clear()
-        _SKIP_CACHE[cache_key] = SortedKeys(ray.get(ref))
-    return _SKIP_CACHE[cache_key]
-
 
 def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[str, np.ndarray]:
     # float32 in [0, 1], resized in the official order (see backbone.resize_square).
@@ -502,8 +465,17 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
 
     n_units = len(units)
     image_keys = [u["key"] for u in units if u["kind"] == IMAGE]
-    units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
+    image_done = iter(done.contains_each(image_keys).tolist())  # one vectorised search
+    units = [u for u in units if not (u["kind"] == IMAGE and next(image_done))]
     containers = [u for u in units if u["kind"] != IMAGE]
+    if done and containers:
+        # Containers whose keys are all done are left out here: a resume over a finished
+        # output then starts no read task and no model actor.
+        kept = containers_with_work(containers, done, storage_options)
+        if len(kept) < len(containers):
+            units = [u for u in units if u["kind"] == IMAGE] + kept
+            containers = kept
+    skip_ref = [ray.put(done.keys)] if (done and containers) else None
     if done:
         logger.info("resuming: %d keys already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
@@ -525,8 +497,6 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
                 # ``**ray_remote_args`` for named parameters but has none for these yet, and its
                 # defaults (unlimited) would loop forever on an input that kills its worker.
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-                skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) \
-                    else None
                 ds = _build_dataset(units, n_containers=len(containers), skip_ref=skip_ref,
                                     image_size=image_size, max_pixels=max_pixels,
                                     max_bytes=max_bytes, storage_options=storage_options,
@@ -554,7 +524,7 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
     duplicates, keys = resolve_duplicates(fs, root)
     if is_local(fs) and fs.exists(tmp):
         fs.rm(tmp, recursive=True)  # only empty or failed-attempt leftovers remain here
-    missing = [k for k in image_keys if k not in keys]
+    missing = [k for k, there in zip(image_keys, keys.contains_each(image_keys)) if not there]
     if missing:
         logger.error("%d inputs have no row in %s, e.g. %s", len(missing), output, missing[:5])
     totals = count_parts(fs, root)

@@ -49,6 +49,7 @@ from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from ._device import actor_device, run_guarded
+from ._done_keys import SortedKeys, containers_with_work
 from ._parts import (FencedError, Lease, PartsSink, await_leftover_writers, check_lease,
                      check_resume, confirm_lease, count_parts, existing_keys, has_parts,
                      list_inputs, new_lease, now, read_manifest, register_run, run_entry,
@@ -56,7 +57,7 @@ from ._parts import (FencedError, Lease, PartsSink, await_leftover_writers, chec
 from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
                    decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
                    read_counters, split_counters, start_counters)
-from .pseudo_label import SortedKeys, read_and_decode
+from .pseudo_label import read_and_decode
 
 logger = logging.getLogger(__name__)
 
@@ -443,6 +444,11 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
     n_units = len(units)
     units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
     containers = [u for u in units if u["kind"] != IMAGE]
+    if done and containers:  # finished containers are left out: nothing to read, no actor
+        kept = containers_with_work(containers, done, storage_options)
+        if len(kept) < len(containers):
+            units, containers = [u for u in units if u["kind"] == IMAGE] + kept, kept
+    skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
     if done:
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
@@ -450,7 +456,6 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
     images, failed, per_node = 0, [], {}
     if units:
         counters = start_counters(run_id)
-        skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
         n_blocks = max(1, min(len(units), len(containers) + math.ceil(
             (len(units) - len(containers)) / batch_size)))
         # Retry limits travel as plain Ray remote args (as in pseudo_label: Ray 2.60 deprecates
