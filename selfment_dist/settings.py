@@ -247,6 +247,8 @@ class SegmentSettings(ActorPoolSettings):
     output_format: Literal[OUTPUT_FORMATS] = setting("png", "png maps or parquet parts",
                                                      flag="--format")
     overlays: bool = setting(False, "also write images with the mask tinted (png only)")
+    rows_per_file: int | None = setting(None, "rows per parquet part (default 1024; parquet only)",
+                                        ge=1)
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
     max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images", ge=1)
     allow_empty: bool = setting(False, "succeed on inputs without images")

@@ -223,17 +223,23 @@ def test_readme_recipe_names_an_existing_config_and_a_parseable_runtime_env():
 # ---------------------------------------------------------------------------------------------
 # A real Ray head, a real job
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+def _free_port() -> int:
+    """A port for Ray Client's server, the one port ``ray start`` will not choose itself (it
+    must be 1024-65535). Nothing here uses Ray Client, so should another process take this port
+    meanwhile, only that unused server fails; the head and the job do not."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _dashboard_url(log_text: str) -> str | None:
+    """The Jobs API address that ``ray start`` prints once the head is up (the port the
+    dashboard bound, when asked for port 0)."""
+    match = re.search(r"RAY_API_SERVER_ADDRESS='(http://[^']+)'", _ANSI.sub("", log_text))
+    return match.group(1) if match else None
 
 
 def _ray_cli() -> str:
@@ -282,16 +288,13 @@ def ray_head(tmp_path_factory):
     # Unix socket paths under the temp dir must stay short (107 bytes): not under tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="sfjob-", dir="/tmp")
     work = tmp_path_factory.mktemp("job")
-    (gcs, dashboard, agent_http, agent_grpc, metrics, runtime_env_agent, client_server,
-     node_manager, object_manager) = _free_ports(9)
+    # Port 0: the GCS, the dashboard and its agent bind free ports themselves and keep them (no
+    # probe-release-reuse race); the other ports are Ray's own choice by default.
     command = [
         _ray_cli(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-        "--port", str(gcs), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", str(agent_http),
-        "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-        "--runtime-env-agent-port", str(runtime_env_agent),
-        "--ray-client-server-port", str(client_server), "--node-manager-port", str(node_manager),
-        "--object-manager-port", str(object_manager), "--num-cpus", "2", "--num-gpus", "0",
+        "--port", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", "0", "--dashboard-agent-listen-port", "0",
+        "--ray-client-server-port", str(_free_port()), "--num-cpus", "2", "--num-gpus", "0",
         "--temp-dir", temp_dir, "--disable-usage-stats",
     ]
     token = generate_new_authentication_token()
@@ -305,7 +308,6 @@ def ray_head(tmp_path_factory):
     with open(log_path, "wb") as log:
         head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-    url = f"http://127.0.0.1:{dashboard}"
     markers = [temp_dir, str(work)]
     try:
         with pytest.MonkeyPatch.context() as mp:  # the client prefers these over its address
@@ -316,15 +318,18 @@ def ray_head(tmp_path_factory):
                 if head.poll() is not None:
                     pytest.fail(f"ray start exited {head.returncode}:\n"
                                 f"{log_path.read_text()[-3000:]}")
-                try:
-                    client = JobSubmissionClient(
-                        url, headers={"Authorization": f"Bearer {token}"})
-                    break
-                except ConnectionError:  # the dashboard is not up yet
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"no Ray dashboard at {url} after 180 s:\n"
-                                    f"{log_path.read_text()[-3000:]}")
-                    time.sleep(1)
+                url = _dashboard_url(log_path.read_text(errors="replace"))
+                if url is not None:
+                    try:
+                        client = JobSubmissionClient(
+                            url, headers={"Authorization": f"Bearer {token}"})
+                        break
+                    except ConnectionError:  # the dashboard is not up yet
+                        pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no Ray dashboard ({url}) after 180 s:\n"
+                                f"{log_path.read_text()[-3000:]}")
+                time.sleep(1)
             yield url, client, markers, work
     finally:
         _end_processes(head, markers)

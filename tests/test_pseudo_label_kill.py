@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
+from kill_helpers import kill_session as _kill_session
+from kill_helpers import name as _name
+from kill_helpers import session_members as _session_members
+from kill_helpers import tail as _tail
 
 from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
 from selfment_dist.synthetic import write_scenes
@@ -57,60 +59,6 @@ def _keys(output: Path) -> list[str]:
 
 def _manifest(output: Path) -> dict:
     return json.loads((output / MANIFEST_NAME).read_text())
-
-
-def _session_members(sid: int) -> list[psutil.Process]:
-    """Live (non-zombie) processes of session ``sid``."""
-    members = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                members.append(p)
-        except (OSError, psutil.Error):  # gone meanwhile, or not ours to look at
-            continue
-    return members
-
-
-def _kill_session(proc: subprocess.Popen, timeout: float = 30.0) -> list[str]:
-    """SIGKILL the process group of ``proc``, then every process left in its session.
-
-    Returns the names of the processes that survived the ``killpg`` (Ray workers live in process
-    groups of their own). Raises if anything of the session is still alive after ``timeout``.
-    """
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=timeout)
-    survivors: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        left = _session_members(proc.pid)
-        if not left:
-            return survivors
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"processes of the killed run still alive: {left}")
-        for p in left:
-            try:
-                survivors.append(p.name())
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=2)
-
-
-def _name(p: psutil.Process) -> str:
-    try:
-        return p.name()
-    except psutil.Error:
-        return "?"
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "<no log>"
 
 
 def test_resume_after_a_real_sigkill(tmp_path, request):

@@ -50,10 +50,10 @@ from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from ._device import actor_device, run_guarded
 from ._done_keys import SortedKeys, containers_with_work
-from ._parts import (FencedError, Lease, PartsSink, await_leftover_writers, check_lease,
-                     check_resume, confirm_lease, count_parts, existing_keys, has_parts,
-                     list_inputs, new_lease, now, read_manifest, register_run, run_entry,
-                     versions, write_manifest)
+from ._parts import (TMP_DIR, FencedError, Lease, PartsSink, await_leftover_writers,
+                     check_lease, check_resume, confirm_lease, count_parts, existing_keys,
+                     has_parts, list_inputs, new_lease, now, read_manifest, register_run,
+                     run_entry, versions, write_manifest)
 from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
                    decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
                    read_counters, split_counters, start_counters)
@@ -383,7 +383,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
         summary, failed_rows = _segment(
             ray, fs, root, units, unfinished, run_id=run_id, output=output, model=model,
             image_size=image_size, batch_size=s.batch_size, output_format=s.output_format,
-            overlays=s.overlays, storage_options=storage_options, plan=plan,
+            overlays=s.overlays, rows_per_file=s.rows_per_file or _ROWS_PER_FILE,
+            storage_options=storage_options, plan=plan,
             max_pixels=s.max_pixels, max_bytes=s.max_bytes, progress=s.progress, lease=lease,
             actor_wait_s=s.actor_wait_s)
     except BaseException as exc:
@@ -433,8 +434,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
 
 def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id: str,
              output: str, model: str, image_size: int, batch_size: int, output_format: str,
-             overlays: bool, storage_options, plan: dict, max_pixels, max_bytes,
-             progress: bool, lease: Lease, actor_wait_s: float | None
+             overlays: bool, rows_per_file: int, storage_options, plan: dict, max_pixels,
+             max_bytes, progress: bool, lease: Lease, actor_wait_s: float | None
              ) -> tuple[dict, list[dict]]:
     """The run proper, once this run holds the output. Returns the counts and failed rows."""
     if output_format != "png":  # a PNG map rewritten by two runs is the same file
@@ -486,7 +487,7 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
                 ds = ds.map_batches(render_table, batch_format="numpy",
                                     udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
                                     max_retries=MAX_RETRIES)
-                sink = _TableSink(output, SEGMENT_SCHEMA, run_id, _ROWS_PER_FILE,
+                sink = _TableSink(output, SEGMENT_SCHEMA, run_id, rows_per_file,
                                   storage_options, manifest=MANIFEST_NAME)
             else:
                 sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
@@ -507,6 +508,9 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
         else:
             images = sum(r["rows"] - r["errors"] for r in sink.results)
             failed = _failed_rows(fs, root, run_id)
+            tmp = f"{root.rstrip('/')}/{TMP_DIR}"
+            if is_local(fs) and fs.exists(tmp):  # parts are renamed out of it: empty now
+                fs.rm(tmp, recursive=True)
     if lease.lost_to:
         raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
     failed.sort(key=lambda f: f["key"])
