@@ -52,3 +52,13 @@ def ray_local():
              configure_logging=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fast_train_controller():
+    """Ray Train V2's controller polls its workers (and drains their reports) every 2 s by
+    default; poll every 0.2 s, so short epochs and checkpoints do not each wait for it (a CLI
+    run started by the test inherits the setting)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+        yield

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+from ray_jobs_helpers import submit_when_agent_is_up
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,19 +337,6 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(client, **job) -> str:
-    """Submit once the head's job agent has registered: until then (seconds after start-up on
-    a loaded machine) the head answers 'No available agent'."""
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            return client.submit_job(**job)
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-
-
 def _wait(client, job_id: str, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -377,8 +365,9 @@ def test_readme_recipe_local_config_as_a_job_on_a_real_ray_head(ray_head):
     config_path.write_text(yaml.safe_dump(config))
 
     runtime_env = {**_readme_runtime_env(), "working_dir": str(REPO)}
-    job_id = _submit(client, entrypoint=f"python jobs/pipeline.py --config {config_path}",
-                     runtime_env=runtime_env)
+    job_id = submit_when_agent_is_up(
+        client, entrypoint=f"python jobs/pipeline.py --config {config_path}",
+        runtime_env=runtime_env)
     status = _wait(client, job_id, JOB_TIMEOUT_S)
     logs = client.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, f"job {job_id}: {status}\n{logs[-6000:]}"

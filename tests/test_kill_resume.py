@@ -32,17 +32,7 @@ DEADLINE_S = 300.0
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_controller():
-    """Ray Train V2's controller polls its workers every 2 s by default; poll faster (the
-    killed CLI run inherits this too)."""
-    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    yield
-    if old is None:
-        del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+pytestmark = pytest.mark.usefixtures("fast_train_controller")
 
 
 def _kill(proc) -> None:

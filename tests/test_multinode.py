@@ -26,6 +26,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from ray_jobs_helpers import submit_when_agent_is_up
 
 from selfment_dist.synthetic import write_scenes
 
@@ -407,19 +408,6 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
     assert meta["training"]["steps"] == summary["steps"] and head is not None
 
 
-def _submit_when_an_agent_is_up(client, **job) -> str:
-    """Submit; the head answers 'No available agent' until its dashboard agent has registered
-    (it may still be starting on a loaded machine)."""
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            return client.submit_job(**job)
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(3)
-
-
 def test_pipeline_job_through_the_jobs_api(cluster, corpus):
     """jobs/pipeline.py submitted to the multi-node cluster's head completes: its driver runs
     on the head (no CPUs) and pseudo-labels on the worker nodes. (One stage: Ray Train on this
@@ -438,7 +426,7 @@ def test_pipeline_job_through_the_jobs_api(cluster, corpus):
     fs.pipe("multinode/job.yaml", json.dumps(config).encode())  # JSON is YAML
     url = f"http://{cluster.head_node.address_info['webui_url']}"
     client = JobSubmissionClient(url)
-    job = _submit_when_an_agent_is_up(
+    job = submit_when_agent_is_up(
         client,
         entrypoint=f"{sys.executable} {REPO / 'jobs' / 'pipeline.py'} "
                    f"--config s3://multinode/job.yaml "

@@ -28,6 +28,7 @@ import fsspec
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from kill_helpers import session_members
 
 from selfment_dist.pipeline import _parts
 from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
@@ -42,17 +43,6 @@ PUBLISH_DELAY_S = 2.0
 DEADLINE_S = 240.0
 
 
-def _members(sid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (OSError, psutil.Error):
-            continue
-    return out
-
-
 def _signal(procs, sig) -> None:
     for p in procs:
         try:
@@ -63,7 +53,7 @@ def _signal(procs, sig) -> None:
 
 def _kill_all(sid: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while (left := _members(sid)) and time.monotonic() < deadline:
+    while (left := session_members(sid)) and time.monotonic() < deadline:
         _signal(left, signal.SIGCONT)
         _signal(left, signal.SIGKILL)
         psutil.wait_procs(left, timeout=2)
@@ -113,12 +103,12 @@ def test_stale_writers_of_a_killed_run_cannot_publish_into_its_rerun(tmp_path, w
                 pytest.fail("no part published in time:\n" + log.read_text()[-3000:])
             time.sleep(0.1)
         if proc.poll() is None:
-            members = _members(proc.pid)
+            members = session_members(proc.pid)
             _signal(members, signal.SIGSTOP)  # everything freezes where it is
             os.killpg(proc.pid, signal.SIGKILL)  # the driver, the GCS, the raylet
             proc.wait(timeout=30)
             time.sleep(0.5)
-            frozen = _members(proc.pid)  # Ray workers: process groups of their own
+            frozen = session_members(proc.pid)  # Ray workers: process groups of their own
         else:
             assert proc.returncode == 0, log.read_text()[-3000:]
         before_parts, before = _parts_and_keys(output, storage)

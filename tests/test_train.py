@@ -31,17 +31,7 @@ from selfment_dist.synthetic import make_patch_feature_batch
 N_SCENES, GRID, DIM = 48, 8, 384
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_controller():
-    """Ray Train V2's controller drains reports once per poll (2 s by default); poll faster so
-    the many short epochs here do not each wait for it."""
-    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    yield
-    if old is None:
-        del os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+pytestmark = pytest.mark.usefixtures("fast_train_controller")
 
 
 def _manifest(image_size: int, feature_dim: int | None) -> dict:
