@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..io.sources import container_key_array
+from ..io.sources import IMAGE, container_key_array
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SortedKeys", "skip_set", "containers_with_work"]
+__all__ = ["SortedKeys", "skip_set", "containers_with_work", "units_left"]
 
 _SKIP_CACHE: dict[str, "SortedKeys"] = {}
 # Threads reading key columns in the resume pre-pass (I/O bound: object-store latency).
@@ -129,3 +129,24 @@ def containers_with_work(containers: list[dict], done: "SortedKeys | Iterable[st
     logger.info("resume: %d of %d containers still have keys to do (key columns read in "
                 "%.1f s)", len(kept), len(containers), time.perf_counter() - start)
     return kept
+
+
+def units_left(units: list[dict], done: "SortedKeys | Iterable[str]",
+               storage_options: dict | None) -> tuple[list[dict], list[dict], SortedKeys]:
+    """What a resume still has to read: the work units without the image files already done
+    (one vectorised search) and without the containers whose keys are all done
+    (:func:`containers_with_work`).
+
+    Returns:
+        (units left, the containers among them, ``done`` as :class:`SortedKeys`).
+    """
+    done = SortedKeys.build(done)
+    image_done = iter(done.contains_each([u["key"] for u in units if u["kind"] == IMAGE])
+                      .tolist())
+    units = [u for u in units if not (u["kind"] == IMAGE and next(image_done))]
+    containers = [u for u in units if u["kind"] != IMAGE]
+    if done and containers:  # finished containers are left out: nothing to read, no actor
+        kept = containers_with_work(containers, done, storage_options)
+        if len(kept) < len(containers):
+            units, containers = [u for u in units if u["kind"] == IMAGE] + kept, kept
+    return units, containers, done

@@ -49,7 +49,7 @@ from ..ncut import take_dense_fallbacks
 from ..settings import PseudoLabelSettings, SettingsError, build_settings
 from ..validation import check_backbone_size
 from ._device import actor_device, run_guarded
-from ._done_keys import SortedKeys, containers_with_work  # noqa: F401 (SortedKeys: re-exported)
+from ._done_keys import SortedKeys, units_left  # noqa: F401 (SortedKeys: re-exported)
 from ._done_keys import skip_set as _skip_set
 from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      await_leftover_writers, check_lease, check_resume, confirm_lease,
@@ -465,16 +465,8 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
 
     n_units = len(units)
     image_keys = [u["key"] for u in units if u["kind"] == IMAGE]
-    image_done = iter(done.contains_each(image_keys).tolist())  # one vectorised search
-    units = [u for u in units if not (u["kind"] == IMAGE and next(image_done))]
-    containers = [u for u in units if u["kind"] != IMAGE]
-    if done and containers:
-        # Containers whose keys are all done are left out here: a resume over a finished
-        # output then starts no read task and no model actor.
-        kept = containers_with_work(containers, done, storage_options)
-        if len(kept) < len(containers):
-            units = [u for u in units if u["kind"] == IMAGE] + kept
-            containers = kept
+    # A resume over a finished output is left nothing: no read task, no model actor.
+    units, containers, done = units_left(units, done, storage_options)
     skip_ref = [ray.put(done.keys)] if (done and containers) else None
     if done:
         logger.info("resuming: %d keys already in %s; %d of %d work units left", len(done),

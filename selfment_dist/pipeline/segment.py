@@ -43,13 +43,12 @@ from ray.data import Datasink
 
 from ..artifact import load_artifact
 from ..io.images import decode_image
-from ..io.sources import IMAGE
 from ..io.storage import is_local, to_uri, url_to_fs
 from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
 from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from ._device import actor_device, run_guarded
-from ._done_keys import SortedKeys, containers_with_work
+from ._done_keys import units_left
 from ._parts import (TMP_DIR, FencedError, Lease, PartsSink, await_leftover_writers,
                      check_lease, check_resume, confirm_lease, count_parts, existing_keys,
                      has_parts, list_inputs, new_lease, now, read_manifest, register_run,
@@ -443,13 +442,8 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
     done = _existing_maps(fs, root) if output_format == "png" else existing_keys(fs, root)
 
     n_units = len(units)
-    units = [u for u in units if not (u["kind"] == IMAGE and u["key"] in done)]
-    containers = [u for u in units if u["kind"] != IMAGE]
-    if done and containers:  # finished containers are left out: nothing to read, no actor
-        kept = containers_with_work(containers, done, storage_options)
-        if len(kept) < len(containers):
-            units, containers = [u for u in units if u["kind"] == IMAGE] + kept, kept
-    skip_ref = [ray.put(SortedKeys.build(done).keys)] if (done and containers) else None
+    units, containers, done = units_left(units, done, storage_options)
+    skip_ref = [ray.put(done.keys)] if (done and containers) else None
     if done:
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
