@@ -3,17 +3,48 @@
 The public algorithm API (no Ray needed)::
 
     from selfment_dist import ncut_bipartition, ipo_refine, pseudo_label, selfment_loss, PatchHead, sod_scores
+
+The names load on first use (PEP 562): every Ray worker and CLI process imports this package,
+and importing all of them up front costs seconds per process (the metrics alone pull in
+scikit-learn through pysodmetrics), paid again by every model actor a run starts.
 """
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
-from .head import PatchHead
-from .ipo import ipo_refine
-from .labeler import PseudoLabeler, pseudo_label
-from .losses import selfment_loss
-from .metrics import sod_scores
-from .ncut import ncut_bipartition
+_PUBLIC = {
+    "PatchHead": ".head",
+    "ipo_refine": ".ipo",
+    "PseudoLabeler": ".labeler",
+    "pseudo_label": ".labeler",
+    "selfment_loss": ".losses",
+    "sod_scores": ".metrics",
+    "ncut_bipartition": ".ncut",
+}
 
 __all__ = ["ncut_bipartition", "ipo_refine", "pseudo_label", "PseudoLabeler", "selfment_loss",
            "PatchHead", "sod_scores", "__version__"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from .head import PatchHead
+    from .ipo import ipo_refine
+    from .labeler import PseudoLabeler, pseudo_label
+    from .losses import selfment_loss
+    from .metrics import sod_scores
+    from .ncut import ncut_bipartition
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -42,9 +42,10 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import eva, vision_transformer
 
+from .defaults import DEFAULT_BACKBONE, PRECISIONS
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "vit_small_patch16_dinov3.lvd1689m"
 
 __all__ = [
     "DEFAULT_BACKBONE",
@@ -104,11 +105,6 @@ def backbone_family(name: str) -> str:
     return _family(name).version
 
 
-#: Numerics of the forward pass: ``fp32``; ``bf16`` (autocast: matmuls, convolutions and
-#: attention in bfloat16, norms and softmax statistics in float32); ``auto``: fp32 everywhere,
-#: as the official code computes its features (bf16 can flip graph edges that lie near tau, so
-#: it is only used when asked for; ``benchmarks/pseudo_label.py`` reports its mask agreement).
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:

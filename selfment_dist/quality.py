@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .defaults import NO_OBJECT_THRESHOLD
+
 __all__ = ["SIGNALS", "FEATURES", "NO_OBJECT_THRESHOLD", "quality_signals", "feature_matrix",
            "confidence"]
 
@@ -33,8 +35,6 @@ SIGNALS = ("fiedler_value", "spectral_gap", "ncut_value", "fg_fraction", "border
 FEATURES = ("fiedler_value", "spectral_gap", "ncut_value", "fg_fraction", "fg_fraction_sq",
             "border_fraction", "ipo_change", "ipo_converged")
 
-#: Rows whose confidence is below this are flagged ``no_object`` (their mask is likely noise).
-NO_OBJECT_THRESHOLD = 0.5
 
 # Fitted by ``python benchmarks/confidence.py --calibrate`` (see its docstring for the data):
 # standardisation (mean, scale) of each feature, then the logistic weights and bias. Fitted on

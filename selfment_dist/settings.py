@@ -30,9 +30,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from pydantic_core import PydanticUndefined
 from typing_extensions import Annotated
 
-from .backbone import DEFAULT_BACKBONE, PRECISIONS
+from .defaults import DEFAULT_BACKBONE, NO_OBJECT_THRESHOLD, PRECISIONS
 from .io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from .quality import NO_OBJECT_THRESHOLD
 
 __all__ = ["Settings", "StageSettings", "PseudoLabelSettings", "TrainSettings", "SegmentSettings",
            "EvaluateSettings", "InspectSettings", "ImportCheckpointSettings", "SyntheticSettings", "ChainSettings", "DemoSettings",

@@ -1,0 +1,18 @@
+"""Defaults that the settings, the CLI and the heavy modules share.
+
+They live here, free of torch and timm, so that parsing a command line or validating settings
+does not import the model stack (seconds per process).
+"""
+from __future__ import annotations
+
+#: The backbone used when none is named.
+DEFAULT_BACKBONE = "vit_small_patch16_dinov3.lvd1689m"
+
+#: Numerics of the forward pass: ``fp32``; ``bf16`` (autocast: matmuls, convolutions and
+#: attention in bfloat16, norms and softmax statistics in float32); ``auto``: fp32 everywhere,
+#: as the official code computes its features (bf16 can flip graph edges that lie near tau, so
+#: it is only used when asked for; ``benchmarks/pseudo_label.py`` reports its mask agreement).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+#: Rows whose confidence is below this are flagged ``no_object`` (their mask is likely noise).
+NO_OBJECT_THRESHOLD = 0.5
