@@ -1,4 +1,5 @@
-"""Shared fixtures: offline hub, a local S3 server (moto) and one local Ray per test module."""
+"""Shared fixtures: offline hub, a local S3 server (moto) and one in-process local Ray that the
+modules share."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,18 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+# Ray Train V2's controller polls its workers (and drains their reports) every 2 s by default;
+# every 0.2 s, short epochs and checkpoints do not each wait for it. Set before any Ray starts:
+# Ray's workers (the controller among them) and the CLI runs the tests start inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+# Modules that replace the in-process Ray with a cluster of their own run last, so the shared
+# one is started once (see ``ray_local``).
+_LAST = ("test_multinode.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.path.name in _LAST)  # stable: order kept otherwise
 
 
 @pytest.fixture(scope="session")
@@ -39,26 +52,40 @@ def s3_bucket(s3_server, request):
     yield name, {"endpoint_url": s3_server, "key": "testing", "secret": "testing"}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One in-process Ray per test module (start-up costs seconds)."""
+_SHARED: dict = {}
+
+
+def _shared_ray_is_up(ray) -> bool:
+    try:
+        return ray.is_initialized() and ray.get_runtime_context().gcs_address == _SHARED.get("gcs")
+    except Exception:  # a client connection, or one that is going away
+        return False
+
+
+@pytest.fixture(scope="session")
+def _ray_for_the_session():
+    yield
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    # address="local": never attach to another Ray on this machine (a multi-node test cluster,
-    # another user's `ray start`), which would also refuse num_cpus.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def fast_train_controller():
-    """Ray Train V2's controller polls its workers (and drains their reports) every 2 s by
-    default; poll every 0.2 s, so short epochs and checkpoints do not each wait for it (a CLI
-    run started by the test inherits the setting)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-        yield
+def ray_local(_ray_for_the_session):
+    """The suite's in-process local Ray (2 CPUs), started on first use and shared by every module
+    that asks for it: a fresh Ray costs seconds to start, and more for its first dataset (Ray
+    Data's own actors, task workers importing torch and timm); the task workers it keeps are
+    reused by later modules. A module that connected this process to another Ray (a multi-node
+    cluster) is followed by a fresh local one."""
+    import ray
+
+    if ray.is_initialized() and not _shared_ray_is_up(ray):
+        ray.shutdown()
+    if not ray.is_initialized():
+        # address="local": never attach to another Ray on this machine (a multi-node test
+        # cluster, another user's `ray start`), which would also refuse num_cpus.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        _SHARED["gcs"] = ray.get_runtime_context().gcs_address
+    yield ray

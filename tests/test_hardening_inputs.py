@@ -1,6 +1,8 @@
 """Hardening (issue 14) that needs no Ray: hostile inputs, settings, model folders, the CLI.
 
-Every failure here is caught before Ray starts, so nothing in this file starts it (asserted).
+Every failure here is caught before Ray is needed, so nothing in this file reaches Ray: a call
+of ``ensure_ray`` (any stage) or of ``ray.init`` fails the test, whether or not another module
+left the suite's shared Ray running.
 """
 from __future__ import annotations
 
@@ -30,9 +32,25 @@ OK = dict(backbone=BACKBONE, weights="random", image_size=64, progress=False)
 
 
 @pytest.fixture(autouse=True)
-def _no_ray():
+def _no_ray(monkeypatch):
+    import importlib
+
+    reached: list[str] = []
+
+    def refuse(where):
+        def call(*args, **kwargs):
+            reached.append(where)
+            raise AssertionError(f"a check in this file reached Ray ({where})")
+        return call
+
+    # Where it is defined (stages that import it when called) and where it was imported to.
+    for name in ("_ray", "pseudo_label", "segment", "train", "evaluate", "demo"):
+        module = importlib.import_module(f"selfment_dist.pipeline.{name}")
+        if hasattr(module, "ensure_ray"):
+            monkeypatch.setattr(module, "ensure_ray", refuse(f"{name}.ensure_ray"))
+    monkeypatch.setattr(ray, "init", refuse("ray.init"))
     yield
-    assert not ray.is_initialized(), "a check in this file started Ray"
+    assert not reached, reached
 
 
 def _jpeg(seed: int = 0) -> bytes:

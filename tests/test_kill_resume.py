@@ -32,8 +32,6 @@ DEADLINE_S = 300.0
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
 
 
-pytestmark = pytest.mark.usefixtures("fast_train_controller")
-
 
 def _kill(proc) -> None:
     kill_session(proc)

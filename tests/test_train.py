@@ -31,8 +31,6 @@ from selfment_dist.synthetic import make_patch_feature_batch
 N_SCENES, GRID, DIM = 48, 8, 384
 
 
-pytestmark = pytest.mark.usefixtures("fast_train_controller")
-
 
 def _manifest(image_size: int, feature_dim: int | None) -> dict:
     return {"format": "selfment-pseudo-labels", "format_version": 1, "status": "complete",
