@@ -104,13 +104,21 @@ def replicate_output(src: str, dst: str, *, n: int, copies: int) -> None:
 # --- one measured run (child process) ----------------------------------------------------------
 
 class PeakRss:
-    """Peak RSS of this process and of the largest other process in its tree, sampled."""
+    """Peak RSS of this process and of the largest other process in its tree, sampled.
+
+    Also each process's private memory (RSS less its shared pages): a Ray worker that reads
+    batches zero-copy from the object store counts the store's shared-memory pages it touched in
+    its RSS, and the raylet (which holds the store) counts every page ever used, so RSS alone
+    can grow with the data that flowed through while no process holds more of its own.
+    ``worker_name``/``private_name``: which process had the peak.
+    """
 
     def __init__(self, interval: float = 0.05):
         import psutil
 
         self.me = psutil.Process()
-        self.driver = self.worker = 0
+        self.driver = self.worker = self.private = 0
+        self.worker_name = self.private_name = ""
         self._stop = threading.Event()
         self._interval = interval
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -123,7 +131,11 @@ class PeakRss:
                 self.driver = max(self.driver, self.me.memory_info().rss)
                 for child in self.me.children(recursive=True):
                     try:
-                        self.worker = max(self.worker, child.memory_info().rss)
+                        mem = child.memory_info()
+                        if mem.rss > self.worker:
+                            self.worker, self.worker_name = mem.rss, child.name()
+                        if mem.rss - mem.shared > self.private:
+                            self.private, self.private_name = mem.rss - mem.shared, child.name()
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -180,7 +192,8 @@ def child(args) -> None:
     wall = time.perf_counter() - start
     out = {"mode": args.mode, "rows": rows, "wall_s": round(wall, 2),
            "rows_per_s": round(rows / wall, 1), "driver_peak_mb": round(rss.driver / 2**20),
-           "worker_peak_mb": round(rss.worker / 2**20)}
+           "worker_peak_mb": round(rss.worker / 2**20), "worker_peak_name": rss.worker_name,
+           "private_peak_mb": round(rss.private / 2**20), "private_peak_name": rss.private_name}
     if args.mode != "decode":
         fs, root = url_to_fs(args.output, so)
         fs.invalidate_cache()
@@ -277,13 +290,16 @@ def main() -> None:
     print(f"load average at end: {load_avg()}", file=sys.stderr)
 
     print("| store | N | decode-only rows/s | pipeline rows/s | pipeline / decode | driver peak MB"
-          " | worker peak MB | resume s | resume driver MB | parts | parts KB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          " | worker peak RSS MB | worker peak private MB | resume s | resume driver MB | parts"
+          " | parts KB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         d, lab, res = r["decode"], r["label"], r["resume"]
         print(f"| {r['store']} | {r['n']:,} | {d['rows_per_s']:.0f} | {lab['rows_per_s']:.0f} | "
               f"{lab['rows_per_s'] / d['rows_per_s']:.2f} | {lab['driver_peak_mb']} | "
-              f"{lab['worker_peak_mb']} | {res['wall_s']:.1f} | {res['driver_peak_mb']} | "
+              f"{lab['worker_peak_mb']} ({lab['worker_peak_name']}) | "
+              f"{lab['private_peak_mb']} ({lab['private_peak_name']}) | "
+              f"{res['wall_s']:.1f} | {res['driver_peak_mb']} | "
               f"{lab['parts']} | {lab['parts_kb']} |")
     for r in replicated:
         res = r["resume"]

@@ -148,25 +148,49 @@ def _trained_keys(debug_dir) -> set[str]:
     return keys
 
 
-@pytest.mark.parametrize("cut", [{}, {"keep_fraction": 0.3}], ids=["default", "keep_fraction"])
-def test_train_honours_the_confidence_filters(labelled, tmp_path, cut):
-    from selfment_dist.pipeline.train import run_train
-
+def _expected_keys(labelled, cut: dict) -> tuple[set[str], int]:
+    """The keys ``cut`` keeps (worked out here from the rows), and the number of usable rows."""
     table = pq.read_table(labelled["labels"]).to_pylist()
     ok = [r for r in table if r["error"] is None]
     if "keep_fraction" in cut:
-        k = math.ceil(0.3 * len(ok))
+        k = math.ceil(cut["keep_fraction"] * len(ok))
         last = sorted((r["confidence"] for r in ok), reverse=True)[k - 1]
-        expected = {r["key"] for r in ok if r["confidence"] >= last}
-    else:
-        expected = {r["key"] for r in ok if not r["no_object"]}
+        return {r["key"] for r in ok if r["confidence"] >= last}, len(ok)
+    return {r["key"] for r in ok if not r["no_object"]}, len(ok)
+
+
+def test_train_honours_the_confidence_filter(labelled, tmp_path):
+    """End to end (Ray Train): the default rule trains on exactly the rows not flagged
+    no_object, as the keys each rank trained on show."""
+    from selfment_dist.pipeline.train import run_train
+
+    expected, usable = _expected_keys(labelled, {})
     debug = tmp_path / "debug"
     summary = run_train(labelled["labels"], str(tmp_path / "model"), workers=1, epochs=1,
-                        batch_size=4, debug_dir=str(debug), **cut)
+                        batch_size=4, debug_dir=str(debug))
     assert summary["train_rows"] == len(expected)
-    assert summary["low_confidence_rows"] == len(ok) - len(expected)
+    assert summary["low_confidence_rows"] == usable - len(expected)
     assert summary["rows"] == 11 and summary["error_rows"] == 1
     assert _trained_keys(debug) == expected
+
+
+@pytest.mark.parametrize("cut", [{}, {"keep_fraction": 0.3}, {"min_confidence": 0.0}],
+                         ids=["default", "keep_fraction", "min_confidence_0"])
+def test_training_dataset_holds_the_rows_the_filter_keeps(labelled, cut):
+    """The dataset train's workers read (Ray Data, without starting Ray Train: the end-to-end
+    run above covers that path) holds the kept rows, for each rule."""
+    from selfment_dist.pipeline._train_data import build_dataset, inspect_labels
+
+    expected, usable = _expected_keys(labelled, cut)
+    if cut.get("min_confidence") == 0.0:
+        expected = {r["key"] for r in pq.read_table(labelled["labels"]).to_pylist()
+                    if r["error"] is None}
+    ls = inspect_labels(labelled["labels"], **cut)
+    assert ls.usable == len(expected)
+    ds = build_dataset(ls, stored=ls.feature_source == "stored", storage_options=None,
+                       max_pixels=None, shuffle="none")
+    keys = [r["key"] for r in ds.select_columns(["key"]).take_all()]
+    assert len(keys) == len(set(keys)) and set(keys) == expected
 
 
 def _check_inspect_output(out_dir, summary):

@@ -11,6 +11,11 @@ import os
 import ray
 from ray.data import DataContext
 
+# Re-exported. The counters live in a module that imports Ray core only: the actor each run
+# starts then does not import Ray Data.
+from ._counters import (COUNTERS_PREFIX, HEAD_RESOURCE, NODE_ROWS_PREFIX,  # noqa: F401
+                        RunCounters, count_rows_here, read_counters, split_counters,
+                        start_counters)
 from ._plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
                     unschedulable_message)
 
@@ -120,63 +125,6 @@ def bounded_actor_start(plan: dict, wait_s: float | None, stage: str):
         # through its traceback Ray Data's executor with its pending actors) as __context__,
         # so the unschedulable request stayed queued for as long as the error was held.
         raise UnschedulableError(unschedulable_message(plan, wait_s, stage))
-
-
-NODE_ROWS_PREFIX = "rows_on_node:"
-#: The resource Ray gives the head node only.
-HEAD_RESOURCE = "node:__internal_head__"
-
-
-@ray.remote(num_cpus=0, max_restarts=0)
-class RunCounters:
-    """Counts that model actors report to the driver (e.g. dense-eigh fallbacks): rows carry
-    only the data contract, so side counts travel here, fire-and-forget."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def add(self, name: str, n: int) -> None:
-        self.counts[name] = self.counts.get(name, 0) + int(n)
-
-    def get(self) -> dict[str, int]:
-        return dict(self.counts)
-
-
-#: Name of a run's :class:`RunCounters` actor (``COUNTERS_PREFIX + run id``), in the driver's
-#: namespace: a monitor (or a test) can find it with ``ray.util.list_named_actors`` and read
-#: the rows each node has labelled so far.
-COUNTERS_PREFIX = "selfment-counters-"
-
-
-def start_counters(run_id: str | None = None):
-    """A :class:`RunCounters` on the head node (which lives as long as the cluster; a worker
-    node, even the driver's, may be lost mid-run), named for ``run_id`` when given."""
-    options: dict = {"resources": {HEAD_RESOURCE: 0.001}}
-    if run_id:
-        options["name"] = COUNTERS_PREFIX + run_id
-    return RunCounters.options(**options).remote()
-
-
-def count_rows_here(counters, rows: int) -> None:
-    """Report ``rows`` processed by this worker's node (``rows_on_node:<node id>``)."""
-    if counters is not None and rows:
-        counters.add.remote(NODE_ROWS_PREFIX + ray.get_runtime_context().get_node_id(), rows)
-
-
-def split_counters(counts: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
-    """(rows per node id, the other counts)."""
-    per_node = {k[len(NODE_ROWS_PREFIX):]: v for k, v in counts.items()
-                if k.startswith(NODE_ROWS_PREFIX)}
-    return per_node, {k: v for k, v in counts.items() if not k.startswith(NODE_ROWS_PREFIX)}
-
-
-def read_counters(counters) -> dict[str, int]:
-    """The counts so far ({} when the counter actor is gone)."""
-    try:
-        return ray.get(counters.get.remote(), timeout=30)
-    except Exception as exc:  # counts are a report, never a reason to fail the run
-        logger.warning("run counters unavailable: %s", exc)
-        return {}
 
 
 def _call(func, options: dict):
