@@ -59,6 +59,15 @@ def split_counters(counts: dict[str, int]) -> tuple[dict[str, int], dict[str, in
     return per_node, {k: v for k, v in counts.items() if not k.startswith(NODE_ROWS_PREFIX)}
 
 
+def stop_counters(counters) -> None:
+    """End a run's counter actor (read it first): a named actor outlives its handle, so a
+    driver running many pipelines (a notebook, a test session) would keep one per run."""
+    try:
+        ray.kill(counters, no_restart=True)
+    except Exception as exc:  # already gone with its node, or Ray is shutting down
+        logger.debug("run counters not stopped: %s", exc)
+
+
 def read_counters(counters) -> dict[str, int]:
     """The counts so far ({} when the counter actor is gone)."""
     try:

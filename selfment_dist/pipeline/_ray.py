@@ -15,14 +15,14 @@ from ray.data import DataContext
 # starts then does not import Ray Data.
 from ._counters import (COUNTERS_PREFIX, HEAD_RESOURCE, NODE_ROWS_PREFIX,  # noqa: F401
                         RunCounters, count_rows_here, read_counters, split_counters,
-                        start_counters)
+                        start_counters, stop_counters)
 from ._plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
                     unschedulable_message)
 
 __all__ = ["MAX_ACTOR_RESTARTS", "MAX_TASK_RETRIES", "MAX_RETRIES", "ensure_ray",
            "plan_resources", "decode_pool", "model_pool_args", "progress_bars",
            "bounded_actor_start", "COUNTERS_PREFIX", "start_counters", "read_counters",
-           "count_rows_here", "split_counters", "call_as_driver", "DEFAULT_ACTOR_WAIT_S",
+           "count_rows_here", "split_counters", "stop_counters", "call_as_driver", "DEFAULT_ACTOR_WAIT_S",
            "LIGHT_TASK_CPUS", "UnschedulableError"]
 
 logger = logging.getLogger(__name__)

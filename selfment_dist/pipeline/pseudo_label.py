@@ -58,7 +58,7 @@ from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      run_entry, versions, write_manifest)
 from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, ensure_ray,
                    count_rows_here, decode_pool, model_pool_args, plan_resources, progress_bars,
-                   read_counters, split_counters, start_counters)
+                   read_counters, split_counters, start_counters, stop_counters)
 
 logger = logging.getLogger(__name__)
 
@@ -497,7 +497,9 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
                                                   "counters": counters})
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
                                                        "num_cpus": LIGHT_TASK_CPUS})
+            per_node, counts = split_counters(read_counters(counters))
         finally:
+            stop_counters(counters)
             if fail_marker and os.path.exists(fail_marker):
                 fault_injected = True
                 os.remove(fail_marker)
@@ -505,7 +507,6 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
             raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
                               f"because run {lease.lost_to or 'another run'} took over {output}; "
                               "re-run to complete the output")
-        per_node, counts = split_counters(read_counters(counters))
         written = {"rows": sum(r["rows"] for r in sink.results),
                    "errors": sum(r["errors"] for r in sink.results),
                    "rows_per_node": per_node, **counts}

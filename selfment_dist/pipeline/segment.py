@@ -55,7 +55,7 @@ from ._parts import (TMP_DIR, FencedError, Lease, PartsSink, await_leftover_writ
                      run_entry, versions, write_manifest)
 from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
                    decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
-                   read_counters, split_counters, start_counters)
+                   read_counters, split_counters, start_counters, stop_counters)
 from .pseudo_label import read_and_decode
 
 logger = logging.getLogger(__name__)
@@ -451,51 +451,55 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
     images, failed, per_node = 0, [], {}
     if units:
         counters = start_counters(run_id)
-        n_blocks = max(1, min(len(units), len(containers) + math.ceil(
-            (len(units) - len(containers)) / batch_size)))
-        # Retry limits travel as plain Ray remote args (as in pseudo_label: Ray 2.60 deprecates
-        # ``**ray_remote_args`` but has no named parameters for them yet). The dataset copies
-        # the DataContext when created: the bounded actor wait must be set by then.
-        with warnings.catch_warnings(), bounded_actor_start(plan, actor_wait_s, "segment"):
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-            ds = ray.data.from_items(units, override_num_blocks=n_blocks)
-            ds = ds.map_batches(
-                read_and_decode, batch_size=None, zero_copy_batch=True,
-                fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
-                           "max_bytes": max_bytes,
-                           "storage_options": storage_options, "skip_ref": skip_ref,
-                           "rows_per_batch": batch_size, "keep_data": overlays},
-                num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
-                max_retries=MAX_RETRIES)
-            ds = ds.map_batches(
-                SegmentActor, batch_size=batch_size, batch_format="numpy",
-                udf_modifying_row_count=False,
-                fn_constructor_kwargs={"model": model, "image_size": image_size,
-                                       "storage_options": storage_options,
-                                       "device": plan["device"],
-                                       "cpu_threads": plan["cpu_threads"],
-                                       "require_gpu": plan["require_gpu"],
-                                       "counters": counters},
-                **model_pool_args(plan))
-            if output_format == "parquet":
-                ds = ds.map_batches(render_table, batch_format="numpy",
-                                    udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
-                                    max_retries=MAX_RETRIES)
-                sink = _TableSink(output, SEGMENT_SCHEMA, run_id, rows_per_file,
-                                  storage_options, manifest=MANIFEST_NAME)
-            else:
-                sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
-                                storage_options=storage_options)
-        with progress_bars(progress), warnings.catch_warnings(), \
-                bounded_actor_start(plan, actor_wait_s, "segment"):
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-            ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
-                                                   "num_cpus": LIGHT_TASK_CPUS})
-        if getattr(sink, "fenced", None):
-            raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
-                              f"because run {lease.lost_to or 'another run'} took over {output}; "
-                              "re-run to complete the output")
-        per_node, _ = split_counters(read_counters(counters))
+        try:
+            n_blocks = max(1, min(len(units), len(containers) + math.ceil(
+                (len(units) - len(containers)) / batch_size)))
+            # Retry limits travel as plain Ray remote args (as in pseudo_label: Ray 2.60
+            # deprecates ``**ray_remote_args`` but has no named parameters for them yet). The
+            # dataset copies the DataContext when created: the bounded actor wait must be set
+            # by then.
+            with warnings.catch_warnings(), bounded_actor_start(plan, actor_wait_s, "segment"):
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+                ds = ray.data.from_items(units, override_num_blocks=n_blocks)
+                ds = ds.map_batches(
+                    read_and_decode, batch_size=None, zero_copy_batch=True,
+                    fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
+                               "max_bytes": max_bytes,
+                               "storage_options": storage_options, "skip_ref": skip_ref,
+                               "rows_per_batch": batch_size, "keep_data": overlays},
+                    num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
+                    max_retries=MAX_RETRIES)
+                ds = ds.map_batches(
+                    SegmentActor, batch_size=batch_size, batch_format="numpy",
+                    udf_modifying_row_count=False,
+                    fn_constructor_kwargs={"model": model, "image_size": image_size,
+                                           "storage_options": storage_options,
+                                           "device": plan["device"],
+                                           "cpu_threads": plan["cpu_threads"],
+                                           "require_gpu": plan["require_gpu"],
+                                           "counters": counters},
+                    **model_pool_args(plan))
+                if output_format == "parquet":
+                    ds = ds.map_batches(render_table, batch_format="numpy",
+                                        udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
+                                        max_retries=MAX_RETRIES)
+                    sink = _TableSink(output, SEGMENT_SCHEMA, run_id, rows_per_file,
+                                      storage_options, manifest=MANIFEST_NAME)
+                else:
+                    sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
+                                    storage_options=storage_options)
+            with progress_bars(progress), warnings.catch_warnings(), \
+                    bounded_actor_start(plan, actor_wait_s, "segment"):
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+                ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
+                                                       "num_cpus": LIGHT_TASK_CPUS})
+            if getattr(sink, "fenced", None):
+                raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
+                                  f"because run {lease.lost_to or 'another run'} took over "
+                                  f"{output}; re-run to complete the output")
+            per_node, _ = split_counters(read_counters(counters))
+        finally:
+            stop_counters(counters)
         if output_format == "png":
             images = sum(r["images"] for r in sink.results)
             failed = [f for r in sink.results for f in r["failed"]]
