@@ -250,6 +250,9 @@ def main() -> None:
             import boto3
 
             if server is None:
+                import logging
+
+                logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
                 server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
                 server.start()
             host, port = server.get_host_and_port()

@@ -2,18 +2,18 @@
 
 Each killed run is a CLI process in a session of its own with its own local Ray
 (:mod:`kill_helpers`); it is SIGKILLed, with every Ray worker of its session, once it has
-published something (a training checkpoint; the first maps or parquet parts), by polling the
-output, never by a timer. The re-run then goes in-process on the module's Ray (``ray_local``,
-started only after the first kill, so two Rays never compete for the CPUs). Should a fast
-machine finish a run before it is killed, the training test makes the run longer and tries
-again; the segment test still checks the result.
+published something (a training checkpoint; the first maps), by polling the
+output, never by a timer. The re-run then goes in-process on the suite's shared Ray
+(``ray_local``). Should a fast machine finish a run before it is killed, the training test makes
+the run longer and tries again; the segment test still checks the result. The CLI runs also show
+that ``selfment train`` and ``selfment segment`` reach their stages (the dispatch of evaluate is
+test_pipeline_strength.py's).
 """
 from __future__ import annotations
 
 import json
 import os
 
-import pyarrow.parquet as pq
 import pytest
 from kill_helpers import kill_session, session_members, start_cli, tail, wait_until
 from PIL import Image
@@ -21,8 +21,6 @@ from test_train import _feature_rows, write_labels
 
 from selfment_dist.artifact import load_artifact, save_artifact
 from selfment_dist.head import PatchHead
-from selfment_dist.io.storage import url_to_fs
-from selfment_dist.pipeline import _parts
 from selfment_dist.pipeline.segment import MANIFEST_NAME as SEGMENT_MANIFEST
 from selfment_dist.pipeline.segment import run_segment
 from selfment_dist.pipeline.train import CONFIG_NAME, RUN_NAME, run_train
@@ -113,7 +111,7 @@ def test_train_resumes_after_its_driver_is_killed(tmp_path, request):
 # segment
 
 BACKBONE = "vit_small_patch16_224.dino"
-N_IMAGES = 40
+N_IMAGES = 24
 
 
 @pytest.fixture(scope="module")
@@ -133,55 +131,42 @@ def _maps(output) -> list[str]:
         return []
 
 
-def _parquet_keys(output) -> list[str]:
-    fs, root = url_to_fs(str(output), None)
-    return [k for p in _parts.list_parts(fs, root)
-            for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
-
-
-@pytest.mark.parametrize("fmt", ["png", "parquet"])
-def test_segment_resumes_after_a_real_sigkill(tmp_path, fmt, model_and_images, request):
+def test_segment_resumes_after_a_real_sigkill(tmp_path, model_and_images, request):
+    """PNG maps, one file per key, each written under a temporary name and renamed. (Parquet
+    output shares pseudo-label's parts and fencing, killed in test_pseudo_label_kill.py; its
+    resume is test_hardening_runs.py::test_segment_parquet_resumes_and_refuses_a_busy_output.)
+    The CLI run also shows that ``selfment segment`` reaches the segment stage."""
     model, images, expected = model_and_images
     output = tmp_path / "maps"
     log = tmp_path / "segment.log"
-    published = _maps if fmt == "png" else _parquet_keys
-    # Batches of 2 and (parquet) parts of 2 rows: outputs appear one batch at a time.
+    # Batches of 2: maps appear one batch at a time.
     proc = start_cli(["segment", "--model", model, "--input", images, "--output", str(output),
-                      "--image-size", "64", "--batch-size", "2", "--format", fmt,
-                      *(["--rows-per-file", "2"] if fmt == "parquet" else []),
-                      "--no-progress"], log)
+                      "--image-size", "64", "--batch-size", "2", "--no-progress"], log)
     try:
-        wait_until(lambda: bool(published(output)), proc, log, DEADLINE_S)
+        wait_until(lambda: bool(_maps(output)), proc, log, DEADLINE_S)
         finished = proc.poll() is not None
     finally:
         _kill(proc)
-    before = published(output)
+    before = _maps(output)
     assert before and len(before) == len(set(before)) and set(before) <= expected, tail(log)
     manifest = json.loads((output / SEGMENT_MANIFEST).read_text())
     if not finished:
         assert manifest["status"] == "running", manifest["status"]
 
     request.getfixturevalue("ray_local")
-    options = dict(image_size=64, batch_size=2, output_format=fmt, progress=False,
-                   **({"rows_per_file": 2} if fmt == "parquet" else {}))
-    summary = run_segment(model, images, str(output), **options)
+    summary = run_segment(model, images, str(output), image_size=64, batch_size=2,
+                          progress=False)
     assert summary["skipped"] == len(before)
     assert summary["images"] == N_IMAGES - len(before) and summary["errors"] == 0
-    after = published(output)
+    after = _maps(output)
     assert len(after) == len(set(after)), "duplicate keys"
     assert set(after) == expected, "missing or extra keys"
-    if fmt == "png":
-        assert summary["maps_total"] == N_IMAGES
-        # Nothing else: no temporary files of the killed run's writes.
-        assert sorted(os.listdir(output)) == sorted([f"{k}.png" for k in expected]
-                                                    + [SEGMENT_MANIFEST])
-        for key in expected:
-            with Image.open(output / f"{key}.png") as im:
-                assert im.mode == "L" and im.size == (64, 48)
-    else:
-        assert summary["rows_total"] == N_IMAGES
-        assert not (output / _parts.TMP_DIR).exists()
-        rows = pq.read_table(output, columns=["key", "png", "error"]).to_pylist()
-        assert all(r["png"] and r["error"] is None for r in rows)
+    assert summary["maps_total"] == N_IMAGES
+    # Nothing else: no temporary files of the killed run's writes.
+    assert sorted(os.listdir(output)) == sorted([f"{k}.png" for k in expected]
+                                                + [SEGMENT_MANIFEST])
+    for key in expected:
+        with Image.open(output / f"{key}.png") as im:
+            assert im.mode == "L" and im.size == (64, 48)  # the original size
     manifest = json.loads((output / SEGMENT_MANIFEST).read_text())
     assert manifest["status"] == "complete"

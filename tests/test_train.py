@@ -268,11 +268,11 @@ def test_backbone_features_on_s3(ray_local, s3_bucket):
                           storage_options=so)
 
     output = f"s3://{bucket}/model"
-    # The official schedule (one image per step): 8 steps per worker and epoch, 24 in all, so
-    # "the loss falls" is judged over enough steps.
-    summary = run_train(labels, output, workers=2, epochs=3, storage_options=so)
+    # The official schedule (one image per step): 16 steps per epoch, 32 in all, so "the loss
+    # falls" is judged over enough steps. One worker: DDP is the test above's.
+    summary = run_train(labels, output, workers=1, epochs=2, storage_options=so)
     assert summary["feature_source"] == "backbone" and summary["feature_dim"] == 384
-    assert summary["steps"] == 24
+    assert summary["steps"] == 32
     assert summary["history"][-1]["total"] < summary["history"][0]["total"]
     assert fs.exists(f"{bucket}/model/model.json") and fs.exists(f"{bucket}/model/{RUN_NAME}")
 
