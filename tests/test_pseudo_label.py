@@ -286,6 +286,18 @@ def test_resume_is_a_noop_when_complete(folder_run, corpus):
         *history, (summary["run_id"], "complete")]
 
 
+def test_no_run_leaves_its_counter_actor_behind(folder_run):
+    """Each run's counters are a named actor, which outlives its handle: the run ends it (a
+    driver that runs many pipelines, as this test session does, kept one process per run)."""
+    import ray
+
+    from selfment_dist.pipeline._ray import COUNTERS_PREFIX
+
+    left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(COUNTERS_PREFIX)]
+    assert not left, left
+
+
 def test_resume_after_a_killed_run(folder_run, corpus, reference, tmp_path):
     """What a kill leaves behind: parts missing, a part cut short (e.g. copied in from a
     store without atomic uploads), an unpublished temp file. The re-run fills exactly the gap."""
