@@ -46,7 +46,6 @@ from .defaults import DEFAULT_BACKBONE, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
-
 __all__ = [
     "DEFAULT_BACKBONE",
     "Backbone",
@@ -103,8 +102,6 @@ def _family(name: str) -> _Family:
 def backbone_family(name: str) -> str:
     """``"dino"``, ``"dinov2"`` or ``"dinov3"`` for a supported timm name; ValueError otherwise."""
     return _family(name).version
-
-
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:

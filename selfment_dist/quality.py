@@ -35,7 +35,6 @@ SIGNALS = ("fiedler_value", "spectral_gap", "ncut_value", "fg_fraction", "border
 FEATURES = ("fiedler_value", "spectral_gap", "ncut_value", "fg_fraction", "fg_fraction_sq",
             "border_fraction", "ipo_change", "ipo_converged")
 
-
 # Fitted by ``python benchmarks/confidence.py --calibrate`` (see its docstring for the data):
 # standardisation (mean, scale) of each feature, then the logistic weights and bias. Fitted on
 # 60 synthetic scenes through the pipeline with random backbone weights at 224 px and 120

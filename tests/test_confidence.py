@@ -156,6 +156,8 @@ def _expected_keys(labelled, cut: dict) -> tuple[set[str], int]:
         k = math.ceil(cut["keep_fraction"] * len(ok))
         last = sorted((r["confidence"] for r in ok), reverse=True)[k - 1]
         return {r["key"] for r in ok if r["confidence"] >= last}, len(ok)
+    if "min_confidence" in cut:
+        return {r["key"] for r in ok if r["confidence"] >= cut["min_confidence"]}, len(ok)
     return {r["key"] for r in ok if not r["no_object"]}, len(ok)
 
 
@@ -181,10 +183,7 @@ def test_training_dataset_holds_the_rows_the_filter_keeps(labelled, cut):
     run above covers that path) holds the kept rows, for each rule."""
     from selfment_dist.pipeline._train_data import build_dataset, inspect_labels
 
-    expected, usable = _expected_keys(labelled, cut)
-    if cut.get("min_confidence") == 0.0:
-        expected = {r["key"] for r in pq.read_table(labelled["labels"]).to_pylist()
-                    if r["error"] is None}
+    expected, _ = _expected_keys(labelled, cut)
     ls = inspect_labels(labelled["labels"], **cut)
     assert ls.usable == len(expected)
     ds = build_dataset(ls, stored=ls.feature_source == "stored", storage_options=None,

@@ -22,8 +22,8 @@ from ._plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, p
 __all__ = ["MAX_ACTOR_RESTARTS", "MAX_TASK_RETRIES", "MAX_RETRIES", "ensure_ray",
            "plan_resources", "decode_pool", "model_pool_args", "progress_bars",
            "bounded_actor_start", "COUNTERS_PREFIX", "start_counters", "read_counters",
-           "count_rows_here", "split_counters", "stop_counters", "call_as_driver", "DEFAULT_ACTOR_WAIT_S",
-           "LIGHT_TASK_CPUS", "UnschedulableError"]
+           "count_rows_here", "split_counters", "stop_counters", "call_as_driver",
+           "DEFAULT_ACTOR_WAIT_S", "LIGHT_TASK_CPUS", "UnschedulableError"]
 
 logger = logging.getLogger(__name__)
 
