@@ -38,11 +38,11 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import eva, vision_transformer
 
 from .defaults import DEFAULT_BACKBONE, PRECISIONS
+from .resize import resize_square  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -227,29 +227,6 @@ class Backbone:
             raise ValueError(f"images must have shape (B, {s}, {s}, 3) (RGB, HWC, resized to "
                              f"image_size), got {tuple(images.shape)}")
         return images
-
-
-def resize_square(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """The official preprocessing up to normalisation: any PIL mode → RGB → float32 in [0, 1]
-    (``ToTensor``) → bilinear resize with antialias to size×size (``Resize((s, s),
-    antialias=True)``, align_corners=False). The order matters: resizing the uint8 image first
-    and converting afterwards gives other values.
-
-    Args:
-        image: a PIL image, or a uint8 (H, W, 3) RGB array.
-    Returns:
-        float32 (size, size, 3) RGB array in [0, 1] (aspect ratio not preserved; EXIF
-        orientation is the decoder's job).
-    """
-    if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        image = np.array(image, dtype=np.uint8)  # a writable copy for torch
-    x = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    if tuple(x.shape[1:]) != (size, size):
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
-    return x.permute(1, 2, 0).contiguous().numpy()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,3 +16,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 #: Rows whose confidence is below this are flagged ``no_object`` (their mask is likely noise).
 NO_OBJECT_THRESHOLD = 0.5
+
+#: The official recipe infers at twice the training size (768 -> 1536 px).
+INFERENCE_SCALE = 2
+
+
+def default_inference_size(training_size: int) -> int:
+    """The inference size an artifact records by default: twice the training size."""
+    return INFERENCE_SCALE * int(training_size)

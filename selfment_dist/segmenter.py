@@ -15,20 +15,20 @@ multiple of the backbone's patch size (larger is usually better).
 """
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .artifact import load_artifact
 from .backbone import (Backbone, backbone_family, build_backbone, check_image_size,
                        resize_square)
+from .defaults import INFERENCE_SCALE, default_inference_size  # noqa: F401 (re-exported)
 from .head import PatchHead
+from .maps import to_png_bytes, to_uint8, upsample  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -37,67 +37,7 @@ __all__ = ["Segmenter", "upsample", "to_uint8", "to_png_bytes", "resolve_image_s
 
 
 # ---------------------------------------------------------------------------------------------
-# Map post-processing (stateless)
-
-def upsample(saliency: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of patch-grid saliency to an image size (``align_corners=False``).
-
-    Args:
-        saliency: float (h, w) or (B, h, w) values in [0, 1], numpy or torch (any device).
-        size: (H, W) target size in pixels (rows, columns).
-    Returns:
-        float32 numpy (H, W) or (B, H, W), values in [0, 1].
-    """
-    sal = torch.as_tensor(saliency)
-    if sal.ndim not in (2, 3):
-        raise ValueError(f"saliency must be (h, w) or (B, h, w), got shape {tuple(sal.shape)}")
-    height, width = (int(s) for s in size)
-    if height < 1 or width < 1:
-        raise ValueError(f"size must be a positive (H, W), got {size}")
-    x = sal.float()
-    x = x[None, None] if x.ndim == 2 else x[:, None]  # (N, 1, h, w)
-    out = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
-    out = out[0, 0] if sal.ndim == 2 else out[:, 0]
-    return out.clamp_(0.0, 1.0).cpu().numpy()
-
-
-def to_uint8(saliency: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Float saliency in [0, 1] → uint8 levels ``round(255 * s)`` (values outside are clipped)."""
-    sal = saliency.float().cpu().numpy() if isinstance(saliency, torch.Tensor) else \
-        np.asarray(saliency, dtype=np.float32)
-    return np.rint(np.clip(sal, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def to_png_bytes(saliency: np.ndarray | torch.Tensor) -> bytes:
-    """A saliency map as an 8-bit greyscale PNG.
-
-    Args:
-        saliency: float (H, W) in [0, 1] (stored as ``round(255 * s)``), or uint8 (H, W) levels
-            stored as they are.
-    Returns:
-        PNG file bytes, mode ``L``, H rows by W columns.
-    """
-    arr = np.asarray(saliency.cpu() if isinstance(saliency, torch.Tensor) else saliency)
-    if arr.ndim != 2:
-        raise ValueError(f"saliency must be 2-D (H, W), got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = to_uint8(arr)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(arr), mode="L").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------
 # Artifact metadata
-
-#: The official recipe infers at twice the training size (768 -> 1536 px).
-INFERENCE_SCALE = 2
-
-
-def default_inference_size(training_size: int) -> int:
-    """The inference size an artifact records by default: twice the training size."""
-    return INFERENCE_SCALE * int(training_size)
-
 
 def resolve_image_size(meta: dict[str, Any], image_size: int | None = None) -> int:
     """The inference size: ``image_size`` if given, else the artifact's ``inference_image_size``

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..artifact import save_artifact
+from ..defaults import default_inference_size
 from ..head import PatchHead
 from ..io.storage import join
-from ..segmenter import default_inference_size
 from ._train_data import LabelSet
 
 __all__ = ["Progress", "report", "restore", "read_json", "check_same_run", "save_model",

@@ -3,7 +3,7 @@
 Flow (data moves one way; the driver only ever holds file names)::
 
     enumerate_units (driver: file names)          io.sources
-      → read + decode + resize (CPU tasks)        io.images, backbone.resize_square
+      → read + decode + resize (CPU tasks)        io.images, resize.resize_square
       → backbone + NCut + IPO (one actor stage,   labeler.PseudoLabeler
         model loaded once per actor, batched)
       → parquet parts + _selfment.json (writes)   io.schema, io.masks
@@ -38,14 +38,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..backbone import DEFAULT_BACKBONE, resolve_precision
+from ..defaults import DEFAULT_BACKBONE
 from ..io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
 from ..io.masks import encode_mask
 from ..io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
                          pseudo_label_schema)
 from ..io.sources import IMAGE, iter_records
 from ..io.storage import is_local
-from ..ncut import take_dense_fallbacks
 from ..settings import PseudoLabelSettings, SettingsError, build_settings
 from ..validation import check_backbone_size
 from ._device import actor_device, run_guarded
@@ -74,7 +73,7 @@ _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", 
 # Stage 1: read + decode (stateless, CPU tasks)
 
 def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[str, np.ndarray]:
-    # float32 in [0, 1], resized in the official order (see backbone.resize_square).
+    # float32 in [0, 1], resized in the official order (see resize.resize_square).
     images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.float32)
     for i, row in enumerate(rows):
         if row["pixels"] is not None:
@@ -108,7 +107,7 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
         error rows) and, with ``keep_data``,
         ``data`` (the encoded file, ``b""`` on error rows).
     """
-    from ..backbone import resize_square
+    from ..resize import resize_square
 
     skip = _skip_set(skip_ref)
     pending: list[dict] = []
@@ -198,6 +197,7 @@ class LabelActor:
 
     def _label(self, images: np.ndarray) -> list[dict | str]:
         """Per image: the result dict, or an error message."""
+        from ..ncut import take_dense_fallbacks
         kw = {"return_ncut": self.save_ncut, "return_features": self.save_features}
 
         def label(part: np.ndarray) -> list[dict]:
@@ -327,6 +327,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
                           image_size=s.image_size)
+    from ..backbone import resolve_precision  # the model stack: only where a run starts
+
     # What the actors will run (recorded, and compared on resume): auto means fp32.
     resolved_precision = resolve_precision(s.precision, "cuda" if plan["num_gpus"] else "cpu")
     if batch_size is None:

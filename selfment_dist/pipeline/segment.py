@@ -41,10 +41,9 @@ import numpy as np
 import pyarrow as pa
 from ray.data import Datasink
 
-from ..artifact import load_artifact
 from ..io.images import decode_image
 from ..io.storage import is_local, to_uri, url_to_fs
-from ..segmenter import resolve_image_size, to_png_bytes, to_uint8, upsample
+from ..maps import to_png_bytes, to_uint8, upsample
 from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from ._device import actor_device, run_guarded
@@ -324,6 +323,11 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
         (rows each Ray node's model actors processed, by node id).
     """
     import ray
+
+    # The model stack, for the driver's checks only: the module's tasks (decode, write) run
+    # in worker processes that do not import it.
+    from ..artifact import load_artifact
+    from ..segmenter import resolve_image_size
 
     start = time.perf_counter()
     s = build_settings(SegmentSettings, args, options)  # types, ranges, overlays need png
