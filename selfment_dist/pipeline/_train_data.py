@@ -104,15 +104,20 @@ def _confidence_filter(conf: np.ndarray, no_object: np.ndarray | None, *,
     return {"rule": "no_object", "threshold": None}, int(no_object.sum())
 
 
-def _filter_expr(row_filter: dict):
-    """The Ray Data expression keeping the rows ``row_filter`` keeps (None: keep all)."""
-    from ray.data.expressions import col, lit
+def _keep_mask(table, row_filter: dict):
+    """Boolean mask of the rows of ``table`` that training reads: no error, and kept by
+    ``row_filter`` (a null mask entry drops its row, as ``Table.filter`` does)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
+    keep = pc.is_null(table.column("error"))
     if row_filter["rule"] == "no_object":
-        return ~col("no_object")
-    if row_filter["rule"] == "min_confidence":
-        return col("confidence") >= lit(float(np.float32(row_filter["threshold"])))
-    return None
+        keep = pc.and_(keep, pc.invert(table.column("no_object")))
+    elif row_filter["rule"] == "min_confidence":
+        # In float32, as the column is stored: a threshold equal to a stored value keeps it.
+        threshold = pa.scalar(np.float32(row_filter["threshold"]), type=pa.float32())
+        keep = pc.and_(keep, pc.greater_equal(table.column("confidence"), threshold))
+    return keep
 
 
 def inspect_labels(labels: str, *, storage_options: dict | None = None,
@@ -263,7 +268,7 @@ def load_images(batch: dict[str, np.ndarray], *, image_size: int, storage_option
     Rows whose image can no longer be read are dropped with a warning (they were readable when
     they were pseudo-labelled); the other columns pass through.
     """
-    from ..backbone import resize_square
+    from ..resize import resize_square
     from ..io.images import decode_image
 
     keep, images = [], []
@@ -292,20 +297,36 @@ def arrow_fs(uri: str, storage_options: dict | None):
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path.rstrip("/")
 
 
+def read_label_parts(batch: dict[str, np.ndarray], *, columns: list[str], row_filter: dict,
+                     storage_options: dict | None):
+    """Ray Data UDF: the training rows (``columns``) of the label parts whose URIs are in
+    ``batch["uri"]``, as one ``pyarrow.Table``: error rows and rows the confidence filter
+    leaves out are dropped here, as each part is read."""
+    import pyarrow as pa
+
+    quality = [] if row_filter["rule"] == "none" else ["confidence", "no_object"]
+    tables = []
+    for uri in batch["uri"]:
+        fs, path = url_to_fs(str(uri), storage_options)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=[*columns, "error", *quality])
+        tables.append(table.filter(_keep_mask(table, row_filter)).select(columns))
+    return pa.concat_tables(tables)
+
+
 def build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
                    max_pixels: int | None, shuffle: str = "full", seed: int = 0):
     import ray
-    from ray.data.expressions import col
 
-    pa_fs, _ = arrow_fs(ls.uri, storage_options)
-    paths = [arrow_fs(p, storage_options)[1] for p in ls.files]
-    columns = ["key", "grid_h", "grid_w", "mask", "features" if stored else "source", "error"]
-    keep = _filter_expr(ls.row_filter)
-    quality = [] if keep is None else ["confidence", "no_object"]
-    ds = ray.data.read_parquet(paths, filesystem=pa_fs, columns=columns + quality,
-                               file_extensions=None)
-    ok = col("error").is_null()
-    ds = ds.filter(expr=ok if keep is None else ok & keep).drop_columns(["error", *quality])
+    # One read task per part. Not ray.data.read_parquet: its footer indexing starts a pool of
+    # 32 actors (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS) at every run, a Python process each, to
+    # learn what inspect_labels has already read from the same footers in the driver.
+    columns = ["key", "grid_h", "grid_w", "mask", "features" if stored else "source"]
+    ds = ray.data.from_items([{"uri": uri} for uri in ls.files],
+                             override_num_blocks=len(ls.files))
+    ds = ds.map_batches(read_label_parts, batch_size=None, batch_format="numpy",
+                        fn_kwargs={"columns": columns, "row_filter": ls.row_filter,
+                                   "storage_options": storage_options})
     h, w = ls.grid
     if stored:
         row_bytes = h * w * (2 * ls.feature_dim) + (h * w + 7) // 8
