@@ -161,22 +161,33 @@ def test_finished_run_is_returned_without_training(trained, feature_labels, monk
 # ---------------------------------------------------------------------------------------------
 # DDP
 
-def test_ddp_is_real_and_every_epoch_sees_every_row_once_in_a_new_order(ray_local, tmp_path):
-    """One run on 2 ranks, 3 epochs of 4 steps of 2 images per rank (one Ray Train start for
-    both checks):
+# Rows the pseudo-labeller flagged no_object (low confidence): by default train skips them.
+NO_OBJECT = {1, 6, 11, 14}
+
+
+def test_ddp_is_real_and_every_epoch_sees_every_kept_row_once_in_a_new_order(ray_local,
+                                                                            tmp_path):
+    """One run on 2 ranks, 3 epochs of 3 steps of 2 images per rank (one Ray Train start for
+    these checks):
 
     - DDP is real: after step 1 both ranks hold the same weights, and the step used both
       shards (it equals one step on all 4 images; equal shards, so the mean of the two ranks'
       gradients) and differs from a step on one shard alone.
     - The official schedule's full shuffle, checked on the keys each rank trained on: every
       epoch covers every usable row exactly once, and the order changes from epoch to epoch.
+    - The default confidence filter, end to end: the 4 rows flagged ``no_object`` are never
+      trained on (which rows real pseudo-labels flag: tests/test_confidence.py).
     """
     rows = _feature_rows(16, seed=2)
+    for i, row in enumerate(rows):
+        row.update(confidence=0.1 if i in NO_OBJECT else 0.9, no_object=i in NO_OBJECT)
+    kept = sorted(r["key"] for i, r in enumerate(rows) if i not in NO_OBJECT)
     labels = write_labels(tmp_path / "labels", rows, image_size=16 * GRID, features=True)
     debug = tmp_path / "debug"
     summary = run_train(labels, str(tmp_path / "model"), workers=2, epochs=3, batch_size=2,
                         debug_dir=str(debug), seed=3)
-    assert summary["steps"] == 3 * 4 and summary["shuffle"] == "full"
+    assert summary["steps"] == 3 * 3 and summary["shuffle"] == "full"
+    assert (summary["train_rows"], summary["low_confidence_rows"]) == (12, 4)
 
     # DDP, on step 1.
     ranks = [load_file(debug / f"rank{r}-step1.safetensors") for r in (0, 1)]
@@ -205,14 +216,15 @@ def test_ddp_is_real_and_every_epoch_sees_every_row_once_in_a_new_order(ray_loca
     for name in both:
         assert torch.allclose(both[name], ranks[0][name], atol=1e-5), name
 
-    # Every epoch: every row once, in a new order.
+    # Every epoch: every kept row once (none flagged no_object), in a new order.
     orders = []
     for epoch in range(3):
-        steps = range(epoch * 4 + 1, epoch * 4 + 5)
+        steps = range(epoch * 3 + 1, epoch * 3 + 4)
         seen = [k for s in steps for r in (0, 1)
                 for k in json.loads((debug / f"rank{r}-step{s}.json").read_text())]
-        assert sorted(seen) == sorted(r["key"] for r in rows), epoch  # once each, none missing
+        assert sorted(seen) == kept, epoch  # once each, none missing, no flagged row
         orders.append(seen)
+    assert not (debug / "rank0-step10.json").exists()
     assert orders[0] != orders[1] and orders[1] != orders[2]
 
 
@@ -324,7 +336,22 @@ def test_container_sources_need_stored_features(tmp_path):
         inspect_labels(labels, features="backbone")
 
 
-def test_worker_resources_leave_a_cpu_for_data(ray_local):
+def test_worker_resources_leave_a_cpu_for_data_and_fit_a_node(ray_local):
+    # The suite's local Ray: one node of 2 CPUs.
     assert train_mod._plan_workers(2, False, None) == ({"CPU": 0.5}, 1)
     assert train_mod._plan_workers(1, False, None) == ({"CPU": 1.0}, 1)
     assert train_mod._plan_workers(2, False, {"CPU": 3}) == ({"CPU": 3}, 3)
+    # Sized per node: a head without CPUs and two 3-CPU workers hold one worker of 3 CPUs,
+    # not one of the 5 the cluster's total would give (no node holds it: Ray Train waits
+    # forever), and two of 2 CPUs.
+    head, worker = {"CPU": 0.0, "memory": 1e9}, {"CPU": 3.0}
+    assert train_mod._plan_workers(1, False, None, nodes=[head, worker, worker]) == (
+        {"CPU": 3.0}, 3)
+    assert train_mod._plan_workers(2, False, None, nodes=[head, worker, worker]) == (
+        {"CPU": 2.0}, 2)
+    assert train_mod._plan_workers(4, False, None, nodes=[worker, worker]) == ({"CPU": 1.0}, 1)
+    assert train_mod._plan_workers(1, False, None, nodes=[{"CPU": 2.0}] * 4) == (
+        {"CPU": 2.0}, 2)
+    # GPU workers: Ray Train's default (one GPU each), whatever the nodes.
+    assert train_mod._plan_workers(2, True, None, nodes=[{"CPU": 8.0, "GPU": 1.0}]) == (
+        None, None)

@@ -186,21 +186,33 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
 # ---------------------------------------------------------------------------------------------
 # Resources
 
-def _plan_workers(workers: int, use_gpu: bool, resources_per_worker: dict | None):
-    """(resources per worker or None for Ray's default, torch threads per worker or None)."""
-    import ray
+def _plan_workers(workers: int, use_gpu: bool, resources_per_worker: dict | None, *,
+                  nodes: list[dict[str, float]] | None = None):
+    """(resources per worker or None for Ray's default, torch threads per worker or None).
+
+    CPU workers are sized per node, not per cluster: ``workers`` of them must fit the nodes
+    that exist (a worker sized from the cluster's total, say 5 of the 6 CPUs of two 3-CPU
+    nodes, fits no node and Ray Train waits for it forever), and one CPU of the cluster stays
+    free for Ray Data (reading, decoding). ``nodes``: each alive node's resources (default:
+    the connected cluster's).
+    """
+    from ._plan import alive_nodes
 
     if resources_per_worker:
         cpus = float(resources_per_worker.get("CPU", 1))
         return dict(resources_per_worker), max(1, int(cpus))
-    total = ray.cluster_resources()
+    nodes = alive_nodes() if nodes is None else nodes
     if use_gpu:
-        if total.get("GPU", 0) < workers:
+        gpus = sum(n.get("GPU", 0) for n in nodes)
+        if gpus < workers:
             logger.warning("%d GPU workers requested, the cluster has %s GPUs now; Ray Train "
-                           "waits for them", workers, total.get("GPU", 0))
+                           "waits for them", workers, gpus)
         return None, None
-    # CPU only: one CPU stays free for Ray Data (reading, decoding); workers share the rest.
-    cpus = float(total.get("CPU", 1))
+    node_cpus = [float(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0]
+    cpus = sum(node_cpus) or 1.0
     spare = cpus - 1
     per = spare // workers if spare >= workers else max(spare, cpus / 2) / workers
+    # Shrink to what the nodes hold: whole CPUs while a worker has more than one, then halves.
+    while node_cpus and per > 0 and sum(int(c // per) for c in node_cpus) < workers:
+        per = per - 1 if per > 1 else per / 2
     return {"CPU": per}, max(1, int(per))
