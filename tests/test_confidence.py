@@ -141,13 +141,6 @@ def test_quality_columns_present_in_range_and_deterministic(labelled):
     assert 0 < sum(bool(r["no_object"]) for r in rows if r["error"] is None) < 10
 
 
-def _trained_keys(debug_dir) -> set[str]:
-    keys = set()
-    for path in debug_dir.glob("rank*-step*.json"):
-        keys.update(json.loads(path.read_text()))
-    return keys
-
-
 def _expected_keys(labelled, cut: dict) -> tuple[set[str], int]:
     """The keys ``cut`` keeps (worked out here from the rows), and the number of usable rows."""
     table = pq.read_table(labelled["labels"]).to_pylist()
@@ -161,26 +154,12 @@ def _expected_keys(labelled, cut: dict) -> tuple[set[str], int]:
     return {r["key"] for r in ok if not r["no_object"]}, len(ok)
 
 
-def test_train_honours_the_confidence_filter(labelled, tmp_path):
-    """End to end (Ray Train): the default rule trains on exactly the rows not flagged
-    no_object, as the keys each rank trained on show."""
-    from selfment_dist.pipeline.train import run_train
-
-    expected, usable = _expected_keys(labelled, {})
-    debug = tmp_path / "debug"
-    summary = run_train(labelled["labels"], str(tmp_path / "model"), workers=1, epochs=1,
-                        batch_size=4, debug_dir=str(debug))
-    assert summary["train_rows"] == len(expected)
-    assert summary["low_confidence_rows"] == usable - len(expected)
-    assert summary["rows"] == 11 and summary["error_rows"] == 1
-    assert _trained_keys(debug) == expected
-
-
 @pytest.mark.parametrize("cut", [{}, {"keep_fraction": 0.3}, {"min_confidence": 0.0}],
                          ids=["default", "keep_fraction", "min_confidence_0"])
 def test_training_dataset_holds_the_rows_the_filter_keeps(labelled, cut):
-    """The dataset train's workers read (Ray Data, without starting Ray Train: the end-to-end
-    run above covers that path) holds the kept rows, for each rule."""
+    """The dataset train's workers read (Ray Data, without starting Ray Train) holds the rows
+    each rule keeps, on these real pseudo-labels. That Ray Train's ranks train on exactly the
+    dataset's rows (the default rule end to end) is tests/test_train.py's DDP test."""
     from selfment_dist.pipeline._train_data import build_dataset, inspect_labels
 
     expected, _ = _expected_keys(labelled, cut)

@@ -27,6 +27,8 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 from ray_jobs_helpers import submit_when_agent_is_up
+from shipped_configs import (check_the_run, put_the_data_where_the_file_expects_it,
+                             s3_config_scaled_down)
 
 from selfment_dist.synthetic import write_scenes
 
@@ -408,31 +410,30 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
     assert meta["training"]["steps"] == summary["steps"] and head is not None
 
 
-def test_pipeline_job_through_the_jobs_api(cluster, corpus):
-    """jobs/pipeline.py submitted to the multi-node cluster's head completes: its driver runs
-    on the head (no CPUs) and pseudo-labels on the worker nodes. (One stage: Ray Train on this
-    cluster is the train test's; a Jobs run of every stage is tests/test_jobs.py's.)"""
+def test_the_shipped_s3_config_as_a_job_on_the_cluster(cluster, corpus, tmp_path):
+    """``jobs/pipeline.py --config`` with the shipped ``jobs/configs/s3.yaml`` (scaled down to
+    this machine: tests/shipped_configs.py), submitted through the Jobs API to the multi-node
+    cluster, as jobs/README.md's recipe does: the driver runs on the head (no CPUs), every
+    stage's work on the worker nodes; images, labels, checkpoints, the model, maps and reports
+    all on S3; the credentials from the environment, never from the file."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    so, keys = corpus
+    so, _ = corpus
+    endpoint = {"endpoint_url": so["endpoint_url"]}
+    config = s3_config_scaled_down("s3://multinode/shipped/", so["endpoint_url"], tmp_path)
+    put_the_data_where_the_file_expects_it(config, so, tmp_path)
     fs = fsspec.filesystem("s3", **so)
-    config = {
-        "storage_options": so,
-        "pipeline": {"output": "s3://multinode/job", "stages": ["pseudo_label"]},
-        "pseudo_label": {"inputs": ["s3://multinode/data/images"], "weights": "random",
-                         "backbone": RUN["backbone"], "image_size": 64, "batch_size": 4,
-                         "progress": False},
-    }
-    fs.pipe("multinode/job.yaml", json.dumps(config).encode())  # JSON is YAML
+    fs.pipe("multinode/shipped.yaml", json.dumps(config).encode())  # JSON is YAML
     url = f"http://{cluster.head_node.address_info['webui_url']}"
     client = JobSubmissionClient(url)
     job = submit_when_agent_is_up(
         client,
         entrypoint=f"{sys.executable} {REPO / 'jobs' / 'pipeline.py'} "
-                   f"--config s3://multinode/job.yaml "
-                   f"--storage-option endpoint_url={so['endpoint_url']} "
-                   f"--storage-option key=testing --storage-option secret=testing",
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}})
+                   f"--config s3://multinode/shipped.yaml "
+                   f"--storage-option endpoint_url={endpoint['endpoint_url']}",
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
+                                  "AWS_ACCESS_KEY_ID": so["key"],
+                                  "AWS_SECRET_ACCESS_KEY": so["secret"]}})
     deadline = time.monotonic() + 900  # a guard against a hang, far above a loaded run
     status = client.get_job_status(job)
     while not status.is_terminal() and time.monotonic() < deadline:
@@ -442,10 +443,9 @@ def test_pipeline_job_through_the_jobs_api(cluster, corpus):
     if not status.is_terminal():
         client.stop_job(job)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    summary = json.loads(fs.cat("multinode/job/pipeline_summary.json"))
-    assert {s: r["status"] for s, r in summary["stages"].items()} == {"pseudo_label": "complete"}
-    got, errors = _keys(fs, "multinode/job/labels")
-    assert sorted(got) == sorted(keys) and errors == 0
+    summary = json.loads(fs.cat(f"{config['pipeline']['output']}/pipeline_summary.json"))
+    check_the_run(config, summary, so)
+    assert "testing" not in fs.cat("multinode/shipped.yaml").decode()  # no secret in the file
 
 
 def test_ray_client_address_drives_a_pipeline(cluster, corpus, tmp_path):
