@@ -52,8 +52,9 @@ def _print_error(message: str) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake, not a bug (imported lazily: no torch for --help)."""
     from .pipeline._parts import OutputBusyError
+    from .pipeline._plan import UnschedulableError  # the cluster lacks what was asked for
     return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, OutputBusyError)
+            PermissionError, OutputBusyError, UnschedulableError)
 
 
 @dataclass(frozen=True)

@@ -207,6 +207,9 @@ class TrainSettings(StageSettings):
         None, "Ray resources per worker, e.g. '{\"CPU\": 4, \"GPU\": 1}'", metavar="JSON",
         cli="json")
     seed: int = setting(0, "head initialisation and shuffling")
+    worker_wait_s: float | None = setting(
+        None, "longest wait for nodes that can hold the workers (default 600), then fail",
+        gt=0.0)
 
     @model_validator(mode="after")
     def _one_confidence_cut(self) -> TrainSettings:

@@ -112,3 +112,18 @@ def test_precision_choices_are_the_backbones():
 
     flags, kwargs = cli.argument(cli.PseudoLabelSettings, "precision")
     assert flags == ["--precision"] and tuple(kwargs["choices"]) == PRECISIONS
+
+
+def test_stage_modules_leave_the_model_stack_to_the_actors():
+    """Ray imports a stage module in every worker process that runs one of its decode or write
+    tasks: importing it must not import timm (2-3 s of CPU per process), nor torch for
+    pseudo-label; the model actors and the drivers' checks import the model stack."""
+    code = ("import sys\n"
+            "import selfment_dist.pipeline.pseudo_label\n"
+            "assert 'torch' not in sys.modules, 'pseudo_label imports torch'\n"
+            "import selfment_dist.pipeline.segment, selfment_dist.pipeline._train_worker\n"
+            "import selfment_dist.pipeline.evaluate, selfment_dist.pipeline.train\n"
+            "assert 'timm' not in sys.modules, 'a stage module imports timm'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -410,6 +410,22 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
     assert meta["training"]["steps"] == summary["steps"] and head is not None
 
 
+def test_a_training_no_node_can_hold_fails_in_bounded_time_naming_the_resource(cluster, corpus,
+                                                                             labelled):
+    """Workers of 4 CPUs asked for on nodes of 3 (no autoscaler): a clear error after
+    worker_wait_s, before Ray Train starts (it would wait for them forever)."""
+    from selfment_dist.pipeline._ray import UnschedulableError
+    from selfment_dist.pipeline.train import run_train
+
+    so, _ = corpus
+    start = time.monotonic()
+    with pytest.raises(UnschedulableError, match=r"CPU: 4.*alive nodes have"):
+        run_train(LABELS, "s3://multinode/never-model", address=cluster.address,
+                  storage_options=so, workers=1, resources_per_worker={"CPU": 4},
+                  worker_wait_s=3, min_confidence=0)
+    assert time.monotonic() - start < 120
+
+
 def test_the_shipped_s3_config_as_a_job_on_the_cluster(cluster, corpus, tmp_path):
     """``jobs/pipeline.py --config`` with the shipped ``jobs/configs/s3.yaml`` (scaled down to
     this machine: tests/shipped_configs.py), submitted through the Jobs API to the multi-node

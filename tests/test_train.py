@@ -355,3 +355,43 @@ def test_worker_resources_leave_a_cpu_for_data_and_fit_a_node(ray_local):
     # GPU workers: Ray Train's default (one GPU each), whatever the nodes.
     assert train_mod._plan_workers(2, True, None, nodes=[{"CPU": 8.0, "GPU": 1.0}]) == (
         None, None)
+
+
+def test_workers_no_node_can_hold_fail_in_bounded_time_unless_nodes_arrive(monkeypatch):
+    """Ray Train retries its worker group's start for as long as it is left running: the
+    driver waits at most worker_wait_s for nodes that can hold the workers (an autoscaler may
+    add them), then fails naming the resource. (On a real multi-node cluster:
+    tests/test_multinode.py.)"""
+    from selfment_dist.pipeline import _plan
+
+    head, worker = {"CPU": 0.0}, {"CPU": 3.0}
+    nodes = [head, worker, worker]
+    assert _plan.workers_that_fit({"CPU": 3.0}, nodes) == 2
+    assert _plan.workers_that_fit({"CPU": 4.0}, nodes) == 0
+    assert _plan.workers_that_fit({"CPU": 1.0, "GPU": 1.0}, nodes + [{"CPU": 8.0, "GPU": 2.0}]) == 2
+    monkeypatch.setattr(_plan, "alive_nodes", lambda: nodes)
+    _plan.wait_for_worker_nodes({"CPU": 3.0}, 2, 0.01)  # they fit: no wait
+    with pytest.raises(_plan.UnschedulableError,
+                       match=r"cannot hold 1 worker.*GPU: 1.*alive nodes have \{CPU: 0\}"):
+        _plan.wait_for_worker_nodes({"GPU": 1.0}, 1, 0.2, poll_s=0.05)
+    # A GPU node arrives during the wait (an autoscaler): no error.
+    calls = iter([nodes, nodes, nodes + [{"CPU": 8.0, "GPU": 1.0}]])
+    monkeypatch.setattr(_plan, "alive_nodes", lambda: next(calls))
+    _plan.wait_for_worker_nodes({"GPU": 1.0}, 1, 30, poll_s=0.01)
+
+
+def test_an_unschedulable_run_is_one_line_on_the_command_line(monkeypatch, capsys):
+    from selfment_dist import cli
+    from selfment_dist.pipeline._plan import UnschedulableError
+
+    def unschedulable(command):
+        def run(settings, **_):
+            raise UnschedulableError("train: the cluster cannot hold 1 worker(s) within 3 s: "
+                                     "each needs {CPU: 4} on one node")
+        return run
+
+    monkeypatch.setattr(cli, "_target", unschedulable)
+    assert cli.main(["train", "--labels", "l", "--output", "o", "--worker-wait-s", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["selfment: error: train: the cluster cannot hold 1 worker(s) within 3 s: "
+                   "each needs {CPU: 4} on one node"]

@@ -179,3 +179,42 @@ def unschedulable_message(plan: dict, wait_s: float, stage: str) -> str:
     return (f"{stage}: no model actor could start within {wait_s:.0f} s: each needs "
             f"{{{need}}} on one node, and the alive nodes have {nodes}. Add such a node (or "
             f"let an autoscaler add one), or lower num_gpus_per_actor/num_actors")
+
+
+def workers_that_fit(need: dict[str, float], nodes: list[dict[str, float]]) -> int:
+    """How many workers asking ``need`` each the ``nodes`` (their total resources) can hold."""
+    need = {k: float(v) for k, v in need.items() if v}
+    if not need:
+        return 1 << 30
+    return sum(min(int(n.get(k, 0) // v) for k, v in need.items()) for n in nodes)
+
+
+def wait_for_worker_nodes(need: dict[str, float], workers: int, wait_s: float | None,
+                          stage: str = "train", poll_s: float = 2.0) -> None:
+    """Return once the cluster's nodes can hold ``workers`` workers of ``need`` each (busy or
+    not: Ray then schedules them as resources free up); wait at most ``wait_s`` (default
+    :data:`DEFAULT_ACTOR_WAIT_S`) for an autoscaler to add such nodes, then raise
+    :class:`UnschedulableError` naming the resource. Ray Train alone retries its worker group's
+    start for as long as it is left running."""
+    import time
+
+    wait_s = DEFAULT_ACTOR_WAIT_S if wait_s is None else float(wait_s)
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while True:
+        nodes = alive_nodes()
+        if workers_that_fit(need, nodes) >= workers:
+            return
+        if time.monotonic() >= deadline:
+            wanted = ", ".join(f"{k}: {v:g}" for k, v in need.items())
+            raise UnschedulableError(
+                f"{stage}: the cluster cannot hold {workers} worker(s) within {wait_s:.0f} s: "
+                f"each needs {{{wanted}}} on one node, and the alive nodes have "
+                f"{_describe(nodes)}. Add such nodes (or let an autoscaler add them), or lower "
+                f"workers/resources_per_worker")
+        if not warned:
+            logger.warning("%s: the nodes cannot hold %d worker(s) of %s now; waiting at most "
+                           "%.0f s for more (an autoscaler may add them)", stage, workers, need,
+                           wait_s)
+            warned = True
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))

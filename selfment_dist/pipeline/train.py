@@ -54,6 +54,7 @@ from ..settings import TrainSettings, build_settings
 from ._train_checkpoints import (CONFIG_NAME, RUN_NAME, check_same_run, read_json,
                                  save_model)
 from ._train_data import LabelSet, arrow_fs, build_dataset, inspect_labels
+from ._plan import wait_for_worker_nodes
 from ._train_worker import DATASET, train_loop
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,11 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
     if per_worker == 0:
         raise ValueError(f"{ls.usable} usable pseudo-labels cannot feed {s.workers} workers")
     resources, threads = _plan_workers(s.workers, s.use_gpu, s.resources_per_worker)
+    # What Ray Train asks per worker (its default with GPUs: one GPU, no CPU).
+    need = dict(resources or {}) or ({"GPU": 1.0} if s.use_gpu else {"CPU": 1.0})
+    if s.use_gpu:
+        need.setdefault("GPU", 1.0)
+    wait_for_worker_nodes(need, s.workers, s.worker_wait_s)
     steps_per_epoch = math.ceil(per_worker / s.batch_size)
     logger.info("training on %s: %d of %d rows (%d errors and %d low-confidence rows skipped, "
                 "filter %s), grid %s, features %s; %d workers (%s), %d epochs x ~%d steps of %d "
