@@ -477,18 +477,27 @@ def test_ray_client_address_drives_a_pipeline(cluster, corpus, tmp_path):
            *(f"--storage-option={k}={v}" for k, v in so.items())]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    if proc.returncode and "Starting Ray client server failed" in proc.stderr:
-        # Seen once on a machine under load ~40: the head's client proxy started the
-        # per-client server and that process was gone ~0.1 s later with empty logs (Ray's
-        # side, before any of our code ran). Nothing ran, so connecting again is safe.
-        logger.warning("Ray Client server did not start; connecting again:%s",
-                       _client_server_logs(cluster))
+    for attempt in range(3):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        if not (proc.returncode and _client_server_died_at_start(proc.stderr)) or attempt == 2:
+            break
+        # Ray's side, before any of our code ran: the head's client proxy started the
+        # per-client server and that process was gone within a second, with empty logs. Also
+        # seen with a bare `ray.init("ray://...")` against a Cluster (no project code): 1 of 4
+        # connections on this machine. Nothing ran, so connecting again is safe.
+        logger.warning("Ray Client server did not start (attempt %d); connecting again:%s",
+                       attempt + 1, _client_server_logs(cluster))
     assert proc.returncode == 0, ((proc.stdout + proc.stderr)[-4000:]
                                   + _client_server_logs(cluster))
     got, errors = _keys(fs, "multinode/client-labels")
     assert sorted(got) == sorted(keys) and errors == 0
+
+
+def _client_server_died_at_start(stderr: str) -> bool:
+    """Ray's per-client server exited as it started: reported as a failed start, or (when the
+    proxy looked at the process after it had exited) as a zombie process."""
+    return ("Starting Ray client server failed" in stderr
+            or ("Initialization failure from server" in stderr and "ZombieProcess" in stderr))
 
 
 def _client_server_logs(cluster) -> str:
