@@ -208,11 +208,7 @@ def _plan_workers(workers: int, use_gpu: bool, resources_per_worker: dict | None
         cpus = float(resources_per_worker.get("CPU", 1))
         return dict(resources_per_worker), max(1, int(cpus))
     nodes = alive_nodes() if nodes is None else nodes
-    if use_gpu:
-        gpus = sum(n.get("GPU", 0) for n in nodes)
-        if gpus < workers:
-            logger.warning("%d GPU workers requested, the cluster has %s GPUs now; Ray Train "
-                           "waits for them", workers, gpus)
+    if use_gpu:  # Ray Train's default, one GPU each (run_train waits for nodes that have them)
         return None, None
     node_cpus = [float(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0]
     cpus = sum(node_cpus) or 1.0
