@@ -9,6 +9,7 @@ images on S3, the benchmark layout) is the file's own.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import fsspec
@@ -66,8 +67,6 @@ def put_the_data_where_the_file_expects_it(config: dict, storage: dict, work: Pa
 
 def check_the_run(config: dict, summary: dict, storage: dict) -> None:
     """Every stage complete, every output on S3 where the file says."""
-    import json
-
     run = config["pipeline"]["output"]
     assert summary["status"] == "complete", summary
     assert {s: r["status"] for s, r in summary["stages"].items()} == dict.fromkeys(

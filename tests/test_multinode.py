@@ -435,7 +435,6 @@ def test_the_shipped_s3_config_as_a_job_on_the_cluster(cluster, corpus, tmp_path
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     so, _ = corpus
-    endpoint = {"endpoint_url": so["endpoint_url"]}
     config = s3_config_scaled_down("s3://multinode/shipped/", so["endpoint_url"], tmp_path)
     put_the_data_where_the_file_expects_it(config, so, tmp_path)
     fs = fsspec.filesystem("s3", **so)
@@ -446,7 +445,7 @@ def test_the_shipped_s3_config_as_a_job_on_the_cluster(cluster, corpus, tmp_path
         client,
         entrypoint=f"{sys.executable} {REPO / 'jobs' / 'pipeline.py'} "
                    f"--config s3://multinode/shipped.yaml "
-                   f"--storage-option endpoint_url={endpoint['endpoint_url']}",
+                   f"--storage-option endpoint_url={so['endpoint_url']}",
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1",
                                   "AWS_ACCESS_KEY_ID": so["key"],
                                   "AWS_SECRET_ACCESS_KEY": so["secret"]}})

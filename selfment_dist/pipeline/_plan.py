@@ -167,17 +167,21 @@ def _describe(nodes: list[dict[str, float]]) -> str:
                                      if k in ("CPU", "GPU")) + "}" for n in nodes) or "none"
 
 
+def _describe_need(need: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in need.items()) + "}"
+
+
 def unschedulable_message(plan: dict, wait_s: float, stage: str) -> str:
     """One line saying which resource the model actors lack (for a timed-out start)."""
     import ray
 
-    need = ", ".join(f"{k}: {v:g}" for k, v in plan["need"].items())
+    need = _describe_need(plan["need"])
     try:
         nodes = _describe(alive_nodes()) if ray.is_initialized() else "unknown"
     except Exception:  # the message must not fail
         nodes = "unknown"
     return (f"{stage}: no model actor could start within {wait_s:.0f} s: each needs "
-            f"{{{need}}} on one node, and the alive nodes have {nodes}. Add such a node (or "
+            f"{need} on one node, and the alive nodes have {nodes}. Add such a node (or "
             f"let an autoscaler add one), or lower num_gpus_per_actor/num_actors")
 
 
@@ -206,10 +210,9 @@ def wait_for_worker_nodes(need: dict[str, float], workers: int, wait_s: float | 
         if workers_that_fit(need, nodes) >= workers:
             return
         if time.monotonic() >= deadline:
-            wanted = ", ".join(f"{k}: {v:g}" for k, v in need.items())
             raise UnschedulableError(
                 f"{stage}: the cluster cannot hold {workers} worker(s) within {wait_s:.0f} s: "
-                f"each needs {{{wanted}}} on one node, and the alive nodes have "
+                f"each needs {_describe_need(need)} on one node, and the alive nodes have "
                 f"{_describe(nodes)}. Add such nodes (or let an autoscaler add them), or lower "
                 f"workers/resources_per_worker")
         if not warned:

@@ -207,9 +207,9 @@ def _plan_workers(workers: int, use_gpu: bool, resources_per_worker: dict | None
     if resources_per_worker:
         cpus = float(resources_per_worker.get("CPU", 1))
         return dict(resources_per_worker), max(1, int(cpus))
-    nodes = alive_nodes() if nodes is None else nodes
     if use_gpu:  # Ray Train's default, one GPU each (run_train waits for nodes that have them)
         return None, None
+    nodes = alive_nodes() if nodes is None else nodes
     node_cpus = [float(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0]
     cpus = sum(node_cpus) or 1.0
     spare = cpus - 1
