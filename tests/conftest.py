@@ -17,6 +17,10 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # every 0.2 s, short epochs and checkpoints do not each wait for it. Set before any Ray starts:
 # Ray's workers (the controller among them) and the CLI runs the tests start inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Train V2 starts a PreemptionWatcher actor (one more Python process, seconds of CPU) per
+# run to react to node drains (spot preemption); no test drains a node (the multi-node tests
+# remove nodes ungracefully), and Ray keeps this flag as the watcher's off switch.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # Modules that replace the in-process Ray with a cluster of their own run last, so the shared
 # one is started once (see ``ray_local``).

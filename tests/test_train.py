@@ -70,18 +70,29 @@ def _feature_rows(n: int, seed: int = 0) -> list[dict]:
     return [_row(f"scene_{i:03d}", f"/data/scene_{i:03d}.jpg", masks[i], feats[i]) for i in range(n)]
 
 
+# Rows the pseudo-labeller flagged no_object (low confidence): by default train skips them
+# (which rows real pseudo-labels flag: tests/test_confidence.py).
+NO_OBJECT = {1, 6, 11, 14}
+
+
 @pytest.fixture(scope="module")
 def feature_labels(tmp_path_factory):
-    rows = _feature_rows(N_SCENES)
+    """N_SCENES usable rows, the NO_OBJECT rows among them flagged, and two error rows."""
+    rows = _feature_rows(N_SCENES + len(NO_OBJECT))
+    for i, row in enumerate(rows):
+        row.update(confidence=0.1 if i in NO_OBJECT else 0.9, no_object=i in NO_OBJECT)
     rows += [error_row("broken_1", "/data/broken_1.jpg", "not an image"),
              error_row("broken_2", "/data/broken_2.jpg", "truncated JPEG")]
     return write_labels(tmp_path_factory.mktemp("labels") / "labels", rows,
                         image_size=16 * GRID, features=True)
 
 
-def _load_rows(labels: str) -> list[dict]:
-    table = pq.read_table(labels, columns=["key", "grid_h", "grid_w", "mask", "features", "error"])
-    return [r for r in table.to_pylist() if r["error"] is None]
+def _load_rows(labels: str, *, flagged: bool = False) -> list[dict]:
+    """The rows without error; without the no_object ones unless ``flagged``."""
+    table = pq.read_table(labels, columns=["key", "grid_h", "grid_w", "mask", "features", "error",
+                                           "no_object"])
+    return [r for r in table.to_pylist()
+            if r["error"] is None and (flagged or not r["no_object"])]
 
 
 def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -94,20 +105,27 @@ TRAIN_KWARGS = dict(workers=2, epochs=14, batch_size=4, checkpoint_every=4)
 
 @pytest.fixture(scope="module")
 def trained(ray_local, feature_labels, tmp_path_factory):
-    """The main run: 14 epochs x 6 steps; a worker is killed after step 10 and Ray Train
-    restarts the group from the checkpoint of step 8 (checkpoints: every 4 steps + epoch ends)."""
-    output = str(tmp_path_factory.mktemp("model") / "model")
-    summary = run_train(feature_labels, output, fail_at_step=10, max_failures=1, **TRAIN_KWARGS)
-    return output, summary
+    """The main run (the one Ray Train start for the learning, DDP, shuffle, confidence-filter
+    and fault-tolerance checks): 2 ranks, 14 epochs x 6 steps of 4 images per rank; a worker
+    is killed after step 10 and Ray Train restarts the group from the checkpoint of step 8
+    (checkpoints: every 4 steps + epoch ends). Each rank dumps its weights and its batch's keys
+    at every step (``debug_dir``). Returns (output, summary, debug folder)."""
+    root = tmp_path_factory.mktemp("model")
+    output, debug = str(root / "model"), root / "debug"
+    summary = run_train(feature_labels, output, fail_at_step=10, max_failures=1,
+                        debug_dir=str(debug), **TRAIN_KWARGS)
+    return output, summary, debug
 
 
 # ---------------------------------------------------------------------------------------------
 # Learning
 
 def test_loss_falls_and_error_rows_are_counted(trained):
-    _, summary = trained
+    _, summary, _ = trained
     assert summary["status"] == "trained"
-    assert (summary["rows"], summary["error_rows"], summary["train_rows"]) == (N_SCENES + 2, 2, N_SCENES)
+    assert (summary["rows"], summary["error_rows"], summary["train_rows"]) == (
+        N_SCENES + len(NO_OBJECT) + 2, 2, N_SCENES)
+    assert summary["low_confidence_rows"] == len(NO_OBJECT)
     history = summary["history"]
     assert [h["epoch"] for h in history] == list(range(1, 15))
     assert all(h["images"] == N_SCENES for h in history)  # counts; keys: the test below
@@ -119,7 +137,7 @@ def test_loss_falls_and_error_rows_are_counted(trained):
 
 
 def test_artifact_loads_and_masks_match_the_pseudo_masks(trained, feature_labels):
-    output, summary = trained
+    output, summary, _ = trained
     head, meta = load_artifact(output)
     assert (meta["backbone"], meta["weights"], meta["image_size"]) == (DEFAULT_BACKBONE, "random", 128)
     assert (meta["feature_dim"], meta["embed_dim"], meta["in_dim"]) == (DIM, 128, DIM)
@@ -135,13 +153,13 @@ def test_artifact_loads_and_masks_match_the_pseudo_masks(trained, feature_labels
 
 
 def test_checkpoints_are_in_the_output(trained):
-    output, _ = trained
+    output, _, _ = trained
     names = os.listdir(os.path.join(output, RUN_NAME))
     assert any(n.startswith("checkpoint-step") for n in names), names
 
 
 def test_finished_run_is_returned_without_training(trained, feature_labels, monkeypatch):
-    output, summary = trained
+    output, summary, _ = trained
     before = os.path.getmtime(os.path.join(output, "model.json"))
 
     def no_ray(*args, **kwargs):
@@ -159,50 +177,38 @@ def test_finished_run_is_returned_without_training(trained, feature_labels, monk
 
 
 # ---------------------------------------------------------------------------------------------
-# DDP
+# DDP, the official shuffle and the confidence filter (the main run's per-step dumps)
 
-# Rows the pseudo-labeller flagged no_object (low confidence): by default train skips them.
-NO_OBJECT = {1, 6, 11, 14}
-
-
-def test_ddp_is_real_and_every_epoch_sees_every_kept_row_once_in_a_new_order(ray_local,
-                                                                            tmp_path):
-    """One run on 2 ranks, 3 epochs of 3 steps of 2 images per rank (one Ray Train start for
-    these checks):
-
-    - DDP is real: after step 1 both ranks hold the same weights, and the step used both
-      shards (it equals one step on all 4 images; equal shards, so the mean of the two ranks'
+def test_ddp_is_real_and_every_epoch_sees_every_kept_row_once_in_a_new_order(trained,
+                                                                            feature_labels):
+    """- DDP is real: after step 1 both ranks hold the same weights, and the step used both
+      shards (it equals one step on all 8 images; equal shards, so the mean of the two ranks'
       gradients) and differs from a step on one shard alone.
     - The official schedule's full shuffle, checked on the keys each rank trained on: every
       epoch covers every usable row exactly once, and the order changes from epoch to epoch.
-    - The default confidence filter, end to end: the 4 rows flagged ``no_object`` are never
-      trained on (which rows real pseudo-labels flag: tests/test_confidence.py).
+      (Epoch 2 is left out: the restart after step 10 resumed it mid-way, in a new order.)
+    - The default confidence filter, end to end: the rows flagged ``no_object`` are never
+      trained on.
     """
-    rows = _feature_rows(16, seed=2)
-    for i, row in enumerate(rows):
-        row.update(confidence=0.1 if i in NO_OBJECT else 0.9, no_object=i in NO_OBJECT)
-    kept = sorted(r["key"] for i, r in enumerate(rows) if i not in NO_OBJECT)
-    labels = write_labels(tmp_path / "labels", rows, image_size=16 * GRID, features=True)
-    debug = tmp_path / "debug"
-    summary = run_train(labels, str(tmp_path / "model"), workers=2, epochs=3, batch_size=2,
-                        debug_dir=str(debug), seed=3)
-    assert summary["steps"] == 3 * 3 and summary["shuffle"] == "full"
-    assert (summary["train_rows"], summary["low_confidence_rows"]) == (12, 4)
+    _, summary, debug = trained
+    assert summary["shuffle"] == "full"
+    rows = {r["key"]: r for r in _load_rows(feature_labels, flagged=True)}
+    kept = sorted(k for k, r in rows.items() if not r["no_object"])
+    assert len(kept) == N_SCENES and len(rows) == N_SCENES + len(NO_OBJECT)
 
     # DDP, on step 1.
     ranks = [load_file(debug / f"rank{r}-step1.safetensors") for r in (0, 1)]
     shards = [json.loads((debug / f"rank{r}-step1.json").read_text()) for r in (0, 1)]
     for name in ranks[0]:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
-    assert len(shards[0]) == len(shards[1]) == 2 and not set(shards[0]) & set(shards[1])
-    by_key = {r["key"]: r for r in rows}
+    assert len(shards[0]) == len(shards[1]) == 4 and not set(shards[0]) & set(shards[1])
 
     def one_step(keys):
-        feats = torch.stack([torch.from_numpy(decode_features(by_key[k]["features"], GRID, GRID)
+        feats = torch.stack([torch.from_numpy(decode_features(rows[k]["features"], GRID, GRID)
                                               .astype(np.float32)).reshape(-1, DIM) for k in keys])
-        masks = torch.stack([torch.from_numpy(decode_mask(by_key[k]["mask"], GRID, GRID).reshape(-1))
+        masks = torch.stack([torch.from_numpy(decode_mask(rows[k]["mask"], GRID, GRID).reshape(-1))
                              for k in keys])
-        torch.manual_seed(3)
+        torch.manual_seed(0)  # the run's seed (the default): the head's initialisation
         head = PatchHead(DIM, 128)
         opt = torch.optim.Adam(head.parameters(), lr=1e-3, weight_decay=1e-5)
         logits, emb = head(feats)
@@ -216,23 +222,23 @@ def test_ddp_is_real_and_every_epoch_sees_every_kept_row_once_in_a_new_order(ray
     for name in both:
         assert torch.allclose(both[name], ranks[0][name], atol=1e-5), name
 
-    # Every epoch: every kept row once (none flagged no_object), in a new order.
+    # Every epoch (but the restarted one): every kept row once, none flagged, in a new order.
     orders = []
-    for epoch in range(3):
-        steps = range(epoch * 3 + 1, epoch * 3 + 4)
+    for epoch in (0, 2, 3, 13):
+        steps = range(epoch * 6 + 1, epoch * 6 + 7)
         seen = [k for s in steps for r in (0, 1)
                 for k in json.loads((debug / f"rank{r}-step{s}.json").read_text())]
         assert sorted(seen) == kept, epoch  # once each, none missing, no flagged row
         orders.append(seen)
-    assert not (debug / "rank0-step10.json").exists()
-    assert orders[0] != orders[1] and orders[1] != orders[2]
+    assert not (debug / f"rank0-step{14 * 6 + 1}.json").exists()
+    assert all(a != b for a, b in zip(orders, orders[1:]))
 
 
 # ---------------------------------------------------------------------------------------------
 # Fault tolerance and resumption
 
 def test_killed_worker_resumes_from_checkpoint(trained):
-    output, summary = trained
+    output, summary, _ = trained
     assert summary["resumed_from_steps"] == [8]  # the latest checkpoint before the failure
     assert summary["steps"] == 14 * 6 and summary["epochs"] == 14
     # Epoch 2 was cut after 4 of its 6 steps and finished from its second step after the restart.
@@ -243,7 +249,7 @@ def test_killed_worker_resumes_from_checkpoint(trained):
 def test_more_epochs_continue_from_the_last_checkpoint(trained, feature_labels, tmp_path):
     """A new run on the same output resumes Ray Train's run from storage (V2: same
     storage_path and name) instead of starting over."""
-    output, summary = trained
+    output, summary, _ = trained
     copy = str(tmp_path / "model")
     shutil.copytree(output, copy)
     more = run_train(feature_labels, copy, **{**TRAIN_KWARGS, "epochs": 15})
