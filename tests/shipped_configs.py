@@ -3,9 +3,9 @@
 The file is loaded as a user would: their bucket in place of ``my-bucket``, the store's endpoint
 given as a storage option (``--storage-option endpoint_url=...``) and the credentials from the
 environment (never from the file). Only the scale is turned down: random weights instead of the
-hub, tiny images, CPU instead of GPUs, one epoch, one of the five benchmarks. Everything else
-(the backbone, the stages and how they are wired, the training features recomputed from the
-images on S3, the benchmark layout) is the file's own.
+hub, tiny images, CPU instead of GPUs and one model replica per stage, one epoch, one of the five
+benchmarks. Everything else (the backbone, the stages and how they are wired, the training
+features recomputed from the images on S3, the benchmark layout) is the file's own.
 """
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ N_IMAGES, N_BENCH, SIZE = 6, 2, (48, 64)
 KEPT_BENCHMARKS = ("ECSSD",)  # each benchmark is one more segment run
 # What this machine cannot do at the file's scale: every other setting is the file's.
 SCALE_DOWN = {
+    # One model replica per stage: the file's "one per GPU" has no match on CPU nodes, and
+    # spreading over nodes is what test_multinode's node-loss tests check.
     "pseudo_label": {"weights": "random", "image_size": 64, "batch_size": 4,
-                     "num_gpus_per_actor": None},
+                     "num_gpus_per_actor": None, "num_actors": 1},
     # min_confidence 0: random weights flag most masks no_object, which train skips by default.
     "train": {"workers": 1, "use_gpu": False, "resources_per_worker": None, "epochs": 1,
               "batch_size": 2, "min_confidence": 0},
-    "segment": {"image_size": 64, "batch_size": 4, "num_gpus_per_actor": None},
-    "evaluate": {"image_size": 64},
+    "segment": {"image_size": 64, "batch_size": 4, "num_gpus_per_actor": None, "num_actors": 1},
+    "evaluate": {"image_size": 64, "num_actors": 1},
 }
 
 
