@@ -13,6 +13,8 @@ DEFAULT_BACKBONE = "vit_small_patch16_dinov3.lvd1689m"
 #: as the official code computes its features (bf16 can flip graph edges that lie near tau, so
 #: it is only used when asked for; ``benchmarks/pseudo_label.py`` reports its mask agreement).
 PRECISIONS = ("auto", "fp32", "bf16")
+#: How model replicas run (see ``pipeline._warm``): Ray actors, or tasks on warm CPU workers.
+MODEL_WORKERS = ("actors", "tasks")
 
 #: Rows whose confidence is below this are flagged ``no_object`` (their mask is likely noise).
 NO_OBJECT_THRESHOLD = 0.5

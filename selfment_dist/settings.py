@@ -30,7 +30,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from pydantic_core import PydanticUndefined
 from typing_extensions import Annotated
 
-from .defaults import DEFAULT_BACKBONE, NO_OBJECT_THRESHOLD, PRECISIONS
+from .defaults import DEFAULT_BACKBONE, MODEL_WORKERS, NO_OBJECT_THRESHOLD, PRECISIONS
 from .io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 __all__ = ["Settings", "StageSettings", "PseudoLabelSettings", "TrainSettings", "SegmentSettings",
@@ -124,6 +124,10 @@ class ActorPoolSettings(StageSettings):
         False, "let GPU actors run on CPU where CUDA is unusable (default: they refuse)")
     actor_wait_s: float | None = setting(
         None, "longest wait for the first model actor (default 600), then fail", gt=0.0)
+    model_workers: Literal[MODEL_WORKERS] = setting(
+        "actors", "actors (default) | tasks: CPU only, Ray task workers that keep their model "
+                  "between tasks and between runs of one driver (repeated small runs skip the "
+                  "model's start-up)")
 
 
 class PseudoLabelSettings(ActorPoolSettings):

@@ -109,14 +109,15 @@ def labelled(ray_local, tmp_path_factory):
     # both sides hold rows whatever the calibration: the filters are what is tested here.
     run_pseudo_label(str(root / "scenes" / "images"), out, weights="random",
                      image_size=IMAGE_SIZE, batch_size=4, save_features=True, progress=False,
-                     no_object_threshold=0.0)
+                     no_object_threshold=0.0, model_workers="tasks")
     table = pq.read_table(out)
     conf = np.sort(table.column("confidence").drop_null().to_numpy())
     threshold = float(conf[len(conf) // 2])
     out2 = str(root / "labels2")
     summary = run_pseudo_label(str(root / "scenes" / "images"), out2, weights="random",
                                image_size=IMAGE_SIZE, batch_size=4, save_features=True,
-                               progress=False, no_object_threshold=threshold)
+                               progress=False, no_object_threshold=threshold,
+                               model_workers="tasks")
     return {"root": root, "first": out, "labels": out2, "threshold": threshold,
             "summary": summary}
 
@@ -201,7 +202,8 @@ def test_inspect_reads_originals_and_labels_on_s3(ray_local, s3_bucket, tmp_path
     write_scenes(f"s3://{bucket}/scenes", 4, seed=9, size=(64, 64), no_object_fraction=0.5,
                  storage_options=so)
     run_pseudo_label(f"s3://{bucket}/scenes/images", f"s3://{bucket}/labels", weights="random",
-                     image_size=64, batch_size=4, storage_options=so, progress=False)
+                     image_size=64, batch_size=4, storage_options=so, progress=False,
+                     model_workers="tasks")
     out = tmp_path / "inspect"
     assert main(["inspect", "--labels", f"s3://{bucket}/labels", "--output", str(out),
                  "--per-sheet", "2", *[f"--storage-option={k}={v}" for k, v in so.items()]]) == 0

@@ -27,7 +27,7 @@ from selfment_dist.synthetic import write_scenes
 
 SMALL, LARGE = 64, 512
 RUN = dict(backbone="vit_small_patch16_224.dino", weights="random", image_size=32,
-           batch_size=16, save_features=True, progress=False)
+           batch_size=16, save_features=True, progress=False, model_workers="tasks")
 # Per extra row; measured here: ~0.8 KiB (Python) and ~8 KiB (RSS, mostly allocator noise).
 # Keeping every row in the driver adds ~5 KiB (Python) a row at this size.
 PYTHON_BOUND = 2.0 * 2**10 * (LARGE - SMALL)   # 0.9 MiB

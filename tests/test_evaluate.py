@@ -257,7 +257,7 @@ def test_benchmark_mode_with_the_real_segment_stage(ray_local, tmp_path):
     out = tmp_path / "out"
     result = run_evaluate(model=model, benchmarks={"SYN": (str(tmp_path / "SYN" / "images"),
                                                            str(tmp_path / "SYN" / "masks"))},
-                          output=str(out), image_size=64)
+                          output=str(out), image_size=64, model_workers="tasks")
     entry = result["datasets"]["SYN"]
     assert entry["n_images"] == len(keys) and not any(entry["problems"]["counts"].values())
     assert entry["segment"]["images"] == len(keys)

@@ -24,7 +24,9 @@ from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
 from selfment_dist.synthetic import make_scene, write_scenes
 
 BACKBONE = "vit_small_patch16_224.dino"
-RUN = dict(backbone=BACKBONE, weights="random", image_size=64, batch_size=4, progress=False)
+# Model replicas as tasks on warm workers: built once for the module (see pipeline._warm).
+RUN = dict(backbone=BACKBONE, weights="random", image_size=64, batch_size=4, progress=False,
+           model_workers="tasks")
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -269,7 +271,7 @@ def test_segment_parquet_resumes_and_refuses_a_busy_output(images, tmp_path):
     save_artifact(model, PatchHead(384), {"backbone": BACKBONE, "weights": "random",
                                           "image_size": 64})
     output = tmp_path / "seg"
-    run = dict(output_format="parquet", batch_size=2, progress=False)
+    run = dict(output_format="parquet", batch_size=2, progress=False, model_workers="tasks")
     first = run_segment(model, folder, str(output), **run)
     assert first["rows_total"] == len(keys)
     dropped = set(sorted(keys)[::2])

@@ -129,7 +129,8 @@ def test_pseudo_label_pipeline_moves_masks_and_finds_objects(ray_local, scenes, 
     out = tmp_path / "labels"
     assert cli_main(["pseudo-label", "--input", str(root / "images"), "--output", str(out),
                      "--weights", "random", "--image-size", str(SIZE), "--save-ncut",
-                     "--save-features", "--no-progress", "--batch-size", "4"]) == 0
+                     "--save-features", "--no-progress", "--batch-size", "4",
+                     "--model-workers", "tasks"]) == 0
     table = pq.read_table(out).to_pylist()
     assert len(table) == N and all(r["error"] is None for r in table)
     changed, same, ious, chance = 0, 0, [], []

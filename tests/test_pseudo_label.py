@@ -34,8 +34,11 @@ GRID = (IMAGE_SIZE // 16, IMAGE_SIZE // 16)
 MAX_PIXELS = 1_000_000                # the synthetic "bomb" below is 2 MP
 RUN = dict(backbone=BACKBONE, weights="random", image_size=IMAGE_SIZE, batch_size=8,
            max_pixels=MAX_PIXELS, progress=False)
+# The module's main run (folder_run) and the actor-death test run actor pools, the default; the
+# others run the model as tasks on warm workers (the replica built once for the module).
+WARM = {**RUN, "model_workers": "tasks"}
 CLI = ["--backbone", BACKBONE, "--weights", "random", "--image-size", str(IMAGE_SIZE),
-       "--batch-size", "8", "--max-pixels", str(MAX_PIXELS)]
+       "--batch-size", "8", "--max-pixels", str(MAX_PIXELS), "--model-workers", "tasks"]
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -273,6 +276,34 @@ def test_s3_in_and_out(s3_bucket, corpus, reference, capsys):
     assert again["rows_total"] == len(corpus["s3_keys"])
 
 
+def test_tasks_on_warm_workers_label_as_actors_do_and_keep_their_model(folder_run, corpus,
+                                                                       tmp_path):
+    """``model_workers="tasks"``: the rows are the actor pool's, byte for byte; a second run
+    of the same driver finds the replica built (no replica started), another model is built."""
+    actor_output, actor_summary = folder_run
+    assert actor_summary["replicas_started"] >= 1
+    first = run_pseudo_label(corpus["folder"], str(tmp_path / "a"), rows_per_file=8, **WARM)
+    second = run_pseudo_label(corpus["folder"], str(tmp_path / "b"), rows_per_file=8, **WARM)
+    assert second["replicas_started"] == 0, (first, second)
+    by_key = {}
+    for output in (actor_output, str(tmp_path / "a"), str(tmp_path / "b")):
+        table = _read_output(output).sort_by("key")
+        by_key[output] = table.to_pylist()
+    runs = list(by_key.values())
+    assert runs[0] == runs[1] == runs[2]
+    other = run_pseudo_label(corpus["folder"], str(tmp_path / "c"), rows_per_file=8,
+                             **{**WARM, "image_size": 32})
+    assert other["replicas_started"] >= 1 and other["images"] == first["images"]
+
+
+def test_tasks_refuse_gpus_before_anything_is_written(corpus, tmp_path):
+    output = tmp_path / "gpu"
+    with pytest.raises(ValueError, match="model_workers='tasks' runs on CPUs only"):
+        run_pseudo_label(corpus["folder"], str(output), num_gpus_per_actor=1, cpu_fallback=True,
+                         **WARM)
+    assert not output.exists()
+
+
 def test_resume_is_a_noop_when_complete(folder_run, corpus):
     output, first = folder_run
     parts = sorted(p.name for p in Path(output).glob("*.parquet"))
@@ -314,17 +345,21 @@ def test_resume_after_a_killed_run(folder_run, corpus, reference, tmp_path):
     (output / "_tmp").mkdir(exist_ok=True)
     (output / "_tmp" / "part-0000000000aa-000001.parquet").write_bytes(b"PAR1 half-written")
 
-    summary = run_pseudo_label(corpus["folder"], str(output), rows_per_file=8, **RUN)
+    summary = run_pseudo_label(corpus["folder"], str(output), rows_per_file=8, **WARM)
     assert summary["images"] == lost
     assert summary["skipped"] == len(corpus["folder_keys"]) - lost
     check_output(str(output), corpus["folder_keys"], corpus, reference)
     assert not (output / "_tmp").exists()
 
 
-def test_an_actor_dying_mid_run_loses_nothing(corpus, reference, tmp_path):
+@pytest.mark.parametrize("model_workers", ["actors", "tasks"])
+def test_an_actor_dying_mid_run_loses_nothing(corpus, reference, tmp_path, model_workers):
+    """A model replica's process exits hard after its first batch: Ray restarts the actor
+    (actors) or retries the task on another worker (tasks); nothing is lost."""
     output = str(tmp_path / "faulty")
-    summary = run_pseudo_label(corpus["folder"], output, fail_once_after=1, **RUN)
-    assert summary["fault_injected"]  # the actor did exit after its first batch
+    summary = run_pseudo_label(corpus["folder"], output, fail_once_after=1,
+                               **{**RUN, "model_workers": model_workers})
+    assert summary["fault_injected"]  # the replica did exit after its first batch
     assert summary["images"] == len(corpus["folder_keys"])
     check_output(output, corpus["folder_keys"], corpus, reference)
 

@@ -80,7 +80,7 @@ def test_resume_skips_finished_shards_and_starts_nothing_when_all_done(ray_local
     _shard(shards / "00001.parquet", [f"b{i}" for i in range(6)])
     out = str(tmp_path / "labels")
     kw = dict(backbone="vit_small_patch16_224.dino", weights="random", image_size=64,
-              batch_size=4, num_actors=1, progress=False)
+              batch_size=4, num_actors=1, progress=False, model_workers="tasks")
     first = pseudo_label.run_pseudo_label([str(shards / "00000.parquet")], out, **kw)
     assert first["images"] == 6
 

@@ -35,7 +35,9 @@ from selfment_dist.synthetic import make_scene, write_scenes
 BACKBONE = "vit_small_patch16_224.dino"
 TRAIN_SIZE = 64      # 4x4 grid
 LARGE_SIZE = 96      # 6x6 grid: inference above the training size
-RUN = dict(batch_size=4, progress=False)
+# The model runs as tasks on warm workers (one replica for the module); the actor pool's path of
+# segment is the multi-node, kill, demo and Jobs tests'.
+RUN = dict(batch_size=4, progress=False, model_workers="tasks")
 
 
 def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:

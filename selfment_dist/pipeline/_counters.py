@@ -12,6 +12,7 @@ import ray
 logger = logging.getLogger(__name__)
 
 NODE_ROWS_PREFIX = "rows_on_node:"
+REPLICAS_STARTED = "replicas_started"
 #: The resource Ray gives the head node only.
 HEAD_RESOURCE = "node:__internal_head__"
 
@@ -50,6 +51,12 @@ def count_rows_here(counters, rows: int) -> None:
     """Report ``rows`` processed by this worker's node (``rows_on_node:<node id>``)."""
     if counters is not None and rows:
         counters.add.remote(NODE_ROWS_PREFIX + ray.get_runtime_context().get_node_id(), rows)
+
+
+def count_replica_started(counters) -> None:
+    """Report one model replica started (an actor, or a warm worker's first build)."""
+    if counters is not None:
+        counters.add.remote(REPLICAS_STARTED, 1)
 
 
 def split_counters(counts: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:

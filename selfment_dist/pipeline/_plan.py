@@ -171,8 +171,9 @@ def _describe_need(need: dict[str, float]) -> str:
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in need.items()) + "}"
 
 
-def unschedulable_message(plan: dict, wait_s: float, stage: str) -> str:
-    """One line saying which resource the model actors lack (for a timed-out start)."""
+def unschedulable_message(plan: dict, wait_s: float | None, stage: str) -> str:
+    """One line saying which resource the model actors lack (for a timed-out start; with
+    ``wait_s`` None, for replicas that no node holds now)."""
     import ray
 
     need = _describe_need(plan["need"])
@@ -180,7 +181,8 @@ def unschedulable_message(plan: dict, wait_s: float, stage: str) -> str:
         nodes = _describe(alive_nodes()) if ray.is_initialized() else "unknown"
     except Exception:  # the message must not fail
         nodes = "unknown"
-    return (f"{stage}: no model actor could start within {wait_s:.0f} s: each needs "
+    when = "now" if wait_s is None else f"within {wait_s:.0f} s"
+    return (f"{stage}: no model actor could start {when}: each needs "
             f"{need} on one node, and the alive nodes have {nodes}. Add such a node (or "
             f"let an autoscaler add one), or lower num_gpus_per_actor/num_actors")
 

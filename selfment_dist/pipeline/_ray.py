@@ -14,15 +14,18 @@ from ray.data import DataContext
 # Re-exported. The counters live in a module that imports Ray core only: the actor each run
 # starts then does not import Ray Data.
 from ._counters import (COUNTERS_PREFIX, HEAD_RESOURCE, NODE_ROWS_PREFIX,  # noqa: F401
-                        RunCounters, count_rows_here, read_counters, split_counters,
-                        start_counters, stop_counters)
+                        RunCounters, count_replica_started, count_rows_here, read_counters,
+                        split_counters, start_counters, stop_counters)
+from ..defaults import MODEL_WORKERS
 from ._plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
                     unschedulable_message)
 
 __all__ = ["MAX_ACTOR_RESTARTS", "MAX_TASK_RETRIES", "MAX_RETRIES", "ensure_ray",
-           "plan_resources", "decode_pool", "model_pool_args", "progress_bars",
+           "plan_resources", "decode_pool", "model_pool_args", "model_stage_args",
+           "MODEL_WORKERS", "check_model_workers", "progress_bars",
            "bounded_actor_start", "COUNTERS_PREFIX", "start_counters", "read_counters",
-           "count_rows_here", "split_counters", "stop_counters", "call_as_driver",
+           "count_rows_here", "count_replica_started", "split_counters", "stop_counters",
+           "call_as_driver",
            "DEFAULT_ACTOR_WAIT_S", "LIGHT_TASK_CPUS", "UnschedulableError"]
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ logger = logging.getLogger(__name__)
 MAX_ACTOR_RESTARTS = 8
 MAX_TASK_RETRIES = 8
 MAX_RETRIES = 4
+
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
@@ -95,6 +99,42 @@ def model_pool_args(plan: dict) -> dict:
             # One replica per node while there is room: work spreads over the nodes.
             "scheduling_strategy": "SPREAD",
             "max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_TASK_RETRIES}
+
+
+# Model tasks ask for this (the job's runtime env plus one variable): Ray keeps workers apart by
+# runtime env, so only these workers hold a model, and decode or write tasks never take (or
+# evict) a warm one.
+MODEL_WORKER_ENV = {"env_vars": {"SELFMENT_MODEL_WORKER": "1"}}
+
+
+def check_model_workers(model_workers: str, plan: dict, stage: str) -> None:
+    """``model_workers="tasks"`` runs on CPUs only, and on nodes that hold a replica now (a
+    task that no node can hold would wait forever, with no actor start to time out)."""
+    if model_workers not in MODEL_WORKERS:
+        raise ValueError(f"model_workers must be one of {', '.join(MODEL_WORKERS)}, "
+                         f"got {model_workers!r}")
+    if model_workers != "tasks":
+        return
+    if plan["num_gpus"]:
+        raise ValueError(f"{stage}: model_workers='tasks' runs on CPUs only (Ray assigns GPUs "
+                         "per task, a warm worker's model stays on its first one); use "
+                         "model_workers='actors' with GPUs")
+    if not plan.get("fits_now", True):
+        raise UnschedulableError(unschedulable_message(plan, None, stage))
+
+
+def model_stage_args(udf_class, kwargs: dict, plan: dict, model_workers: str = "actors") -> dict:
+    """``map_batches`` arguments of a model stage: ``udf_class(**kwargs)`` as an actor pool
+    (:func:`model_pool_args`), or as tasks on warm workers that keep their replica between
+    tasks and runs (:mod:`._warm`; at most ``plan["actors"]`` at a time)."""
+    if model_workers == "actors":
+        return {"fn": udf_class, "fn_constructor_kwargs": kwargs, **model_pool_args(plan)}
+    from ._warm import run_on_warm_worker
+
+    return {"fn": run_on_warm_worker, "fn_kwargs": {"udf_class": udf_class, "kwargs": kwargs},
+            "compute": ray.data.TaskPoolStrategy(size=plan["actors"]),
+            "num_cpus": plan["num_cpus"], "scheduling_strategy": "SPREAD",
+            "max_retries": MAX_TASK_RETRIES, "runtime_env": MODEL_WORKER_ENV}
 
 
 @contextlib.contextmanager

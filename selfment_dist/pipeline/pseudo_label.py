@@ -55,9 +55,10 @@ from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      count_parts, existing_keys, has_parts, list_inputs, new_lease, now,
                      read_manifest, register_run, resolve_duplicates, retire_transient,
                      run_entry, versions, write_manifest)
-from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, ensure_ray,
-                   count_rows_here, decode_pool, model_pool_args, plan_resources, progress_bars,
-                   read_counters, split_counters, start_counters, stop_counters)
+from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, check_model_workers,
+                   count_replica_started, count_rows_here, decode_pool, ensure_ray,
+                   model_stage_args, plan_resources, progress_bars, read_counters,
+                   split_counters, start_counters, stop_counters)
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class LabelActor:
         self.fail_once_after = fail_once_after
         self.fail_marker = fail_marker
         self.counters = counters
+        count_replica_started(counters)
         self.batches = 0
         logger.info("label actor ready: %r, %d torch threads", self.backbone,
                     torch.get_num_threads())
@@ -260,9 +262,9 @@ class LabelActor:
 
 def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size: int,
                    max_pixels, max_bytes, storage_options, batch_size: int, plan: dict,
-                   actor_kwargs: dict):
-    """units → read+decode (CPU tasks) → LabelActor (elastic actor pool) — lazily, nothing
-    runs yet."""
+                   actor_kwargs: dict, model_workers: str = "actors"):
+    """units → read+decode (CPU tasks) → LabelActor (elastic actor pool, or tasks on warm
+    workers) — lazily, nothing runs yet."""
     import ray
 
     # About one batch of image files per read task; each container (parquet, tar) its own.
@@ -277,8 +279,8 @@ def _build_dataset(units: list[dict], *, n_containers: int, skip_ref, image_size
         num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
         max_retries=MAX_RETRIES)
     return ds.map_batches(
-        LabelActor, batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False,
-        fn_constructor_kwargs=actor_kwargs, **model_pool_args(plan))
+        batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False,
+        **model_stage_args(LabelActor, actor_kwargs, plan, model_workers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,6 +329,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
                           image_size=s.image_size)
+    check_model_workers(s.model_workers, plan, "pseudo-label")
     from ..backbone import resolve_precision  # the model stack: only where a run starts
 
     # What the actors will run (recorded, and compared on resume): auto means fp32.
@@ -381,7 +384,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
                 "storage_options": storage_options, "device": plan["device"],
                 "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
                 "require_gpu": plan["require_gpu"]},
-            lease=lease, actor_wait_s=s.actor_wait_s)
+            lease=lease, actor_wait_s=s.actor_wait_s, model_workers=s.model_workers)
     except BaseException as exc:
         lease.stop()
         status = "fenced" if isinstance(exc, FencedError) else "failed"
@@ -454,7 +457,8 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
          output: str, image_size: int, max_pixels, max_bytes, storage_options, batch_size: int,
          plan: dict, rows_per_file: int, save_ncut: bool, save_features: bool,
          fail_once_after, progress: bool, actor_kwargs: dict, lease: Lease,
-         actor_wait_s: float | None) -> tuple[dict, list[dict], bool]:
+         actor_wait_s: float | None, model_workers: str = "actors"
+         ) -> tuple[dict, list[dict], bool]:
     """The run proper, once this run holds the output: resume, label, publish, check.
 
     Returns:
@@ -496,7 +500,8 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
                                     max_bytes=max_bytes, storage_options=storage_options,
                                     batch_size=batch_size, plan=plan,
                                     actor_kwargs={**actor_kwargs, "fail_marker": fail_marker,
-                                                  "counters": counters})
+                                                  "counters": counters},
+                                    model_workers=model_workers)
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
                                                        "num_cpus": LIGHT_TASK_CPUS})
             per_node, counts = split_counters(read_counters(counters))
@@ -531,6 +536,7 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
         "feature_dim": totals["feature_dim"],
         "dense_eigh_fallbacks": written.get("dense_eigh_fallbacks", 0),
         "rows_per_node": written.get("rows_per_node", {}),
+        "replicas_started": written.get("replicas_started", 0),
     }
     if fail_once_after is not None:
         summary["fault_injected"] = fault_injected

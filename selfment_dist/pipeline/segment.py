@@ -52,9 +52,10 @@ from ._parts import (TMP_DIR, FencedError, Lease, PartsSink, await_leftover_writ
                      check_lease, check_resume, confirm_lease, count_parts, existing_keys,
                      has_parts, list_inputs, new_lease, now, read_manifest, register_run,
                      run_entry, versions, write_manifest)
-from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, count_rows_here,
-                   decode_pool, ensure_ray, model_pool_args, plan_resources, progress_bars,
-                   read_counters, split_counters, start_counters, stop_counters)
+from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, check_model_workers,
+                   count_replica_started, count_rows_here, decode_pool, ensure_ray,
+                   model_stage_args, plan_resources, progress_bars, read_counters,
+                   split_counters, start_counters, stop_counters)
 from .pseudo_label import read_and_decode
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ class SegmentActor:
         self.segmenter = Segmenter.from_artifact(model, image_size=image_size, device=device,
                                                  storage_options=storage_options)
         self.counters = counters
+        count_replica_started(counters)
         logger.info("segment actor ready: %r, %d torch threads", self.segmenter,
                     torch.get_num_threads())
 
@@ -344,6 +346,7 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor,
                           allow_cpu_fallback=s.cpu_fallback, image_size=image_size)
+    check_model_workers(s.model_workers, plan, "segment")
     run_id = uuid.uuid4().hex[:12]
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
               "backbone": meta.get("backbone"), "weights": meta.get("weights"),
@@ -389,7 +392,7 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
             overlays=s.overlays, rows_per_file=s.rows_per_file or _ROWS_PER_FILE,
             storage_options=storage_options, plan=plan,
             max_pixels=s.max_pixels, max_bytes=s.max_bytes, progress=s.progress, lease=lease,
-            actor_wait_s=s.actor_wait_s)
+            actor_wait_s=s.actor_wait_s, model_workers=s.model_workers)
     except BaseException as exc:
         lease.stop()
         try:
@@ -438,8 +441,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
 def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id: str,
              output: str, model: str, image_size: int, batch_size: int, output_format: str,
              overlays: bool, rows_per_file: int, storage_options, plan: dict, max_pixels,
-             max_bytes, progress: bool, lease: Lease, actor_wait_s: float | None
-             ) -> tuple[dict, list[dict]]:
+             max_bytes, progress: bool, lease: Lease, actor_wait_s: float | None,
+             model_workers: str = "actors") -> tuple[dict, list[dict]]:
     """The run proper, once this run holds the output. Returns the counts and failed rows."""
     if output_format != "png":  # a PNG map rewritten by two runs is the same file
         await_leftover_writers(unfinished, output)
@@ -452,7 +455,7 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
         logger.info("resuming: %d maps already in %s; %d of %d work units left", len(done),
                     output, len(units), n_units)
 
-    images, failed, per_node = 0, [], {}
+    images, failed, per_node, counts = 0, [], {}, {}
     if units:
         counters = start_counters(run_id)
         try:
@@ -474,15 +477,12 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
                     num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
                     max_retries=MAX_RETRIES)
                 ds = ds.map_batches(
-                    SegmentActor, batch_size=batch_size, batch_format="numpy",
-                    udf_modifying_row_count=False,
-                    fn_constructor_kwargs={"model": model, "image_size": image_size,
-                                           "storage_options": storage_options,
-                                           "device": plan["device"],
-                                           "cpu_threads": plan["cpu_threads"],
-                                           "require_gpu": plan["require_gpu"],
-                                           "counters": counters},
-                    **model_pool_args(plan))
+                    batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False,
+                    **model_stage_args(SegmentActor, {
+                        "model": model, "image_size": image_size,
+                        "storage_options": storage_options, "device": plan["device"],
+                        "cpu_threads": plan["cpu_threads"], "require_gpu": plan["require_gpu"],
+                        "counters": counters}, plan, model_workers))
                 if output_format == "parquet":
                     ds = ds.map_batches(render_table, batch_format="numpy",
                                         udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
@@ -501,7 +501,7 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
                 raise FencedError(f"run {run_id}: {len(sink.fenced)} parts were not published "
                                   f"because run {lease.lost_to or 'another run'} took over "
                                   f"{output}; re-run to complete the output")
-            per_node, _ = split_counters(read_counters(counters))
+            per_node, counts = split_counters(read_counters(counters))
         finally:
             stop_counters(counters)
         if output_format == "png":
@@ -517,7 +517,8 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
         raise FencedError(f"run {run_id} lost {output} to run {lease.lost_to}")
     failed.sort(key=lambda f: f["key"])
     summary = {"images": images, "errors": len(failed), "skipped": len(done),
-               "rows_per_node": per_node}
+               "rows_per_node": per_node,
+               "replicas_started": counts.get("replicas_started", 0)}
     if output_format == "png":
         summary["maps_total"] = len(done) + images
     else:
