@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import eva, vision_transformer
 
-from .defaults import DEFAULT_BACKBONE, PRECISIONS
+from .backbone_names import FAMILY_PATTERNS, image_size_problem, patch_size
+from .defaults import DEFAULT_BACKBONE, PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
 from .resize import resize_square  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,10 @@ class _Family:
 
 
 _FAMILIES: tuple[_Family, ...] = (
-    _Family("dino", re.compile(r"^vit_[a-z]+_patch(?:8|16)_224\.dino$"),
-            vision_transformer.checkpoint_filter_fn),
-    _Family("dinov2", re.compile(r"^vit_[a-z]+_patch14(?:_reg4)?_dinov2\.[a-z0-9_]+$"),
-            vision_transformer.checkpoint_filter_fn),
-    _Family("dinov3", re.compile(r"^vit_[a-z0-9_]+_patch16_dinov3(?:_qkvb)?\.[a-z0-9_]+$"),
-            eva.checkpoint_filter_fn),
+    _Family("dino", FAMILY_PATTERNS["dino"], vision_transformer.checkpoint_filter_fn),
+    _Family("dinov2", FAMILY_PATTERNS["dinov2"], vision_transformer.checkpoint_filter_fn),
+    _Family("dinov3", FAMILY_PATTERNS["dinov3"], eva.checkpoint_filter_fn),
 )
-_PATCH_RE = re.compile(r"_patch(\d+)_")
 
 
 def supported_backbones() -> list[str]:
@@ -104,15 +101,6 @@ def backbone_family(name: str) -> str:
     return _family(name).version
 
 
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """``"fp32"`` or ``"bf16"``: what ``precision`` means on ``device``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "fp32"
-    return precision
-
-
 def check_image_size(name: str, image_size: int) -> None:
     """Raise ValueError unless ``name`` is a supported backbone and ``image_size`` a positive
     multiple of its patch size (drivers call this so they fail with the message actors give)."""
@@ -120,19 +108,15 @@ def check_image_size(name: str, image_size: int) -> None:
     _check_image_size(name, image_size, _patch_size(name))
 
 
-def _patch_size(name: str) -> int:
-    return int(_PATCH_RE.search(name).group(1))
+_patch_size = patch_size
 
 
 def _check_image_size(name: str, image_size: int, patch: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
         raise ValueError(f"image_size must be an int, got {image_size!r}")
-    if image_size <= 0 or image_size % patch:
-        lower = (image_size // patch) * patch
-        options = [s for s in (lower, lower + patch) if s > 0]
-        raise ValueError(
-            f"image_size {image_size} is not a positive multiple of {name}'s patch size {patch}; "
-            f"use {' or '.join(map(str, options))}")
+    problem = image_size_problem(name, int(image_size), patch)
+    if problem:
+        raise ValueError(problem)
 
 
 # ---------------------------------------------------------------------------------------------

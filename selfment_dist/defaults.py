@@ -13,6 +13,18 @@ DEFAULT_BACKBONE = "vit_small_patch16_dinov3.lvd1689m"
 #: as the official code computes its features (bf16 can flip graph edges that lie near tau, so
 #: it is only used when asked for; ``benchmarks/pseudo_label.py`` reports its mask agreement).
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device=None) -> str:
+    """``"fp32"`` or ``"bf16"``: what ``precision`` means on ``device`` (auto: fp32 on every
+    device, as the official code). Here, free of torch, so that drivers can record it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "fp32"
+    return precision
+
+
 #: How model replicas run (see ``pipeline._warm``): Ray actors, or tasks on warm CPU workers.
 MODEL_WORKERS = ("actors", "tasks")
 

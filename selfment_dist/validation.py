@@ -9,6 +9,7 @@ from __future__ import annotations
 from numbers import Integral
 from typing import Any
 
+from .backbone_names import KNOWN_BACKBONES, image_size_problem, patch_size
 from .settings import SettingsError
 
 __all__ = ["SettingsError", "check_backbone_size"]
@@ -19,9 +20,13 @@ def check_backbone_size(backbone: Any, image_size: Any) -> list[str]:
     multiple of its patch size), as a list of at most one line."""
     if not isinstance(backbone, str):
         return []  # already reported by the settings model
-    from .backbone import backbone_family, check_image_size
     size_ok = not isinstance(image_size, bool) and isinstance(image_size, Integral) \
         and image_size >= 1  # else already reported by the settings model
+    if backbone in KNOWN_BACKBONES:  # no torch/timm import in the driver
+        problem = size_ok and image_size_problem(backbone, int(image_size),
+                                                 patch_size(backbone))
+        return [problem] if problem else []
+    from .backbone import backbone_family, check_image_size
     try:
         if size_ok:
             check_image_size(backbone, int(image_size))

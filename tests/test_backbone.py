@@ -15,7 +15,10 @@ from safetensors.torch import save_file
 
 from selfment_dist import backbone as bb
 from selfment_dist.backbone import (DEFAULT_BACKBONE, Backbone, CheckpointError, backbone_family,
-                                    build_backbone, resize_square, supported_backbones)
+                                    build_backbone, check_image_size, resize_square,
+                                    supported_backbones)
+from selfment_dist.backbone_names import KNOWN_BACKBONES, patch_size
+from selfment_dist.validation import check_backbone_size
 
 DINO = "vit_small_patch16_224.dino"
 DINO8 = "vit_small_patch8_224.dino"
@@ -114,6 +117,27 @@ def test_random_weights_do_not_depend_on_image_size():
 def test_bad_image_size(name, size, hint):
     with pytest.raises(ValueError, match=f"image_size {size} .*patch size .*{hint}"):
         build_backbone(name, weights="random", image_size=size)
+    # The driver's torch-free check (a name timm knew) says the same (a size below 1 is the
+    # settings model's to report).
+    assert check_backbone_size(name, size) == ([_message(name, size)] if size >= 1 else [])
+
+
+def _message(name: str, size: int) -> str:
+    with pytest.raises(ValueError) as info:
+        check_image_size(name, size)
+    return str(info.value)
+
+
+def test_the_drivers_list_of_names_is_what_timm_builds():
+    """backbone_names.KNOWN_BACKBONES answers drivers without timm: each name must be one the
+    installed timm builds (a newer timm may build more: those go to timm); names not on the
+    list, typos among them, get timm's answer with its hint."""
+    assert KNOWN_BACKBONES <= set(supported_backbones())
+    assert {patch_size(n) for n in KNOWN_BACKBONES} == {8, 14, 16}
+    assert check_backbone_size("vit_small_patch16_224.dinoo", 64)[0].startswith(
+        "unsupported backbone 'vit_small_patch16_224.dinoo'")  # through timm: with its hint
+    assert "did you mean vit_small_patch16_224.dino" in check_backbone_size(
+        "vit_small_patch16_224.dinoo", 64)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,12 @@ def test_stage_modules_leave_the_model_stack_to_the_actors():
     pseudo-label; the model actors and the drivers' checks import the model stack."""
     code = ("import sys\n"
             "import selfment_dist.pipeline.pseudo_label\n"
+            "from selfment_dist.validation import check_backbone_size as check\n"
+            "from selfment_dist.defaults import resolve_precision\n"
+            # The pseudo-label driver's own checks of a known backbone: no torch either.
+            "assert check('vit_small_patch16_224.dino', 64) == []\n"
+            "assert 'multiple of' in check('vit_small_patch14_dinov2.lvd142m', 64)[0]\n"
+            "assert resolve_precision('auto') == 'fp32'\n"
             "assert 'torch' not in sys.modules, 'pseudo_label imports torch'\n"
             "import selfment_dist.pipeline.segment, selfment_dist.pipeline._train_worker\n"
             "import selfment_dist.pipeline.evaluate, selfment_dist.pipeline.train\n"

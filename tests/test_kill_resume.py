@@ -155,7 +155,7 @@ def test_segment_resumes_after_a_real_sigkill(tmp_path, model_and_images, reques
 
     request.getfixturevalue("ray_local")
     summary = run_segment(model, images, str(output), image_size=64, batch_size=2,
-                          progress=False)
+                          progress=False, model_workers="tasks")  # warm workers: see pipeline._warm
     assert summary["skipped"] == len(before)
     assert summary["images"] == N_IMAGES - len(before) and summary["errors"] == 0
     after = _maps(output)

@@ -191,8 +191,11 @@ def test_a_killed_run_with_stale_writers_is_finished_by_its_rerun(tmp_path, wher
 
         def rerun():
             try:
+                # The killed run had actors (the CLI's default); the re-run's replicas are
+                # tasks on the shared Ray's warm workers (what it resumes is the same).
                 result["summary"] = run_pseudo_label(str(images), output, storage_options=storage,
-                                                     progress=False, **ARGS)
+                                                     progress=False, model_workers="tasks",
+                                                     **ARGS)
             except Exception as exc:  # noqa: BLE001
                 result["error"] = exc
         thread = threading.Thread(target=rerun)

@@ -330,7 +330,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
                           image_size=s.image_size)
     check_model_workers(s.model_workers, plan, "pseudo-label")
-    from ..backbone import resolve_precision  # the model stack: only where a run starts
+    from ..defaults import resolve_precision
 
     # What the actors will run (recorded, and compared on resume): auto means fp32.
     resolved_precision = resolve_precision(s.precision, "cuda" if plan["num_gpus"] else "cpu")
