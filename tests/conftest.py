@@ -21,6 +21,12 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # run to react to node drains (spot preemption); no test drains a node (the multi-node tests
 # remove nodes ungracefully), and Ray keeps this flag as the watcher's off switch.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray keeps idle workers up to a soft limit (the node's CPU count, 2 here) and ends the others
+# after a second; each pipeline run then restarted most of its decode and write workers (Python,
+# Ray, Ray Data and pyarrow imports). The suite's drivers run pipeline after pipeline, as a
+# long-lived driver would: keeping a dozen idle workers saves ~5-8% of the in-process modules'
+# time. (Ray's system setting, read from the environment by every Ray the suite starts.)
+os.environ.setdefault("RAY_num_workers_soft_limit", "12")
 
 # Modules that replace the in-process Ray with a cluster of their own run last, so the shared
 # one is started once (see ``ray_local``).
