@@ -181,8 +181,9 @@ def unschedulable_message(plan: dict, wait_s: float | None, stage: str) -> str:
         nodes = _describe(alive_nodes()) if ray.is_initialized() else "unknown"
     except Exception:  # the message must not fail
         nodes = "unknown"
-    when = "now" if wait_s is None else f"within {wait_s:.0f} s"
-    return (f"{stage}: no model actor could start {when}: each needs "
+    when = ("no model replica can start now" if wait_s is None
+            else f"no model actor could start within {wait_s:.0f} s")
+    return (f"{stage}: {when}: each needs "
             f"{need} on one node, and the alive nodes have {nodes}. Add such a node (or "
             f"let an autoscaler add one), or lower num_gpus_per_actor/num_actors")
 
