@@ -105,10 +105,7 @@ def check_image_size(name: str, image_size: int) -> None:
     """Raise ValueError unless ``name`` is a supported backbone and ``image_size`` a positive
     multiple of its patch size (drivers call this so they fail with the message actors give)."""
     _family(name)
-    _check_image_size(name, image_size, _patch_size(name))
-
-
-_patch_size = patch_size
+    _check_image_size(name, image_size, patch_size(name))
 
 
 def _check_image_size(name: str, image_size: int, patch: int) -> None:
@@ -255,7 +252,7 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike =
         FileNotFoundError: ``weights`` is neither ``hub``/``random`` nor an existing checkpoint.
     """
     family = _family(name)
-    _check_image_size(name, image_size, _patch_size(name))
+    _check_image_size(name, image_size, patch_size(name))
     weights = os.fspath(weights)
     device = torch.device(device) if device is not None else _default_device()
     resolve_precision(precision, device)  # fail before the build
