@@ -32,9 +32,34 @@ os.environ.setdefault("RAY_num_workers_soft_limit", "12")
 # one is started once (see ``ray_local``).
 _LAST = ("test_multinode.py",)
 
+# Two lanes, one per pytest-xdist worker (`-n 2` in pyproject's addopts). The suite is bound by
+# process start-ups, most of them one Python import after another, so a single lane keeps the
+# two cores busy only about two thirds of the time. The modules that bring Rays of their own (a
+# multi-node cluster, a `ray start` head, the demo's CLI) take one lane; the modules on the
+# shared in-process Ray (``ray_local``, started once per lane) and the kill tests take the other.
+# Whole lanes, never single tests, go to a worker: a module's fixtures (a multi-node cluster)
+# must exist once. The two lanes take about the same time (see the README's Tests section).
+OWN_RAY_LANE = ("test_multinode.py", "test_jobs.py", "test_demo.py")
+
+
+def lane(nodeid: str) -> str:
+    return "own-ray" if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in OWN_RAY_LANE else "shared"
+
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.path.name in _LAST)  # stable: order kept otherwise
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """One work unit per lane. (xdist's own `--dist loadgroup` would do this with markers, but
+    xdist 3.8 tags the groups onto `item._nodeid`, which pytest 9.2 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid)
+
+    return LaneScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
