@@ -34,20 +34,30 @@ _LAST = ("test_multinode.py",)
 
 # Two lanes, one per pytest-xdist worker (`-n 2` in pyproject's addopts). The suite is bound by
 # process start-ups, most of them one Python import after another, so a single lane keeps the
-# two cores busy only about two thirds of the time. The modules that bring Rays of their own (a
-# multi-node cluster, a `ray start` head, the demo's CLI) take one lane; the modules on the
-# shared in-process Ray (``ray_local``, started once per lane) and the kill tests take the other.
-# Whole lanes, never single tests, go to a worker: a module's fixtures (a multi-node cluster)
-# must exist once. The two lanes take about the same time (see the README's Tests section).
-OWN_RAY_LANE = ("test_multinode.py", "test_jobs.py", "test_demo.py")
+# two cores busy only about two thirds of the time. Lane "shared": the modules on the shared
+# in-process Ray (``ray_local``, started once per lane and kept warm), the kill tests among them
+# (their re-runs). Lane "own": the modules that bring Rays of their own (a multi-node cluster, a
+# `ray start` head, the demo's CLI) and those that need no Ray. Whole lanes, never single tests,
+# go to a worker: a module's fixtures (a multi-node cluster) must exist once. The two take about
+# the same time (see the README's Tests section).
+SHARED_RAY_LANE = (
+    "test_confidence.py", "test_driver_memory.py", "test_evaluate.py", "test_hardening_runs.py",
+    "test_kill_resume.py", "test_official_semantics.py", "test_pipeline_strength.py",
+    "test_pseudo_label.py", "test_pseudo_label_kill.py", "test_scale_resume.py",
+    "test_segment.py", "test_train.py")
 
 
 def lane(nodeid: str) -> str:
-    return "own-ray" if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in OWN_RAY_LANE else "shared"
+    return "shared" if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in SHARED_RAY_LANE else "own"
 
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.path.name in _LAST)  # stable: order kept otherwise
+    strays = sorted({item.path.name for item in items if "ray_local" in item.fixturenames
+                     and item.path.name not in SHARED_RAY_LANE})
+    if strays:  # a second shared Ray in the other lane would cost its start and warm-up
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(strays)} to SHARED_RAY_LANE "
+                                "(they use ray_local)")
 
 
 def pytest_xdist_make_scheduler(config, log):
