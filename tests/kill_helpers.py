@@ -21,14 +21,39 @@ import pytest
 POLL_S = 0.05
 
 
-def start_cli(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """``selfment <args>`` in its own session (no ``RAY_ADDRESS``), stdout+stderr to ``log``."""
+# Ray waits a fixed 30 s for a new node's raylet to register (ray/_private/node.py); once, with
+# the two test lanes loading both cores, a CLI run's own Ray took longer and the run ended there.
+RAY_START_TIMED_OUT = "The current node timed out during startup"
+RAY_STARTED = "Started a local Ray instance"
+
+
+def start_cli(args: list[str], log: Path, env: dict | None = None, *,
+              attempts: int = 3) -> subprocess.Popen:
+    """``selfment <args>`` in its own session (no ``RAY_ADDRESS``), stdout+stderr to ``log``;
+    returns once its own Ray is up (or the run has ended). Should that Ray not come up in
+    Ray's fixed wait, nothing of the run has happened: it is started again, up to ``attempts``
+    times in all."""
     full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     full.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "selfment_dist.cli", *args], env=full,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    for attempt in range(attempts):
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "selfment_dist.cli", *args], env=full,
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and RAY_STARTED not in log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                return proc  # the caller's own deadline reports it
+            time.sleep(POLL_S)
+        if not ray_start_timed_out(proc, log) or attempt == attempts - 1:
+            return proc
+        print(f"the run's own Ray did not start in time (attempt {attempt + 1}); again")
+        kill_session(proc)
+    return proc
+
+
+def ray_start_timed_out(proc: subprocess.Popen, log: Path) -> bool:
+    return proc.poll() not in (None, 0) and RAY_START_TIMED_OUT in log.read_text(errors="replace")
 
 
 def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, log: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from kill_helpers import RAY_START_TIMED_OUT
 from PIL import Image
 
 from selfment_dist.pipeline.demo import run_demo, synthetic_layout, write_synthetic_sets
@@ -36,12 +38,19 @@ def test_demo_offline_runs_everything_on_random_weights_and_says_so_once(tmp_pat
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_HUB_CACHE")}
     # Offline, and an empty hub cache: the hub weights cannot come from anywhere.
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), RAY_USAGE_STATS_ENABLED="0")
-    start = time.monotonic()
-    proc = subprocess.run([*_selfment(), "demo", "--output", str(out), *SMALLER], env=env,
-                          cwd=tmp_path, capture_output=True, text=True,
-                          timeout=DEMO_HANG_GUARD_S)
-    wall = time.monotonic() - start
-    text = proc.stdout + proc.stderr
+    for attempt in range(3):
+        start = time.monotonic()
+        proc = subprocess.run([*_selfment(), "demo", "--output", str(out), *SMALLER], env=env,
+                              cwd=tmp_path, capture_output=True, text=True,
+                              timeout=DEMO_HANG_GUARD_S)
+        wall = time.monotonic() - start
+        text = proc.stdout + proc.stderr
+        # Ray waits a fixed 30 s for its raylet to register; with the two test lanes loading the
+        # machine, a run's own Ray once took longer. Nothing else has happened then: again.
+        if proc.returncode == 0 or RAY_START_TIMED_OUT not in text:
+            break
+        print(f"the demo's Ray did not start in time (attempt {attempt + 1}); again")
+        shutil.rmtree(out, ignore_errors=True)
     assert proc.returncode == 0, text[-6000:]
     print(f"selfment demo: {wall:.0f} s wall")
 

@@ -28,8 +28,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,7 +37,7 @@ import fsspec
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from kill_helpers import name, session_members
+from kill_helpers import name, session_members, start_cli
 
 from selfment_dist.pipeline import _parts
 from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
@@ -124,9 +122,7 @@ def test_a_killed_run_with_stale_writers_is_finished_by_its_rerun(tmp_path, wher
     storage, output, extra = None, str(tmp_path / "out"), []
     # Ray's unix sockets need a short path: not under tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=ray_tmp,
-               **{_parts.PUBLISH_DELAY_ENV: str(PUBLISH_DELAY_S)})
+    env = {"RAY_TMPDIR": ray_tmp, _parts.PUBLISH_DELAY_ENV: str(PUBLISH_DELAY_S)}
     if where == "s3":
         bucket, storage = request.getfixturevalue("s3_bucket")
         output = f"s3://{bucket}/out"
@@ -134,12 +130,8 @@ def test_a_killed_run_with_stale_writers_is_finished_by_its_rerun(tmp_path, wher
         extra = ["--log-level", "DEBUG",
                  *(f"--storage-option={k}={v}" for k, v in storage.items())]
     log = tmp_path / "killed.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "selfment_dist.cli", *extra[:2], "pseudo-label",
-             "--input", str(images), "--output", output, *CLI, *extra[2:]],
-            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
+    proc = start_cli([*extra[:2], "pseudo-label", "--input", str(images), "--output", output,
+                      *CLI, *extra[2:]], log, env)
     frozen: list[psutil.Process] = []
     running: set[str] = set()
     try:
