@@ -107,12 +107,13 @@ def cluster():
     # worker nodes get theirs that way from Cluster.add_node already).
     # The head's client proxy waits this long for a per-client server that died at start (see
     # _cli_through_ray_client) before it reports the failure; a live one is up in seconds.
-    saved = os.environ.get(CLIENT_WAIT_ENV)
-    os.environ[CLIENT_WAIT_ENV] = "15"  # Ray's default: 30 s
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": None, "dashboard_agent_listen_port": None,
-        "ray_client_server_port": client_port})
+    # The head's processes read it from the environment they start with.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CLIENT_WAIT_ENV, "15")  # Ray's default: 30 s
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": None, "dashboard_agent_listen_port": None,
+            "ray_client_server_port": client_port})
     c.client_address = f"ray://127.0.0.1:{client_port}"
     workers = [c.add_node(num_cpus=WORKER_CPUS) for _ in range(2)]
     c.wait_for_nodes()
@@ -122,10 +123,6 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
-        if saved is None:
-            os.environ.pop(CLIENT_WAIT_ENV, None)
-        else:
-            os.environ[CLIENT_WAIT_ENV] = saved
 
 
 def _replace_node(cluster, dead) -> None:
