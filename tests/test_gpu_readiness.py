@@ -94,7 +94,9 @@ def test_gpu_counts_are_checked_before_anything_starts(bad):
 
 
 def test_unschedulable_start_fails_with_a_message_naming_the_resource(monkeypatch):
-    """Ray Data's wait for the first actor times out: the error names what no node has."""
+    """No node holds a model actor now: a probe waits for one (what an autoscaler adds nodes
+    for) and, when none comes, the error names what no node has before any dataset starts. When
+    the probe succeeds, Ray Data's own wait for the first actor is bounded the same way."""
     import ray
 
     from selfment_dist.pipeline import _plan, _ray
@@ -102,6 +104,15 @@ def test_unschedulable_start_fails_with_a_message_naming_the_resource(monkeypatc
     monkeypatch.setattr(_plan, "alive_nodes", lambda: [HEAD_NO_CPU, node(2)])
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     plan = plan_resources(None, 1, nodes=[HEAD_NO_CPU, node(2)])
+    probed = []
+    monkeypatch.setattr(_ray, "_probe_holds_a_model_actor",
+                        lambda p, wait_s: probed.append((p["need"], wait_s)) or False)
+    with pytest.raises(UnschedulableError, match=r"within 5 s.*GPU: 1.*\{CPU: 2\}"):
+        with _ray.bounded_actor_start(plan, 5, "pseudo-label"):
+            pytest.fail("no dataset starts when no node can hold a model actor")
+    assert probed == [({"CPU": 1.0, "GPU": 1.0}, 5.0)]
+    # The probe saw room, but Ray Data's start timed out (the room went in between).
+    monkeypatch.setattr(_ray, "_probe_holds_a_model_actor", lambda p, wait_s: True)
     with pytest.raises(UnschedulableError) as info:
         with _ray.bounded_actor_start(plan, 5, "pseudo-label"):
             raise ray.exceptions.GetTimeoutError("Timed out while starting actors. This may ...")

@@ -141,13 +141,16 @@ def model_stage_args(udf_class, kwargs: dict, plan: dict, model_workers: str = "
 def bounded_actor_start(plan: dict, wait_s: float | None, stage: str):
     """Datasets created inside wait at most ``wait_s`` (default :data:`DEFAULT_ACTOR_WAIT_S`)
     for their first model actor, then fail with :class:`UnschedulableError` naming the missing
-    resource (Ray Data alone would wait forever)."""
+    resource (Ray Data alone would wait forever). When no alive node can hold one now, a probe
+    actor does that wait before any dataset starts (see :func:`_probe_holds_a_model_actor`)."""
     wait_s = DEFAULT_ACTOR_WAIT_S if wait_s is None else float(wait_s)
     if wait_s <= 0:
         raise ValueError(f"actor_wait_s must be > 0, got {wait_s}")
     if not plan.get("fits_now", True):
         logger.warning("%s: no alive node can hold a model actor %s now; waiting at most %.0f s "
                        "for one (an autoscaler may add it)", stage, plan.get("need"), wait_s)
+        if not _probe_holds_a_model_actor(plan, wait_s):
+            raise UnschedulableError(unschedulable_message(plan, wait_s, stage))
     ctx = DataContext.get_current()
     saved = ctx.wait_for_min_actors_s
     ctx.wait_for_min_actors_s = max(1, math.ceil(wait_s))
@@ -165,6 +168,29 @@ def bounded_actor_start(plan: dict, wait_s: float | None, stage: str):
         # through its traceback Ray Data's executor with its pending actors) as __context__,
         # so the unschedulable request stayed queued for as long as the error was held.
         raise UnschedulableError(unschedulable_message(plan, wait_s, stage))
+
+
+@ray.remote(num_cpus=0)
+class _ResourceProbe:
+    """Runs nothing: it asks for one model actor's resources."""
+
+
+def _probe_holds_a_model_actor(plan: dict, wait_s: float) -> bool:
+    """Whether one model actor's resources become free within ``wait_s``, asked for by a probe
+    actor this process kills afterwards either way. The request is what an autoscaler adds
+    nodes for; killing it is what withdraws it. Ray Data's own wait cannot be withdrawn: when
+    its actor pool times out starting (Ray 2.60), the pending actors stay queued behind their
+    readiness calls after every handle is gone, and an autoscaler keeps adding nodes for them
+    for as long as the driver lives."""
+    probe = _ResourceProbe.options(num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"] or 0,
+                                   scheduling_strategy="SPREAD").remote()
+    try:
+        ray.get(probe.__ray_ready__.remote(), timeout=wait_s)
+        return True
+    except ray.exceptions.GetTimeoutError:
+        return False
+    finally:
+        ray.kill(probe)
 
 
 def _call(func, options: dict):
