@@ -26,6 +26,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from cli_output import printed_summary
 from ray_jobs_helpers import submit_when_agent_is_up
 from shipped_configs import (check_the_run, put_the_data_where_the_file_expects_it,
                              s3_config_scaled_down)
@@ -289,23 +290,9 @@ def labelled(cluster, corpus, s3_gated):
         killer["thread"].join()
         if killer["removed"] is not None:
             _replace_node(cluster, killer["removed"])
-    return _printed_summary(proc.stdout), killer
-
-
-def _printed_summary(stdout: str) -> dict:
-    """The summary the command prints: the last JSON object that starts a line. Through Ray
-    Client, the head's client server forwards Ray's own messages to the command's stdout, before
-    and after it (CI once saw an autoscaler warning about an earlier test's GPU request follow
-    the summary)."""
-    decoder = json.JSONDecoder()
-    found = None
-    for match in re.finditer(r"^\{", stdout, flags=re.MULTILINE):
-        try:
-            found, _ = decoder.raw_decode(stdout, match.start())
-        except json.JSONDecodeError:
-            continue
-    assert isinstance(found, dict) and "run_id" in found, f"no summary printed:\n{stdout[-3000:]}"
-    return found
+    summary = printed_summary(proc.stdout)  # Ray Client forwards the head's messages around it
+    assert "run_id" in summary, summary
+    return summary, killer
 
 
 def _cli_through_ray_client(cluster, args: list[str]) -> subprocess.CompletedProcess:

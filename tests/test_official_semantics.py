@@ -5,11 +5,11 @@ Losses: tests/test_head_losses.py; per-image metrics: tests/test_metrics.py.
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
+from cli_output import printed_summary
 from PIL import Image
 
 from selfment_dist import ipo_refine
@@ -154,7 +154,7 @@ def test_import_checkpoint_cli_then_segment(tmp_path, capsys):
     out = tmp_path / "model"
     assert cli_main(["import-checkpoint", "--head", str(ckpt), "--output", str(out),
                      "--weights", "random"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = printed_summary(capsys.readouterr().out)
     assert summary["backbone"] == DINO and summary["embed_dim"] == 64
     assert summary["inference_image_size"] == 64  # twice the checkpoint's img_size
 
@@ -242,7 +242,7 @@ def test_evaluate_cli_fmax_is_official_per_image_mean(ray_local, tmp_path, capsy
     assert cli_main(["evaluate", "--predictions", str(tmp_path / "preds"), "--masks",
                      str(tmp_path / "masks"), "--output", str(tmp_path / "out"),
                      "--num-shards", "3"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = printed_summary(capsys.readouterr().out)
     scores = result["datasets"]["default"]["scores"]
     want = official_fmax(preds, gts)
     assert scores["fmax"] == pytest.approx(want, abs=1e-6)

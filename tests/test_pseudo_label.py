@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_output import printed_summary
 from PIL import Image
 
 from selfment_dist.backbone import build_backbone, resize_square
@@ -246,9 +247,7 @@ def _cli(args: list[str], capsys) -> dict:
     """``selfment pseudo-label ...`` in-process (local mode: the module's Ray); its summary."""
     capsys.readouterr()
     assert cli_main(["pseudo-label", *args, *CLI]) == 0
-    out = capsys.readouterr().out
-    start = out.rindex("\n{\n") + 1 if not out.startswith("{\n") else 0  # the top-level object
-    return json.loads(out[start:])
+    return printed_summary(capsys.readouterr().out)
 
 
 def test_parquet_and_webdataset_with_optional_columns(corpus, reference, tmp_path, capsys):

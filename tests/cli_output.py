@@ -1,0 +1,20 @@
+"""Reading what ``selfment`` prints: its summary is one indented JSON object, and Ray may print
+around it on the same stream (worker log lines forwarded to the driver, the autoscaler's
+warnings, and through Ray Client the head's own messages)."""
+from __future__ import annotations
+
+import json
+import re
+
+
+def printed_summary(stdout: str) -> dict:
+    """The last JSON object in ``stdout`` that starts a line (nested objects are indented)."""
+    decoder = json.JSONDecoder()
+    found = None
+    for match in re.finditer(r"^\{", stdout, flags=re.MULTILINE):
+        try:
+            found, _ = decoder.raw_decode(stdout, match.start())
+        except json.JSONDecodeError:
+            continue
+    assert isinstance(found, dict), f"no summary printed:\n{stdout[-3000:]}"
+    return found
