@@ -107,7 +107,7 @@ def cluster():
     # free port from 8265 (dashboard_port None), and the head's agent one the OS picks (None;
     # worker nodes get theirs that way from Cluster.add_node already).
     # The head's client proxy waits this long for a per-client server that died at start (see
-    # _cli_through_ray_client) before it reports the failure; a live one is up in seconds.
+    # test_the_command_line_drives_the_cluster_through_ray_client) before it reports the failure; a live one is up in seconds.
     # The head's processes read it from the environment they start with.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CLIENT_WAIT_ENV, "15")  # Ray's default: 30 s
@@ -269,10 +269,10 @@ def test_a_run_no_node_can_hold_fails_in_bounded_time_naming_the_resource(cluste
 
 @pytest.fixture(scope="module")
 def labelled(cluster, corpus, s3_gated):
-    """``selfment pseudo-label --address ray://HOST:PORT`` (Ray Client: the command line, in its
-    own process, runs the pipeline through the head's client server) with features saved (the
-    train and Jobs tests train on these labels), one worker node removed once the model actors
-    of both nodes have labelled rows and before the last images are read (held at S3).
+    """``selfment pseudo-label --address HOST:PORT`` (the command line in its own process, a
+    driver of the cluster as a user's would be) with features saved (the train and Jobs tests
+    train on these labels), one worker node removed once the model actors of both nodes have
+    labelled rows and before the last images are read (held at S3).
     Returns (summary printed by the command, removal record)."""
     so, keys = corpus
     _url, gate = s3_gated
@@ -280,7 +280,7 @@ def labelled(cluster, corpus, s3_gated):
     killer = _remove_node_once_both_worked(cluster, gate, what="pseudo-label: both nodes "
                                                                "labelled rows")
     try:
-        proc = _cli_through_ray_client(cluster, [
+        proc = _cli(cluster.address, [
             "pseudo-label", "--input", "s3://multinode/data/images", "--output", LABELS,
             "--backbone", RUN["backbone"], "--weights", "random", "--image-size", "64",
             "--batch-size", str(RUN["batch_size"]), "--rows-per-file", "4", "--save-features",
@@ -290,36 +290,23 @@ def labelled(cluster, corpus, s3_gated):
         killer["thread"].join()
         if killer["removed"] is not None:
             _replace_node(cluster, killer["removed"])
-    summary = printed_summary(proc.stdout)  # Ray Client forwards the head's messages around it
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = printed_summary(proc.stdout)
     assert "run_id" in summary, summary
     return summary, killer
 
 
-def _cli_through_ray_client(cluster, args: list[str]) -> subprocess.CompletedProcess:
-    """``selfment <args> --address ray://…`` in its own process; asserts it succeeded.
-
-    Ray's per-client server on the head sometimes dies as it starts (a segfault in gRPC's
-    event-engine thread, seen in the kernel log; also with a bare ``ray.init("ray://…")`` and no
-    project code: 1 connection in 4 on this machine, more under load). Nothing ran then, so the
-    command is started again, up to twice, and the log says so."""
-    cmd = [sys.executable, "-m", "selfment_dist.cli", *args, "--address", cluster.client_address]
+def _cli(address: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``selfment <args> --address <address>`` in its own process."""
+    cmd = [sys.executable, "-m", "selfment_dist.cli", *args, "--address", address]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    for attempt in range(3):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-        if not (proc.returncode and _client_server_died_at_start(proc.stderr)) or attempt == 2:
-            break
-        logger.warning("Ray Client server did not start (attempt %d); connecting again:%s",
-                       attempt + 1, _client_server_logs(cluster))
-    assert proc.returncode == 0, ((proc.stdout + proc.stderr)[-4000:]
-                                  + _client_server_logs(cluster))
-    return proc
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
 
 
 def test_pseudo_label_spreads_over_nodes_and_survives_losing_one(corpus, labelled):
-    """Through a Ray Client address, both nodes' model actors label rows; one of those nodes
-    goes mid-run: every key once, no error rows, rows of both nodes recorded in the summary and
-    the manifest."""
+    """Both nodes' model actors label rows; one of those nodes goes mid-run: every key once, no
+    error rows, rows of both nodes recorded in the summary and the manifest."""
     so, keys = corpus
     summary, killer = labelled
     fs = fsspec.filesystem("s3", **so)
@@ -334,6 +321,42 @@ def test_pseudo_label_spreads_over_nodes_and_survives_losing_one(corpus, labelle
     assert len(summary["rows_per_node"]) >= 2, summary["rows_per_node"]
     manifest = json.loads(fs.cat("multinode/labels/_selfment.json"))
     assert manifest["runs"][-1]["rows_per_node"] == summary["rows_per_node"]
+
+
+CLIENT_ATTEMPTS = 4
+
+
+def test_the_command_line_drives_the_cluster_through_ray_client(cluster, corpus):
+    """``--address ray://HOST:PORT`` (a laptop driving a remote cluster): the command runs its
+    pipeline as a task on the head node (Ray Data cannot run in a Ray Client process), here an
+    evaluation of the ground truth against itself, fanned out over the worker nodes.
+
+    Ray's per-client server on the head sometimes dies as it starts: a segfault in gRPC's
+    event-engine thread (in the kernel log), also with a bare ``ray.init("ray://…")`` and no
+    project code, more often under load. Nothing has run then, so the command is started
+    again; when every attempt met that crash, the test is an expected failure naming it (it
+    says nothing about this project), and any other failure fails it."""
+    so, _keys = corpus
+    args = ["evaluate", "--predictions", "s3://multinode/data/masks",
+            "--masks", "s3://multinode/data/masks", "--output", "s3://multinode/eval-client",
+            "--num-shards", "2", *(f"--storage-option={k}={v}" for k, v in so.items())]
+    for attempt in range(1, CLIENT_ATTEMPTS + 1):
+        proc = _cli(cluster.client_address, args)
+        if not (proc.returncode and _client_server_died_at_start(proc.stderr)):
+            break
+        logger.warning("Ray Client server did not start (attempt %d of %d)%s", attempt,
+                       CLIENT_ATTEMPTS, _client_server_logs(cluster))
+    else:
+        pytest.xfail(f"Ray's per-client server died at start {CLIENT_ATTEMPTS} times (the "
+                     "gRPC crash in the docstring)")
+    assert proc.returncode == 0, ((proc.stdout + proc.stderr)[-4000:]
+                                  + _client_server_logs(cluster))
+    assert "runs as a task on the cluster's head node" in proc.stderr
+    result = printed_summary(proc.stdout)  # Ray Client forwards the head's messages around it
+    scores = result["datasets"]["default"]["scores"]
+    assert scores["mae"] == 0 and result["datasets"]["default"]["n_images"] == N_IMAGES, result
+    fs = fsspec.filesystem("s3", **so)
+    assert fs.exists("multinode/eval-client/metrics.json")
 
 
 def test_segment_spreads_over_nodes_and_survives_losing_one(cluster, corpus, s3_gated):
