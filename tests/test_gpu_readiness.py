@@ -111,6 +111,9 @@ def test_unschedulable_start_fails_with_a_message_naming_the_resource(monkeypatc
         with _ray.bounded_actor_start(plan, 5, "pseudo-label"):
             pytest.fail("no dataset starts when no node can hold a model actor")
     assert probed == [({"CPU": 1.0, "GPU": 1.0}, 5.0)]
+    with _ray.bounded_actor_start(plan, 5, "segment", probe=False):  # a later block of a run
+        pass
+    assert len(probed) == 1
     # The probe saw room, but Ray Data's start timed out (the room went in between).
     monkeypatch.setattr(_ray, "_probe_holds_a_model_actor", lambda p, wait_s: True)
     with pytest.raises(UnschedulableError) as info:

@@ -138,15 +138,16 @@ def model_stage_args(udf_class, kwargs: dict, plan: dict, model_workers: str = "
 
 
 @contextlib.contextmanager
-def bounded_actor_start(plan: dict, wait_s: float | None, stage: str):
+def bounded_actor_start(plan: dict, wait_s: float | None, stage: str, *, probe: bool = True):
     """Datasets created inside wait at most ``wait_s`` (default :data:`DEFAULT_ACTOR_WAIT_S`)
     for their first model actor, then fail with :class:`UnschedulableError` naming the missing
     resource (Ray Data alone would wait forever). When no alive node can hold one now, a probe
-    actor does that wait before any dataset starts (see :func:`_probe_holds_a_model_actor`)."""
+    actor does that wait before any dataset starts (see :func:`_probe_holds_a_model_actor`;
+    ``probe=False`` where an earlier block of the same run has probed)."""
     wait_s = DEFAULT_ACTOR_WAIT_S if wait_s is None else float(wait_s)
     if wait_s <= 0:
         raise ValueError(f"actor_wait_s must be > 0, got {wait_s}")
-    if not plan.get("fits_now", True):
+    if probe and not plan.get("fits_now", True):
         logger.warning("%s: no alive node can hold a model actor %s now; waiting at most %.0f s "
                        "for one (an autoscaler may add it)", stage, plan.get("need"), wait_s)
         if not _probe_holds_a_model_actor(plan, wait_s):

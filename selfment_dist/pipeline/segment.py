@@ -493,7 +493,7 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
                     sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
                                     storage_options=storage_options)
             with progress_bars(progress), warnings.catch_warnings(), \
-                    bounded_actor_start(plan, actor_wait_s, "segment"):
+                    bounded_actor_start(plan, actor_wait_s, "segment", probe=False):
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
                 ds.write_datasink(sink, ray_remote_args={"max_retries": MAX_RETRIES,
                                                        "num_cpus": LIGHT_TASK_CPUS})
