@@ -35,7 +35,7 @@ def start_cli(args: list[str], log: Path, env: dict | None = None, *,
     times in all."""
     full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     full.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", **(env or {}))
-    for attempt in range(attempts):
+    for attempt in range(1, attempts + 1):
         with open(log, "wb") as out:
             proc = subprocess.Popen([sys.executable, "-m", "selfment_dist.cli", *args], env=full,
                                     stdin=subprocess.DEVNULL, stdout=out,
@@ -45,15 +45,16 @@ def start_cli(args: list[str], log: Path, env: dict | None = None, *,
             if time.monotonic() > deadline:
                 return proc  # the caller's own deadline reports it
             time.sleep(POLL_S)
-        if not ray_start_timed_out(proc, log) or attempt == attempts - 1:
+        if attempt == attempts or not ray_start_timed_out(proc.poll(),
+                                                          log.read_text(errors="replace")):
             return proc
-        print(f"the run's own Ray did not start in time (attempt {attempt + 1}); again")
+        print(f"the run's own Ray did not start in time (attempt {attempt}); again")
         kill_session(proc)
-    return proc
 
 
-def ray_start_timed_out(proc: subprocess.Popen, log: Path) -> bool:
-    return proc.poll() not in (None, 0) and RAY_START_TIMED_OUT in log.read_text(errors="replace")
+def ray_start_timed_out(returncode: int | None, output: str) -> bool:
+    """A run that ended because its own Ray missed Ray's fixed raylet wait (nothing else ran)."""
+    return returncode not in (None, 0) and RAY_START_TIMED_OUT in output
 
 
 def wait_until(ready: Callable[[], bool], proc: subprocess.Popen, log: Path,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from kill_helpers import RAY_START_TIMED_OUT
+from kill_helpers import ray_start_timed_out
 from PIL import Image
 
 from selfment_dist.pipeline.demo import run_demo, synthetic_layout, write_synthetic_sets
@@ -47,7 +47,7 @@ def test_demo_offline_runs_everything_on_random_weights_and_says_so_once(tmp_pat
         text = proc.stdout + proc.stderr
         # Ray waits a fixed 30 s for its raylet to register; with the two test lanes loading the
         # machine, a run's own Ray once took longer. Nothing else has happened then: again.
-        if proc.returncode == 0 or RAY_START_TIMED_OUT not in text:
+        if not ray_start_timed_out(proc.returncode, text):
             break
         print(f"the demo's Ray did not start in time (attempt {attempt + 1}); again")
         shutil.rmtree(out, ignore_errors=True)

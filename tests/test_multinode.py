@@ -107,8 +107,9 @@ def cluster():
     # free port from 8265 (dashboard_port None), and the head's agent one the OS picks (None;
     # worker nodes get theirs that way from Cluster.add_node already).
     # The head's client proxy waits this long for a per-client server that died at start (see
-    # test_the_command_line_drives_the_cluster_through_ray_client) before it reports the failure; a live one is up in seconds.
-    # The head's processes read it from the environment they start with.
+    # test_the_command_line_drives_the_cluster_through_ray_client) before it reports the
+    # failure; a live one is up in seconds. The head's processes read it from the environment
+    # they start with.
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CLIENT_WAIT_ENV, "15")  # Ray's default: 30 s
         c = Cluster(initialize_head=True, head_node_args={
@@ -282,9 +283,10 @@ def labelled(cluster, corpus, s3_gated):
     try:
         proc = _cli(cluster.address, [
             "pseudo-label", "--input", "s3://multinode/data/images", "--output", LABELS,
-            "--backbone", RUN["backbone"], "--weights", "random", "--image-size", "64",
-            "--batch-size", str(RUN["batch_size"]), "--rows-per-file", "4", "--save-features",
-            "--no-progress", *(f"--storage-option={k}={v}" for k, v in so.items())])
+            "--backbone", RUN["backbone"], "--weights", RUN["weights"],
+            "--image-size", str(RUN["image_size"]), "--batch-size", str(RUN["batch_size"]),
+            "--rows-per-file", "4", "--save-features", "--no-progress",
+            *(f"--storage-option={k}={v}" for k, v in so.items())])
     finally:
         killer["stop"].set()
         killer["thread"].join()

@@ -5,7 +5,6 @@ Losses: tests/test_head_losses.py; per-image metrics: tests/test_metrics.py.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
