@@ -1,11 +1,11 @@
 """Pseudo-mask confidence: calibrate it, and measure what it is worth.
 
     python benchmarks/confidence.py                # the benchmark (the README's table)
-    python benchmarks/confidence.py --calibrate    # refit the constants of selfment_dist/quality.py
+    python benchmarks/confidence.py --calibrate    # refit the constants of selfment_dist/algorithm/quality.py
 
 Two sources of pseudo-labels, each with 30 % of its scenes holding no object:
 
-  scenes    synthetic JPEG scenes (``selfment_dist.synthetic``; no-object kinds: texture,
+  scenes    synthetic JPEG scenes (``selfment_dist.data.synthetic``; no-object kinds: texture,
             gradient, clutter, an object filling the frame) through the real pipeline:
             ``run_pseudo_label(weights="random")``, the quality columns read back from parquet;
   features  DINO-like patch features (``make_patch_features``; no object: background only)
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from selfment_dist.quality import FEATURES, NO_OBJECT_THRESHOLD, feature_matrix  # noqa: E402
+from selfment_dist.algorithm.quality import FEATURES, NO_OBJECT_THRESHOLD, feature_matrix  # noqa: E402
 
 NO_OBJECT_FRACTION = 0.3
 GOOD_IOU = 0.5
@@ -64,7 +64,7 @@ def scene_records(root: str, *, n: int, seed: int, image_size: int, size=(96, 12
 
     from selfment_dist.io.masks import decode_mask
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label
-    from selfment_dist.synthetic import make_scene, scene_kinds, scene_keys, write_scenes
+    from selfment_dist.data.synthetic import make_scene, scene_kinds, scene_keys, write_scenes
 
     write_scenes(f"{root}/scenes", n, seed=seed, size=size, camouflage_fraction=0.0,
                  no_object_fraction=NO_OBJECT_FRACTION)
@@ -90,7 +90,7 @@ def scene_records(root: str, *, n: int, seed: int, image_size: int, size=(96, 12
 
 def feature_data(*, n: int, seed: int, grid: int = 16, dim: int = 64):
     """DINO-like features: (feats (n, g, g, C), gts (n, g, g) bool, has_object (n,) bool)."""
-    from selfment_dist.synthetic import make_patch_features, scene_kinds
+    from selfment_dist.data.synthetic import make_patch_features, scene_kinds
 
     rng = np.random.default_rng(seed)
     has = np.array([k == "object" for k in scene_kinds(n, no_object_fraction=NO_OBJECT_FRACTION)])
@@ -100,7 +100,7 @@ def feature_data(*, n: int, seed: int, grid: int = 16, dim: int = 64):
 
 
 def feature_records(feats: np.ndarray, gts: np.ndarray, has: np.ndarray) -> dict:
-    from selfment_dist.labeler import pseudo_label
+    from selfment_dist.algorithm.labeler import pseudo_label
 
     masks, quality = pseudo_label(torch.from_numpy(feats), return_quality=True)
     masks = masks.numpy()
@@ -178,7 +178,7 @@ def scene_heads(root: str, args) -> dict:
     from selfment_dist.pipeline.evaluate import run_evaluate
     from selfment_dist.pipeline.segment import run_segment
     from selfment_dist.pipeline.train import run_train
-    from selfment_dist.synthetic import write_scenes
+    from selfment_dist.data.synthetic import write_scenes
 
     write_scenes(f"{root}/heldout", args.n_heldout, seed=2, camouflage_fraction=0.0)
     out = {}
@@ -197,9 +197,9 @@ def scene_heads(root: str, args) -> dict:
 def feature_heads(train: tuple, heldout: tuple, masks: np.ndarray, conf: np.ndarray,
                   args) -> dict:
     """The head and loss of ``train`` on the features, in this process (no images to read)."""
-    from selfment_dist.head import PatchHead
-    from selfment_dist.losses import selfment_loss
-    from selfment_dist.metrics import sod_scores
+    from selfment_dist.model.head import PatchHead
+    from selfment_dist.model.losses import selfment_loss
+    from selfment_dist.evaluation.metrics import sod_scores
 
     feats = torch.from_numpy(train[0])
     test_feats, test_gts, _ = heldout

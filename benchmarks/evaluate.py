@@ -6,7 +6,7 @@ Writes N synthetic prediction/mask PNG pairs to a temporary folder, then times o
 
 1. pysodmetrics alone, one process: read both PNGs, step Fmeasure, WeightedFmeasure, Smeasure,
    Emeasure and MAE (the usual evaluation script);
-2. `selfment_dist.metrics.image_record` in one process (pysodmetrics + the unsupervised protocol);
+2. `selfment_dist.evaluation.metrics.image_record` in one process (pysodmetrics + the unsupervised protocol);
 3. `run_evaluate` on a local Ray with N CPUs, cold (first call: workers start and import) and warm,
    including listing, reading, merging and writing every report.
 
@@ -68,7 +68,7 @@ def pysodmetrics_loop(root: Path) -> dict:
 
 
 def records_loop(root: Path) -> dict:
-    from selfment_dist.metrics import image_record, merge_records
+    from selfment_dist.evaluation.metrics import image_record, merge_records
 
     return merge_records(image_record(read(root / "preds" / m.name), read(m))
                          for m in sorted((root / "masks").glob("*.png")))
@@ -93,7 +93,7 @@ def main() -> None:
 
     import ray
 
-    from selfment_dist.pipeline._ray import ensure_ray
+    from selfment_dist.pipeline._internal.ray_runtime import ensure_ray
     from selfment_dist.pipeline.evaluate import run_evaluate
 
     with tempfile.TemporaryDirectory(prefix="selfment-bench-eval-") as tmp:

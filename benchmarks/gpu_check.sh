@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # from the repository root, project installed
 #
-# 1. torch sees the GPU(s) (python -m selfment_dist.cuda_check), nvidia-smi sampled throughout:
+# 1. torch sees the GPU(s) (python -m selfment_dist.model.cuda_check), nvidia-smi sampled throughout:
 #    the run fails if no GPU was ever busy.
 # 2. NCut + IPO benchmark with --device cuda (48x48 grid = 768 px at patch 16).
 # 3. pseudo-label (pipeline vs backbone forward alone), train (2 workers when 2 GPUs exist,
@@ -19,7 +19,7 @@ SIZE=768
 BACKBONE=vit_small_patch16_dinov3.lvd1689m
 
 echo "== 1. CUDA visible to torch"
-python -m selfment_dist.cuda_check | tee "$OUT/cuda_check.txt"
+python -m selfment_dist.model.cuda_check | tee "$OUT/cuda_check.txt"
 NGPU=$(python -c "import torch; print(torch.cuda.device_count())")
 WORKERS=$(( NGPU >= 2 ? 2 : 1 ))
 nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv | tee "$OUT/gpus.csv"
@@ -47,11 +47,11 @@ python - "$OUT" $SIZE $BACKBONE $WORKERS <<'EOF'
 import json, sys, time
 out, size, backbone, workers = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 import numpy as np, ray, torch
-from selfment_dist.backbone import build_backbone
+from selfment_dist.model.backbone import build_backbone
 from selfment_dist.pipeline.pseudo_label import run_pseudo_label
 from selfment_dist.pipeline.segment import run_segment
 from selfment_dist.pipeline.train import run_train
-from selfment_dist.synthetic import make_scene, write_scenes
+from selfment_dist.data.synthetic import make_scene, write_scenes
 
 write_scenes(f"{out}/seg/data", 128, size=(480, 640))
 ray.init(include_dashboard=False, log_to_driver=False)

@@ -1,7 +1,7 @@
 """NCut + IPO: ours (batched, block Krylov) side by side with the procedure as published.
 
 The published procedure: one image at a time, dense scipy generalised ``eigh(D − A, D)``, then
-the IPO loop in numpy (:mod:`selfment_dist.reference`). Both run on the same synthetic DINO-like
+the IPO loop in numpy (:mod:`selfment_dist.algorithm.reference`). Both run on the same synthetic DINO-like
 patch features; we report time per image and how many patches/images get the same mask.
 
     python benchmarks/ncut.py                      # grids 28×28, 48×48, 96×96 on the CPU
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from selfment_dist import pseudo_label
-from selfment_dist.reference import reference_pseudo_label
-from selfment_dist.synthetic import make_patch_feature_batch
+from selfment_dist.algorithm.reference import reference_pseudo_label
+from selfment_dist.data.synthetic import make_patch_feature_batch
 
 
 def bench_grid(grid: int, *, images: int, ref_images: int, batch: int, dim: int, device: str,

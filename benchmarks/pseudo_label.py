@@ -9,7 +9,7 @@ Speed (same synthetic JPEGs, same backbone, same image size):
   (b) published  the per-image loop as published: read + decode + resize one image, the same
                  backbone on a batch of 1, dense scipy generalised eigensolver
                  (``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 1])``), IPO in numpy
-                 (``selfment_dist.reference``).
+                 (``selfment_dist.algorithm.reference``).
   (c) forward    the backbone's forward pass alone, batched, on pre-resized images: the limit
                  of the hardware for this model.
   (d) ncut+ipo   batched NCut + IPO alone on (c)'s features (explains the gap (a) → (c)).
@@ -56,7 +56,7 @@ from _common import load_avg, start_ray, sync  # noqa: E402
 
 
 def _images(root: Path, n: int, size: tuple[int, int]) -> Path:
-    from selfment_dist.synthetic import write_scenes
+    from selfment_dist.data.synthetic import write_scenes
 
     write_scenes(str(root), n, size=size)
     return root / "images"
@@ -137,8 +137,8 @@ def bench_ncut_ipo(backbone, arrays: np.ndarray, batch_size: int) -> Meter:
 def bench_published(backbone, files: list[Path], image_size: int) -> Meter:
     from PIL import Image
 
-    from selfment_dist.backbone import resize_square
-    from selfment_dist.reference import reference_pseudo_label
+    from selfment_dist.model.backbone import resize_square
+    from selfment_dist.algorithm.reference import reference_pseudo_label
 
     with Meter() as m:
         for path in files:
@@ -152,7 +152,7 @@ def bench_published(backbone, files: list[Path], image_size: int) -> Meter:
 def precision_comparison(args, arrays: np.ndarray, bf16_backbone, bf16_fwd: float) -> str:
     """bf16 vs fp32 on the same images and weights: forward speed and mask patch agreement."""
     from selfment_dist import pseudo_label
-    from selfment_dist.backbone import build_backbone
+    from selfment_dist.model.backbone import build_backbone
 
     fp32 = build_backbone(args.backbone, weights=args.weights, image_size=args.image_size,
                           precision="fp32")
@@ -198,7 +198,7 @@ def speed(args, work: Path) -> str:
     import torch
     from PIL import Image
 
-    from selfment_dist.backbone import build_backbone, resize_square
+    from selfment_dist.model.backbone import build_backbone, resize_square
 
     folder = _images(work / "speed", args.n, args.source_size)
     files = sorted(folder.glob("*.jpg"))
@@ -343,7 +343,7 @@ def memory(args) -> str:
 
 
 def main(argv=None) -> None:
-    from selfment_dist.backbone import DEFAULT_BACKBONE, PRECISIONS
+    from selfment_dist.model.backbone import DEFAULT_BACKBONE, PRECISIONS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=24, help="images for the speed comparison")

@@ -54,7 +54,7 @@ def write_shards(root: str, n: int, *, shard_rows: int, px: int, storage_options
     from PIL import Image
 
     from selfment_dist.io.storage import url_to_fs
-    from selfment_dist.synthetic import make_scene
+    from selfment_dist.data.synthetic import make_scene
 
     fs, base = url_to_fs(root, storage_options)
     fs.makedirs(base, exist_ok=True)

@@ -8,7 +8,7 @@ default) with ``save_features=True``, so every method below trains on the same r
                               ``--batch-size`` images per worker and step.
   (b) published               the loop as published: cached features, the pseudo-mask recomputed
                               at every step by dense NCut (``scipy.linalg.eigh(D - A, D,
-                              subset_by_index=[1, 1])``) and numpy IPO (``selfment_dist.reference``),
+                              subset_by_index=[1, 1])``) and numpy IPO (``selfment_dist.algorithm.reference``),
                               one image per step (head forward + backward + Adam), one process.
   (c) ours, backbone features ``run_train(features="backbone")``: Ray Data tasks read, decode and
                               resize the images; the frozen backbone runs inside each worker.
@@ -47,7 +47,7 @@ from _common import load_avg, start_ray, sync  # noqa: E402
 def make_labels(work: Path, args) -> tuple[str, Path]:
     """Synthetic JPEGs → pseudo-labels with stored features (our pipeline)."""
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label
-    from selfment_dist.synthetic import write_scenes
+    from selfment_dist.data.synthetic import write_scenes
 
     write_scenes(str(work / "scenes"), args.n, size=args.source_size)
     labels = str(work / "labels")
@@ -86,9 +86,9 @@ def bench_published(rows: list[dict], n: int) -> float:
     """Per image: NCut + IPO on its cached features (scipy/numpy), then one optimiser step."""
     import torch
 
-    from selfment_dist.head import PatchHead
-    from selfment_dist.losses import selfment_loss
-    from selfment_dist.reference import reference_pseudo_label
+    from selfment_dist.model.head import PatchHead
+    from selfment_dist.model.losses import selfment_loss
+    from selfment_dist.algorithm.reference import reference_pseudo_label
 
     torch.manual_seed(0)
     head = PatchHead(rows[0]["features"].shape[-1])
@@ -123,7 +123,7 @@ class _ForwardWorker:
     def __init__(self, args, threads: int | None):
         import torch
 
-        from selfment_dist.backbone import build_backbone
+        from selfment_dist.model.backbone import build_backbone
 
         if threads:
             torch.set_num_threads(threads)
@@ -169,7 +169,7 @@ def run(args, work: Path) -> str:
     import torch
     from PIL import Image
 
-    from selfment_dist.backbone import build_backbone, resize_square
+    from selfment_dist.model.backbone import build_backbone, resize_square
 
     start_ray(args.address, args.num_cpus)
     labels, images = make_labels(work, args)
@@ -235,7 +235,7 @@ def run(args, work: Path) -> str:
 
 
 def main(argv=None) -> None:
-    from selfment_dist.backbone import DEFAULT_BACKBONE
+    from selfment_dist.model.backbone import DEFAULT_BACKBONE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=16, help="images pseudo-labelled and trained on")

@@ -31,7 +31,7 @@ def _one_mode(mode: str, images: int, runs: int, cpus: int) -> None:
     import ray
 
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label
-    from selfment_dist.synthetic import write_scenes
+    from selfment_dist.data.synthetic import write_scenes
 
     root = tempfile.mkdtemp(prefix="warm-")
     write_scenes(f"{root}/data", images, size=(64, 80))

@@ -16,25 +16,25 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "PatchHead": ".head",
-    "ipo_refine": ".ipo",
-    "PseudoLabeler": ".labeler",
-    "pseudo_label": ".labeler",
-    "selfment_loss": ".losses",
-    "sod_scores": ".metrics",
-    "ncut_bipartition": ".ncut",
+    "PatchHead": ".model.head",
+    "ipo_refine": ".algorithm.ipo",
+    "PseudoLabeler": ".algorithm.labeler",
+    "pseudo_label": ".algorithm.labeler",
+    "selfment_loss": ".model.losses",
+    "sod_scores": ".evaluation.metrics",
+    "ncut_bipartition": ".algorithm.ncut",
 }
 
 __all__ = ["ncut_bipartition", "ipo_refine", "pseudo_label", "PseudoLabeler", "selfment_loss",
            "PatchHead", "sod_scores", "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from .head import PatchHead
-    from .ipo import ipo_refine
-    from .labeler import PseudoLabeler, pseudo_label
-    from .losses import selfment_loss
-    from .metrics import sod_scores
-    from .ncut import ncut_bipartition
+    from selfment_dist.model.head import PatchHead
+    from selfment_dist.algorithm.ipo import ipo_refine
+    from selfment_dist.algorithm.labeler import PseudoLabeler, pseudo_label
+    from selfment_dist.model.losses import selfment_loss
+    from selfment_dist.evaluation.metrics import sod_scores
+    from selfment_dist.algorithm.ncut import ncut_bipartition
 
 
 def __getattr__(name: str):

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, Mapping
 
-from .config import load_config, values_for, with_overrides
-from .io.storage import parse_storage_options
-from .settings import (ChainSettings, DemoSettings, EvaluateSettings, ImportCheckpointSettings,
+from selfment_dist.config import load_config, values_for, with_overrides
+from selfment_dist.io.storage import parse_storage_options
+from selfment_dist.settings import (ChainSettings, DemoSettings, EvaluateSettings, ImportCheckpointSettings,
                        InspectSettings, PseudoLabelSettings, SegmentSettings, Settings,
                        SettingsError, StageSettings, TrainSettings, flag_of, validate)
 
@@ -51,8 +51,8 @@ def _print_error(message: str) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake, not a bug (imported lazily: no torch for --help)."""
-    from .pipeline._parts import OutputBusyError
-    from .pipeline._plan import UnschedulableError  # the cluster lacks what was asked for
+    from selfment_dist.pipeline._internal.parts import OutputBusyError
+    from selfment_dist.pipeline._internal.plan import UnschedulableError  # the cluster lacks what was asked for
     return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError, OutputBusyError, UnschedulableError)
 
@@ -76,7 +76,7 @@ COMMANDS: dict[str, Command] = {
                         EvaluateSettings, "selfment_dist.pipeline.evaluate:run_evaluate"),
     "import-checkpoint": Command(
         "turn an official Selfment head checkpoint (.pth) into a model artifact",
-        ImportCheckpointSettings, "selfment_dist.official_checkpoint:import_official_checkpoint"),
+        ImportCheckpointSettings, "selfment_dist.model.official_checkpoint:import_official_checkpoint"),
     "inspect": Command("contact sheets, confidence histogram and an HTML page of pseudo-labels",
                        InspectSettings, "selfment_dist.pipeline.inspect:run_inspect"),
     "demo": Command("synthetic data through the whole pipeline, locally", DemoSettings,
@@ -217,7 +217,7 @@ def command_settings(command: str, given: Mapping[str, Any], config_uri: str | N
     given = _from_command_line(model, given)
     config = load_config(config_uri, top.get("storage_options")) if config_uri else {}
     if model is ChainSettings:
-        from .pipeline.chain import plan
+        from selfment_dist.pipeline.chain import plan
 
         if not config_uri:
             raise SettingsError(["run: --config is required"])
@@ -227,7 +227,7 @@ def command_settings(command: str, given: Mapping[str, Any], config_uri: str | N
     if model in (DemoSettings, InspectSettings, ImportCheckpointSettings):
         values = {**values_for(config, model), **given, **top}
         return validate(model, values, model.section)
-    from .pipeline.chain import stage_settings
+    from selfment_dist.pipeline.chain import stage_settings
 
     stage = model.section
     if "address" in top:  # over the stage's own section too
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     storage_options = (settings.get("storage_options") if isinstance(settings, dict)
                        else getattr(settings, "storage_options", None))
     configure_logging(level, storage_options)
-    from .pipeline._ray import call_as_driver  # ray:// runs the driver on the cluster
+    from selfment_dist.pipeline._internal.ray_runtime import call_as_driver  # ray:// runs the driver on the cluster
 
     try:
         if command == "run":
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                      else " ".join(str(err).split()) or type(err).__name__)
         return USAGE_ERROR
     except Exception as err:
-        from .pipeline._parts import FencedError
+        from selfment_dist.pipeline._internal.parts import FencedError
         if not isinstance(err, FencedError):
             raise
         _print_error(str(err))

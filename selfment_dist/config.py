@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from .io.storage import url_to_fs
-from .settings import (STAGE_SETTINGS, DemoSettings, ImportCheckpointSettings, InspectSettings,
+from selfment_dist.io.storage import url_to_fs
+from selfment_dist.settings import (STAGE_SETTINGS, DemoSettings, ImportCheckpointSettings, InspectSettings,
                        Settings, SettingsError, flag_of)
 
 #: Sections of a config file: one per stage, the chain's and the demo's.

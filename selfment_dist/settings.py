@@ -30,8 +30,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from pydantic_core import PydanticUndefined
 from typing_extensions import Annotated
 
-from .defaults import DEFAULT_BACKBONE, MODEL_WORKERS, NO_OBJECT_THRESHOLD, PRECISIONS
-from .io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from selfment_dist.defaults import DEFAULT_BACKBONE, MODEL_WORKERS, NO_OBJECT_THRESHOLD, PRECISIONS
+from selfment_dist.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 __all__ = ["Settings", "StageSettings", "PseudoLabelSettings", "TrainSettings", "SegmentSettings",
            "EvaluateSettings", "InspectSettings", "ImportCheckpointSettings", "SyntheticSettings", "ChainSettings", "DemoSettings",

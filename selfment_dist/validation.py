@@ -9,8 +9,8 @@ from __future__ import annotations
 from numbers import Integral
 from typing import Any
 
-from .backbone_names import KNOWN_BACKBONES, image_size_problem, patch_size
-from .settings import SettingsError
+from selfment_dist.model.backbone_names import KNOWN_BACKBONES, image_size_problem, patch_size
+from selfment_dist.settings import SettingsError
 
 __all__ = ["SettingsError", "check_backbone_size"]
 
@@ -26,7 +26,7 @@ def check_backbone_size(backbone: Any, image_size: Any) -> list[str]:
         problem = size_ok and image_size_problem(backbone, int(image_size),
                                                  patch_size(backbone))
         return [problem] if problem else []
-    from .backbone import backbone_family, check_image_size
+    from selfment_dist.model.backbone import backbone_family, check_image_size
     try:
         if size_ok:
             check_image_size(backbone, int(image_size))

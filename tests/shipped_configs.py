@@ -15,7 +15,7 @@ from pathlib import Path
 import fsspec
 
 from selfment_dist.config import load_config
-from selfment_dist.synthetic import write_scenes
+from selfment_dist.data.synthetic import write_scenes
 
 S3_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "s3.yaml"
 N_IMAGES, N_BENCH, SIZE = 6, 2, (48, 64)

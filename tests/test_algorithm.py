@@ -7,12 +7,12 @@ import scipy.linalg
 import scipy.ndimage
 import torch
 
-from selfment_dist.synthetic import make_patch_feature_batch as make_batch
-from selfment_dist.synthetic import make_patch_features as make_features
+from selfment_dist.data.synthetic import make_patch_feature_batch as make_batch
+from selfment_dist.data.synthetic import make_patch_features as make_features
 from selfment_dist import ipo_refine, ncut_bipartition, pseudo_label
-from selfment_dist.ncut import (DENSE_MAX_NODES, _block_krylov_second, _dense_second,
+from selfment_dist.algorithm.ncut import (DENSE_MAX_NODES, _block_krylov_second, _dense_second,
                                 fiedler_vectors, normalized_affinity, seed_component)
-from selfment_dist.reference import reference_ipo, reference_ncut, reference_pseudo_label
+from selfment_dist.algorithm.reference import reference_ipo, reference_ncut, reference_pseudo_label
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
@@ -240,7 +240,7 @@ def test_bad_shapes_are_a_clear_error():
 
 
 def test_memory_chunking_gives_the_same_masks(monkeypatch):
-    import selfment_dist.ncut as ncut_module
+    import selfment_dist.algorithm.ncut as ncut_module
 
     rng = np.random.default_rng(12)
     feats = torch.from_numpy(make_batch(rng, 5, 17, 17, 16))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfment_dist.artifact import FORMAT_VERSION, META_NAME, WEIGHTS_NAME, load_artifact, save_artifact
-from selfment_dist.head import PatchHead
+from selfment_dist.model.artifact import FORMAT_VERSION, META_NAME, WEIGHTS_NAME, load_artifact, save_artifact
+from selfment_dist.model.head import PatchHead
 
 
 def _assert_close(actual, expected, *, rtol=1e-5, atol=1e-6):

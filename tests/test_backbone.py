@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from selfment_dist import backbone as bb
-from selfment_dist.backbone import (DEFAULT_BACKBONE, Backbone, CheckpointError, backbone_family,
+from selfment_dist.model import backbone as bb
+from selfment_dist.model.backbone import (DEFAULT_BACKBONE, Backbone, CheckpointError, backbone_family,
                                     build_backbone, check_image_size, resize_square,
                                     supported_backbones)
-from selfment_dist.backbone_names import KNOWN_BACKBONES, patch_size
+from selfment_dist.model.backbone_names import KNOWN_BACKBONES, patch_size
 from selfment_dist.validation import check_backbone_size
 
 DINO = "vit_small_patch16_224.dino"

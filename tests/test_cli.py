@@ -108,7 +108,7 @@ def test_negative_flag_in_config_keeps_its_meaning(calls, tmp_path):
 
 
 def test_precision_choices_are_the_backbones():
-    from selfment_dist.backbone import PRECISIONS
+    from selfment_dist.model.backbone import PRECISIONS
 
     flags, kwargs = cli.argument(cli.PseudoLabelSettings, "precision")
     assert flags == ["--precision"] and tuple(kwargs["choices"]) == PRECISIONS
@@ -127,7 +127,7 @@ def test_stage_modules_leave_the_model_stack_to_the_actors():
             "assert 'multiple of' in check('vit_small_patch14_dinov2.lvd142m', 64)[0]\n"
             "assert resolve_precision('auto') == 'fp32'\n"
             "assert 'torch' not in sys.modules, 'pseudo_label imports torch'\n"
-            "import selfment_dist.pipeline.segment, selfment_dist.pipeline._train_worker\n"
+            "import selfment_dist.pipeline.segment, selfment_dist.pipeline._internal.train_worker\n"
             "import selfment_dist.pipeline.evaluate, selfment_dist.pipeline.train\n"
             "assert 'timm' not in sys.modules, 'a stage module imports timm'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

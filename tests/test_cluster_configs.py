@@ -165,9 +165,9 @@ def test_aws_gpu_nodes_pin_a_driver_for_cuda13_torch_and_check_cuda_at_start(aws
     assert "driver >= 580" in text and "CUDA 12 wheels" not in text
     for name, t in gpu.items():
         assert t["node_config"]["ImageId"] != "latest_dlami", f"{name}: pin an AMI (driver >= 580)"
-        assert any("selfment_dist.cuda_check" in c for c in t.get("worker_setup_commands", [])), \
+        assert any("selfment_dist.model.cuda_check" in c for c in t.get("worker_setup_commands", [])), \
             f"{name}: no CUDA check at node start"
-    import selfment_dist.cuda_check  # noqa: F401  (the module the nodes run exists)
+    import selfment_dist.model.cuda_check  # noqa: F401  (the module the nodes run exists)
 
 
 # --- KubeRay -------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def test_kuberay_cluster_spec(path, kind):
 
     for group in gpu_groups:  # a GPU pod refuses to start when torch cannot use its GPU
         checks = group["template"]["spec"].get("initContainers", [])
-        assert any(c.get("command", [])[-1:] == ["selfment_dist.cuda_check"] and _gpus(c) >= 1
+        assert any(c.get("command", [])[-1:] == ["selfment_dist.model.cuda_check"] and _gpus(c) >= 1
                    for c in checks), f"{name}/{group['groupName']}: no CUDA check before Ray"
 
     images = {c["image"] for g in groups for c in _containers(g)}

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from selfment_dist.io.schema import QUALITY_COLUMNS
-from selfment_dist.labeler import pseudo_label
-from selfment_dist.ncut import fiedler_vectors
-from selfment_dist.pipeline._train_data import _confidence_filter
-from selfment_dist.quality import SIGNALS
-from selfment_dist.synthetic import (NO_OBJECT_KINDS, make_patch_feature_batch, make_scene,
+from selfment_dist.algorithm.labeler import pseudo_label
+from selfment_dist.algorithm.ncut import fiedler_vectors
+from selfment_dist.pipeline._internal.train_data import _confidence_filter
+from selfment_dist.algorithm.quality import SIGNALS
+from selfment_dist.data.synthetic import (NO_OBJECT_KINDS, make_patch_feature_batch, make_scene,
                                      scene_kinds, write_scenes)
 
 IMAGE_SIZE = 96  # 6x6 patch grid
@@ -66,7 +66,7 @@ def test_no_object_scenes_and_features():
             assert not mask.any()
     with pytest.raises(ValueError, match="kind"):
         make_scene(0, kind="nothing")
-    from selfment_dist.synthetic import make_patch_features
+    from selfment_dist.data.synthetic import make_patch_features
     feats, fg = make_patch_features(np.random.default_rng(0), 8, 8, 16, with_object=False,
                                     return_mask=True)
     assert feats.shape == (8, 8, 16) and not fg.any()
@@ -161,7 +161,7 @@ def test_training_dataset_holds_the_rows_the_filter_keeps(labelled, cut):
     """The dataset train's workers read (Ray Data, without starting Ray Train) holds the rows
     each rule keeps, on these real pseudo-labels. That Ray Train's ranks train on exactly the
     dataset's rows (the default rule end to end) is tests/test_train.py's DDP test."""
-    from selfment_dist.pipeline._train_data import build_dataset, inspect_labels
+    from selfment_dist.pipeline._internal.train_data import build_dataset, inspect_labels
 
     expected, _ = _expected_keys(labelled, cut)
     ls = inspect_labels(labelled["labels"], **cut)

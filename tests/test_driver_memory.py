@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from selfment_dist.pipeline.pseudo_label import run_pseudo_label
-from selfment_dist.synthetic import write_scenes
+from selfment_dist.data.synthetic import write_scenes
 
 SMALL, LARGE = 64, 512
 RUN = dict(backbone="vit_small_patch16_224.dino", weights="random", image_size=32,

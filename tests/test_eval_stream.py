@@ -8,8 +8,8 @@ import tracemalloc
 
 import numpy as np
 
-from selfment_dist.metrics import image_record, merge_curves, merge_records, record_summary
-from selfment_dist.pipeline._eval_merge import RecordStream
+from selfment_dist.evaluation.metrics import image_record, merge_curves, merge_records, record_summary
+from selfment_dist.pipeline._internal.eval_merge import RecordStream
 
 
 def _pairs(n: int, seed: int = 0):

@@ -13,10 +13,10 @@ import py_sod_metrics as psm
 import pytest
 from PIL import Image
 
-from selfment_dist.metrics import SCORE_KEYS, sod_scores
-from selfment_dist.pipeline._ray import ensure_ray
+from selfment_dist.evaluation.metrics import SCORE_KEYS, sod_scores
+from selfment_dist.pipeline._internal.ray_runtime import ensure_ray
 from selfment_dist.pipeline.evaluate import list_images, run_evaluate
-from selfment_dist.reports import STANDARD_BENCHMARKS, benchmark_uris, benchmarks_table
+from selfment_dist.evaluation.reports import STANDARD_BENCHMARKS, benchmark_uris, benchmarks_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SOD_KEYS = ("max_fm", "mean_fm", "adp_fm", "wfm", "sm", "max_em", "mean_em", "adp_em", "mae")
@@ -241,10 +241,10 @@ def test_a_failing_task_is_reported_for_its_keys(ray_local):
 def test_benchmark_mode_with_the_real_segment_stage(ray_local, tmp_path):
     """model → run_segment (Ray Data) → evaluation, on a random-weights backbone at 64 px."""
     torch = pytest.importorskip("torch")
-    from selfment_dist.artifact import save_artifact
-    from selfment_dist.backbone import build_backbone
-    from selfment_dist.head import PatchHead
-    from selfment_dist.synthetic import write_scenes
+    from selfment_dist.model.artifact import save_artifact
+    from selfment_dist.model.backbone import build_backbone
+    from selfment_dist.model.head import PatchHead
+    from selfment_dist.data.synthetic import write_scenes
 
     backbone_name = "vit_small_patch16_224.dino"
     backbone = build_backbone(backbone_name, weights="random", image_size=64, device="cpu")

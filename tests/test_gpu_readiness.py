@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from selfment_dist.ncut import fiedler_vectors, ncut_bipartition, take_dense_fallbacks
-from selfment_dist.ipo import ipo_refine
-from selfment_dist.pipeline import _device
-from selfment_dist.pipeline._plan import (LIGHT_TASK_CPUS, UnschedulableError, check_gpus_per_actor,
+from selfment_dist.algorithm.ncut import fiedler_vectors, ncut_bipartition, take_dense_fallbacks
+from selfment_dist.algorithm.ipo import ipo_refine
+from selfment_dist.pipeline._internal import device as _device
+from selfment_dist.pipeline._internal.plan import (LIGHT_TASK_CPUS, UnschedulableError, check_gpus_per_actor,
                                           plan_resources)
 
 HEAD_NO_CPU = {"CPU": 0.0, "memory": 1e9}
@@ -99,7 +99,8 @@ def test_unschedulable_start_fails_with_a_message_naming_the_resource(monkeypatc
     the probe succeeds, Ray Data's own wait for the first actor is bounded the same way."""
     import ray
 
-    from selfment_dist.pipeline import _plan, _ray
+    from selfment_dist.pipeline._internal import plan as _plan
+    from selfment_dist.pipeline._internal import ray_runtime as _ray
 
     monkeypatch.setattr(_plan, "alive_nodes", lambda: [HEAD_NO_CPU, node(2)])
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
@@ -242,7 +243,7 @@ def test_ncut_and_ipo_ignore_a_callers_bf16_autocast():
 
 
 def test_dense_eigh_fallbacks_are_counted_and_logged(monkeypatch, caplog):
-    from selfment_dist import ncut
+    from selfment_dist.algorithm import ncut
 
     def never_converges(m, u0, *, return_values=False, **kw):
         out = (u0.clone(), torch.zeros(m.shape[0], dtype=torch.bool))
@@ -251,7 +252,7 @@ def test_dense_eigh_fallbacks_are_counted_and_logged(monkeypatch, caplog):
     monkeypatch.setattr(ncut, "_block_krylov_second", never_converges)
     take_dense_fallbacks()
     x = torch.nn.functional.normalize(torch.randn(3, 20, 8), dim=-1)
-    with caplog.at_level("WARNING", logger="selfment_dist.ncut"):
+    with caplog.at_level("WARNING", logger="selfment_dist.algorithm.ncut"):
         fiedler_vectors(x, dense_max_nodes=4)
     assert take_dense_fallbacks() == 3 and take_dense_fallbacks() == 0
     assert any("dense float64 eigh fallback" in r.getMessage() for r in caplog.records)
@@ -297,8 +298,8 @@ def test_evaluate_forwards_the_actor_options_to_segment(monkeypatch, tmp_path):
 def test_optimizer_state_is_loaded_on_cpu_on_resume(monkeypatch, tmp_path):
     """Adam's ``step`` must stay a CPU tensor after a resume (on CUDA, map_location=device put
     it on the GPU: one sync per parameter per step)."""
-    from selfment_dist.head import PatchHead
-    from selfment_dist.pipeline import _train_checkpoints as train
+    from selfment_dist.model.head import PatchHead
+    from selfment_dist.pipeline._internal import train_checkpoints as train
 
     head = PatchHead(in_dim=8, embed_dim=4)
     opt = torch.optim.Adam(head.parameters())

@@ -18,13 +18,13 @@ import ray
 from PIL import Image
 
 from selfment_dist import cli
-from selfment_dist.artifact import META_NAME, WEIGHTS_NAME, load_artifact, save_artifact
-from selfment_dist.head import PatchHead
+from selfment_dist.model.artifact import META_NAME, WEIGHTS_NAME, load_artifact, save_artifact
+from selfment_dist.model.head import PatchHead
 from selfment_dist.io.images import FORMATS, ImageDecodeError, decode_image
 from selfment_dist.io.sources import error_kind, iter_records
 from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
 from selfment_dist.pipeline.segment import run_segment
-from selfment_dist.synthetic import make_scene
+from selfment_dist.data.synthetic import make_scene
 from selfment_dist.validation import SettingsError
 
 BACKBONE = "vit_small_patch16_224.dino"

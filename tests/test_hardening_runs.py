@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 
 from selfment_dist.io.schema import pseudo_label_schema
-from selfment_dist.pipeline import _parts
+from selfment_dist.pipeline._internal import parts as _parts
 from selfment_dist.pipeline import pseudo_label as pl
-from selfment_dist.pipeline._parts import OutputBusyError, PartsSink
+from selfment_dist.pipeline._internal.parts import OutputBusyError, PartsSink
 from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
-from selfment_dist.synthetic import make_scene, write_scenes
+from selfment_dist.data.synthetic import make_scene, write_scenes
 
 BACKBONE = "vit_small_patch16_224.dino"
 # Model replicas as tasks on warm workers: built once for the module (see pipeline._warm).
@@ -261,8 +261,8 @@ def test_empty_input_is_an_error_unless_allowed(tmp_path):
 # -- issue 17: segment's parquet resume; segment refuses a busy output --------------------------
 
 def test_segment_parquet_resumes_and_refuses_a_busy_output(images, tmp_path):
-    from selfment_dist.artifact import save_artifact
-    from selfment_dist.head import PatchHead
+    from selfment_dist.model.artifact import save_artifact
+    from selfment_dist.model.head import PatchHead
     from selfment_dist.pipeline.segment import MANIFEST_NAME as SEGMENT_MANIFEST
     from selfment_dist.pipeline.segment import run_segment
 

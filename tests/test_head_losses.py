@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfment_dist.head import HIDDEN_DIM, PatchHead
-from selfment_dist.losses import selfment_loss
+from selfment_dist.model.head import HIDDEN_DIM, PatchHead
+from selfment_dist.model.losses import selfment_loss
 
 OFFICIAL_DICE_SMOOTH = 1e-6  # written out: the test must not follow our constant
 

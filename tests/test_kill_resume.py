@@ -19,12 +19,12 @@ from kill_helpers import kill_session, session_members, start_cli, tail, wait_un
 from PIL import Image
 from test_train import _feature_rows, write_labels
 
-from selfment_dist.artifact import load_artifact, save_artifact
-from selfment_dist.head import PatchHead
+from selfment_dist.model.artifact import load_artifact, save_artifact
+from selfment_dist.model.head import PatchHead
 from selfment_dist.pipeline.segment import MANIFEST_NAME as SEGMENT_MANIFEST
 from selfment_dist.pipeline.segment import run_segment
 from selfment_dist.pipeline.train import CONFIG_NAME, RUN_NAME, run_train
-from selfment_dist.synthetic import write_scenes
+from selfment_dist.data.synthetic import write_scenes
 
 DEADLINE_S = 300.0
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints

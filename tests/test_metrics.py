@@ -1,4 +1,4 @@
-"""selfment_dist.metrics: pysodmetrics parity, the unsupervised-SOD protocol, exact merging."""
+"""selfment_dist.evaluation.metrics: pysodmetrics parity, the unsupervised-SOD protocol, exact merging."""
 from __future__ import annotations
 
 import pickle
@@ -9,7 +9,7 @@ import py_sod_metrics as psm
 import pytest
 import torch
 
-from selfment_dist.metrics import (
+from selfment_dist.evaluation.metrics import (
     SCORE_KEYS,
     image_record,
     merge_curves,

@@ -31,7 +31,7 @@ from ray_jobs_helpers import submit_when_agent_is_up
 from shipped_configs import (check_the_run, put_the_data_where_the_file_expects_it,
                              s3_config_scaled_down)
 
-from selfment_dist.synthetic import write_scenes
+from selfment_dist.data.synthetic import write_scenes
 
 # A loaded 2-core machine runs each of these for minutes (node start, actor start, a restart).
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1200)]
@@ -139,7 +139,7 @@ def _new_counters(before: set[str]):
     ``RunCounters`` actor, named by the pipeline), or None while it has none."""
     import ray
 
-    from selfment_dist.pipeline._ray import COUNTERS_PREFIX, split_counters
+    from selfment_dist.pipeline._internal.ray_runtime import COUNTERS_PREFIX, split_counters
 
     for a in ray.util.list_named_actors(all_namespaces=True):  # [{"name", "namespace"}]
         if a["name"].startswith(COUNTERS_PREFIX) and a["name"] not in before:
@@ -241,7 +241,7 @@ def test_plan_fits_the_nodes_of_a_head_without_cpus(cluster):
     small enough that both fit on one survivor with room left for decode/write tasks."""
     import ray
 
-    from selfment_dist.pipeline._ray import ensure_ray, plan_resources
+    from selfment_dist.pipeline._internal.ray_runtime import ensure_ray, plan_resources
 
     ensure_ray(cluster.address)
     plan = plan_resources(None, None)
@@ -253,7 +253,7 @@ def test_plan_fits_the_nodes_of_a_head_without_cpus(cluster):
 def test_a_run_no_node_can_hold_fails_in_bounded_time_naming_the_resource(cluster, corpus):
     """GPUs asked for on a CPU-only cluster (no autoscaler): a clear error after actor_wait_s,
     not a wait forever."""
-    from selfment_dist.pipeline._ray import UnschedulableError
+    from selfment_dist.pipeline._internal.ray_runtime import UnschedulableError
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label
 
     so, _ = corpus
@@ -362,8 +362,8 @@ def test_the_command_line_drives_the_cluster_through_ray_client(cluster, corpus)
 
 
 def test_segment_spreads_over_nodes_and_survives_losing_one(cluster, corpus, s3_gated):
-    from selfment_dist.artifact import save_artifact
-    from selfment_dist.head import PatchHead
+    from selfment_dist.model.artifact import save_artifact
+    from selfment_dist.model.head import PatchHead
     from selfment_dist.pipeline.segment import run_segment
 
     so, keys = corpus
@@ -404,7 +404,7 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
     worker goes: Ray Train (FailureConfig) restarts both workers from that checkpoint, the run
     finishes, the artifact loads. The steps done twice are measured from rank 0's per-step
     dumps. The ranks step in lockstep (DDP), so training cannot finish without the lost one."""
-    from selfment_dist.artifact import load_artifact
+    from selfment_dist.model.artifact import load_artifact
     from selfment_dist.pipeline.train import run_train
 
     so, _ = corpus
@@ -477,7 +477,7 @@ def test_a_training_no_node_can_hold_fails_in_bounded_time_naming_the_resource(c
                                                                              labelled):
     """Workers of 4 CPUs asked for on nodes of 3 (no autoscaler): a clear error after
     worker_wait_s, before Ray Train starts (it would wait for them forever)."""
-    from selfment_dist.pipeline._ray import UnschedulableError
+    from selfment_dist.pipeline._internal.ray_runtime import UnschedulableError
     from selfment_dist.pipeline.train import run_train
 
     so, _ = corpus

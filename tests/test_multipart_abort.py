@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from selfment_dist.pipeline._parts import PartsSink
+from selfment_dist.pipeline._internal.parts import PartsSink
 
 BLOCK = 5 * 2**20
 SCHEMA = pa.schema([("key", pa.string()), ("blob", pa.binary()), ("error", pa.string())])

@@ -12,12 +12,12 @@ from cli_output import printed_summary
 from PIL import Image
 
 from selfment_dist import ipo_refine
-from selfment_dist.artifact import load_artifact
+from selfment_dist.model.artifact import load_artifact
 from selfment_dist.cli import main as cli_main
-from selfment_dist.official_checkpoint import official_state_to_head
-from selfment_dist.reference import reference_ipo
-from selfment_dist.segmenter import Segmenter
-from selfment_dist.synthetic import make_patch_feature_batch
+from selfment_dist.model.official_checkpoint import official_state_to_head
+from selfment_dist.algorithm.reference import reference_ipo
+from selfment_dist.model.segmenter import Segmenter
+from selfment_dist.data.synthetic import make_patch_feature_batch
 
 DINO = "vit_small_patch16_dinov3.lvd1689m"  # 384-channel features
 
@@ -176,7 +176,7 @@ def test_import_checkpoint_cli_then_segment(tmp_path, capsys):
 
 
 def test_import_checkpoint_errors(tmp_path):
-    from selfment_dist.official_checkpoint import import_official_checkpoint
+    from selfment_dist.model.official_checkpoint import import_official_checkpoint
 
     wrong_dim = tmp_path / "wrong.pth"
     _save(wrong_dim, _official(in_dim=768))

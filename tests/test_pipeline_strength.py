@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import selfment_dist.ncut as ncut_module
-from selfment_dist.backbone import DEFAULT_BACKBONE, build_backbone, resize_square
+import selfment_dist.algorithm.ncut as ncut_module
+from selfment_dist.model.backbone import DEFAULT_BACKBONE, build_backbone, resize_square
 from selfment_dist.cli import main as cli_main
 from selfment_dist.io import decode_mask
-from selfment_dist.labeler import PseudoLabeler
-from selfment_dist.synthetic import make_scene
+from selfment_dist.algorithm.labeler import PseudoLabeler
+from selfment_dist.data.synthetic import make_scene
 
 SIZE = 288
 GRID = SIZE // 16

@@ -21,13 +21,13 @@ import pytest
 from cli_output import printed_summary
 from PIL import Image
 
-from selfment_dist.backbone import build_backbone, resize_square
+from selfment_dist.model.backbone import build_backbone, resize_square
 from selfment_dist.cli import main as cli_main
 from selfment_dist.io import (PSEUDO_LABEL_SCHEMA, decode_features, decode_image, decode_mask,
                               pseudo_label_schema)
-from selfment_dist.labeler import PseudoLabeler
+from selfment_dist.algorithm.labeler import PseudoLabeler
 from selfment_dist.pipeline.pseudo_label import LabelActor, run_pseudo_label
-from selfment_dist.synthetic import make_scene
+from selfment_dist.data.synthetic import make_scene
 
 BACKBONE = "vit_small_patch16_224.dino"
 IMAGE_SIZE = 64                       # 4x4 patch grid: fast, still a real NCut + IPO
@@ -321,7 +321,7 @@ def test_no_run_leaves_its_counter_actor_behind(folder_run):
     driver that runs many pipelines, as this test session does, kept one process per run)."""
     import ray
 
-    from selfment_dist.pipeline._ray import COUNTERS_PREFIX
+    from selfment_dist.pipeline._internal.ray_runtime import COUNTERS_PREFIX
 
     left = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
             if a["name"].startswith(COUNTERS_PREFIX)]
@@ -410,7 +410,7 @@ def test_writes_of_a_superseded_run_are_fenced(where, tmp_path, request):
     worker, after a re-run registered) publishes nothing; the latest run's task publishes."""
     from types import SimpleNamespace
 
-    from selfment_dist.pipeline._parts import MANIFEST_NAME, PartsSink
+    from selfment_dist.pipeline._internal.parts import MANIFEST_NAME, PartsSink
 
     options = None
     output = str(tmp_path / "fenced")

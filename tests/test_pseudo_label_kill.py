@@ -39,9 +39,9 @@ import pyarrow.parquet as pq
 import pytest
 from kill_helpers import name, session_members, start_cli
 
-from selfment_dist.pipeline import _parts
+from selfment_dist.pipeline._internal import parts as _parts
 from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
-from selfment_dist.synthetic import write_scenes
+from selfment_dist.data.synthetic import write_scenes
 
 BACKBONE = "vit_small_patch16_224.dino"
 N_IMAGES = 12

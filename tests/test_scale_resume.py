@@ -12,8 +12,8 @@ from PIL import Image
 
 from selfment_dist.io.sources import container_key_array, container_keys, iter_records
 from selfment_dist.pipeline import pseudo_label
-from selfment_dist.pipeline._done_keys import SortedKeys
-from selfment_dist.synthetic import make_scene
+from selfment_dist.pipeline._internal.done_keys import SortedKeys
+from selfment_dist.data.synthetic import make_scene
 
 
 def _jpg(i: int, px: int = 64) -> bytes:

@@ -19,18 +19,18 @@ import pytest
 import torch
 from PIL import Image
 
-from selfment_dist.artifact import save_artifact
-from selfment_dist.backbone import build_backbone, resize_square
-from selfment_dist.head import PatchHead
+from selfment_dist.model.artifact import save_artifact
+from selfment_dist.model.backbone import build_backbone, resize_square
+from selfment_dist.model.head import PatchHead
 from selfment_dist.io import decode_image
 from selfment_dist.io.sources import enumerate_units
-from selfment_dist.pipeline._parts import outside_output
+from selfment_dist.pipeline._internal.parts import outside_output
 from selfment_dist.pipeline.segment import (MANIFEST_NAME, OVERLAY_DIR, SEGMENT_SCHEMA,
                                             SegmentActor, _PngSink,
                                             _TableSink, read_and_decode, render_table,
                                             run_segment)
-from selfment_dist.segmenter import Segmenter, resolve_image_size, to_png_bytes, upsample
-from selfment_dist.synthetic import make_scene, write_scenes
+from selfment_dist.model.segmenter import Segmenter, resolve_image_size, to_png_bytes, upsample
+from selfment_dist.data.synthetic import make_scene, write_scenes
 
 BACKBONE = "vit_small_patch16_224.dino"
 TRAIN_SIZE = 64      # 4x4 grid

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from selfment_dist.synthetic import MAX_FG_FRACTION, MIN_FG_FRACTION, make_scene, scene_keys, write_scenes
+from selfment_dist.data.synthetic import MAX_FG_FRACTION, MIN_FG_FRACTION, make_scene, scene_keys, write_scenes
 
 
 def _colour_gap(image, mask):

@@ -20,13 +20,13 @@ import torch
 from safetensors.torch import load_file
 
 from selfment_dist import PatchHead, pseudo_label, selfment_loss
-from selfment_dist.artifact import load_artifact
-from selfment_dist.backbone import DEFAULT_BACKBONE
+from selfment_dist.model.artifact import load_artifact
+from selfment_dist.model.backbone import DEFAULT_BACKBONE
 from selfment_dist.io.masks import decode_mask, encode_mask
 from selfment_dist.io.schema import decode_features, encode_features, error_row, pseudo_label_schema
 from selfment_dist.pipeline import train as train_mod
 from selfment_dist.pipeline.train import RUN_NAME, inspect_labels, run_train
-from selfment_dist.synthetic import make_patch_feature_batch
+from selfment_dist.data.synthetic import make_patch_feature_batch
 
 N_SCENES, GRID, DIM = 48, 8, 384
 
@@ -165,7 +165,7 @@ def test_finished_run_is_returned_without_training(trained, feature_labels, monk
     def no_ray(*args, **kwargs):
         raise AssertionError("a finished run must not start Ray")
 
-    monkeypatch.setattr("selfment_dist.pipeline._ray.ensure_ray", no_ray)
+    monkeypatch.setattr("selfment_dist.pipeline._internal.ray_runtime.ensure_ray", no_ray)
     again = run_train(feature_labels, output, **TRAIN_KWARGS)
     assert again["status"] == "already_done"
     assert again["history"] == summary["history"] and again["steps"] == summary["steps"]
@@ -266,11 +266,11 @@ def test_more_epochs_continue_from_the_last_checkpoint(trained, feature_labels, 
 def test_backbone_features_on_s3(ray_local, s3_bucket):
     import fsspec
 
-    from selfment_dist.backbone import build_backbone, resize_square
+    from selfment_dist.model.backbone import build_backbone, resize_square
     from selfment_dist.io.images import decode_image
-    from selfment_dist.labeler import PseudoLabeler
-    from selfment_dist.segmenter import Segmenter
-    from selfment_dist.synthetic import write_scenes
+    from selfment_dist.algorithm.labeler import PseudoLabeler
+    from selfment_dist.model.segmenter import Segmenter
+    from selfment_dist.data.synthetic import write_scenes
 
     bucket, so = s3_bucket
     size, n = 64, 16
@@ -368,7 +368,7 @@ def test_workers_no_node_can_hold_fail_in_bounded_time_unless_nodes_arrive(monke
     driver waits at most worker_wait_s for nodes that can hold the workers (an autoscaler may
     add them), then fails naming the resource. (On a real multi-node cluster:
     tests/test_multinode.py.)"""
-    from selfment_dist.pipeline import _plan
+    from selfment_dist.pipeline._internal import plan as _plan
 
     head, worker = {"CPU": 0.0}, {"CPU": 3.0}
     nodes = [head, worker, worker]
@@ -388,7 +388,7 @@ def test_workers_no_node_can_hold_fail_in_bounded_time_unless_nodes_arrive(monke
 
 def test_an_unschedulable_run_is_one_line_on_the_command_line(monkeypatch, capsys):
     from selfment_dist import cli
-    from selfment_dist.pipeline._plan import UnschedulableError
+    from selfment_dist.pipeline._internal.plan import UnschedulableError
 
     def unschedulable(command):
         def run(settings, **_):

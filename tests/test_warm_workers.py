@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from selfment_dist.pipeline import _warm
-from selfment_dist.pipeline._ray import UnschedulableError, check_model_workers
+from selfment_dist.pipeline._internal import warm as _warm
+from selfment_dist.pipeline._internal.ray_runtime import UnschedulableError, check_model_workers
 
 
 class Replica:

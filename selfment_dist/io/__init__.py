@@ -6,12 +6,12 @@
 - :mod:`.images`: ``decode_image`` → RGB ``PIL.Image`` or ``ImageDecodeError``
 - :mod:`.sources`: ``enumerate_units`` (driver) and ``iter_records`` (worker)
 """
-from .images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from .masks import decode_mask, encode_mask
-from .schema import (PSEUDO_LABEL_SCHEMA, decode_features, encode_features, error_row,
+from selfment_dist.io.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from selfment_dist.io.masks import decode_mask, encode_mask
+from selfment_dist.io.schema import (PSEUDO_LABEL_SCHEMA, decode_features, encode_features, error_row,
                      pseudo_label_schema)
-from .sources import enumerate_units, iter_records
-from .storage import join, parse_storage_options, url_to_fs
+from selfment_dist.io.sources import enumerate_units, iter_records
+from selfment_dist.io.storage import join, parse_storage_options, url_to_fs
 
 __all__ = [
     "parse_storage_options", "url_to_fs", "join",

@@ -15,7 +15,7 @@ error          string    null when fine, else a one-line reason (decode or model
 error_kind     string    null when fine; ``transient`` (I/O, timeouts, throttling, a model
                          failure: a re-run retries the key) or ``permanent`` (bad data, too
                          large: a re-run keeps the row)
-fiedler_value  float32   quality signals (``selfment_dist.quality``), null on error rows:
+fiedler_value  float32   quality signals (``selfment_dist.algorithm.quality``), null on error rows:
 spectral_gap   float32   λ2 and λ3 − λ2 of the NCut graph, the normalised-cut value of its
 ncut_value     float32   split, the share of the grid's outer ring in the mask, the share of
 border_fraction float32  patches IPO moved, whether IPO reached a fixed point

@@ -49,9 +49,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, too_many_bytes
-from .schema import PERMANENT, TRANSIENT
-from .storage import is_local, to_uri, url_to_fs
+from selfment_dist.io.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, too_many_bytes
+from selfment_dist.io.schema import PERMANENT, TRANSIENT
+from selfment_dist.io.storage import is_local, to_uri, url_to_fs
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, ContextManager, Mapping
 
-from ..config import values_for
-from ..io.storage import join, url_to_fs
-from ..settings import (STAGE_SETTINGS, ChainSettings, SettingsError, StageSettings,
+from selfment_dist.config import values_for
+from selfment_dist.io.storage import join, url_to_fs
+from selfment_dist.settings import (STAGE_SETTINGS, ChainSettings, SettingsError, StageSettings,
                         SyntheticSettings, validate)
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def stage_values(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     without it, ``segment.inputs`` defaults to ``pseudo_label.inputs``. What the config sets
     always wins. Values are not validated here (see :func:`plan`).
     """
-    from .demo import synthetic_layout
+    from selfment_dist.pipeline.demo import synthetic_layout
 
     chain = chain_settings(config)
     shared = sorted(k for k in _PER_STAGE if k in config)
@@ -151,13 +151,13 @@ def plan(config: Mapping[str, Any]) -> tuple[ChainSettings, dict[str, StageSetti
 def _marker(stage: str) -> tuple[str, bool]:
     """(file in the stage's output, whether its ``status`` must be ``complete``)."""
     if stage == "pseudo_label":
-        from ._parts import MANIFEST_NAME
+        from selfment_dist.pipeline._internal.parts import MANIFEST_NAME
         return MANIFEST_NAME, True
     if stage == "segment":
-        from .segment import MANIFEST_NAME
+        from selfment_dist.pipeline.segment import MANIFEST_NAME
         return MANIFEST_NAME, True
     if stage == "train":
-        from ..artifact import META_NAME
+        from selfment_dist.model.artifact import META_NAME
         return META_NAME, False  # written last, once the model is saved
     return "metrics.json", False  # evaluate: written last by reports.write_reports
 
@@ -195,7 +195,7 @@ def write_synthetic(synthetic: SyntheticSettings | None, storage_options: dict |
     """Write ``pipeline.synthetic``'s scenes (left as they are when already there); None without."""
     if synthetic is None:
         return None
-    from .demo import write_synthetic_sets
+    from selfment_dist.pipeline.demo import write_synthetic_sets
 
     return write_synthetic_sets(**synthetic.model_dump(), storage_options=storage_options)
 
@@ -276,7 +276,7 @@ def run_chain(config: Mapping[str, Any], *, config_uri: str = "", force: bool | 
     summary.update(status="complete", finished=_now(), wall_s=round(time.perf_counter() - start, 1))
     save()
     if summary["metrics"]:
-        from ..reports import DatasetEvaluation, scores_table
+        from selfment_dist.evaluation.reports import DatasetEvaluation, scores_table
 
         table = scores_table([DatasetEvaluation(name=n, scores=m["scores"], n_images=m["n_images"])
                               for n, m in summary["metrics"].items()])

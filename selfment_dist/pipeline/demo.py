@@ -41,10 +41,10 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from ..io.storage import is_local, join, url_to_fs
-from ..settings import DemoSettings, build_settings
-from ..synthetic import write_scenes
-from ._console import StageBar, quiet_console
+from selfment_dist.io.storage import is_local, join, url_to_fs
+from selfment_dist.settings import DemoSettings, build_settings
+from selfment_dist.data.synthetic import write_scenes
+from selfment_dist.pipeline._internal.console import StageBar, quiet_console
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def write_synthetic_sets(root: str, *, n_train: int = 32, n_eval: int = 12,
 
     ``train/`` holds ``n_train`` scenes (a quarter camouflaged), ``eval/`` ``n_eval`` other
     scenes (``eval_camouflage_fraction`` of them camouflaged), each as ``images/<key>.jpg`` +
-    ``masks/<key>.png`` (see :func:`selfment_dist.synthetic.write_scenes`). A set whose folders
+    ``masks/<key>.png`` (see :func:`selfment_dist.data.synthetic.write_scenes`). A set whose folders
     already hold enough files is left as it is (the scenes are a pure function of the seed).
 
     Returns:
@@ -118,7 +118,7 @@ def hub_weights_problem(backbone: str, image_size: int) -> str | None:
     """
     from huggingface_hub import constants
 
-    from ..backbone import build_backbone
+    from selfment_dist.model.backbone import build_backbone
 
     proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY"))
     if not constants.is_offline_mode() and not proxied:
@@ -158,7 +158,7 @@ def run_demo(*args: DemoSettings | str, **options: Any) -> dict[str, Any]:
         ``pseudo_mask_iou`` (mean IoU of the training scenes' pseudo-masks with their ground
         truth), ``outputs`` (every path), ``stages`` (each stage's own summary), ``wall_s``.
     """
-    from ..reports import DatasetEvaluation, scores_table
+    from selfment_dist.evaluation.reports import DatasetEvaluation, scores_table
 
     settings = build_settings(DemoSettings, args, options)
     output_dir, n_images, n_eval = settings.output_dir, settings.n_images, settings.n_eval
@@ -234,8 +234,8 @@ def _run_stages(console, data: dict, out: dict, *, backbone: str, weights: str, 
                 quiet: bool) -> tuple[dict, dict, float]:
     """pseudo-label → train → segment → evaluate (the stage chain) → inspect, one bar each on
     ``console``."""
-    from .chain import run_chain
-    from .inspect import run_inspect
+    from selfment_dist.pipeline.chain import run_chain
+    from selfment_dist.pipeline.inspect import run_inspect
 
     name = f"synthetic ({n_eval} scenes, {data['n_eval_camouflaged']} camouflaged)"
     config = {
@@ -302,7 +302,7 @@ def _pseudo_mask_iou(labels: str, masks_dir: str) -> float:
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from ..io.masks import decode_mask
+    from selfment_dist.io.masks import decode_mask
 
     table = pq.read_table(labels, columns=["key", "grid_h", "grid_w", "mask", "error"])
     ious = []
@@ -326,7 +326,7 @@ def _prediction_sheet(data: dict, out: dict, report: dict, per_group: int = 4) -
     import numpy as np
     from PIL import Image
 
-    from ..contact_sheet import Tile, contact_sheet
+    from selfment_dist.evaluation.contact_sheet import Tile, contact_sheet
 
     with open(report["files"]["per_image.csv"], encoding="utf-8") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["iou"]))
@@ -381,7 +381,7 @@ def _prepare_output(output_dir: str) -> str:
 def _start_local_ray(num_cpus: int, *, quiet: bool = False) -> bool:
     """An in-process Ray with ``num_cpus`` CPUs (RAY_ADDRESS ignored); True when started here.
     ``quiet``: no Ray Data progress bars (the demo draws its own)."""
-    from ._ray import ensure_ray
+    from selfment_dist.pipeline._internal.ray_runtime import ensure_ray
 
     if quiet:
         from ray.data import DataContext

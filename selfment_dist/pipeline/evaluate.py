@@ -9,12 +9,12 @@ Two modes of :func:`run_evaluate`:
   evaluated like the first mode. :data:`STANDARD_BENCHMARKS` lists the usual test sets' layouts.
 
 The matched pairs are cut into shards; a Ray task per shard reads its files through fsspec and
-returns one :func:`selfment_dist.metrics.image_record` per image; the driver takes the shards in
+returns one :func:`selfment_dist.evaluation.metrics.image_record` per image; the driver takes the shards in
 key order (a few in flight per CPU) and folds each record into running sums as it arrives
 (:mod:`._eval_merge`: about 200 bytes per image stay, for the 1-D means and the per-image CSV,
 instead of the ~12 KB record), so scores do not depend on the sharding and are bit for bit those
-of :func:`selfment_dist.metrics.merge_records`, and writes the reports
-(:mod:`selfment_dist.reports`). Problems never stop a run: predictions without a mask, masks
+of :func:`selfment_dist.evaluation.metrics.merge_records`, and writes the reports
+(:mod:`selfment_dist.evaluation.reports`). Problems never stop a run: predictions without a mask, masks
 without a prediction, duplicate keys, unreadable files and size mismatches (resized, still scored)
 are counted, logged and listed in ``metrics.json``.
 """
@@ -34,12 +34,12 @@ import numpy as np
 import ray
 from PIL import Image
 
-from ..io.storage import join, url_to_fs
-from ..metrics import SCORE_KEYS, image_record
-from ..reports import STANDARD_BENCHMARKS, DatasetEvaluation, write_reports
-from ..settings import EvaluateSettings, build_settings
-from ._eval_merge import RecordStream
-from ._ray import ensure_ray
+from selfment_dist.io.storage import join, url_to_fs
+from selfment_dist.evaluation.metrics import SCORE_KEYS, image_record
+from selfment_dist.evaluation.reports import STANDARD_BENCHMARKS, DatasetEvaluation, write_reports
+from selfment_dist.settings import EvaluateSettings, build_settings
+from selfment_dist.pipeline._internal.eval_merge import RecordStream
+from selfment_dist.pipeline._internal.ray_runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
 _BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -225,10 +225,10 @@ def evaluate_folders(predictions: str, masks: str, *, name: str = "default",
                      num_shards: int | None = None) -> DatasetEvaluation:
     """Score one dataset: list, match, fan out over Ray tasks, merge in sorted key order.
 
-    Ray must be initialised (see :func:`selfment_dist.pipeline._ray.ensure_ray`).
+    Ray must be initialised (see :func:`selfment_dist.pipeline._internal.ray_runtime.ensure_ray`).
 
     Returns:
-        A :class:`selfment_dist.reports.DatasetEvaluation` (scores None when no pair was scored).
+        A :class:`selfment_dist.evaluation.reports.DatasetEvaluation` (scores None when no pair was scored).
     """
     problems = _Problems()
     preds, pred_dups = list_images(predictions, storage_options)
@@ -312,7 +312,7 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
         datasets.append(evaluate_folders(s.predictions, s.masks, name=s.name,
                                          storage_options=storage_options, num_shards=num_shards))
     else:
-        from . import segment  # imported here: the segmentation stage is only needed in this mode
+        from selfment_dist.pipeline import segment  # imported here: the segmentation stage is only needed in this mode
 
         segment_options = {k: v for k, v in {
             "batch_size": s.batch_size, "num_actors": s.num_actors,

@@ -24,12 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..contact_sheet import Tile, confidence_histogram, contact_sheet
-from ..io.images import DEFAULT_MAX_PIXELS, decode_image
-from ..io.masks import decode_mask
-from ..io.sources import IMAGE, enumerate_units, iter_records
-from ..io.storage import join, url_to_fs
-from ._parts import MANIFEST_NAME, read_manifest
+from selfment_dist.evaluation.contact_sheet import Tile, confidence_histogram, contact_sheet
+from selfment_dist.io.images import DEFAULT_MAX_PIXELS, decode_image
+from selfment_dist.io.masks import decode_mask
+from selfment_dist.io.sources import IMAGE, enumerate_units, iter_records
+from selfment_dist.io.storage import join, url_to_fs
+from selfment_dist.pipeline._internal.parts import MANIFEST_NAME, read_manifest
 
 logger = logging.getLogger(__name__)
 

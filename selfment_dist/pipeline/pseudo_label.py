@@ -38,24 +38,24 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from ..defaults import DEFAULT_BACKBONE
-from ..io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
-from ..io.masks import encode_mask
-from ..io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
+from selfment_dist.defaults import DEFAULT_BACKBONE
+from selfment_dist.io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
+from selfment_dist.io.masks import encode_mask
+from selfment_dist.io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
                          pseudo_label_schema)
-from ..io.sources import IMAGE, iter_records
-from ..io.storage import is_local
-from ..settings import PseudoLabelSettings, SettingsError, build_settings
-from ..validation import check_backbone_size
-from ._device import actor_device, run_guarded
-from ._done_keys import SortedKeys, units_left  # noqa: F401 (SortedKeys: re-exported)
-from ._done_keys import skip_set as _skip_set
-from ._parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
+from selfment_dist.io.sources import IMAGE, iter_records
+from selfment_dist.io.storage import is_local
+from selfment_dist.settings import PseudoLabelSettings, SettingsError, build_settings
+from selfment_dist.validation import check_backbone_size
+from selfment_dist.pipeline._internal.device import actor_device, run_guarded
+from selfment_dist.pipeline._internal.done_keys import SortedKeys, units_left  # noqa: F401 (SortedKeys: re-exported)
+from selfment_dist.pipeline._internal.done_keys import skip_set as _skip_set
+from selfment_dist.pipeline._internal.parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      await_leftover_writers, check_lease, check_resume, confirm_lease,
                      count_parts, existing_keys, has_parts, list_inputs, new_lease, now,
                      read_manifest, register_run, resolve_duplicates, retire_transient,
                      run_entry, versions, write_manifest)
-from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, check_model_workers,
+from selfment_dist.pipeline._internal.ray_runtime import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, check_model_workers,
                    count_replica_started, count_rows_here, decode_pool, ensure_ray,
                    model_stage_args, plan_resources, progress_bars, read_counters,
                    split_counters, start_counters, stop_counters)
@@ -108,7 +108,7 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
         error rows) and, with ``keep_data``,
         ``data`` (the encoded file, ``b""`` on error rows).
     """
-    from ..resize import resize_square
+    from selfment_dist.model.resize import resize_square
 
     skip = _skip_set(skip_ref)
     pending: list[dict] = []
@@ -160,8 +160,8 @@ class LabelActor:
                  counters=None):
         import torch
 
-        from ..backbone import build_backbone
-        from ..labeler import PseudoLabeler
+        from selfment_dist.model.backbone import build_backbone
+        from selfment_dist.algorithm.labeler import PseudoLabeler
 
         if cpu_threads:
             try:
@@ -199,7 +199,7 @@ class LabelActor:
 
     def _label(self, images: np.ndarray) -> list[dict | str]:
         """Per image: the result dict, or an error message."""
-        from ..ncut import take_dense_fallbacks
+        from selfment_dist.algorithm.ncut import take_dense_fallbacks
         kw = {"return_ncut": self.save_ncut, "return_features": self.save_features}
 
         def label(part: np.ndarray) -> list[dict]:
@@ -330,7 +330,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
                           image_size=s.image_size)
     check_model_workers(s.model_workers, plan, "pseudo-label")
-    from ..defaults import resolve_precision
+    from selfment_dist.defaults import resolve_precision
 
     # What the actors will run (recorded, and compared on resume): auto means fp32.
     resolved_precision = resolve_precision(s.precision, "cuda" if plan["num_gpus"] else "cpu")
@@ -447,7 +447,7 @@ def _check_checkpoint(backbone: str, weights: str, image_size: int,
     instead of killing every model actor."""
     if weights in ("hub", "random"):
         return
-    from ..backbone import build_backbone
+    from selfment_dist.model.backbone import build_backbone
     model = build_backbone(backbone, weights=weights, image_size=image_size, device="cpu",
                            storage_options=storage_options, precision="fp32")
     del model

@@ -41,22 +41,22 @@ import numpy as np
 import pyarrow as pa
 from ray.data import Datasink
 
-from ..io.images import decode_image
-from ..io.storage import is_local, to_uri, url_to_fs
-from ..maps import to_png_bytes, to_uint8, upsample
-from ..settings import OUTPUT_FORMATS, SegmentSettings, build_settings
+from selfment_dist.io.images import decode_image
+from selfment_dist.io.storage import is_local, to_uri, url_to_fs
+from selfment_dist.model.maps import to_png_bytes, to_uint8, upsample
+from selfment_dist.settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
-from ._device import actor_device, run_guarded
-from ._done_keys import units_left
-from ._parts import (TMP_DIR, FencedError, Lease, PartsSink, await_leftover_writers,
+from selfment_dist.pipeline._internal.device import actor_device, run_guarded
+from selfment_dist.pipeline._internal.done_keys import units_left
+from selfment_dist.pipeline._internal.parts import (TMP_DIR, FencedError, Lease, PartsSink, await_leftover_writers,
                      check_lease, check_resume, confirm_lease, count_parts, existing_keys,
                      has_parts, list_inputs, new_lease, now, read_manifest, register_run,
                      run_entry, versions, write_manifest)
-from ._ray import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, check_model_workers,
+from selfment_dist.pipeline._internal.ray_runtime import (LIGHT_TASK_CPUS, MAX_RETRIES, bounded_actor_start, check_model_workers,
                    count_replica_started, count_rows_here, decode_pool, ensure_ray,
                    model_stage_args, plan_resources, progress_bars, read_counters,
                    split_counters, start_counters, stop_counters)
-from .pseudo_label import read_and_decode
+from selfment_dist.pipeline.pseudo_label import read_and_decode
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ _RESUME_KEYS = ("model_fingerprint", "image_size", "output_format", "max_pixels"
 # Stage 2: backbone + head (one actor per model replica)
 
 class SegmentActor:
-    """Ray Data callable class: loads a :class:`~selfment_dist.segmenter.Segmenter` once, maps
+    """Ray Data callable class: loads a :class:`~selfment_dist.model.segmenter.Segmenter` once, maps
     decoded batches to patch saliency.
 
     ``__call__`` keeps the batch's columns but ``image`` and adds ``saliency`` float32
@@ -104,7 +104,7 @@ class SegmentActor:
                  counters=None):
         import torch
 
-        from ..segmenter import Segmenter
+        from selfment_dist.model.segmenter import Segmenter
 
         if cpu_threads:
             try:
@@ -328,8 +328,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
 
     # The model stack, for the driver's checks only: the module's tasks (decode, write) run
     # in worker processes that do not import it.
-    from ..artifact import load_artifact
-    from ..segmenter import resolve_image_size
+    from selfment_dist.model.artifact import load_artifact
+    from selfment_dist.model.segmenter import resolve_image_size
 
     start = time.perf_counter()
     s = build_settings(SegmentSettings, args, options)  # types, ranges, overlays need png

@@ -48,14 +48,14 @@ import os
 import time
 from typing import Any
 
-from ..artifact import META_NAME
-from ..io.storage import is_local, join, url_to_fs
-from ..settings import TrainSettings, build_settings
-from ._train_checkpoints import (CONFIG_NAME, RUN_NAME, check_same_run, read_json,
+from selfment_dist.model.artifact import META_NAME
+from selfment_dist.io.storage import is_local, join, url_to_fs
+from selfment_dist.settings import TrainSettings, build_settings
+from selfment_dist.pipeline._internal.train_checkpoints import (CONFIG_NAME, RUN_NAME, check_same_run, read_json,
                                  save_model)
-from ._train_data import LabelSet, arrow_fs, build_dataset, inspect_labels
-from ._plan import wait_for_worker_nodes
-from ._train_worker import DATASET, train_loop
+from selfment_dist.pipeline._internal.train_data import LabelSet, arrow_fs, build_dataset, inspect_labels
+from selfment_dist.pipeline._internal.plan import wait_for_worker_nodes
+from selfment_dist.pipeline._internal.train_worker import DATASET, train_loop
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
             a run with other settings.
         ray.train.TrainingFailedError: more than ``max_failures`` worker failures.
     """
-    from ._ray import ensure_ray
+    from selfment_dist.pipeline._internal.ray_runtime import ensure_ray
 
     start = time.perf_counter()
     s = build_settings(TrainSettings, args, options)  # types, ranges, one confidence cut
@@ -202,7 +202,7 @@ def _plan_workers(workers: int, use_gpu: bool, resources_per_worker: dict | None
     free for Ray Data (reading, decoding). ``nodes``: each alive node's resources (default:
     the connected cluster's).
     """
-    from ._plan import alive_nodes
+    from selfment_dist.pipeline._internal.plan import alive_nodes
 
     if resources_per_worker:
         cpus = float(resources_per_worker.get("CPU", 1))

@@ -7,7 +7,7 @@ The official ``train.py`` saves ``torch.save({"epoch", "model_state", "optimizer
     classifier  Linear(embed_dim, 2) = logits
 
 and ``args`` the training arguments (``dino_model_name``, ``img_size``, ``embed_dim``, ...).
-Our :class:`~selfment_dist.head.PatchHead` is the same network (``mlp.0``, ``mlp.2``,
+Our :class:`~selfment_dist.model.head.PatchHead` is the same network (``mlp.0``, ``mlp.2``,
 ``classifier``; its hidden width is the official ``embed_dim``), so the import is a renaming plus
 checks: every tensor must map, every one of ours must be filled, and the input width must be the
 backbone's feature width. The artifact records the official inference size, twice ``img_size``.
@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from .artifact import save_artifact
-from .backbone import DEFAULT_BACKBONE, _create, backbone_family, check_image_size
-from .head import PatchHead
-from .io.storage import url_to_fs
-from .segmenter import default_inference_size
+from selfment_dist.model.artifact import save_artifact
+from selfment_dist.model.backbone import DEFAULT_BACKBONE, _create, backbone_family, check_image_size
+from selfment_dist.model.head import PatchHead
+from selfment_dist.io.storage import url_to_fs
+from selfment_dist.model.segmenter import default_inference_size
 
 logger = logging.getLogger(__name__)
 

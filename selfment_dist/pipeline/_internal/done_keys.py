@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..io.sources import IMAGE, container_key_array
+from selfment_dist.io.sources import IMAGE, container_key_array
 
 logger = logging.getLogger(__name__)
 

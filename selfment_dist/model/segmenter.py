@@ -1,7 +1,7 @@
 """Backbone + head → saliency maps: the library object a segmentation actor wraps.
 
 Like segment-anything's predictor: :class:`Segmenter` holds a frozen DINO backbone and a trained
-:class:`~selfment_dist.head.PatchHead` on one device, loaded once (usually from a model artifact),
+:class:`~selfment_dist.model.head.PatchHead` on one device, loaded once (usually from a model artifact),
 and turns batches of images into foreground probabilities::
 
     seg = Segmenter.from_artifact("s3://bucket/models/run1", image_size=1024)
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .artifact import load_artifact
-from .backbone import (Backbone, backbone_family, build_backbone, check_image_size,
+from selfment_dist.model.artifact import load_artifact
+from selfment_dist.model.backbone import (Backbone, backbone_family, build_backbone, check_image_size,
                        resize_square)
-from .defaults import INFERENCE_SCALE, default_inference_size  # noqa: F401 (re-exported)
-from .head import PatchHead
-from .maps import to_png_bytes, to_uint8, upsample  # noqa: F401 (re-exported)
+from selfment_dist.defaults import INFERENCE_SCALE, default_inference_size  # noqa: F401 (re-exported)
+from selfment_dist.model.head import PatchHead
+from selfment_dist.model.maps import to_png_bytes, to_uint8, upsample  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,9 @@ class Segmenter:
     """A frozen DINO backbone and a trained patch head on one device.
 
     Args:
-        backbone: the :class:`~selfment_dist.backbone.Backbone` the head was trained on (any
+        backbone: the :class:`~selfment_dist.model.backbone.Backbone` the head was trained on (any
             ``image_size`` that is a multiple of its patch size).
-        head: the trained :class:`~selfment_dist.head.PatchHead`; moved to the backbone's device
+        head: the trained :class:`~selfment_dist.model.head.PatchHead`; moved to the backbone's device
             and put in eval mode.
         meta: the artifact's ``model.json`` (kept for reference; may be empty).
 
@@ -174,7 +174,7 @@ class Segmenter:
 
         Args:
             images: float32 (B, S, S, 3) RGB in [0, 1], HWC, S == :attr:`image_size`, from
-                :func:`~selfment_dist.backbone.resize_square` (or uint8 already at size S);
+                :func:`~selfment_dist.model.backbone.resize_square` (or uint8 already at size S);
                 numpy or torch on any device.
         Returns:
             float32 numpy (B, h, w) in [0, 1], ``(h, w) == grid``: softmax(logits)[..., 1].

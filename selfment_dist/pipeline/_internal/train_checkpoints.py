@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..artifact import save_artifact
-from ..defaults import default_inference_size
-from ..head import PatchHead
-from ..io.storage import join
-from ._train_data import LabelSet
+from selfment_dist.model.artifact import save_artifact
+from selfment_dist.defaults import default_inference_size
+from selfment_dist.model.head import PatchHead
+from selfment_dist.io.storage import join
+from selfment_dist.pipeline._internal.train_data import LabelSet
 
 __all__ = ["Progress", "report", "restore", "read_json", "check_same_run", "save_model",
            "RUN_NAME", "CONFIG_NAME", "LOSS_KEYS", "RESUME_KEYS"]

@@ -1,4 +1,4 @@
-"""``python -m selfment_dist.cuda_check``: fail loudly when torch cannot use this node's GPUs.
+"""``python -m selfment_dist.model.cuda_check``: fail loudly when torch cannot use this node's GPUs.
 
 GPU nodes run it at start-up (cluster/aws-gpu.yaml, cluster/kuberay/*.yaml): a node whose NVIDIA
 driver is older than the torch CUDA build needs, or whose container has no GPU, would otherwise

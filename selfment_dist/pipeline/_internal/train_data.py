@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from ..io.storage import is_local, url_to_fs
+from selfment_dist.io.storage import is_local, url_to_fs
 
 logger = logging.getLogger(__name__)
 
@@ -263,13 +263,13 @@ def _uri(fs, path: str) -> str:
 def load_images(batch: dict[str, np.ndarray], *, image_size: int, storage_options: dict | None,
                 max_pixels: int | None) -> dict[str, np.ndarray]:
     """Ray Data UDF: add ``image`` float32 (n, S, S, 3) in [0, 1] read from each row's
-    ``source`` file and resized in the official order (:func:`~selfment_dist.backbone.resize_square`).
+    ``source`` file and resized in the official order (:func:`~selfment_dist.model.backbone.resize_square`).
 
     Rows whose image can no longer be read are dropped with a warning (they were readable when
     they were pseudo-labelled); the other columns pass through.
     """
-    from ..resize import resize_square
-    from ..io.images import decode_image
+    from selfment_dist.model.resize import resize_square
+    from selfment_dist.io.images import decode_image
 
     keep, images = [], []
     for i, (key, source) in enumerate(zip(batch["key"], batch["source"])):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._tensors import as_unit_features
-from .ipo import _ipo_unit
-from .ncut import _ncut_unit
-from .quality import NO_OBJECT_THRESHOLD, confidence, quality_signals
+from selfment_dist.algorithm._tensors import as_unit_features
+from selfment_dist.algorithm.ipo import _ipo_unit
+from selfment_dist.algorithm.ncut import _ncut_unit
+from selfment_dist.algorithm.quality import NO_OBJECT_THRESHOLD, confidence, quality_signals
 
 
 def pseudo_label(feats, *, tau: float = 0.2, eps: float = 1e-5, binary_graph: bool = True,
@@ -20,7 +20,7 @@ def pseudo_label(feats, *, tau: float = 0.2, eps: float = 1e-5, binary_graph: bo
     Returns:
         (B, h, w) bool foreground mask on the features' device; with ``return_quality``
         ``(mask, quality)``, ``quality`` a dict of (B,) float32 tensors (see
-        :mod:`selfment_dist.quality`, plus ``confidence``).
+        :mod:`selfment_dist.algorithm.quality`, plus ``confidence``).
     """
     x = as_unit_features(feats)  # once: the two stages share the checked, normalised features
     if not return_quality:
@@ -44,7 +44,7 @@ class PseudoLabeler:
     """Backbone → NCut → IPO for batches of images; load once, call per batch.
 
     Args:
-        backbone: a :class:`selfment_dist.backbone.Backbone` (or any callable mapping uint8
+        backbone: a :class:`selfment_dist.model.backbone.Backbone` (or any callable mapping uint8
             (B, S, S, 3) images to (B, h, w, C) features).
         tau, eps, binary_graph, n_iter, sample_size: the algorithm's parameters (paper defaults).
         no_object_threshold: images whose ``confidence`` is below it get ``no_object`` True.
@@ -66,7 +66,7 @@ class PseudoLabeler:
         Args:
             images: float32 (B, S, S, 3) RGB in [0, 1] from ``backbone.resize_square`` (or uint8 at size S).
         Returns:
-            ``mask`` bool (B, h, w); the quality signals of :mod:`selfment_dist.quality` and
+            ``mask`` bool (B, h, w); the quality signals of :mod:`selfment_dist.algorithm.quality` and
             ``confidence`` as float32 (B,) (``ipo_converged`` bool), ``no_object`` bool (B,);
             with ``return_ncut`` also ``ncut_mask`` bool (B, h, w); with ``return_features``
             also ``features`` float16 (B, h, w, C) (unit-norm).

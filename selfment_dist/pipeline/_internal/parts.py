@@ -47,8 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from ..io.storage import is_local, to_uri, url_to_fs
-from ._done_keys import SortedKeys
+from selfment_dist.io.storage import is_local, to_uri, url_to_fs
+from selfment_dist.pipeline._internal.done_keys import SortedKeys
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def list_inputs(inputs: list[str], output: str, storage_options: dict | None, *,
     """``(fs, root, units)``: the output's filesystem and path, and the inputs' work units
     outside it. Listed before anything is written, so a missing or empty input (an error unless
     ``allow_empty``) or an output that is a file leaves no trace."""
-    from ..io.sources import enumerate_units
+    from selfment_dist.io.sources import enumerate_units
 
     fs, root = url_to_fs(output, storage_options)
     if fs.isfile(root):

@@ -1,7 +1,7 @@
 """The worker loop of ``selfment train``: what each Ray Train worker (a DDP rank) runs.
 
 Per step: a batch of the worker's shard → features (the stored column, or the frozen backbone in
-the worker) → :class:`~selfment_dist.head.PatchHead` (DDP) → ``selfment_loss`` → Adam, with bf16
+the worker) → :class:`~selfment_dist.model.head.PatchHead` (DDP) → ``selfment_loss`` → Adam, with bf16
 autocast on GPU. The ranks stay in lockstep (every rank steps, reports and checkpoints
 together); losses are averaged over the ranks' images; metrics and checkpoints go out through
 ``ray.train.report`` (see :mod:`._train_checkpoints`).
@@ -16,11 +16,11 @@ import time
 import numpy as np
 import torch
 
-from ..head import PatchHead
-from ..io.masks import decode_mask
-from ..io.storage import url_to_fs
-from ..losses import selfment_loss
-from ._train_checkpoints import LOSS_KEYS, Progress, report, restore
+from selfment_dist.model.head import PatchHead
+from selfment_dist.io.masks import decode_mask
+from selfment_dist.io.storage import url_to_fs
+from selfment_dist.model.losses import selfment_loss
+from selfment_dist.pipeline._internal.train_checkpoints import LOSS_KEYS, Progress, report, restore
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def _build(config: dict, device: torch.device, rank: int):
     backbone = None
     in_dim = config["in_dim"]
     if config["feature_source"] == "backbone":
-        from ..backbone import build_backbone
+        from selfment_dist.model.backbone import build_backbone
         backbone = build_backbone(config["backbone"], weights=config["weights"],
                                   image_size=config["image_size"], device=device,
                                   storage_options=config["storage_options"])

@@ -4,7 +4,7 @@
                                                               └─► Linear(embed_dim, 2) = logits
 
 ``emb`` feeds the supervised contrastive loss, ``logits`` the BCE and Dice losses
-(see ``selfment_dist.losses``); channel 1 of the logits is foreground.
+(see ``selfment_dist.model.losses``); channel 1 of the logits is foreground.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .defaults import NO_OBJECT_THRESHOLD
+from selfment_dist.defaults import NO_OBJECT_THRESHOLD
 
 __all__ = ["SIGNALS", "FEATURES", "NO_OBJECT_THRESHOLD", "quality_signals", "feature_matrix",
            "confidence"]

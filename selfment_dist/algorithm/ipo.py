@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._tensors import as_mask, as_unit_features, exact_math
+from selfment_dist.algorithm._tensors import as_mask, as_unit_features, exact_math
 
 
 def _side_means(x: torch.Tensor, m: torch.Tensor, total: torch.Tensor):

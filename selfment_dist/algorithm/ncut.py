@@ -21,7 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ._tensors import as_unit_features, exact_math
+from selfment_dist.algorithm._tensors import as_unit_features, exact_math
 
 logger = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import eva, vision_transformer
 
-from .backbone_names import FAMILY_PATTERNS, image_size_problem, patch_size
-from .defaults import DEFAULT_BACKBONE, PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
-from .resize import resize_square  # noqa: F401 (re-exported)
+from selfment_dist.model.backbone_names import FAMILY_PATTERNS, image_size_problem, patch_size
+from selfment_dist.defaults import DEFAULT_BACKBONE, PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
+from selfment_dist.model.resize import resize_square  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _family(name: str) -> _Family:
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
         f"unsupported backbone {name!r}: expected a timm DINO ViT name with its pretrained tag, "
-        f"e.g. {DEFAULT_BACKBONE!r} (see selfment_dist.backbone.supported_backbones()){hint}")
+        f"e.g. {DEFAULT_BACKBONE!r} (see selfment_dist.model.backbone.supported_backbones()){hint}")
 
 
 def backbone_family(name: str) -> str:

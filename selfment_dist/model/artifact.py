@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from selfment_dist.head import HIDDEN_DIM, PatchHead
+from selfment_dist.model.head import HIDDEN_DIM, PatchHead
 from selfment_dist.io.storage import url_to_fs
 
 logger = logging.getLogger(__name__)

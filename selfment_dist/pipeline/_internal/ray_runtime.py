@@ -13,11 +13,11 @@ from ray.data import DataContext
 
 # Re-exported. The counters live in a module that imports Ray core only: the actor each run
 # starts then does not import Ray Data.
-from ._counters import (COUNTERS_PREFIX, HEAD_RESOURCE, NODE_ROWS_PREFIX,  # noqa: F401
+from selfment_dist.pipeline._internal.counters import (COUNTERS_PREFIX, HEAD_RESOURCE, NODE_ROWS_PREFIX,  # noqa: F401
                         RunCounters, count_replica_started, count_rows_here, read_counters,
                         split_counters, start_counters, stop_counters)
-from ..defaults import MODEL_WORKERS
-from ._plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
+from selfment_dist.defaults import MODEL_WORKERS
+from selfment_dist.pipeline._internal.plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
                     unschedulable_message)
 
 __all__ = ["MAX_ACTOR_RESTARTS", "MAX_TASK_RETRIES", "MAX_RETRIES", "ensure_ray",
@@ -129,7 +129,7 @@ def model_stage_args(udf_class, kwargs: dict, plan: dict, model_workers: str = "
     tasks and runs (:mod:`._warm`; at most ``plan["actors"]`` at a time)."""
     if model_workers == "actors":
         return {"fn": udf_class, "fn_constructor_kwargs": kwargs, **model_pool_args(plan)}
-    from ._warm import run_on_warm_worker
+    from selfment_dist.pipeline._internal.warm import run_on_warm_worker
 
     return {"fn": run_on_warm_worker, "fn_kwargs": {"udf_class": udf_class, "kwargs": kwargs},
             "compute": ray.data.TaskPoolStrategy(size=plan["actors"]),

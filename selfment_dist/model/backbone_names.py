@@ -3,7 +3,7 @@
 Drivers check a run's backbone and image size before anything starts. Asking timm costs the
 driver the torch, torchvision and timm imports (about 5 s of CPU); the names timm knew when this
 list was written answer here, and any other name (a newer timm's, or a typo, for the hint)
-goes to :func:`selfment_dist.backbone.check_image_size`. tests/test_backbone.py keeps the list
+goes to :func:`selfment_dist.model.backbone.check_image_size`. tests/test_backbone.py keeps the list
 a subset of what the installed timm builds.
 """
 from __future__ import annotations

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .io.storage import join, url_to_fs
-from .metrics import PER_IMAGE_KEYS, SCORE_KEYS
+from selfment_dist.io.storage import join, url_to_fs
+from selfment_dist.evaluation.metrics import PER_IMAGE_KEYS, SCORE_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class DatasetEvaluation:
         name: dataset name (a file-name-safe form is used for plot files).
         scores: ``{metric: float}`` (:data:`SCORE_KEYS`), or ``{metric: None}`` with no images.
         n_images: images that were scored.
-        curves: :func:`selfment_dist.metrics.merge_curves` output, or None with no images.
+        curves: :func:`selfment_dist.evaluation.metrics.merge_curves` output, or None with no images.
         per_image: ``[(key, {PER_IMAGE_KEYS: value})]`` in key order.
         problems: ``{"counts": {kind: n}, "examples": {kind: [key or "key: message", ...]}}``.
         sources: ``{"predictions": uri, "masks": uri}``.

@@ -1,13 +1,13 @@
 """Merging evaluation records as they arrive, so the driver never holds them all.
 
-A record (:func:`selfment_dist.metrics.image_record`) is ~12 KB, mostly curves; holding every one
+A record (:func:`selfment_dist.evaluation.metrics.image_record`) is ~12 KB, mostly curves; holding every one
 until the end made ``evaluate`` grow by that much per image in the driver (12 GB for a million
 images). :class:`RecordStream` keeps, per image, only what the dataset scores average with a
 one-dimensional mean (8 float64) and the per-image CSV row (14 values and the key), about
 200 bytes; the curves are summed as they come.
 
-The scores stay bit for bit those of :func:`~selfment_dist.metrics.merge_records` and
-:func:`~selfment_dist.metrics.merge_curves` over the same records in the same order, provided the
+The scores stay bit for bit those of :func:`~selfment_dist.evaluation.metrics.merge_records` and
+:func:`~selfment_dist.evaluation.metrics.merge_curves` over the same records in the same order, provided the
 records are added in that order: ``numpy.mean(x, axis=0)`` of a stacked (images, thresholds)
 array adds the rows one after another and divides once, which is what the running sums do; the
 1-D means (``numpy.mean`` sums those pairwise) are taken over the kept per-image values.
@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..metrics import PER_IMAGE_KEYS, SCORE_KEYS, _usod_fcurves, record_summary
+from selfment_dist.evaluation.metrics import PER_IMAGE_KEYS, SCORE_KEYS, _usod_fcurves, record_summary
 
 __all__ = ["RecordStream"]
 
@@ -64,7 +64,7 @@ class RecordStream:
         return np.true_divide(self._sums[name], self.n)
 
     def scores(self) -> dict[str, float]:
-        """As :func:`~selfment_dist.metrics.merge_records`."""
+        """As :func:`~selfment_dist.evaluation.metrics.merge_records`."""
         if not self.n:
             raise ValueError("no records to merge (no images were evaluated)")
         one = {k: np.mean(np.frombuffer(v, dtype=np.float64)) for k, v in self._scalars.items()}
@@ -77,7 +77,7 @@ class RecordStream:
         return {k: float(scores[k]) for k in SCORE_KEYS}
 
     def curves(self) -> dict[str, dict[str, np.ndarray]]:
-        """As :func:`~selfment_dist.metrics.merge_curves`."""
+        """As :func:`~selfment_dist.evaluation.metrics.merge_curves`."""
         if not self.n:
             raise ValueError("no records to merge (no images were evaluated)")
         flip = slice(None, None, -1)  # pysodmetrics' index i is the threshold (255 - i) / 255

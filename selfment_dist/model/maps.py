@@ -1,6 +1,6 @@
 """Saliency-map post-processing: patch grid → image size → 8-bit levels → PNG (stateless).
 
-Apart from :mod:`selfment_dist.segmenter` (no timm): segment's write tasks call these, and a
+Apart from :mod:`selfment_dist.model.segmenter` (no timm): segment's write tasks call these, and a
 worker process that only writes maps should not pay for importing the model stack.
 """
 from __future__ import annotations
