@@ -22,6 +22,8 @@ picks a parser for values that are not a plain type (``key=value``, ``benchmark`
 """
 from __future__ import annotations
 
+from selfment_dist.errors import SelfmentUserError
+
 import os
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
@@ -413,7 +415,7 @@ def flag_of(model: type[Settings], name: str) -> str:
     return extra.get("flag") or "--" + name.replace("_", "-")
 
 
-class SettingsError(ValueError):
+class SettingsError(SelfmentUserError, ValueError):
     """Settings that do not validate: one line per problem, each naming where it is."""
 
     def __init__(self, problems: Sequence[str]):

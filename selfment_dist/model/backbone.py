@@ -21,6 +21,8 @@ model actors); :class:`Backbone` normalises the batch on its device.
 """
 from __future__ import annotations
 
+from selfment_dist.errors import SelfmentUserError
+
 import argparse
 import difflib
 import hashlib
@@ -58,7 +60,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SelfmentUserError, ValueError):
     """A checkpoint could not be read safely or does not match the backbone."""
 
 

@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+from selfment_dist.errors import SelfmentUserError
+
 import logging
 import os
 from typing import Callable, Sequence
@@ -17,7 +19,7 @@ from typing import Callable, Sequence
 logger = logging.getLogger(__name__)
 
 
-class GpuUnavailableError(RuntimeError):
+class GpuUnavailableError(SelfmentUserError, RuntimeError):
     """A GPU actor found no usable GPU (and no CPU fallback was asked for)."""
 
 

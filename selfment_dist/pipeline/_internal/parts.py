@@ -28,6 +28,8 @@ done) or rows whose key another container also gave (see :func:`resolve_duplicat
 """
 from __future__ import annotations
 
+from selfment_dist.errors import SelfmentUserError
+
 import json
 import logging
 import os
@@ -64,7 +66,7 @@ LEASE_TTL_S = 60.0
 LEASE_SETTLE_S = 0.5
 
 
-class OutputBusyError(RuntimeError):
+class OutputBusyError(SelfmentUserError, RuntimeError):
     """Another live run holds the output."""
 
 

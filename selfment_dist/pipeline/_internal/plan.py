@@ -26,6 +26,8 @@ add the node); then the run fails with a message that names the missing resource
 """
 from __future__ import annotations
 
+from selfment_dist.errors import SelfmentUserError
+
 import logging
 import math
 
@@ -49,7 +51,7 @@ REFERENCE_IMAGE_SIZE = 768
 DEFAULT_ACTOR_WAIT_S = 600.0
 
 
-class UnschedulableError(RuntimeError):
+class UnschedulableError(SelfmentUserError, RuntimeError):
     """The model actors cannot start on this cluster (message names the missing resource)."""
 
 

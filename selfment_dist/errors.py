@@ -1,0 +1,16 @@
+"""The exceptions a user can meet, under one base class.
+
+``SelfmentUserError`` means "the user asked for something that cannot be done" (a bad setting, a
+busy output, a cluster without the resources asked for, an unreadable input): the command line
+prints it as one ``selfment: error: …`` line and exits 2. Every other exception is a bug or an
+environment fault we did not foresee, and keeps its traceback (exit 1).
+
+The concrete classes live beside the code that raises them and derive from this one; the old
+built-in bases are kept (``SettingsError`` is still a ``ValueError``) so callers that catch
+those keep working.
+"""
+from __future__ import annotations
+
+
+class SelfmentUserError(Exception):
+    """A user mistake or an environment the user must change; shown as one line, exit 2."""
