@@ -247,3 +247,19 @@ def test_memory_chunking_gives_the_same_masks(monkeypatch):
     whole = ncut_bipartition(feats)
     monkeypatch.setattr(ncut_module, "MAX_AFFINITY_ELEMENTS", 2 * (17 * 17) ** 2)  # chunks of 2
     assert torch.equal(ncut_bipartition(feats), whole)
+
+
+def test_lanczos_steps_are_counted_and_ritz_problems_stay_exact_on_the_host():
+    """Every block-Lanczos solve adds its steps (per image) to the process counter the run
+    summary reads; the Rayleigh–Ritz eigh of a large basis gives LAPACK's own result."""
+    from selfment_dist.algorithm import ncut as ncut_module
+    ncut_module.take_lanczos_steps()
+    feats = torch.from_numpy(make_batch(np.random.default_rng(3), 2, 20, 20, 16))
+    ncut_bipartition(feats)
+    assert ncut_module.take_lanczos_steps() >= 2  # at least one step for each of 2 images
+    assert ncut_module.take_lanczos_steps() == 0
+    h = torch.randn(3, 48, 48, dtype=torch.float64)
+    h = h + h.transpose(1, 2)
+    theta, s = ncut_module._ritz_eigh(h)
+    ref_theta, ref_s = torch.linalg.eigh(h)
+    assert torch.equal(theta, ref_theta) and torch.equal(s, ref_s)

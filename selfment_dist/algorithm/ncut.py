@@ -30,11 +30,36 @@ logger = logging.getLogger(__name__)
 _DENSE_FALLBACKS = 0
 
 
+#: Block-Lanczos steps taken, summed over images, in this process; read with
+#: :func:`take_lanczos_steps`.
+_LANCZOS_STEPS = 0
+#: torch's batched CUDA ``eigh`` runs a per-matrix loop for matrices larger than 32×32 (the
+#: batched Jacobi solver's limit): Rayleigh–Ritz problems larger than this go to the host.
+DEVICE_EIGH_MAX = 32
+
+
 def take_dense_fallbacks() -> int:
     """Dense-``eigh`` fallbacks counted since the last call (in this process), reset to 0."""
     global _DENSE_FALLBACKS
     count, _DENSE_FALLBACKS = _DENSE_FALLBACKS, 0
     return count
+
+
+def take_lanczos_steps() -> int:
+    """Block-Lanczos steps (summed over images) since the last call (in this process), reset."""
+    global _LANCZOS_STEPS
+    count, _LANCZOS_STEPS = _LANCZOS_STEPS, 0
+    return count
+
+
+def _ritz_eigh(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` of the small float64 Rayleigh–Ritz matrices (B, k, k). On an accelerator with
+    k > :data:`DEVICE_EIGH_MAX` they are solved on the host: the same LAPACK result as on a
+    CPU run, without the device's per-matrix loop (a latency cliff once the basis passes 32)."""
+    if h.device.type != "cpu" and h.shape[-1] > DEVICE_EIGH_MAX:
+        theta, s = torch.linalg.eigh(h.cpu())
+        return theta.to(h.device, non_blocking=True), s.to(h.device, non_blocking=True)
+    return torch.linalg.eigh(h)
 
 #: Graphs with at most this many nodes are solved densely (exact and cheap at this size).
 DENSE_MAX_NODES = 256
@@ -105,6 +130,7 @@ def _block_krylov_second(m: torch.Tensor, u0: torch.Tensor, *, block: int = 8, m
         dtype), or stopped falling at the floor of the working precision. With
         ``return_values`` also (B, 2) float64: the two largest Ritz values (μ2, μ3 of ``m``).
     """
+    global _LANCZOS_STEPS
     b, n, _ = m.shape
     p = max(1, min(block, n - 1))
     steps_max = max(1, min(max_steps, (n - 1) // p))
@@ -124,7 +150,7 @@ def _block_krylov_second(m: torch.Tensor, u0: torch.Tensor, *, block: int = 8, m
         # Rayleigh–Ritz on span(qs) in float64: H = Qᵀ M Q.
         h = torch.bmm(qs.transpose(1, 2).double(), mqs.double())
         h = 0.5 * (h + h.transpose(1, 2))
-        theta, s = torch.linalg.eigh(h)
+        theta, s = _ritz_eigh(h)
         y = s[:, :, -1:]
         vec64 = torch.bmm(qs.double(), y)
         resid = (torch.bmm(mqs.double(), y) - theta[:, -1, None, None] * vec64).norm(dim=(1, 2))
@@ -137,6 +163,7 @@ def _block_krylov_second(m: torch.Tensor, u0: torch.Tensor, *, block: int = 8, m
         vec = vec64.squeeze(-1).to(m.dtype)
         top2 = theta[:, [-1, -2]] if theta.shape[-1] > 1 else theta[:, [-1, -1]]
         if bool(converged.all()) or step == steps_max - 1:
+            _LANCZOS_STEPS += (step + 1) * b
             break
         # Next block: the new directions of M·(last block), orthogonal to everything so far.
         w = _project_out(images[-1], u0, qs)
