@@ -213,3 +213,14 @@ def test_image_size_has_a_memory_bound(tmp_path, capsys):
     with pytest.raises(SettingsError, match="segment.image_size: .* 4096"):
         validate(SegmentSettings, {"model": "m", "inputs": ["x"], "output": "o",
                                    "image_size": MAX_IMAGE_SIZE * 2}, "segment")
+
+
+def test_evaluate_lists_maps_with_the_same_rule(tmp_path):
+    """A segment of ``_selects/DSC0003.JPG`` writes ``_selects/DSC0003.png``: evaluate must see it."""
+    from selfment_dist.pipeline.evaluate import list_images
+
+    for rel in ("_selects/DSC0003.png", "_DSC0001.png", "_overlays/_DSC0001.png",
+                "__MACOSX/._DSC0001.png", ".hidden.png"):
+        _write(tmp_path / rel, b"png")
+    found, _ = list_images(str(tmp_path))
+    assert sorted(found) == ["_DSC0001", "_selects/DSC0003"]
