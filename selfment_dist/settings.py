@@ -440,7 +440,8 @@ def _problem(model: type[Settings], where: str, error: Mapping[str, Any]) -> str
     message = error["msg"].removeprefix("Value error, ")
     if not loc:  # a check across fields
         return f"{where or model.__name__}: {message}"
-    return f"{name}: {message} (got {error['input']!r})"
+    shown = repr(error["input"])  # a value from YAML may be large: the line stays short
+    return f"{name}: {message} (got {shown if len(shown) <= 200 else shown[:197] + '...'})"
 
 
 def validate(model: type[Settings], values: Mapping[str, Any], where: str = "") -> Settings:

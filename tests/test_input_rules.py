@@ -165,6 +165,14 @@ def test_a_yaml_alias_bomb_through_the_cli(tmp_path):
     assert "alias" in lines[0]
 
 
+def test_a_large_value_below_the_cap_gives_a_short_line(tmp_path, capsys):
+    cfg = tmp_path / "big.yaml"
+    cfg.write_text(f"pseudo_label:\n  output: o\n  input: x\n  tau: [{', '.join(_LEVELS[:5])}]\n")
+    code, err = _cli(["pseudo-label", "--config", str(cfg)], capsys)  # 9**5 leaves: accepted
+    assert code == 2 and len(err) == 1 and "pseudo_label.tau" in err[0], err
+    assert len(err[0]) < 400
+
+
 def test_small_anchors_and_merge_keys_still_work(tmp_path):
     cfg = tmp_path / "ok.yaml"
     cfg.write_text("pseudo_label: {<<: {tau: 0.3}, image_size: &s 64, input: [x], output: o}\n"
