@@ -13,6 +13,11 @@ truth, :mod:`selfment_dist.settings`).
     storage_options: {endpoint_url: "http://127.0.0.1:9000"}
     pseudo_label: {input: [s3://bucket/images/], output: s3://bucket/labels, image_size: 768}
     train: {labels: s3://bucket/labels, output: s3://bucket/model, workers: 8, use_gpu: true}
+
+Refused when read, each with one line (docs/inputs.md): a file that expands to more than
+:data:`MAX_CONFIG_VALUES` values (a YAML "billion laughs": aliases repeating a structure; small
+anchors and merge keys are fine), a section that is not a mapping, and one option set twice in
+one mapping under two spellings (``image_size`` and ``image-size``, ``input`` and ``inputs``).
 """
 from __future__ import annotations
 
@@ -20,12 +25,22 @@ from typing import Any, Mapping
 
 import yaml
 
+from selfment_dist.errors import SelfmentUserError
 from selfment_dist.io.storage import url_to_fs
-from selfment_dist.settings import (STAGE_SETTINGS, DemoSettings, ImportCheckpointSettings, InspectSettings,
-                       Settings, SettingsError, flag_of)
+from selfment_dist.settings import (STAGE_SETTINGS, ChainSettings, DemoSettings,
+                                    ImportCheckpointSettings, InspectSettings, Settings,
+                                    SettingsError, flag_of)
 
 #: Sections of a config file: one per stage, the chain's and the demo's.
 SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint")
+#: Most values (mappings, lists, keys and scalars, counted as expanded) a config may hold: real
+#: configs hold a few hundred; a YAML alias bomb expands to billions from a few hundred bytes,
+#: which validation (and its error messages) would otherwise walk.
+MAX_CONFIG_VALUES = 100_000
+
+
+class ConfigError(SelfmentUserError, ValueError):
+    """A config file that cannot be read as settings (one line, exit 2)."""
 
 
 def normalise_key(key: str) -> str:
@@ -51,17 +66,64 @@ def read_config(uri: str, storage_options: dict | None = None) -> dict[str, Any]
         raise ValueError(f"config {uri} is a folder, not a YAML file") from None
     if not isinstance(data, Mapping):
         raise ValueError(f"config {uri} must be a YAML mapping, got {type(data).__name__}")
-    return _normalise(data)
+    _check_expanded_size(data, uri)
+    config = _normalise(data, f"config {uri}: ")
+    _check_spellings(config, uri)
+    return config
 
 
-def _normalise(data: Mapping) -> dict[str, Any]:
-    out = {}
+def _check_expanded_size(data: Any, uri: str) -> None:
+    """Refuse a config that expands to more than MAX_CONFIG_VALUES values; stops counting there,
+    so a bomb (or a structure that holds itself, ``&a [*a]``) costs a few milliseconds."""
+    stack, n = [data], 0
+    while stack:
+        node = stack.pop()
+        n += 1
+        if n > MAX_CONFIG_VALUES:
+            raise ConfigError(f"config {uri} expands to more than {MAX_CONFIG_VALUES:,} values "
+                              "(YAML aliases repeating a structure?); refused")
+        if isinstance(node, Mapping):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
+def _normalise(data: Mapping, where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    spelt: dict[str, Any] = {}
     for key, value in data.items():
-        key = normalise_key(key)
+        name = normalise_key(key)
+        if name in spelt:
+            raise ConfigError(f"{where}{spelt[name]} and {key} are the same option; keep one")
+        spelt[name] = key
+        if name in SECTIONS and value is not None and not isinstance(value, Mapping):
+            shown = repr(value)
+            raise ConfigError(f"{where}{name}: must be a mapping of options, got "
+                              f"{shown if len(shown) <= 60 else shown[:57] + '...'}")
         # Sections are mappings of options; option values that are mappings (storage_options,
         # benchmarks) keep their own keys as written.
-        out[key] = _normalise(value) if key in SECTIONS and isinstance(value, Mapping) else value
+        out[name] = _normalise(value, f"{where}{name}: ") if name in SECTIONS and value else value
     return out
+
+
+def _check_spellings(config: Mapping[str, Any], uri: str) -> None:
+    """Refuse one option set twice in one mapping under two of its spellings (``input`` and
+    ``inputs``, ``binary_graph`` and ``non_binary_graph``): which one wins would be a guess."""
+    models = (*STAGE_SETTINGS.values(), ChainSettings, DemoSettings, InspectSettings,
+              ImportCheckpointSettings)
+    top = [k for k in config if k not in SECTIONS]
+    for model in models:
+        for where, keys in (("", top), (f"{model.section}: ", config.get(model.section) or ())):
+            seen: dict[str, str] = {}
+            spelling = aliases(model)
+            for key in keys:
+                name = spelling.get(key, (None,))[0]
+                if name is not None and name in seen:
+                    raise ConfigError(f"config {uri}: {where}{seen[name]} and {key} both set "
+                                      f"{name}; keep one")
+                if name is not None:
+                    seen[name] = key
 
 
 def load_config(uri: str, cli_storage_options: dict | None = None) -> dict[str, Any]:

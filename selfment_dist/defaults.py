@@ -31,6 +31,14 @@ MODEL_WORKERS = ("actors", "tasks")
 #: Rows whose confidence is below this are flagged ``no_object`` (their mask is likely noise).
 NO_OBJECT_THRESHOLD = 0.5
 
+#: Largest ``image_size`` (pixels, square) any stage accepts; the official 768 (labels,
+#: training) and 1536 (inference) are far below it. The bound is memory: at 4096 px and patch
+#: 16 the grid is 256 x 256 = 65,536 patches, and NCut's dense affinity (patches x patches,
+#: float32) is 16 GiB per image, beside a 192 MiB float32 image and the ViT's activations: one
+#: image still fits an 80 GB GPU. At 8192 px the affinity alone is 256 GiB, more than any single
+#: accelerator holds, so a run would only fail later, after Ray has started (docs/inputs.md).
+MAX_IMAGE_SIZE = 4096
+
 #: The official recipe infers at twice the training size (768 -> 1536 px).
 INFERENCE_SCALE = 2
 

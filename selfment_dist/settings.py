@@ -32,13 +32,14 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from pydantic_core import PydanticUndefined
 from typing_extensions import Annotated
 
-from selfment_dist.defaults import DEFAULT_BACKBONE, MODEL_WORKERS, NO_OBJECT_THRESHOLD, PRECISIONS
+from selfment_dist.defaults import (DEFAULT_BACKBONE, MAX_IMAGE_SIZE, MODEL_WORKERS,
+                                    NO_OBJECT_THRESHOLD, PRECISIONS)
 from selfment_dist.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 __all__ = ["Settings", "StageSettings", "PseudoLabelSettings", "TrainSettings", "SegmentSettings",
            "EvaluateSettings", "InspectSettings", "ImportCheckpointSettings", "SyntheticSettings", "ChainSettings", "DemoSettings",
            "ActorPoolSettings", "STAGE_SETTINGS", "SettingsError", "setting", "build_settings", "flag_of",
-           "OUTPUT_FORMATS", "FEATURE_SOURCES"]
+           "OUTPUT_FORMATS", "FEATURE_SOURCES", "MAX_IMAGE_SIZE"]
 
 OUTPUT_FORMATS = ("png", "parquet")
 FEATURE_SOURCES = ("auto", "stored", "backbone")
@@ -144,8 +145,8 @@ class PseudoLabelSettings(ActorPoolSettings):
                           metavar="URI")
     backbone: str = setting(DEFAULT_BACKBONE, "timm DINO model name")
     weights: str = setting("hub", "hub | random | PATH | URI of a checkpoint")
-    image_size: int = setting(768, "square backbone input size (a multiple of the patch size)",
-                              gt=0)
+    image_size: int = setting(768, "square backbone input size (a multiple of the patch size; "
+                              f"at most {MAX_IMAGE_SIZE}: memory)", gt=0, le=MAX_IMAGE_SIZE)
     precision: Literal[PRECISIONS] = setting(
         "auto", "backbone numerics: auto (= fp32, official), fp32 or bf16 (faster, approximate)")
     tau: float = setting(0.2, "NCut: affinities above it become edges", ge=0.0, lt=1.0)
@@ -250,7 +251,8 @@ class SegmentSettings(ActorPoolSettings):
         flag="--input", metavar="URI")
     output: Uri = setting(description="folder of <key>.png maps (or parquet parts)", metavar="URI")
     image_size: int | None = setting(
-        None, "inference size (default: the model's, twice its training size)", gt=0)
+        None, "inference size (default: the model's, twice its training size)", gt=0,
+        le=MAX_IMAGE_SIZE)
     batch_size: int = setting(8, "images per model call", ge=1)
     output_format: Literal[OUTPUT_FORMATS] = setting("png", "png maps or parquet parts",
                                                      flag="--format")
@@ -293,7 +295,7 @@ class EvaluateSettings(ActorPoolSettings):
         flag="--benchmark", metavar="NAME=IMAGES_URI,MASKS_URI", cli="benchmark")
     image_size: int | None = setting(
         None, "inference size with --model (default: the model's, twice its training size)",
-        gt=0)
+        gt=0, le=MAX_IMAGE_SIZE)
     batch_size: int | None = setting(None, "images per model call with --model", ge=1)
     num_shards: int | None = setting(None, "Ray tasks per dataset (default: fill the cluster)",
                                      ge=1)
@@ -370,7 +372,8 @@ class DemoSettings(Settings):
                               flag="--output", metavar="DIR", min_length=1)
     n_images: int = setting(32, "training scenes", ge=1)
     n_eval: int = setting(12, "held-out scenes", ge=1)
-    image_size: int = setting(224, "backbone input size (a multiple of 16)", gt=0)
+    image_size: int = setting(224, "backbone input size (a multiple of 16)", gt=0,
+                              le=MAX_IMAGE_SIZE)
     epochs: int = setting(3, "training epochs", ge=1)
     workers: int = setting(2, "Ray Train DDP workers (CPU)", ge=1)
     batch_size: int = setting(8, "images per model call and per training step", ge=1)
@@ -403,7 +406,8 @@ class ImportCheckpointSettings(StageSettings):
                                          "dino_model_name, e.g. dinov3_vit7b16)")
     weights: str = setting("hub", "backbone weights for segment: hub | random | PATH | URI")
     image_size: int | None = setting(
-        None, "inference size (default: twice the checkpoint's img_size, i.e. 1536)", gt=0)
+        None, "inference size (default: twice the checkpoint's img_size, i.e. 1536)", gt=0,
+        le=MAX_IMAGE_SIZE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +440,8 @@ def _problem(model: type[Settings], where: str, error: Mapping[str, Any]) -> str
     message = error["msg"].removeprefix("Value error, ")
     if not loc:  # a check across fields
         return f"{where or model.__name__}: {message}"
-    return f"{name}: {message} (got {error['input']!r})"
+    shown = repr(error["input"])  # a value from YAML may be large: the line stays short
+    return f"{name}: {message} (got {shown if len(shown) <= 200 else shown[:197] + '...'})"
 
 
 def validate(model: type[Settings], values: Mapping[str, Any], where: str = "") -> Settings:

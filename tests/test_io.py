@@ -183,7 +183,7 @@ def test_folder_keys_and_skips(tmp_path):
     _write(tmp_path / "c.png", png)           # same stem as c.jpg: both keep their extension
     _write(tmp_path / "notes.json", b"{}")    # not an input
     _write(tmp_path / ".hidden.jpg", png)     # hidden
-    _write(tmp_path / "_tmp" / "x.jpg", png)  # underscore folders are skipped
+    _write(tmp_path / "_tmp" / "x.jpg", png)  # our own output folder: skipped (skip_rules)
     units = enumerate_units(str(tmp_path))
     assert [u["key"] for u in units] == ["a", "c.jpg", "c.png", "sub/dir/b"]
     assert {u["kind"] for u in units} == {"image"}

@@ -435,3 +435,23 @@ def test_writes_of_a_superseded_run_are_fenced(where, tmp_path, request):
     parts = [p.rsplit("/", 1)[-1] for p in fs.find(output.removeprefix("s3://"))
              if p.endswith(".parquet")]
     assert parts == ["part-0000000000bb-000003.parquet"]
+
+
+def test_camera_folder_gives_one_row_per_image(tmp_path, capsys):
+    """Issue 30: camera names (``_DSC0001.JPG``, ``_selects/``) are images, each with its row;
+    what is skipped on purpose (macOS litter) is counted in the summary and the manifest."""
+    folder = tmp_path / "card"
+    for i, rel in enumerate(("_DSC0001.JPG", "DSC0002.JPG", "_selects/DSC0003.JPG")):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(_scene_jpg(i))
+    (folder / "._DSC0002.JPG").write_bytes(b"AppleDouble resource fork")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    output = str(tmp_path / "out")
+    summary = _cli(["--input", str(folder), "--output", output], capsys)
+    rows = pq.read_table(output, columns=["key", "error"]).to_pylist()
+    assert sorted(r["key"] for r in rows) == ["DSC0002", "_DSC0001", "_selects/DSC0003"]
+    assert all(r["error"] is None for r in rows)
+    assert summary["images"] == 3 and summary["errors"] == 0
+    expected = {"total": 2, "by_reason": {"hidden": 2}, "examples": [".DS_Store", "._DSC0002.JPG"]}
+    assert summary["inputs_skipped"] == expected
+    assert _manifest(output)["inputs_skipped"] == expected

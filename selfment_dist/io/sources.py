@@ -18,7 +18,12 @@ error row; files and tar members are checked by their size before they are read.
 Accepted inputs (local paths or any fsspec URL), mixed freely:
 
 - a folder (searched recursively) or a glob (``s3://b/imgs/**/*.jpg``): image files, parquet
-  files and tar shards inside are all taken; names starting with ``.`` or ``_`` are skipped;
+  files and tar shards inside are all taken, whatever their names start with (``_DSC1234.JPG``,
+  ``_selects/``); only the few names of :mod:`.skip_rules` (hidden ``.`` names, system litter,
+  job markers, selfment's own outputs) are skipped, and every skipped file is counted
+  (``enumerate_units(...).skipped``). A path is taken as written when it exists, even with
+  ``*``, ``?`` or ``[`` in it (a folder ``photos [2020]``); otherwise those make it a glob
+  (``docs/inputs.md``);
 - a list file (``.txt``/``.lst``/``.list``): one URI or path per line (relative paths are relative
   to the list file; blank lines and ``#`` comments are skipped);
 - a single image, parquet file (img2dataset layout: a binary image column such as ``jpg``/
@@ -29,7 +34,11 @@ input root (the folder, the glob's fixed prefix, the list's common folder) witho
 (``sub/dir/name``); when two files would share a key (``a.jpg`` and ``a.png``) both keep their
 extension (``a.jpg``, ``a.png``). For parquet: the ``key`` column (or ``<file key>/<row index>``
 when there is none). For WebDataset: the sample's ``__key__`` (member path up to the first dot of
-its basename). Keys repeated inside one container get a ``#dup<n>`` suffix and an error row;
+its basename); every regular member is read, links and special files (symlinks, hard links,
+devices, fifos) give an error row and are never followed, folder members are structure (no row),
+and members named by :mod:`.skip_rules` (``._*``, ``.DS_Store``) are skipped and logged. Keys
+repeated inside one container (also one name twice in a row, as ``tar -r`` appends) get a
+``#dup<n>`` suffix and an error row;
 keys repeated across containers are resolved by the pipeline after writing (see
 ``pipeline/_parts.py``: the container whose URI sorts first keeps the key).
 
@@ -51,12 +60,14 @@ import pyarrow.parquet as pq
 
 from selfment_dist.io.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, too_many_bytes
 from selfment_dist.io.schema import PERMANENT, TRANSIENT
+from selfment_dist.io.skip_rules import NOT_AN_IMAGE, SkipCounter, skipped_part
+from selfment_dist.io.tar_members import member_value
 from selfment_dist.io.storage import is_local, to_uri, url_to_fs
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["enumerate_units", "iter_records", "container_keys", "container_key_array",
-           "classify", "LIST_EXTENSIONS",
+           "classify", "LIST_EXTENSIONS", "Units",
            "PARQUET_IMAGE_COLUMNS", "IMAGE", "PARQUET", "TAR"]
 
 IMAGE, PARQUET, TAR = "image", "parquet", "tar"
@@ -94,10 +105,6 @@ def classify(path: str) -> str | None:
     return None
 
 
-def _hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
-
-
 def _strip_ext(rel: str) -> str:
     head, base = posixpath.split(rel)
     stem = base.rsplit(".", 1)[0] if "." in base else base
@@ -121,6 +128,7 @@ class _Collector:
         self.images: list[tuple[str, str, str]] = []   # (uri, rel path with extension, root)
         self.containers: list[dict] = []
         self.ignored = Counter()
+        self.skipped = SkipCounter()
 
     def add_file(self, fs, path: str, root: str, *, explicit: bool = False) -> None:
         rel = posixpath.relpath(path, root) if root else posixpath.basename(path)
@@ -136,11 +144,14 @@ class _Collector:
             self.images.append((to_uri(fs, path), rel, root))
         else:
             self.ignored[_ext(path) or "(none)"] += 1
+            self.skipped.add(NOT_AN_IMAGE, rel)
 
     def add_tree(self, fs, paths: Iterable[str], root: str) -> None:
         for path in sorted(paths):
             rel = posixpath.relpath(path, root)
-            if _hidden(rel):
+            skipped = skipped_part(rel)
+            if skipped:  # counted, never silent (skip_rules)
+                self.skipped.add(skipped[1], skipped[0])
                 continue
             self.add_file(fs, path, root)
 
@@ -166,7 +177,7 @@ class _Collector:
         for efs, epath in resolved:
             self.add_file(efs, epath, root, explicit=True)
 
-    def units(self) -> list[dict]:
+    def units(self) -> "Units":
         by_key: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for uri, rel, _root in self.images:
             by_key[_strip_ext(rel)].append((uri, rel))
@@ -184,14 +195,34 @@ class _Collector:
         if self.ignored:
             logger.info("skipped files that are not inputs, by extension: %s",
                         dict(self.ignored.most_common(10)))
-        return units + self.containers
+        skipped = self.skipped.report()
+        if skipped["total"]:
+            logger.warning("skipped %d input files on purpose (%s), e.g. %s; see docs/inputs.md",
+                           skipped["total"], skipped["by_reason"], skipped["examples"][:3])
+        return Units(units + self.containers, skipped=skipped)
 
 
-def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = None) -> list[dict]:
+class Units(list):
+    """The work units (a plain list of dicts) and ``skipped``: the files passed over while
+    listing, ``{"total", "by_reason", "examples"}`` (:class:`.skip_rules.SkipCounter`)."""
+
+    def __init__(self, units: Iterable[dict] = (), *, skipped: dict | None = None):
+        super().__init__(units)
+        self.skipped = skipped or SkipCounter().report()
+
+
+def _is_glob(fs, path: str) -> bool:
+    """A path with ``*``, ``?`` or ``[`` is a glob unless it exists as written (a folder
+    ``photos [2020]``); a one-character class (``[g]``) forces a glob (docs/inputs.md)."""
+    return any(c in path for c in _GLOB_CHARS) and not fs.exists(path)
+
+
+def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = None) -> Units:
     """List the work units of ``inputs`` (see module docstring); no image is opened.
 
     Returns:
-        units sorted by key, image files first: ``{"kind", "uri", "key"}`` dicts.
+        units sorted by key, image files first: ``{"kind", "uri", "key"}`` dicts, as a list
+        whose ``skipped`` attribute counts the files skipped on purpose (see :class:`Units`).
     Raises:
         FileNotFoundError: an input that does not exist (or a glob that matches nothing).
         ValueError: two inputs that would give the same key.
@@ -201,7 +232,7 @@ def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = 
     for uri in inputs:
         fs, path = url_to_fs(uri, storage_options)
         path = path.rstrip("/") or path
-        if any(c in path for c in _GLOB_CHARS):
+        if _is_glob(fs, path):
             matches = [p for p in fs.glob(path) if fs.isfile(p)]
             if not matches:
                 raise FileNotFoundError(f"input glob matches no file: {uri}")
@@ -407,7 +438,7 @@ def _iter_tar(unit: dict, storage_options, skip: Container[str],
               max_bytes: int | None) -> Iterator[dict]:
     source, shard_key = unit["uri"], unit["key"]
     dedup = _Dedup()
-    n_done = 0
+    n_done = n_skipped = 0
     last_good: str | None = None
     sample_key: str | None = None
     members: dict[str, bytes | str | None] = {}
@@ -440,26 +471,25 @@ def _iter_tar(unit: dict, storage_options, skip: Container[str],
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*",
                                                     tarinfo=_EndAwareTarInfo) as tf:
             for member in tf:
-                if not member.isfile():
+                if member.isdir():
+                    continue  # structure, not an image (docs/inputs.md)
+                if skipped_part(member.name):  # ._* resource forks, .DS_Store (skip_rules)
+                    n_skipped += 1
                     continue
                 key, ext = _wds_split(member.name)
-                if posixpath.basename(member.name).startswith((".", "_")):
-                    continue
-                if key != sample_key:
+                # A name repeated in a row (``tar -r``) starts a new sample: _Dedup then gives it
+                # its #dup<n> key and error row, as a repeat anywhere else in the shard.
+                if key != sample_key or ext in members:
                     for rec in flush():
                         yield rec
                     if sample_key is not None:
                         n_done += 1
                         last_good = sample_key
                     sample_key, members = key, {}
-                # Read only plain image members, and only within the byte limit (checked on
-                # the header's size, before reading); others are noted by extension.
-                if ext not in IMAGE_EXTENSIONS:
-                    members[ext] = None
-                elif max_bytes is not None and member.size > max_bytes:
-                    members[ext] = too_many_bytes(member.size, max_bytes)
-                else:
-                    members[ext] = tf.extractfile(member).read()
+                members[ext] = member_value(tf, member, ext, max_bytes)
+            if n_skipped:
+                logger.warning("%s: skipped %d members by name (docs/inputs.md: ._*, .DS_Store "
+                               "…)", source, n_skipped)
             # The pending sample's members were read whole, so it is yielded even when the
             # shard was cut right after them.
             for rec in flush():

@@ -34,6 +34,7 @@ import numpy as np
 import ray
 from PIL import Image
 
+from selfment_dist.io.skip_rules import skipped_part
 from selfment_dist.io.storage import join, url_to_fs
 from selfment_dist.evaluation.metrics import SCORE_KEYS, image_record
 from selfment_dist.evaluation.reports import STANDARD_BENCHMARKS, DatasetEvaluation, write_reports
@@ -85,9 +86,9 @@ def list_images(uri: str, storage_options: dict | None = None
     """Image files under a folder, by key.
 
     Keys are paths relative to ``uri`` without the extension, ``/``-separated. Skipped: files
-    whose extension is not in :data:`IMAGE_EXTENSIONS`, hidden files (``.*``) and folders whose
-    name starts with ``.`` or ``_`` (``__MACOSX`` archive litter, ``_overlays`` of the segment
-    stage). A missing folder lists as empty.
+    whose extension is not in :data:`IMAGE_EXTENSIONS` and names the inputs' rule skips
+    (:mod:`selfment_dist.io.skip_rules`: hidden ``.*`` names, ``__MACOSX`` archive litter,
+    ``_overlays`` of the segment stage); ``_selects/`` is kept. A missing folder lists as empty.
 
     Returns:
         ``({key: path inside the filesystem}, duplicates)`` where ``duplicates`` describes keys
@@ -102,8 +103,7 @@ def list_images(uri: str, storage_options: dict | None = None
         if not path.startswith(root + "/"):
             continue
         rel = path[len(root) + 1:]
-        *folders, filename = rel.split("/")
-        if filename.startswith(".") or any(f.startswith((".", "_")) for f in folders):
+        if skipped_part(rel):  # the inputs' rule (io/skip_rules.py): _selects/ is kept
             continue
         key, ext = posixpath.splitext(rel)
         if ext.lower() in IMAGE_EXTENSIONS:

@@ -303,7 +303,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
         summary: ``images`` and ``errors`` written by this run, ``skipped`` (already present),
         ``rows_total``/``errors_total``/``files_total`` in the output, ``wall_s``,
         ``images_per_s`` (rows written, error rows included, per second of wall time), ``output``,
-        ``run_id``, ``dense_eigh_fallbacks`` (images whose eigen-solve fell back to a dense
+        ``run_id``, ``inputs_skipped`` (input files skipped on purpose by name or extension:
+        ``{"total", "by_reason", "examples"}``, docs/inputs.md), ``dense_eigh_fallbacks`` (images whose eigen-solve fell back to a dense
         float64 ``eigh``, slow on GPUs), ``rows_per_node`` (rows each Ray node's model actors
         labelled, by node id; a batch retried after a failure counts again); with
         ``fail_once_after`` also ``fault_injected`` (an actor did exit).
@@ -361,7 +362,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     manifest = previous or {"format": "selfment-pseudo-labels", "format_version": 1}
     manifest.update({"status": "running", "config": config, "inputs": inputs,
                      "settings": s.record(), "versions": versions(),
-                     "lease": new_lease(run_id)})
+                     "lease": new_lease(run_id), "inputs_skipped": units.skipped})
     manifest.pop("duplicates", None)
     _entry, unfinished = register_run(manifest, run_id)
     write_manifest(fs, root, manifest)
@@ -391,6 +392,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
         _finish_failed(lease, run_id, status, f"{type(exc).__name__}: {exc}")
         raise
     lease.stop()
+    summary["inputs_skipped"] = units.skipped  # files skipped on purpose (docs/inputs.md)
     summary["wall_s"] = wall = round(time.perf_counter() - start, 3)
     summary["images_per_s"] = round(summary["images"] / wall, 3) if wall else 0.0
 

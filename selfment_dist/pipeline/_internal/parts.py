@@ -316,13 +316,15 @@ def list_inputs(inputs: list[str], output: str, storage_options: dict | None, *,
                 allow_empty: bool) -> tuple:
     """``(fs, root, units)``: the output's filesystem and path, and the inputs' work units
     outside it. Listed before anything is written, so a missing or empty input (an error unless
-    ``allow_empty``) or an output that is a file leaves no trace."""
-    from selfment_dist.io.sources import enumerate_units
+    ``allow_empty``) or an output that is a file leaves no trace. ``units.skipped`` counts the
+    input files skipped on purpose (io/skip_rules.py), for the manifest and the summary."""
+    from selfment_dist.io.sources import Units, enumerate_units
 
     fs, root = url_to_fs(output, storage_options)
     if fs.isfile(root):
         raise ValueError(f"output {output} is a file; give a folder or prefix")
-    units = outside_output(enumerate_units(inputs, storage_options), fs, root)
+    listed = enumerate_units(inputs, storage_options)
+    units = Units(outside_output(listed, fs, root), skipped=listed.skipped)
     if not units and not allow_empty:
         raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
                          "--allow-empty to accept empty inputs)")
