@@ -21,11 +21,11 @@ from typing import Any, Mapping
 import yaml
 
 from selfment_dist.io.storage import url_to_fs
-from selfment_dist.settings import (STAGE_SETTINGS, DemoSettings, ImportCheckpointSettings, InspectSettings,
+from selfment_dist.settings import (STAGE_SETTINGS, DemoSettings, ExportCocoSettings, ImportCheckpointSettings, InspectSettings,
                        Settings, SettingsError, flag_of)
 
 #: Sections of a config file: one per stage, the chain's and the demo's.
-SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint")
+SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint", "export_coco")
 
 
 def normalise_key(key: str) -> str:
@@ -101,7 +101,7 @@ def _rename(values: Mapping[str, Any], model: type[Settings]) -> dict[str, Any]:
 def _top_level_names() -> set[str]:
     names: set[str] = set(SECTIONS)
     for model in (*STAGE_SETTINGS.values(), DemoSettings, InspectSettings,
-                  ImportCheckpointSettings):
+                  ImportCheckpointSettings, ExportCocoSettings):
         names |= set(aliases(model))
     return names
 
