@@ -92,7 +92,9 @@ def export_part(part: str, first_image_id: int, part_index: int, output: str, *,
 
     image_id = first_image_id
     with in_fs.open(path, "rb") as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=_READ_ROWS, columns=_COLUMNS):
+        batches = pq.ParquetFile(f).iter_batches(batch_size=min(shard_size, _READ_ROWS),
+                                                  columns=_COLUMNS)
+        for batch in batches:
             for row in batch.to_pylist():
                 _add_row(shard, row, image_id, min_confidence, counts)
                 image_id += 1
