@@ -261,3 +261,15 @@ def test_matching_by_id_and_unmatched_images():
     results = [{**a, "image_id": a["image_id"] - 100} for a in pred["annotations"]]
     assert evaluate_instances(results, gt, match_images="id")["segm"]["AP"] == pytest.approx(1.0)
     assert evaluate_instances({"images": pred["images"], "annotations": []}, gt)["segm"]["AP"] == 0
+
+
+def test_contact_sheet_draws_each_object_in_its_own_colour():
+    from selfment_dist.evaluation.contact_sheet import OBJECT_COLOURS, overlay_objects
+
+    image = np.full((40, 40, 3), 0, np.uint8)
+    objects = np.stack([_box(4, 4, 0, 2, 0, 2), _box(4, 4, 2, 4, 2, 4)])
+    out = overlay_objects(image, objects, size=40).astype(float)
+    # inside each object (away from its outline) the tint is half its colour over black
+    np.testing.assert_allclose(out[5, 5], OBJECT_COLOURS[0] / 2, atol=1)
+    np.testing.assert_allclose(out[30, 30], OBJECT_COLOURS[1] / 2, atol=1)
+    assert out[5, 35].sum() == 0  # background untouched
