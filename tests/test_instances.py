@@ -273,3 +273,111 @@ def test_contact_sheet_draws_each_object_in_its_own_colour():
     np.testing.assert_allclose(out[5, 5], OBJECT_COLOURS[0] / 2, atol=1)
     np.testing.assert_allclose(out[30, 30], OBJECT_COLOURS[1] / 2, atol=1)
     assert out[5, 35].sum() == 0  # background untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: pseudo-label --max-objects 3 → export-coco → evaluate --instances
+
+LABEL_CLI = ["--backbone", "vit_small_patch16_224.dino", "--weights", "random",
+             "--image-size", "64", "--batch-size", "4", "--model-workers", "tasks",
+             "--no-progress"]
+N_SCENES = 6
+
+
+def _cli(args: list[str], capsys) -> dict:
+    from cli_output import printed_summary
+
+    from selfment_dist.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    return printed_summary(capsys.readouterr().out)
+
+
+def _scenes(root: str, storage_options=None) -> None:
+    try:
+        from selfment_dist.data.instances import write_instance_scenes
+        from selfment_dist.algorithm.maskcut import multi_object_labels  # noqa: F401
+    except ImportError as exc:  # the algorithm's branch (b1-maskcut) not merged yet
+        pytest.skip(f"needs the multi-object algorithm and scenes: {exc}")
+    write_instance_scenes(root, N_SCENES, seed=3, size=(64, 64), storage_options=storage_options)
+
+
+def _read_table(uri: str, storage_options=None) -> pa.Table:
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    parts = sorted(p for p in fs.ls(root, detail=False) if p.endswith(".parquet"))
+    tables = []
+    for p in parts:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables).sort_by("key")
+
+
+def _check_chain(root: str, capsys, storage_options=None) -> dict:
+    """The three commands on the scenes at ``root``; checks each output; the metrics."""
+    so = [f"--storage-option={k}={v}" for k, v in (storage_options or {}).items()]
+    labels, coco, report = f"{root}/labels", f"{root}/coco", f"{root}/report"
+    summary = _cli(["pseudo-label", "--input", f"{root}/images", "--output", labels,
+                    "--max-objects", "3", *LABEL_CLI, *so], capsys)
+    assert summary["images"] == N_SCENES and summary["errors"] == 0
+    table = _read_table(labels, storage_options)
+    assert table.schema.field("objects").type == pseudo_label_schema(objects=True).field(
+        "objects").type
+    cells = table.column("objects").to_pylist()
+    assert all(len(c) <= 3 for c in cells)
+    for cell, gh, gw in zip(cells, table.column("grid_h").to_pylist(),
+                            table.column("grid_w").to_pylist()):
+        masks, conf, bbox = decode_objects(cell, gh, gw)
+        assert ((conf >= 0) & (conf <= 1)).all()
+        assert not (masks.sum(0) > 1).any()  # each object excludes earlier objects' patches
+
+    exported = _cli(["export-coco", "--labels", labels, "--output", coco, "--shard-size", "4",
+                     "--merge", *so], capsys)
+    assert exported["images"] == N_SCENES and len(exported["files"]) == 2
+    assert exported["annotations"] == sum(len(c) for c in cells)
+    fs, path = fsspec.core.url_to_fs(exported["merged"], **(storage_options or {}))
+    with fs.open(path, "r") as f:
+        doc = json.load(f)
+    coco_api = COCO()
+    coco_api.dataset = doc
+    coco_api.createIndex()
+    assert len(coco_api.imgs) == N_SCENES
+    for ann in doc["annotations"]:
+        im = coco_api.imgs[ann["image_id"]]
+        assert mask_utils.decode(ann["segmentation"]).shape == (im["height"], im["width"])
+
+    metrics = _cli(["evaluate", "--instances", "--predictions", exported["merged"],
+                    "--ground-truth", f"{root}/instances.json", "--output", report, *so], capsys)
+    assert metrics["counts"]["matched_images"] == N_SCENES
+    for iou in ("segm", "bbox"):
+        assert 0.0 <= metrics[iou]["AP"] <= 1.0 and 0.0 <= metrics[iou]["AR100"] <= 1.0
+    assert fs.exists(fsspec.core.url_to_fs(metrics["files"]["metrics.md"],
+                                           **(storage_options or {}))[1])
+    return {"table": table, "metrics": metrics}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_chain_on_local_files(tmp_path, capsys):
+    root = str(tmp_path)
+    _scenes(f"{root}")
+    chain = _check_chain(root, capsys)
+    # The default (--max-objects 1) output: no objects column, rows as before.
+    _cli(["pseudo-label", "--input", f"{root}/images", "--output", f"{root}/single",
+          *LABEL_CLI], capsys)
+    single = _read_table(f"{root}/single")
+    assert single.schema.names == PSEUDO_LABEL_SCHEMA.names
+    assert single.equals(chain["table"].drop_columns(["objects"]))
+    # inspect draws the objects
+    summary = _cli(["inspect", "--labels", f"{root}/labels", "--output", f"{root}/inspect",
+                    "--per-sheet", "4"], capsys)
+    assert summary["rows"] == N_SCENES
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_chain_on_local_s3(s3_bucket, capsys):
+    bucket, options = s3_bucket
+    root = f"s3://{bucket}/run"
+    _scenes(root, options)
+    _check_chain(root, capsys, options)
