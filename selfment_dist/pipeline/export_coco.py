@@ -192,8 +192,11 @@ def _clear_old_shards(output: str, storage_options: dict | None) -> None:
     root = root.rstrip("/")
     fs.makedirs(root, exist_ok=True)
     fs.invalidate_cache(root)
-    old = [p for p in fs.ls(root, detail=False)
-           if p.rstrip("/").rsplit("/", 1)[-1].startswith(SHARD_PREFIX)
+    try:
+        listed = fs.ls(root, detail=False)
+    except FileNotFoundError:  # an object store has no empty folders: nothing there yet
+        return
+    old = [p for p in listed if p.rstrip("/").rsplit("/", 1)[-1].startswith(SHARD_PREFIX)
            or p.rstrip("/").endswith("/" + MERGED_NAME)]
     if old:
         fs.rm(old)
