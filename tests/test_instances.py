@@ -93,14 +93,18 @@ def test_labeler_adds_objects_only_when_asked(monkeypatch):
                 "confidence": torch.full((b, max_objects), 0.5),
                 "present": torch.ones(b, max_objects, dtype=torch.bool)}
 
-    monkeypatch.setitem(__import__("sys").modules, "selfment_dist.algorithm.maskcut",
+    monkeypatch.setitem(__import__("sys").modules, "selfment_dist.algorithm.maskcut_labels",
                         types.SimpleNamespace(multi_object_labels=fake))
     feats = torch.randn(2, 4, 4, 8)
     single = PseudoLabeler(lambda x: feats)(None)
     multi = PseudoLabeler(lambda x: feats, max_objects=3, min_object_confidence=0.2)(None)
+    PseudoLabeler(lambda x: feats, max_objects=2, object_ipo=True, n_iter=7)(None)
+    assert calls["ipo"] is True and calls["n_iter"] == 7 and calls["max_objects"] == 2
     assert not any(k.startswith("objects_") for k in single)
     np.testing.assert_array_equal(single["mask"], multi["mask"])
     assert multi["objects_mask"].shape == (2, 3, 4, 4) and multi["objects_present"].all()
+    calls.clear()
+    PseudoLabeler(lambda x: feats, max_objects=3, min_object_confidence=0.2)(None)
     assert calls["max_objects"] == 3 and calls["min_object_confidence"] == 0.2
     assert "ipo" not in calls  # options not asked for are left to the algorithm's defaults
 
@@ -297,7 +301,7 @@ def _cli(args: list[str], capsys) -> dict:
 def _scenes(root: str, storage_options=None) -> None:
     try:
         from selfment_dist.data.instances import write_instance_scenes
-        from selfment_dist.algorithm.maskcut import multi_object_labels  # noqa: F401
+        from selfment_dist.algorithm.maskcut_labels import multi_object_labels  # noqa: F401
     except ImportError as exc:  # the algorithm's branch (b1-maskcut) not merged yet
         pytest.skip(f"needs the multi-object algorithm and scenes: {exc}")
     write_instance_scenes(root, N_SCENES, seed=3, size=(64, 64), storage_options=storage_options)

@@ -49,7 +49,7 @@ class PseudoLabeler:
         tau, eps, binary_graph, n_iter, sample_size: the algorithm's parameters (paper defaults).
         no_object_threshold: images whose ``confidence`` is below it get ``no_object`` True.
         max_objects: above 1, also the MaskCut-style objects of each image
-            (:func:`selfment_dist.algorithm.maskcut.multi_object_labels`); ``mask`` stays the
+            (:func:`selfment_dist.algorithm.maskcut_labels.multi_object_labels`); ``mask`` stays the
             single-object Selfment mask.
         min_object_confidence, object_ipo: passed to ``multi_object_labels`` (drop objects
             below this confidence; refine each object with IPO).
@@ -68,6 +68,8 @@ class PseudoLabeler:
         # Only the options asked for are passed on: the algorithm's defaults stay its own.
         self.object_options = {k: v for k, v in (("min_object_confidence", min_object_confidence),
                                                  ("ipo", object_ipo or None)) if v is not None}
+        if object_ipo:  # IPO per object with this run's IPO limits
+            self.object_options.update(n_iter=n_iter, sample_size=sample_size)
 
     def __call__(self, images, *, return_ncut: bool = False,
                  return_features: bool = False) -> dict[str, np.ndarray]:
@@ -100,7 +102,7 @@ class PseudoLabeler:
         return out
 
     def _objects(self, feats: torch.Tensor) -> dict[str, np.ndarray]:
-        from selfment_dist.algorithm.maskcut import multi_object_labels
+        from selfment_dist.algorithm.maskcut_labels import multi_object_labels
 
         objects = multi_object_labels(feats, max_objects=self.max_objects, **self.params,
                                       **self.object_options)
