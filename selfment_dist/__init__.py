@@ -23,6 +23,7 @@ _PUBLIC = {
     "selfment_loss": ".model.losses",
     "sod_scores": ".evaluation.metrics",
     "ncut_bipartition": ".algorithm.ncut",
+    "multi_object_masks": ".algorithm.maskcut",
 }
 
 __all__ = ["ncut_bipartition", "ipo_refine", "pseudo_label", "PseudoLabeler", "selfment_loss",

@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from selfment_dist.config import load_config, values_for, with_overrides
 from selfment_dist.io.storage import parse_storage_options
-from selfment_dist.settings import (ChainSettings, DemoSettings, EvaluateSettings, ImportCheckpointSettings,
+from selfment_dist.settings import (ChainSettings, DemoSettings, EvaluateSettings, ExportCocoSettings, ImportCheckpointSettings,
                        InspectSettings, PseudoLabelSettings, SegmentSettings, Settings,
                        SettingsError, StageSettings, TrainSettings, flag_of, validate)
 
@@ -79,6 +79,8 @@ COMMANDS: dict[str, Command] = {
         ImportCheckpointSettings, "selfment_dist.model.official_checkpoint:import_official_checkpoint"),
     "inspect": Command("contact sheets, confidence histogram and an HTML page of pseudo-labels",
                        InspectSettings, "selfment_dist.pipeline.inspect:run_inspect"),
+    "export-coco": Command("the objects of pseudo-labels as COCO instance JSON (RLE)",
+                           ExportCocoSettings, "selfment_dist.pipeline.export_coco:run_export_coco"),
     "demo": Command("synthetic data through the whole pipeline, locally", DemoSettings,
                     "selfment_dist.pipeline.demo:run_demo"),
     "run": Command("the whole chain from --config, skipping finished stages", ChainSettings,
@@ -224,7 +226,7 @@ def command_settings(command: str, given: Mapping[str, Any], config_uri: str | N
         config = with_overrides(config, "pipeline", given, top)
         plan(config)
         return config
-    if model in (DemoSettings, InspectSettings, ImportCheckpointSettings):
+    if model in (DemoSettings, InspectSettings, ImportCheckpointSettings, ExportCocoSettings):
         values = {**values_for(config, model), **given, **top}
         return validate(model, values, model.section)
     from selfment_dist.pipeline.chain import stage_settings

@@ -28,11 +28,11 @@ import yaml
 from selfment_dist.errors import SelfmentUserError
 from selfment_dist.io.storage import url_to_fs
 from selfment_dist.settings import (STAGE_SETTINGS, ChainSettings, DemoSettings,
-                                    ImportCheckpointSettings, InspectSettings, Settings,
-                                    SettingsError, flag_of)
+                                    ExportCocoSettings, ImportCheckpointSettings, InspectSettings,
+                                    Settings, SettingsError, flag_of)
 
 #: Sections of a config file: one per stage, the chain's and the demo's.
-SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint")
+SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint", "export_coco")
 #: Most values (mappings, lists, keys and scalars, counted as expanded) a config may hold: real
 #: configs hold a few hundred; a YAML alias bomb expands to billions from a few hundred bytes,
 #: which validation (and its error messages) would otherwise walk.
@@ -163,7 +163,7 @@ def _rename(values: Mapping[str, Any], model: type[Settings]) -> dict[str, Any]:
 def _top_level_names() -> set[str]:
     names: set[str] = set(SECTIONS)
     for model in (*STAGE_SETTINGS.values(), DemoSettings, InspectSettings,
-                  ImportCheckpointSettings):
+                  ImportCheckpointSettings, ExportCocoSettings):
         names |= set(aliases(model))
     return names
 

@@ -37,13 +37,16 @@ from selfment_dist.defaults import (DEFAULT_BACKBONE, MAX_IMAGE_SIZE, MODEL_WORK
 from selfment_dist.io.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 __all__ = ["Settings", "StageSettings", "PseudoLabelSettings", "TrainSettings", "SegmentSettings",
-           "EvaluateSettings", "InspectSettings", "ImportCheckpointSettings", "SyntheticSettings", "ChainSettings", "DemoSettings",
+           "EvaluateSettings", "InspectSettings", "ExportCocoSettings", "ImportCheckpointSettings", "SyntheticSettings", "ChainSettings", "DemoSettings",
            "ActorPoolSettings", "STAGE_SETTINGS", "SettingsError", "setting", "build_settings", "flag_of",
            "OUTPUT_FORMATS", "FEATURE_SOURCES", "MAX_IMAGE_SIZE"]
 
 OUTPUT_FORMATS = ("png", "parquet")
 FEATURE_SOURCES = ("auto", "stored", "backbone")
 SHUFFLES = ("full", "local")
+#: Most objects per image (``max_objects``); also spaces export-coco's annotation ids.
+MAX_OBJECTS = 64
+INSTANCE_MATCHES = ("file_name", "id")
 LR_SCALINGS = ("none", "sqrt", "linear")
 CONTRASTIVE_VARIANTS = ("official", "supcon")
 
@@ -171,6 +174,19 @@ class PseudoLabelSettings(ActorPoolSettings):
     rows_per_file: int | None = setting(
         None, "rows per parquet part (default 1024; 256 with --save-features)", ge=1)
     progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
+    max_objects: int = setting(
+        1, "above 1: also up to N objects per image (MaskCut rounds) in an objects column",
+        ge=1, le=MAX_OBJECTS, metavar="N")
+    min_object_confidence: float | None = setting(
+        None, "with --max-objects: drop objects whose confidence is below X", ge=0.0, le=1.0,
+        metavar="X")
+    object_ipo: bool = setting(False, "with --max-objects: refine each object with IPO")
+
+    @model_validator(mode="after")
+    def _object_options_need_objects(self) -> PseudoLabelSettings:
+        if self.max_objects == 1 and (self.min_object_confidence is not None or self.object_ipo):
+            raise ValueError("min_object_confidence and object_ipo need max_objects > 1")
+        return self
 
 
 class TrainSettings(StageSettings):
@@ -285,7 +301,9 @@ class EvaluateSettings(ActorPoolSettings):
 
     output: Uri = setting(description="folder of metrics.json, metrics.md, per_image.csv, plots/",
                           metavar="URI")
-    predictions: Uri | None = setting(None, "folder of saliency PNGs", metavar="URI")
+    predictions: Uri | None = setting(
+        None, "folder of saliency PNGs (with --instances: a COCO JSON of predicted instances)",
+        metavar="URI")
     masks: Uri | None = setting(None, "folder of ground-truth PNGs", metavar="URI")
     name: str = setting("default", "dataset name in the reports", min_length=1)
     model: Uri | None = setting(None, "model artifact: segment the benchmarks first",
@@ -299,9 +317,25 @@ class EvaluateSettings(ActorPoolSettings):
     batch_size: int | None = setting(None, "images per model call with --model", ge=1)
     num_shards: int | None = setting(None, "Ray tasks per dataset (default: fill the cluster)",
                                      ge=1)
+    instances: bool = setting(
+        False, "class-agnostic instance AP/AR (pycocotools) of --predictions against "
+               "--ground-truth, two COCO JSON files")
+    ground_truth: Uri | None = setting(None, "with --instances: COCO JSON of the true instances",
+                                       metavar="URI")
+    match_images: Literal[INSTANCE_MATCHES] = setting(
+        "file_name", "with --instances: pair the two files' images by file_name (a path "
+                     "ending matches: s3://b/img/a.png ~ img/a.png) or by id")
 
     @model_validator(mode="after")
     def _one_mode(self) -> EvaluateSettings:
+        if self.instances or self.ground_truth is not None:
+            if not (self.instances and self.predictions and self.ground_truth):
+                raise ValueError("instances needs predictions and ground_truth (two COCO JSON "
+                                 "files), and ground_truth needs instances")
+            if self.masks is not None or self.model is not None or self.benchmarks:
+                raise ValueError("instances takes predictions and ground_truth only (no masks, "
+                                 "model or benchmarks)")
+            return self
         by_files = self.predictions is not None or self.masks is not None
         by_model = self.model is not None or self.benchmarks is not None
         if by_files == by_model:
@@ -393,6 +427,21 @@ class InspectSettings(StageSettings):
     per_sheet: int = setting(24, "images per contact sheet", ge=1)
     thumb_size: int = setting(128, "pixels per image tile", ge=8)
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
+
+
+class ExportCocoSettings(StageSettings):
+    """``selfment export-coco``: the ``objects`` of pseudo-labels as COCO instance JSON."""
+    positional: ClassVar[tuple[str, ...]] = ("labels", "output")
+    section: ClassVar[str] = "export_coco"
+
+    labels: Uri = setting(description="pseudo-label parquet dataset (with an objects column)",
+                          metavar="URI")
+    output: Uri = setting(description="folder of COCO JSON files, one per shard",
+                          metavar="URI")
+    min_object_confidence: float | None = setting(
+        None, "leave out objects whose confidence is below X", ge=0.0, le=1.0, metavar="X")
+    shard_size: int = setting(1000, "images per JSON file", ge=1, metavar="N")
+    merge: bool = setting(False, "also write all shards as one file, instances.json")
 
 
 class ImportCheckpointSettings(StageSettings):

@@ -48,16 +48,28 @@ class PseudoLabeler:
             (B, S, S, 3) images to (B, h, w, C) features).
         tau, eps, binary_graph, n_iter, sample_size: the algorithm's parameters (paper defaults).
         no_object_threshold: images whose ``confidence`` is below it get ``no_object`` True.
+        max_objects: above 1, also the MaskCut-style objects of each image
+            (:func:`selfment_dist.algorithm.maskcut_labels.multi_object_labels`); ``mask`` stays the
+            single-object Selfment mask.
+        min_object_confidence, object_ipo: passed to ``multi_object_labels`` (drop objects
+            below this confidence; refine each object with IPO).
     """
 
     def __init__(self, backbone, *, tau: float = 0.2, eps: float = 1e-5, binary_graph: bool = True,
                  n_iter: int = 20, sample_size: int = 10,
-                 no_object_threshold: float = NO_OBJECT_THRESHOLD):
+                 no_object_threshold: float = NO_OBJECT_THRESHOLD, max_objects: int = 1,
+                 min_object_confidence: float | None = None, object_ipo: bool = False):
         self.backbone = backbone
         self.params = dict(tau=tau, eps=eps, binary_graph=binary_graph)
         self.n_iter = n_iter
         self.sample_size = sample_size
         self.no_object_threshold = float(no_object_threshold)
+        self.max_objects = int(max_objects)
+        # Only the options asked for are passed on: the algorithm's defaults stay its own.
+        self.object_options = {k: v for k, v in (("min_object_confidence", min_object_confidence),
+                                                 ("ipo", object_ipo or None)) if v is not None}
+        if object_ipo:  # IPO per object with this run's IPO limits
+            self.object_options.update(n_iter=n_iter, sample_size=sample_size)
 
     def __call__(self, images, *, return_ncut: bool = False,
                  return_features: bool = False) -> dict[str, np.ndarray]:
@@ -69,7 +81,9 @@ class PseudoLabeler:
             ``mask`` bool (B, h, w); the quality signals of :mod:`selfment_dist.algorithm.quality` and
             ``confidence`` as float32 (B,) (``ipo_converged`` bool), ``no_object`` bool (B,);
             with ``return_ncut`` also ``ncut_mask`` bool (B, h, w); with ``return_features``
-            also ``features`` float16 (B, h, w, C) (unit-norm).
+            also ``features`` float16 (B, h, w, C) (unit-norm); with ``max_objects`` > 1 also
+            ``objects_mask`` bool (B, N, h, w), ``objects_confidence`` float32 (B, N) and
+            ``objects_present`` bool (B, N), N = ``max_objects``, in round order.
         """
         feats = as_unit_features(self.backbone(images))
         mask, coarse, quality = _label_with_quality(feats, self.params, n_iter=self.n_iter,
@@ -83,4 +97,15 @@ class PseudoLabeler:
             out["ncut_mask"] = coarse.cpu().numpy()
         if return_features:
             out["features"] = feats.to(torch.float16).cpu().numpy()
+        if self.max_objects > 1:
+            out.update(self._objects(feats))
         return out
+
+    def _objects(self, feats: torch.Tensor) -> dict[str, np.ndarray]:
+        from selfment_dist.algorithm.maskcut_labels import multi_object_labels
+
+        objects = multi_object_labels(feats, max_objects=self.max_objects, **self.params,
+                                      **self.object_options)
+        return {"objects_mask": objects["mask"].cpu().numpy(),
+                "objects_confidence": objects["confidence"].float().cpu().numpy(),
+                "objects_present": objects["present"].cpu().numpy()}

@@ -10,9 +10,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["Tile", "overlay", "contact_sheet", "confidence_histogram"]
+__all__ = ["Tile", "overlay", "overlay_objects", "contact_sheet", "confidence_histogram",
+           "OBJECT_COLOURS"]
 
 _TINT = np.array([255, 40, 40], dtype=np.float32)  # mask colour
+#: One colour per object, in round order (Paul Tol's "bright" scheme: distinct for colour-blind
+#: readers too), cycled beyond its length.
+OBJECT_COLOURS = np.array([[238, 102, 119], [68, 119, 170], [34, 136, 51], [204, 187, 68],
+                           [102, 204, 238], [170, 51, 119], [187, 187, 187]], dtype=np.float32)
 _CAPTION_H = 30
 _PAD = 4
 
@@ -21,12 +26,14 @@ _PAD = 4
 class Tile:
     """One image of a sheet: ``image`` uint8 (H, W, 3); ``mask`` bool or float in [0, 1] (h, w)
     of any size (stretched over the image), None for an image that could not be read;
-    ``caption`` up to two short lines; ``flag`` draws the caption in red (e.g. no object)."""
+    ``caption`` up to two short lines; ``flag`` draws the caption in red (e.g. no object);
+    ``objects`` bool (K, h, w), when given, is drawn instead of ``mask``, one colour each."""
 
     image: np.ndarray | None
     mask: np.ndarray | None
     caption: str
     flag: bool = False
+    objects: np.ndarray | None = None
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, *, size: int) -> np.ndarray:
@@ -49,6 +56,28 @@ def overlay(image: np.ndarray, mask: np.ndarray, *, size: int) -> np.ndarray:
     p = np.pad(hard, 1)
     edge = hard & ~(p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:])
     out[edge] = _TINT
+    return out.round().astype(np.uint8)
+
+
+def overlay_objects(image: np.ndarray, objects: np.ndarray, *, size: int) -> np.ndarray:
+    """uint8 (size, size, 3): ``image`` squashed to a square with each of the bool (K, h, w)
+    grid masks ``objects`` tinted and outlined in its own colour (:data:`OBJECT_COLOURS`)."""
+    out = np.asarray(Image.fromarray(image).convert("RGB").resize((size, size),
+                                                                  Image.Resampling.BILINEAR),
+                     dtype=np.float32)
+    objects = np.asarray(objects, dtype=bool).reshape(-1, *np.shape(objects)[-2:])
+    if len(objects):
+        h, w = objects.shape[1:]
+        # Nearest-neighbour stretch of every mask at once (the grid cells stay square-edged).
+        rows = np.minimum(np.arange(size) * h // size, h - 1)
+        cols = np.minimum(np.arange(size) * w // size, w - 1)
+        big = objects[:, rows[:, None], cols[None, :]]
+        p = np.pad(big, ((0, 0), (1, 1), (1, 1)))
+        edges = big & ~(p[:, :-2, 1:-1] & p[:, 2:, 1:-1] & p[:, 1:-1, :-2] & p[:, 1:-1, 2:])
+        for k in range(len(big)):  # a few objects: one pass each, later rounds on top
+            colour = OBJECT_COLOURS[k % len(OBJECT_COLOURS)]
+            out[big[k]] = 0.5 * out[big[k]] + 0.5 * colour
+            out[edges[k]] = colour
     return out.round().astype(np.uint8)
 
 
@@ -76,7 +105,10 @@ def contact_sheet(tiles: list[Tile], *, title: str, size: int = 128, cols: int =
     for i, tile in enumerate(tiles):
         x = _PAD + (i % cols) * cell_w
         y = top + (i // cols) * cell_h
-        if tile.image is not None and tile.mask is not None:
+        if tile.image is not None and tile.objects is not None:
+            sheet.paste(Image.fromarray(overlay_objects(tile.image, tile.objects, size=size)),
+                        (x, y))
+        elif tile.image is not None and tile.mask is not None:
             sheet.paste(Image.fromarray(overlay(tile.image, tile.mask, size=size)), (x, y))
         else:
             draw.rectangle((x, y, x + size - 1, y + size - 1), fill=(200, 200, 200))

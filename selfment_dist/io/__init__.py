@@ -3,6 +3,8 @@
 - :mod:`.storage`: ``parse_storage_options``, ``url_to_fs``, ``join``
 - :mod:`.masks`: ``encode_mask`` / ``decode_mask`` (``numpy.packbits``, C order)
 - :mod:`.schema`: ``PSEUDO_LABEL_SCHEMA`` / ``pseudo_label_schema`` and ``error_row``
+- :mod:`.objects`: the optional ``objects`` column (``objects_cell`` / ``decode_objects``)
+- :mod:`.coco`: COCO instance JSON of objects (RLE at the original size; pycocotools)
 - :mod:`.images`: ``decode_image`` → RGB ``PIL.Image`` or ``ImageDecodeError``
 - :mod:`.sources`: ``enumerate_units`` (driver) and ``iter_records`` (worker)
 """

@@ -28,6 +28,8 @@ ncut_mask      binary    optional (``save_ncut``): the NCut mask before IPO, sam
 features       binary    optional (``save_features``): the unit-norm patch features as raw
                          little-endian float16 in C order (grid_h, grid_w, C): ``grid_h*grid_w*C``
                          values; C = len / (2·grid_h·grid_w), also in the manifest
+objects        list      optional (``max_objects`` > 1): per object, in round order, its packed
+                         grid mask, confidence and grid bbox (:mod:`selfment_dist.io.objects`)
 =============  ========  ==========================================================================
 
 Why ``features`` is binary and not ``list<float16>``: one contiguous value per row decodes with a
@@ -38,6 +40,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+
+from selfment_dist.io.objects import OBJECTS_FIELD
 
 #: ``error_kind`` values: retried by a re-run, or kept.
 TRANSIENT, PERMANENT = "transient", "permanent"
@@ -76,7 +80,7 @@ _FEATURES_FIELD = pa.field(
     metadata={b"encoding": b"float16 little-endian, C order (grid_h, grid_w, C)"})
 
 #: Optional columns, in the order they follow the base columns.
-OPTIONAL_COLUMNS = ("ncut_mask", "features")
+OPTIONAL_COLUMNS = ("ncut_mask", "features", "objects")
 
 _SCHEMA_METADATA = {
     b"selfment.contract": b"pseudo-labels/1",
@@ -84,13 +88,17 @@ _SCHEMA_METADATA = {
 }
 
 
-def pseudo_label_schema(*, ncut_mask: bool = False, features: bool = False) -> pa.Schema:
-    """The contract's schema, with the optional ``ncut_mask`` / ``features`` columns."""
+def pseudo_label_schema(*, ncut_mask: bool = False, features: bool = False,
+                        objects: bool = False) -> pa.Schema:
+    """The contract's schema, with the optional ``ncut_mask`` / ``features`` / ``objects``
+    columns."""
     fields = list(_BASE_FIELDS) + _QUALITY_FIELDS
     if ncut_mask:
         fields.append(_NCUT_FIELD)
     if features:
         fields.append(_FEATURES_FIELD)
+    if objects:
+        fields.append(OBJECTS_FIELD)
     return pa.schema(fields, metadata=_SCHEMA_METADATA)
 
 
@@ -109,7 +117,7 @@ def error_row(key: str, source: str, message: str, *, width: int | None = None,
     return {"key": str(key), "source": str(source), "width": width, "height": height,
             "grid_h": None, "grid_w": None, "mask": None, "fg_fraction": None,
             "error": str(message), "error_kind": str(kind), "ncut_mask": None,
-            "features": None, **dict.fromkeys(QUALITY_COLUMNS)}
+            "features": None, "objects": None, **dict.fromkeys(QUALITY_COLUMNS)}
 
 
 def encode_features(feats: np.ndarray) -> bytes:

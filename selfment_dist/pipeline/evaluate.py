@@ -38,6 +38,7 @@ from selfment_dist.io.skip_rules import skipped_part
 from selfment_dist.io.storage import join, url_to_fs
 from selfment_dist.evaluation.metrics import SCORE_KEYS, image_record
 from selfment_dist.evaluation.reports import STANDARD_BENCHMARKS, DatasetEvaluation, write_reports
+from selfment_dist.pipeline._internal.instances import run_instance_evaluation
 from selfment_dist.settings import EvaluateSettings, build_settings
 from selfment_dist.pipeline._internal.eval_merge import RecordStream
 from selfment_dist.pipeline._internal.ray_runtime import ensure_ray
@@ -296,6 +297,9 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
     each segmented with the model into ``output/predictions/<NAME>`` by ``run_segment`` with the
     settings' model-actor options, then evaluated).
 
+    With ``instances``: class-agnostic instance AP/AR of two COCO files instead
+    (:func:`selfment_dist.pipeline._internal.instances.run_instance_evaluation`).
+
     Returns:
         The metrics.json document: ``datasets`` → ``{NAME: {n_images, scores, problems,
         predictions, masks}}``, plus ``protocols``, ``config`` (the settings, without
@@ -305,6 +309,8 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
         SettingsError: options that do not validate, or that mix or miss a mode.
     """
     s = build_settings(EvaluateSettings, () if settings is None else (settings,), options)
+    if s.instances:  # two COCO files, no Ray needed
+        return run_instance_evaluation(s)
     output, storage_options, num_shards = s.output, s.storage_options, s.num_shards
     ensure_ray(s.address)
     datasets: list[DatasetEvaluation] = []

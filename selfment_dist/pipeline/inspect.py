@@ -11,7 +11,8 @@ Writes to ``output`` (local or fsspec URL)::
     inspect.json                          what :func:`run_inspect` returns
 
 Originals are re-read through each row's ``source`` (any fsspec URL; images inside parquet or
-tar containers are found by key). Error rows are counted, never shown. Runs in the driver: it
+tar containers are found by key). Labels with an ``objects`` column (``--max-objects``) show
+each object in its own colour instead of the single mask. Error rows are counted, never shown. Runs in the driver: it
 reads the small columns of every row and the images of the few rows it shows.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from selfment_dist.evaluation.contact_sheet import Tile, confidence_histogram, contact_sheet
 from selfment_dist.io.images import DEFAULT_MAX_PIXELS, decode_image
 from selfment_dist.io.masks import decode_mask
+from selfment_dist.io.objects import decode_objects
 from selfment_dist.io.sources import IMAGE, enumerate_units, iter_records
 from selfment_dist.io.storage import join, url_to_fs
 from selfment_dist.pipeline._internal.parts import MANIFEST_NAME, read_manifest
@@ -38,6 +40,7 @@ __all__ = ["run_inspect", "SHEETS"]
 SHEETS = ("lowest", "middle", "highest")
 _COLUMNS = ["key", "source", "grid_h", "grid_w", "mask", "fg_fraction", "confidence",
             "no_object", "error"]
+_OBJECTS = ["objects"]  # optional (--max-objects): drawn one colour per object when present
 
 
 def run_inspect(labels: str, output: str, *, per_sheet: int = 24, thumb_size: int = 128,
@@ -84,7 +87,7 @@ def run_inspect(labels: str, output: str, *, per_sheet: int = 24, thumb_size: in
         files[name] = join(output, name)
 
     rows = ok.select(["key", "grid_h", "grid_w", "mask", "confidence", "no_object",
-                      "fg_fraction"]).to_pylist()
+                      "fg_fraction"] + [c for c in _OBJECTS if c in ok.column_names]).to_pylist()
     for name, idx in chosen.items():
         tiles = [_tile(rows[int(i)], originals) for i in idx]
         lo, hi = (conf[idx].min(), conf[idx].max()) if len(idx) else (np.nan, np.nan)
@@ -128,8 +131,11 @@ def _read_labels(labels: str, storage_options: dict | None) -> tuple[pa.Table, d
             if missing:
                 raise ValueError(f"{path} lacks the columns {sorted(missing)}: inspect needs "
                                  "pseudo-labels with confidence (pseudo-label them again)")
-            tables.append(pf.read(columns=_COLUMNS))
-    return pa.concat_tables(tables), read_manifest(fs, root, MANIFEST_NAME) or {}
+            tables.append(pf.read(columns=_COLUMNS + [
+                c for c in _OBJECTS if c in pf.schema_arrow.names]))
+    # Parts with and without objects (runs with other settings): the missing cells are null.
+    return (pa.concat_tables(tables, promote_options="default"),
+            read_manifest(fs, root, MANIFEST_NAME) or {})
 
 
 def _picks(n: int, k: int) -> dict[str, np.ndarray]:
@@ -181,8 +187,12 @@ def _tile(row: dict, originals: dict) -> Tile:
     mask = decode_mask(row["mask"], row["grid_h"], row["grid_w"])
     image = originals.get(row["key"])
     caption = f"{row['key']}\nconf {row['confidence']:.2f}  fg {row['fg_fraction']:.2f}"
+    objects = None
+    if row.get("objects") is not None:  # the objects' masks instead of the single mask
+        objects = decode_objects(row["objects"], row["grid_h"], row["grid_w"])[0]
+        caption += f"  obj {len(objects)}"
     return Tile(image=image, mask=mask if image is not None else None, caption=caption,
-                flag=bool(row["no_object"]))
+                flag=bool(row["no_object"]), objects=objects)
 
 
 def _page(summary: dict, files: dict) -> str:

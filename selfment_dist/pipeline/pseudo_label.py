@@ -41,6 +41,8 @@ import pyarrow as pa
 from selfment_dist.defaults import DEFAULT_BACKBONE
 from selfment_dist.io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
 from selfment_dist.io.masks import encode_mask
+from selfment_dist.io.objects import objects_cell
+from selfment_dist.pipeline._internal.objects import labeler_object_options
 from selfment_dist.io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, encode_features,
                          pseudo_label_schema)
 from selfment_dist.io.sources import IMAGE, iter_records
@@ -67,7 +69,8 @@ __all__ = ["run_pseudo_label", "DEFAULT_BACKBONE", "MANIFEST_NAME"]
 # Settings that change what a row holds: a re-run into an existing output must match them.
 _RESUME_KEYS = ("backbone", "weights", "image_size", "precision", "tau", "eps", "binary_graph",
                 "n_iter", "sample_size", "save_ncut", "save_features", "max_pixels",
-                "max_bytes", "no_object_threshold")
+                "max_bytes", "no_object_threshold", "max_objects", "min_object_confidence",
+                "object_ipo")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +179,9 @@ class LabelActor:
         self.labeler = PseudoLabeler(self.backbone, **labeler_kwargs)
         self.save_ncut = save_ncut
         self.save_features = save_features
-        self.schema = pseudo_label_schema(ncut_mask=save_ncut, features=save_features)
+        self.objects = labeler_kwargs.get("max_objects", 1) > 1
+        self.schema = pseudo_label_schema(ncut_mask=save_ncut, features=save_features,
+                                          objects=self.objects)
         self.fail_once_after = fail_once_after
         self.fail_marker = fail_marker
         self.counters = counters
@@ -246,6 +251,10 @@ class LabelActor:
                     cols["ncut_mask"].append(encode_mask(res["ncut_mask"]))
                 if self.save_features:
                     cols["features"].append(encode_features(res["features"]))
+                if self.objects:
+                    cols["objects"].append(objects_cell(res["objects_mask"],
+                                                        res["objects_confidence"],
+                                                        res["objects_present"]))
             else:
                 for name in ("grid_h", "grid_w", "mask", "fg_fraction", *QUALITY_COLUMNS):
                     cols[name].append(None)
@@ -256,6 +265,8 @@ class LabelActor:
                     cols["ncut_mask"].append(None)
                 if self.save_features:
                     cols["features"].append(None)
+                if self.objects:
+                    cols["objects"].append(None)
         count_rows_here(self.counters, n)
         return pa.Table.from_pydict(cols, schema=self.schema)
 
@@ -345,6 +356,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
               "binary_graph": s.binary_graph, "n_iter": s.n_iter, "sample_size": s.sample_size,
               "no_object_threshold": float(s.no_object_threshold), "save_ncut": s.save_ncut,
               "save_features": s.save_features, "max_pixels": s.max_pixels,
+              "max_objects": s.max_objects, "min_object_confidence": s.min_object_confidence,
+              "object_ipo": s.object_ipo,
               "max_bytes": s.max_bytes,
               "batch_size": batch_size, "num_actors": plan["actors"],
               "num_gpus_per_actor": plan["num_gpus"], "rows_per_file": rows_per_file}
@@ -380,7 +393,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
                 "precision": resolved_precision,
                 "labeler_kwargs": {"tau": s.tau, "eps": s.eps, "binary_graph": s.binary_graph,
                                    "n_iter": s.n_iter, "sample_size": s.sample_size,
-                                   "no_object_threshold": float(s.no_object_threshold)},
+                                   "no_object_threshold": float(s.no_object_threshold),
+                                   **labeler_object_options(s)},
                 "save_ncut": s.save_ncut, "save_features": s.save_features,
                 "storage_options": storage_options, "device": plan["device"],
                 "cpu_threads": plan["cpu_threads"], "fail_once_after": fail_once_after,
@@ -488,7 +502,9 @@ def _run(ray, fs, root: str, units: list[dict], unfinished: list[str], *, run_id
     fault_injected = False
     if units:
         counters = start_counters(run_id)  # rows per node, dense-eigh fallbacks
-        sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features),
+        objects = actor_kwargs["labeler_kwargs"].get("max_objects", 1) > 1
+        sink = PartsSink(output, pseudo_label_schema(ncut_mask=save_ncut, features=save_features,
+                                                     objects=objects),
                          run_id, rows_per_file, storage_options, manifest=MANIFEST_NAME)
         try:
             with progress_bars(progress), warnings.catch_warnings(), \
