@@ -21,11 +21,12 @@ from typing import Any, Mapping
 import yaml
 
 from selfment_dist.io.storage import url_to_fs
-from selfment_dist.settings import (STAGE_SETTINGS, DemoSettings, ImportCheckpointSettings, InspectSettings,
-                       Settings, SettingsError, flag_of)
+from selfment_dist.settings import DemoSettings, Settings, SettingsError, flag_of
+from selfment_dist.stages import STAGES
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
-#: Sections of a config file: one per stage, the chain's and the demo's.
-SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint")
+#: Sections of a config file: one per stage (the registry's), the chain's and the demo's.
+SECTIONS = (*(s.name for s in STAGES), "pipeline", "demo")
 
 
 def normalise_key(key: str) -> str:
@@ -36,7 +37,7 @@ def read_config(uri: str, storage_options: dict | None = None) -> dict[str, Any]
     """Read a YAML mapping from a local path or fsspec URL (keys normalised to ``snake_case``)."""
     fs, path = url_to_fs(uri, storage_options)
     if not fs.exists(path):
-        raise FileNotFoundError(f"config file not found: {uri}")
+        raise UserInputNotFoundError(f"config file not found: {uri}")
     try:
         with fs.open(path, "r") as f:
             data = yaml.safe_load(f) or {}
@@ -44,13 +45,13 @@ def read_config(uri: str, storage_options: dict | None = None) -> dict[str, Any]
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"config {uri}: not valid YAML{at}: {problem}") from None
+        raise UserValueError(f"config {uri}: not valid YAML{at}: {problem}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"config {uri}: not a text file ({exc.reason})") from None
+        raise UserValueError(f"config {uri}: not a text file ({exc.reason})") from None
     except IsADirectoryError:
-        raise ValueError(f"config {uri} is a folder, not a YAML file") from None
+        raise UserValueError(f"config {uri} is a folder, not a YAML file") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"config {uri} must be a YAML mapping, got {type(data).__name__}")
+        raise UserValueError(f"config {uri} must be a YAML mapping, got {type(data).__name__}")
     return _normalise(data)
 
 
@@ -100,8 +101,7 @@ def _rename(values: Mapping[str, Any], model: type[Settings]) -> dict[str, Any]:
 
 def _top_level_names() -> set[str]:
     names: set[str] = set(SECTIONS)
-    for model in (*STAGE_SETTINGS.values(), DemoSettings, InspectSettings,
-                  ImportCheckpointSettings):
+    for model in (*(s.settings for s in STAGES), DemoSettings):
         names |= set(aliases(model))
     return names
 

@@ -53,6 +53,7 @@ from selfment_dist.io.parquet_source import (PARQUET_IMAGE_COLUMNS, _iter_parque
 from selfment_dist.io.records import IMAGE, PARQUET, TAR, _iter_image, _strip_ext, error_kind
 from selfment_dist.io.storage import is_local, to_uri, url_to_fs
 from selfment_dist.io.tar_source import _iter_tar
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class _Collector:
             for uri, rel in items:
                 k = key if len(items) == 1 else rel  # a.jpg + a.png: both keep the extension
                 if k in final:
-                    raise ValueError(f"two inputs give the same key {k!r}: {final[k]} and {uri}; "
+                    raise UserValueError(f"two inputs give the same key {k!r}: {final[k]} and {uri}; "
                                      "pass inputs whose relative paths differ")
                 final[k] = uri
                 units.append({"kind": IMAGE, "uri": uri, "key": k})
@@ -194,7 +195,7 @@ def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = 
         if any(c in path for c in _GLOB_CHARS):
             matches = [p for p in fs.glob(path) if fs.isfile(p)]
             if not matches:
-                raise FileNotFoundError(f"input glob matches no file: {uri}")
+                raise UserInputNotFoundError(f"input glob matches no file: {uri}")
             col.add_tree(fs, matches, _glob_root(path))
         elif fs.isdir(path):
             col.add_tree(fs, fs.find(path), path)
@@ -205,7 +206,7 @@ def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = 
             else:
                 col.add_file(fs, path, posixpath.dirname(path), explicit=True)
         else:
-            raise FileNotFoundError(f"input not found: {uri}")
+            raise UserInputNotFoundError(f"input not found: {uri}")
     units = col.units()
     logger.info("enumerated %d work units (%d image files, %d containers) from %d input(s)",
                 len(units), sum(u["kind"] == IMAGE for u in units),
@@ -238,4 +239,4 @@ def iter_records(unit: dict, *, storage_options: dict | None = None,
     elif kind == TAR:
         yield from _iter_tar(unit, storage_options, skip, max_bytes)
     else:
-        raise ValueError(f"unknown work unit kind {kind!r}")
+        raise UserValueError(f"unknown work unit kind {kind!r}")
