@@ -33,14 +33,12 @@ from selfment_dist.errors import SelfmentUserError
 import json
 import logging
 import os
-import platform
 import re
 import socket
 import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Callable, Iterable
 
 import numpy as np
@@ -53,6 +51,7 @@ from selfment_dist.io.storage import is_local, read_json, to_uri, url_to_fs
 from selfment_dist.stages import MANIFEST_NAME  # noqa: F401 (also imported from here)
 from selfment_dist.pipeline._internal.done_keys import SortedKeys
 from selfment_dist.errors import UserValueError
+from selfment_dist.versions import versions  # noqa: F401 (imported from here by the stages)
 
 logger = logging.getLogger(__name__)
 
@@ -324,16 +323,6 @@ def list_inputs(inputs: list[str], output: str, storage_options: dict | None, *,
         raise UserValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
                          "--allow-empty to accept empty inputs)")
     return fs, root, units
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("selfment-dist", "torch", "timm", "ray", "pyarrow", "numpy"):
-        try:
-            out[dist.replace("-", "_")] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist.replace("-", "_")] = None
-    return out
 
 
 def now() -> str:
