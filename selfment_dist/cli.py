@@ -26,7 +26,7 @@ from functools import partial
 from typing import Any, Callable, Literal, Mapping
 
 from selfment_dist.config import load_config, values_for, with_overrides
-from selfment_dist.errors import SelfmentUserError
+from selfment_dist.errors import FencedError, SelfmentUserError
 from selfment_dist.io.storage import parse_storage_options
 from selfment_dist.settings import (ChainSettings, DemoSettings, Settings, SettingsError,
                                     StageSettings, flag_of, validate)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     storage_options = (settings.get("storage_options") if isinstance(settings, dict)
                        else getattr(settings, "storage_options", None))
     configure_logging(level, storage_options)
-    from selfment_dist.pipeline._internal.ray_runtime import call_as_driver  # ray:// runs the driver on the cluster
+    from selfment_dist.pipeline.driver import call_as_driver  # ray:// runs the driver on the cluster
 
     try:
         if command == "run":
@@ -251,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
                      else " ".join(str(err).split()) or type(err).__name__)
         return USAGE_ERROR
     except Exception as err:
-        from selfment_dist.pipeline._internal.parts import FencedError
         if not isinstance(err, FencedError):
             raise
         _print_error(str(err))

@@ -26,3 +26,8 @@ class UserInputNotFoundError(SelfmentUserError, FileNotFoundError):
 
 class UserPermissionError(SelfmentUserError, PermissionError):
     """A path the user gave that this process may not read or write."""
+
+
+class FencedError(RuntimeError):
+    """This run lost the output to another run: some of its writes were not published. Not a
+    user mistake and not a bug: the command line prints it as one line and exits 1."""

@@ -249,11 +249,16 @@ def run_chain(config: Mapping[str, Any], *, config_uri: str = "", force: bool | 
                           for name, d in (evaluation.get("datasets") or {}).items()}
     summary.update(status="complete", finished=_now(), wall_s=round(time.perf_counter() - start, 1))
     save()
+    _log_metrics(summary)
+    logger.info("pipeline complete in %.1fs; summary at %s", summary["wall_s"], summary_uri)
+    return summary
+
+
+def _log_metrics(summary: dict[str, Any]) -> None:
+    """The scores table of the run's evaluation, when it has one."""
     if summary["metrics"]:
         from selfment_dist.evaluation.reports import DatasetEvaluation, scores_table
 
         table = scores_table([DatasetEvaluation(name=n, scores=m["scores"], n_images=m["n_images"])
                               for n, m in summary["metrics"].items()])
         logger.info("metrics (%s):\n%s", summary["outputs"]["evaluate"], table)
-    logger.info("pipeline complete in %.1fs; summary at %s", summary["wall_s"], summary_uri)
-    return summary

@@ -171,13 +171,17 @@ def run_demo(*args: DemoSettings | str, **options: Any) -> dict[str, Any]:
                                       "n_eval", "n_eval_camouflaged")},
         "outputs": outputs, "stages": stages, "wall_s": round(time.perf_counter() - start, 1),
     }
-    text = _results_text(title, note, table, summary)
-    with open(outputs["results"], "w", encoding="utf-8") as f:
+    _write_results(_results_text(title, note, table, summary), summary)
+    return summary
+
+
+def _write_results(text: str, summary: dict[str, Any]) -> None:
+    """``results.md`` and ``demo_summary.json``; the results page on stdout too."""
+    with open(summary["outputs"]["results"], "w", encoding="utf-8") as f:
         f.write(text)
-    with open(outputs["summary"], "w", encoding="utf-8") as f:
+    with open(summary["outputs"]["summary"], "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, default=str)
     print("\n" + text, flush=True)  # the user-facing result of the command
-    return summary
 
 
 PREDICTION_SHEET = "predictions.png"

@@ -50,7 +50,7 @@ from ray.data import Datasink
 from selfment_dist.io.storage import is_local, read_json, to_uri, url_to_fs
 from selfment_dist.stages import MANIFEST_NAME  # noqa: F401 (also imported from here)
 from selfment_dist.pipeline._internal.done_keys import SortedKeys
-from selfment_dist.errors import UserValueError
+from selfment_dist.errors import FencedError, UserValueError  # noqa: F401 (FencedError: imported from here)
 from selfment_dist.versions import versions  # noqa: F401 (imported from here by the stages)
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ class OutputBusyError(SelfmentUserError, RuntimeError):
     """Another live run holds the output."""
 
 
-class FencedError(RuntimeError):
-    """This run lost the output to another run: some of its writes were not published."""
 #: Test hook (kill tests): seconds a write task pauses between writing a part and its fencing
 #: check, so that a test can freeze a writer there.
 PUBLISH_DELAY_ENV = "SELFMENT_TEST_PUBLISH_DELAY_S"
