@@ -78,6 +78,7 @@ def images(tmp_path_factory):
 
 # -- 1: two runs into one output ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_runs_at_once_never_lose_rows(images, tmp_path, where, request):
     folder, keys = images
@@ -260,6 +261,7 @@ def test_empty_input_is_an_error_unless_allowed(tmp_path):
 
 # -- issue 17: segment's parquet resume; segment refuses a busy output --------------------------
 
+@pytest.mark.slow
 def test_segment_parquet_resumes_and_refuses_a_busy_output(images, tmp_path):
     from selfment_dist.model.artifact import save_artifact
     from selfment_dist.model.head import PatchHead
