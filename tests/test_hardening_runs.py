@@ -119,6 +119,7 @@ def test_two_runs_at_once_never_lose_rows(images, tmp_path, where, request):
     assert third["skipped"] == len(keys) and third["images"] == 0
 
 
+@pytest.mark.slow
 def test_a_live_run_refuses_a_second_one_and_a_dead_lease_does_not(images, tmp_path,
                                                                    monkeypatch):
     folder, keys = images
@@ -182,6 +183,7 @@ def test_failure_marks_the_manifest_failed_and_locks_nothing(images, tmp_path, m
 
 # -- 3: transient errors are retried, permanent ones kept ---------------------------------------
 
+@pytest.mark.slow
 def test_rerun_retries_transient_error_rows_only(images, tmp_path):
     folder, keys = images
     output = tmp_path / "out"
