@@ -21,10 +21,14 @@ import sys
 from typing import Any, Callable
 
 from selfment_dist.config import load_config
+from selfment_dist.errors import SelfmentUserError
 from selfment_dist.io.storage import parse_storage_options
-from selfment_dist.pipeline.chain import (STAGES, chain_settings, stage_function, stage_settings,
+from selfment_dist.pipeline.chain import (chain_settings, stage_function, stage_settings,
                                           write_synthetic)
-from selfment_dist.settings import SettingsError
+from selfment_dist.stages import CHAIN
+
+#: The stages with an entrypoint ``jobs/<stage>.py``: the chain's, from the stage registry.
+STAGES = tuple(CHAIN)
 
 __all__ = ["STAGES", "parse_args", "load_config", "print_summary", "run_stage"]
 
@@ -67,7 +71,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.storage_options)
         settings = stage_settings(config, stage)
         synthetic = chain_settings(config).synthetic
-    except (ValueError, FileNotFoundError) as err:  # SettingsError is a ValueError
+    except SelfmentUserError as err:  # settings, an unreadable config …; bugs keep their traceback
         for problem in getattr(err, "problems", None) or [err]:
             logger.error("%s: %s", args.config, problem)
         return 2
@@ -75,8 +79,8 @@ def run_stage(stage: str, argv: list[str] | None = None) -> int:
     logger.info("%s settings: %s", stage, settings.record())
     try:
         summary = stage_function(stage)(settings)
-    except SettingsError as err:  # checks needing more than the model (a backbone's patch size)
-        for problem in err.problems:
+    except SelfmentUserError as err:  # checks needing more than the model (a backbone's patch size)
+        for problem in getattr(err, "problems", None) or [err]:
             logger.error("%s: %s", stage, problem)
         return 2
     print_summary(summary)

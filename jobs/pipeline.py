@@ -17,6 +17,7 @@ import sys
 from _common import load_config, parse_args, print_summary
 
 from selfment_dist.cli import add_settings_arguments
+from selfment_dist.errors import SelfmentUserError
 from selfment_dist.pipeline.chain import plan, run_chain
 from selfment_dist.settings import ChainSettings
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.storage_options)
         plan(config)
-    except (ValueError, FileNotFoundError) as err:  # SettingsError is a ValueError
+    except SelfmentUserError as err:  # settings, an unreadable config …
         logger.error("%s: %s", args.config, err)
         return 2
     # --force, else the config's pipeline.force

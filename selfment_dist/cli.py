@@ -1,7 +1,9 @@
 """The ``selfment`` command line: flags generated from the settings models, then the pipeline.
 
-User mistakes (bad paths, values, YAML, checkpoints, a busy output) print one line per problem,
-``selfment: error: ...``, and exit 2; tracebacks are for bugs. ``--log-level`` sets this
+User mistakes (:class:`~selfment_dist.errors.SelfmentUserError`: bad paths, values, YAML,
+checkpoints, a busy output) and usage errors print one line per problem,
+``selfment: error: ...``, and exit 2; any other exception is a bug and keeps its traceback
+(exit 1). ``--log-level`` sets this
 package's loggers only (other libraries stay at WARNING, so e.g. botocore never logs request
 headers), and log records are scrubbed of the credentials in the storage options.
 
@@ -14,7 +16,6 @@ supplies every default, and the stage function gets the settings object.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -25,10 +26,11 @@ from functools import partial
 from typing import Any, Callable, Literal, Mapping
 
 from selfment_dist.config import load_config, values_for, with_overrides
+from selfment_dist.errors import FencedError, SelfmentUserError
 from selfment_dist.io.storage import parse_storage_options
-from selfment_dist.settings import (ChainSettings, DemoSettings, EvaluateSettings, ExportCocoSettings, ImportCheckpointSettings,
-                       InspectSettings, PseudoLabelSettings, SegmentSettings, Settings,
-                       SettingsError, StageSettings, TrainSettings, flag_of, validate)
+from selfment_dist.settings import (ChainSettings, DemoSettings, Settings, SettingsError,
+                                    StageSettings, flag_of, validate)
+from selfment_dist.stages import STAGES, Stage, load
 
 logger = logging.getLogger("selfment_dist")
 
@@ -49,38 +51,18 @@ def _print_error(message: str) -> None:
         print(f"selfment: error: {line}", file=sys.stderr)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean a user mistake, not a bug (imported lazily: no torch for --help)."""
-    from selfment_dist.pipeline._internal.parts import OutputBusyError
-    from selfment_dist.pipeline._internal.plan import UnschedulableError  # the cluster lacks what was asked for
-    return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, OutputBusyError, UnschedulableError)
-
-
 @dataclass(frozen=True)
 class Command:
     help: str
     settings: type[Settings]
     target: str  # "module:function", imported when the command runs
+    stage: Stage | None = None  # the registry's entry; None for demo and run
 
 
+#: One subcommand per stage of the registry (:mod:`selfment_dist.stages`), then the demo and the
+#: chain, which run stages.
 COMMANDS: dict[str, Command] = {
-    "pseudo-label": Command("DINO features → NCut → IPO pseudo-masks, as a parquet dataset",
-                            PseudoLabelSettings,
-                            "selfment_dist.pipeline.pseudo_label:run_pseudo_label"),
-    "train": Command("train the segmentation head with Ray Train (DDP)", TrainSettings,
-                     "selfment_dist.pipeline.train:run_train"),
-    "segment": Command("saliency maps of images with a trained model", SegmentSettings,
-                       "selfment_dist.pipeline.segment:run_segment"),
-    "evaluate": Command("SOD/COD and unsupervised-SOD metrics, reports and plots",
-                        EvaluateSettings, "selfment_dist.pipeline.evaluate:run_evaluate"),
-    "import-checkpoint": Command(
-        "turn an official Selfment head checkpoint (.pth) into a model artifact",
-        ImportCheckpointSettings, "selfment_dist.model.official_checkpoint:import_official_checkpoint"),
-    "inspect": Command("contact sheets, confidence histogram and an HTML page of pseudo-labels",
-                       InspectSettings, "selfment_dist.pipeline.inspect:run_inspect"),
-    "export-coco": Command("the objects of pseudo-labels as COCO instance JSON (RLE)",
-                           ExportCocoSettings, "selfment_dist.pipeline.export_coco:run_export_coco"),
+    **{s.command: Command(s.help, s.settings, s.run_ref, s) for s in STAGES},
     "demo": Command("synthetic data through the whole pipeline, locally", DemoSettings,
                     "selfment_dist.pipeline.demo:run_demo"),
     "run": Command("the whole chain from --config, skipping finished stages", ChainSettings,
@@ -201,8 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Settings from the command line and --config, then the run
 
 def _target(command: str) -> Callable[..., Any]:
-    module, _, func = COMMANDS[command].target.partition(":")
-    return getattr(importlib.import_module(module), func)
+    return load(COMMANDS[command].target)
 
 
 def command_settings(command: str, given: Mapping[str, Any], config_uri: str | None = None
@@ -211,7 +192,7 @@ def command_settings(command: str, given: Mapping[str, Any], config_uri: str | N
     with the command line merged in (checked by the chain's plan).
 
     Raises:
-        SettingsError, ValueError, FileNotFoundError: user mistakes, before anything runs.
+        SelfmentUserError (SettingsError, an unreadable config …): before anything runs.
     """
     model = COMMANDS[command].settings
     given = dict(given)
@@ -226,15 +207,15 @@ def command_settings(command: str, given: Mapping[str, Any], config_uri: str | N
         config = with_overrides(config, "pipeline", given, top)
         plan(config)
         return config
-    if model in (DemoSettings, InspectSettings, ImportCheckpointSettings, ExportCocoSettings):
+    stage = COMMANDS[command].stage
+    if stage is None or not stage.in_chain:  # the demo, and stages outside the chain
         values = {**values_for(config, model), **given, **top}
         return validate(model, values, model.section)
     from selfment_dist.pipeline.chain import stage_settings
 
-    stage = model.section
     if "address" in top:  # over the stage's own section too
         given["address"] = top.pop("address")
-    return stage_settings(with_overrides(config, stage, given, top), stage)
+    return stage_settings(with_overrides(config, stage.name, given, top), stage.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "config")}
     try:
         settings = command_settings(command, given, getattr(args, "config", None))
-    except (ValueError, FileNotFoundError) as err:  # SettingsError is a ValueError
+    except SelfmentUserError as err:
         parser.error(str(err) if isinstance(err, SettingsError) else f"{command}: {err}")
     storage_options = (settings.get("storage_options") if isinstance(settings, dict)
                        else getattr(settings, "storage_options", None))
     configure_logging(level, storage_options)
-    from selfment_dist.pipeline._internal.ray_runtime import call_as_driver  # ray:// runs the driver on the cluster
+    from selfment_dist.pipeline.driver import call_as_driver  # ray:// runs the driver on the cluster
 
     try:
         if command == "run":
@@ -263,14 +244,13 @@ def main(argv: list[str] | None = None) -> int:
             summary = call_as_driver(partial(_call_target, command),
                                      {"settings": settings,
                                       "address": getattr(settings, "address", None)})
-    except _user_errors() as err:
+    except SelfmentUserError as err:  # anything else is a bug: its traceback, exit 1
         logger.debug("user error", exc_info=True)
         problems = getattr(err, "problems", None)  # SettingsError: one line per problem
         _print_error("\n".join(problems) if problems
                      else " ".join(str(err).split()) or type(err).__name__)
         return USAGE_ERROR
     except Exception as err:
-        from selfment_dist.pipeline._internal.parts import FencedError
         if not isinstance(err, FencedError):
             raise
         _print_error(str(err))
@@ -281,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _call_target(command: str, settings: Settings, address: str | None = None) -> Any:
-    """The command's function with its settings (``address`` only routes ``call_as_driver``).
-    Commands without a stage settings object take their fields as keywords."""
-    target = _target(command)
-    if isinstance(settings, (InspectSettings, ImportCheckpointSettings)):
+    """The command's function with its settings (``address`` only routes ``call_as_driver``);
+    a stage's as the registry says it takes them."""
+    target, stage = _target(command), COMMANDS[command].stage
+    if stage is not None and not stage.takes_settings:
         return target(**{name: getattr(settings, name) for name in settings.model_fields})
     return target(settings)
 

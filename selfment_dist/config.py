@@ -27,12 +27,12 @@ import yaml
 
 from selfment_dist.errors import SelfmentUserError
 from selfment_dist.io.storage import url_to_fs
-from selfment_dist.settings import (STAGE_SETTINGS, ChainSettings, DemoSettings,
-                                    ExportCocoSettings, ImportCheckpointSettings, InspectSettings,
-                                    Settings, SettingsError, flag_of)
+from selfment_dist.settings import ChainSettings, DemoSettings, Settings, SettingsError, flag_of
+from selfment_dist.stages import STAGES
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
-#: Sections of a config file: one per stage, the chain's and the demo's.
-SECTIONS = (*STAGE_SETTINGS, "pipeline", "demo", "inspect", "import_checkpoint", "export_coco")
+#: Sections of a config file: one per stage (the registry's), the chain's and the demo's.
+SECTIONS = (*(s.name for s in STAGES), "pipeline", "demo")
 #: Most values (mappings, lists, keys and scalars, counted as expanded) a config may hold: real
 #: configs hold a few hundred; a YAML alias bomb expands to billions from a few hundred bytes,
 #: which validation (and its error messages) would otherwise walk.
@@ -51,7 +51,7 @@ def read_config(uri: str, storage_options: dict | None = None) -> dict[str, Any]
     """Read a YAML mapping from a local path or fsspec URL (keys normalised to ``snake_case``)."""
     fs, path = url_to_fs(uri, storage_options)
     if not fs.exists(path):
-        raise FileNotFoundError(f"config file not found: {uri}")
+        raise UserInputNotFoundError(f"config file not found: {uri}")
     try:
         with fs.open(path, "r") as f:
             data = yaml.safe_load(f) or {}
@@ -59,13 +59,13 @@ def read_config(uri: str, storage_options: dict | None = None) -> dict[str, Any]
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"config {uri}: not valid YAML{at}: {problem}") from None
+        raise UserValueError(f"config {uri}: not valid YAML{at}: {problem}") from None
     except UnicodeDecodeError as exc:
-        raise ValueError(f"config {uri}: not a text file ({exc.reason})") from None
+        raise UserValueError(f"config {uri}: not a text file ({exc.reason})") from None
     except IsADirectoryError:
-        raise ValueError(f"config {uri} is a folder, not a YAML file") from None
+        raise UserValueError(f"config {uri} is a folder, not a YAML file") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"config {uri} must be a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"config {uri} must be a YAML mapping, got {type(data).__name__}")
     _check_expanded_size(data, uri)
     config = _normalise(data, f"config {uri}: ")
     _check_spellings(config, uri)
@@ -110,8 +110,7 @@ def _normalise(data: Mapping, where: str) -> dict[str, Any]:
 def _check_spellings(config: Mapping[str, Any], uri: str) -> None:
     """Refuse one option set twice in one mapping under two of its spellings (``input`` and
     ``inputs``, ``binary_graph`` and ``non_binary_graph``): which one wins would be a guess."""
-    models = (*STAGE_SETTINGS.values(), ChainSettings, DemoSettings, InspectSettings,
-              ImportCheckpointSettings)
+    models = (*(s.settings for s in STAGES), ChainSettings, DemoSettings)
     top = [k for k in config if k not in SECTIONS]
     for model in models:
         for where, keys in (("", top), (f"{model.section}: ", config.get(model.section) or ())):
@@ -162,8 +161,7 @@ def _rename(values: Mapping[str, Any], model: type[Settings]) -> dict[str, Any]:
 
 def _top_level_names() -> set[str]:
     names: set[str] = set(SECTIONS)
-    for model in (*STAGE_SETTINGS.values(), DemoSettings, InspectSettings,
-                  ImportCheckpointSettings, ExportCocoSettings):
+    for model in (*(s.settings for s in STAGES), DemoSettings):
         names |= set(aliases(model))
     return names
 

@@ -258,6 +258,7 @@ def test_timm_layout_checkpoint_local(tmp_path, name, size, suffix):
     assert torch.equal(loaded(x), src(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_timm_layout_checkpoint_on_s3(s3_bucket, suffix):
     bucket, storage_options = s3_bucket

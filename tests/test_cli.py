@@ -109,8 +109,9 @@ def test_negative_flag_in_config_keeps_its_meaning(calls, tmp_path):
 
 def test_precision_choices_are_the_backbones():
     from selfment_dist.model.backbone import PRECISIONS
+    from selfment_dist.settings import PseudoLabelSettings
 
-    flags, kwargs = cli.argument(cli.PseudoLabelSettings, "precision")
+    flags, kwargs = cli.argument(PseudoLabelSettings, "precision")
     assert flags == ["--precision"] and tuple(kwargs["choices"]) == PRECISIONS
 
 
@@ -133,3 +134,39 @@ def test_stage_modules_leave_the_model_stack_to_the_actors():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_mistake_is_one_line(monkeypatch, capsys):
+    """Only SelfmentUserError is a user mistake (one line, exit 2): a ValueError from inside a
+    run is a bug, so it propagates (the interpreter prints its traceback and exits 1)."""
+    from selfment_dist.errors import UserValueError
+
+    def raising(exc):
+        def target(command):
+            def run(settings, **_):
+                raise exc
+            return run
+        return target
+
+    argv = ["train", "--labels", "l", "--output", "m"]
+    monkeypatch.setattr(cli, "_target", raising(ValueError("an internal shape mismatch")))
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        cli.main(argv)
+    monkeypatch.setattr(cli, "_target", raising(UserValueError("no pseudo-labels at l")))
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "selfment: error: no pseudo-labels at l"
+
+
+def test_a_bug_exits_1_with_a_traceback():
+    code = ("import sys\n"
+            "from selfment_dist import cli\n"
+            "def target(command):\n"
+            "    def run(settings, **_):\n"
+            "        raise ValueError('an internal shape mismatch')\n"
+            "    return run\n"
+            "cli._target = target\n"
+            "sys.exit(cli.main(['train', '--labels', 'l', '--output', 'm']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "selfment: error" not in proc.stderr

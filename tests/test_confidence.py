@@ -194,6 +194,7 @@ def test_inspect_writes_sheets_for_an_output_with_error_rows(labelled, tmp_path)
     _check_inspect_output(tmp_path / "inspect", summary)
 
 
+@pytest.mark.slow
 def test_inspect_reads_originals_and_labels_on_s3(ray_local, s3_bucket, tmp_path):
     from selfment_dist.cli import main
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label

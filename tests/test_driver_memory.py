@@ -25,6 +25,8 @@ import pytest
 from selfment_dist.pipeline.pseudo_label import run_pseudo_label
 from selfment_dist.data.synthetic import write_scenes
 
+pytestmark = pytest.mark.slow  # 40 to 400 images through the pipeline
+
 SMALL, LARGE = 64, 512
 RUN = dict(backbone="vit_small_patch16_224.dino", weights="random", image_size=32,
            batch_size=16, save_features=True, progress=False, model_workers="tasks")

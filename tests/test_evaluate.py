@@ -145,6 +145,7 @@ def test_empty_folder_and_bad_arguments(ray_local, tmp_path):
                      benchmarks={"X": ("i", "m")})
 
 
+@pytest.mark.slow
 def test_s3_inputs_and_reports(ray_local, tmp_path, s3_bucket):
     bucket, options = s3_bucket
     pairs = write_dataset(tmp_path, 6, seed=2)
@@ -170,6 +171,7 @@ def test_s3_inputs_and_reports(ray_local, tmp_path, s3_bucket):
     assert result["files"]["metrics.json"] == f"s3://{bucket}/report/metrics.json"
 
 
+@pytest.mark.slow
 def test_benchmark_mode_segments_then_evaluates(ray_local, tmp_path, monkeypatch):
     """run_segment is replaced by a fake that writes a PNG per image (the real one needs a model)."""
     calls = []

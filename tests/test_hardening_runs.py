@@ -78,6 +78,7 @@ def images(tmp_path_factory):
 
 # -- 1: two runs into one output ----------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_runs_at_once_never_lose_rows(images, tmp_path, where, request):
     folder, keys = images
@@ -118,6 +119,7 @@ def test_two_runs_at_once_never_lose_rows(images, tmp_path, where, request):
     assert third["skipped"] == len(keys) and third["images"] == 0
 
 
+@pytest.mark.slow
 def test_a_live_run_refuses_a_second_one_and_a_dead_lease_does_not(images, tmp_path,
                                                                    monkeypatch):
     folder, keys = images
@@ -181,6 +183,7 @@ def test_failure_marks_the_manifest_failed_and_locks_nothing(images, tmp_path, m
 
 # -- 3: transient errors are retried, permanent ones kept ---------------------------------------
 
+@pytest.mark.slow
 def test_rerun_retries_transient_error_rows_only(images, tmp_path):
     folder, keys = images
     output = tmp_path / "out"
@@ -260,6 +263,7 @@ def test_empty_input_is_an_error_unless_allowed(tmp_path):
 
 # -- issue 17: segment's parquet resume; segment refuses a busy output --------------------------
 
+@pytest.mark.slow
 def test_segment_parquet_resumes_and_refuses_a_busy_output(images, tmp_path):
     from selfment_dist.model.artifact import save_artifact
     from selfment_dist.model.head import PatchHead

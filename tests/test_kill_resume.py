@@ -26,6 +26,8 @@ from selfment_dist.pipeline.segment import run_segment
 from selfment_dist.pipeline.train import CONFIG_NAME, RUN_NAME, run_train
 from selfment_dist.data.synthetic import write_scenes
 
+pytestmark = pytest.mark.slow  # SIGKILL + re-runs of the CLI
+
 DEADLINE_S = 300.0
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of the run's checkpoints
 

@@ -34,7 +34,7 @@ from shipped_configs import (check_the_run, put_the_data_where_the_file_expects_
 from selfment_dist.data.synthetic import write_scenes
 
 # A loaded 2-core machine runs each of these for minutes (node start, actor start, a restart).
-pytestmark = [pytest.mark.multinode, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.timeout(1200)]
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]

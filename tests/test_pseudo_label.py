@@ -250,6 +250,7 @@ def _cli(args: list[str], capsys) -> dict:
     return printed_summary(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_parquet_and_webdataset_with_optional_columns(corpus, reference, tmp_path, capsys):
     output = str(tmp_path / "out")
     summary = _cli(["--input", corpus["parquet"], corpus["tar"], "--output", output,
@@ -259,6 +260,7 @@ def test_parquet_and_webdataset_with_optional_columns(corpus, reference, tmp_pat
     assert _manifest(output)["feature_dim"] == 384
 
 
+@pytest.mark.slow
 def test_s3_in_and_out(s3_bucket, corpus, reference, capsys):
     bucket, options = s3_bucket
     fs = fsspec.filesystem("s3", **options)
@@ -275,6 +277,7 @@ def test_s3_in_and_out(s3_bucket, corpus, reference, capsys):
     assert again["rows_total"] == len(corpus["s3_keys"])
 
 
+@pytest.mark.slow
 def test_tasks_on_warm_workers_label_as_actors_do_and_keep_their_model(folder_run, corpus,
                                                                        tmp_path):
     """``model_workers="tasks"``: the rows are the actor pool's, byte for byte; a second run
@@ -328,6 +331,7 @@ def test_no_run_leaves_its_counter_actor_behind(folder_run):
     assert not left, left
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_run(folder_run, corpus, reference, tmp_path):
     """What a kill leaves behind: parts missing, a part cut short (e.g. copied in from a
     store without atomic uploads), an unpublished temp file. The re-run fills exactly the gap."""
@@ -351,6 +355,7 @@ def test_resume_after_a_killed_run(folder_run, corpus, reference, tmp_path):
     assert not (output / "_tmp").exists()
 
 
+@pytest.mark.slow
 def test_a_replica_dying_mid_run_loses_nothing(corpus, reference, tmp_path):
     """A model replica's process exits hard after its first batch: Ray retries its task on
     another worker; nothing is lost. (Model tasks on warm workers. Model actors that die are
@@ -404,6 +409,7 @@ def test_model_failure_becomes_an_error_row(corpus):
     assert rows[2]["error"] == "empty file (0 bytes)" and rows[2]["width"] is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_writes_of_a_superseded_run_are_fenced(where, tmp_path, request):
     """A write task whose run is no longer the manifest's latest (a killed run's leftover

@@ -43,6 +43,8 @@ from selfment_dist.pipeline._internal import parts as _parts
 from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
 from selfment_dist.data.synthetic import write_scenes
 
+pytestmark = pytest.mark.slow  # killed CLI runs, local and S3
+
 BACKBONE = "vit_small_patch16_224.dino"
 N_IMAGES = 12
 IMAGE_SIZE = 64

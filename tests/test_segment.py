@@ -321,6 +321,7 @@ def test_segment_folder_to_png_reports_errors_and_resumes(ray_local, artifact, s
         run_segment(artifact, str(folder), str(out), image_size=LARGE_SIZE, **RUN)
 
 
+@pytest.mark.slow
 def test_segment_s3_larger_size_with_overlays(ray_local, artifact, segmenters, corpus,
                                               s3_bucket):
     bucket, options = s3_bucket

@@ -120,6 +120,7 @@ def trained(ray_local, feature_labels, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # Learning
 
+@pytest.mark.slow
 def test_loss_falls_and_error_rows_are_counted(trained):
     _, summary, _ = trained
     assert summary["status"] == "trained"
@@ -136,6 +137,7 @@ def test_loss_falls_and_error_rows_are_counted(trained):
     assert summary["feature_source"] == "stored"
 
 
+@pytest.mark.slow
 def test_artifact_loads_and_masks_match_the_pseudo_masks(trained, feature_labels):
     output, summary, _ = trained
     head, meta = load_artifact(output)
@@ -152,12 +154,14 @@ def test_artifact_loads_and_masks_match_the_pseudo_masks(trained, feature_labels
     assert np.mean(ious) >= 0.9, ious
 
 
+@pytest.mark.slow
 def test_checkpoints_are_in_the_output(trained):
     output, _, _ = trained
     names = os.listdir(os.path.join(output, RUN_NAME))
     assert any(n.startswith("checkpoint-step") for n in names), names
 
 
+@pytest.mark.slow
 def test_finished_run_is_returned_without_training(trained, feature_labels, monkeypatch):
     output, summary, _ = trained
     before = os.path.getmtime(os.path.join(output, "model.json"))
@@ -179,6 +183,7 @@ def test_finished_run_is_returned_without_training(trained, feature_labels, monk
 # ---------------------------------------------------------------------------------------------
 # DDP, the official shuffle and the confidence filter (the main run's per-step dumps)
 
+@pytest.mark.slow
 def test_ddp_is_real_and_every_epoch_sees_every_kept_row_once_in_a_new_order(trained,
                                                                             feature_labels):
     """- DDP is real: after step 1 both ranks hold the same weights, and the step used both
@@ -237,6 +242,7 @@ def test_ddp_is_real_and_every_epoch_sees_every_kept_row_once_in_a_new_order(tra
 # ---------------------------------------------------------------------------------------------
 # Fault tolerance and resumption
 
+@pytest.mark.slow
 def test_killed_worker_resumes_from_checkpoint(trained):
     output, summary, _ = trained
     assert summary["resumed_from_steps"] == [8]  # the latest checkpoint before the failure
@@ -246,6 +252,7 @@ def test_killed_worker_resumes_from_checkpoint(trained):
     assert not any(n.endswith(".marker") for n in os.listdir(os.path.join(output, RUN_NAME)))
 
 
+@pytest.mark.slow
 def test_more_epochs_continue_from_the_last_checkpoint(trained, feature_labels, tmp_path):
     """A new run on the same output resumes Ray Train's run from storage (V2: same
     storage_path and name) instead of starting over."""
@@ -263,6 +270,7 @@ def test_more_epochs_continue_from_the_last_checkpoint(trained, feature_labels, 
 # ---------------------------------------------------------------------------------------------
 # Features from the backbone, everything on S3
 
+@pytest.mark.slow
 def test_backbone_features_on_s3(ray_local, s3_bucket):
     import fsspec
 

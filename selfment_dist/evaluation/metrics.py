@@ -110,7 +110,7 @@ def _usod_counts(v: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return tp.astype(np.int64), pp.astype(np.int64), int(hist_fg.sum())
 
 
-def _usod_fcurves(tp: np.ndarray, pp: np.ndarray, gp: np.ndarray) -> tuple[np.ndarray, ...]:
+def usod_fcurves(tp: np.ndarray, pp: np.ndarray, gp: np.ndarray) -> tuple[np.ndarray, ...]:
     """Precision, recall and F (β² = 0.09) curves from counts; broadcasts over leading axes."""
     tp = tp.astype(_F64)
     precision = tp / (pp + USOD_EPS)
@@ -218,7 +218,7 @@ def merge_records(records: Iterable[dict]) -> dict[str, float]:
         ValueError: when ``records`` is empty.
     """
     records = _check(records)
-    _, _, f = _usod_fcurves(_stack(records, "usod_tp"), _stack(records, "usod_pp"),
+    _, _, f = usod_fcurves(_stack(records, "usod_tp"), _stack(records, "usod_pp"),
                             _stack(records, "usod_gp"))
     fm_curve = np.mean(_stack(records, "fm_curve"), axis=0)
     em_curve = np.mean(_stack(records, "em_curve"), axis=0)
@@ -254,7 +254,7 @@ def merge_curves(records: Iterable[dict]) -> dict[str, dict[str, np.ndarray]]:
         ValueError: when ``records`` is empty.
     """
     records = _check(records)
-    p, r, f = _usod_fcurves(_stack(records, "usod_tp"), _stack(records, "usod_pp"),
+    p, r, f = usod_fcurves(_stack(records, "usod_tp"), _stack(records, "usod_pp"),
                             _stack(records, "usod_gp"))
     flip = slice(None, None, -1)  # pysodmetrics' index i is the threshold (255 - i) / 255
     return {
@@ -282,7 +282,7 @@ def record_summary(record: dict) -> dict[str, float | bool]:
     dataset ``fmax`` is the mean of these per-image ``fmax`` values; the pysodmetrics scores
     average curves first.
     """
-    _, _, f = _usod_fcurves(record["usod_tp"], record["usod_pp"], record["usod_gp"])
+    _, _, f = usod_fcurves(record["usod_tp"], record["usod_pp"], record["usod_gp"])
     return {
         "iou": float(record["iou"]),
         "accuracy": float(record["accuracy"]),

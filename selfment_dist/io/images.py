@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from selfment_dist.errors import SelfmentUserError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["ImageDecodeError", "decode_image", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES",
@@ -45,8 +47,9 @@ _RGB_CONVERTIBLE = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "R
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
-class ImageDecodeError(ValueError):
-    """An input that cannot be turned into an RGB image; the message says why, in one line."""
+class ImageDecodeError(SelfmentUserError, ValueError):
+    """An input that cannot be turned into an RGB image; the message says why, in one line.
+    Inside a run it becomes the image's error row; from a file the user named, a user error."""
 
 
 def too_many_bytes(size: int, max_bytes: int) -> str:

@@ -40,46 +40,41 @@ and members named by :mod:`.skip_rules` (``._*``, ``.DS_Store``) are skipped and
 repeated inside one container (also one name twice in a row, as ``tar -r`` appends) get a
 ``#dup<n>`` suffix and an error row;
 keys repeated across containers are resolved by the pipeline after writing (see
-``pipeline/_parts.py``: the container whose URI sorts first keeps the key).
+``pipeline/_internal/parts.py``: the container whose URI sorts first keeps the key).
 
 A WebDataset shard must end with its end-of-archive marker: a shard cut short (inside a header,
 inside a member, or just before the marker) gives the samples read so far plus an error row
 naming the shard and its last complete sample.
+
+The readers live by container kind: :mod:`.records` (the record, one image file),
+:mod:`.parquet_source`, :mod:`.tar_source`; this module lists inputs and dispatches.
 """
 from __future__ import annotations
 
 import logging
 import posixpath
-import tarfile
 from collections import Counter, defaultdict
 from typing import Container, Iterable, Iterator
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from selfment_dist.io.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, too_many_bytes
-from selfment_dist.io.schema import PERMANENT, TRANSIENT
+from selfment_dist.io.images import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
+from selfment_dist.io.parquet_source import (PARQUET_IMAGE_COLUMNS, _iter_parquet,
+                                             container_key_array, container_keys)
+from selfment_dist.io.records import IMAGE, PARQUET, TAR, _iter_image, _strip_ext, error_kind
 from selfment_dist.io.skip_rules import NOT_AN_IMAGE, SkipCounter, skipped_part
-from selfment_dist.io.tar_members import member_value
 from selfment_dist.io.storage import is_local, to_uri, url_to_fs
+from selfment_dist.io.tar_source import _iter_tar
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["enumerate_units", "iter_records", "container_keys", "container_key_array",
-           "classify", "LIST_EXTENSIONS", "Units",
+           "classify", "error_kind", "LIST_EXTENSIONS", "Units",
            "PARQUET_IMAGE_COLUMNS", "IMAGE", "PARQUET", "TAR"]
 
-IMAGE, PARQUET, TAR = "image", "parquet", "tar"
 #: Extensions of list files (one URI per line).
 LIST_EXTENSIONS = frozenset({"txt", "lst", "list"})
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-#: Image columns looked for in parquet inputs, in order (binary, or a struct with ``bytes``).
-PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "image_bytes", "bytes")
-# Preference among several image members of one WebDataset sample.
-_WDS_IMAGE_ORDER = ("jpg", "jpeg", "png", "webp")
 _GLOB_CHARS = "*?["
-_PARQUET_BATCH_ROWS = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,10 +100,6 @@ def classify(path: str) -> str | None:
     return None
 
 
-def _strip_ext(rel: str) -> str:
-    head, base = posixpath.split(rel)
-    stem = base.rsplit(".", 1)[0] if "." in base else base
-    return posixpath.join(head, stem) if head else stem
 
 
 def _glob_root(path: str) -> str:
@@ -187,7 +178,7 @@ class _Collector:
             for uri, rel in items:
                 k = key if len(items) == 1 else rel  # a.jpg + a.png: both keep the extension
                 if k in final:
-                    raise ValueError(f"two inputs give the same key {k!r}: {final[k]} and {uri}; "
+                    raise UserValueError(f"two inputs give the same key {k!r}: {final[k]} and {uri}; "
                                      "pass inputs whose relative paths differ")
                 final[k] = uri
                 units.append({"kind": IMAGE, "uri": uri, "key": k})
@@ -235,7 +226,7 @@ def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = 
         if _is_glob(fs, path):
             matches = [p for p in fs.glob(path) if fs.isfile(p)]
             if not matches:
-                raise FileNotFoundError(f"input glob matches no file: {uri}")
+                raise UserInputNotFoundError(f"input glob matches no file: {uri}")
             col.add_tree(fs, matches, _glob_root(path))
         elif fs.isdir(path):
             col.add_tree(fs, fs.find(path), path)
@@ -246,7 +237,7 @@ def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = 
             else:
                 col.add_file(fs, path, posixpath.dirname(path), explicit=True)
         else:
-            raise FileNotFoundError(f"input not found: {uri}")
+            raise UserInputNotFoundError(f"input not found: {uri}")
     units = col.units()
     logger.info("enumerated %d work units (%d image files, %d containers) from %d input(s)",
                 len(units), sum(u["kind"] == IMAGE for u in units),
@@ -256,316 +247,6 @@ def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = 
 
 # ---------------------------------------------------------------------------------------------
 # Expansion (worker side)
-
-
-
-def _record(key, source, data=None, error=None, kind=None) -> dict:
-    if error is not None and kind is None:
-        kind = PERMANENT
-    return {"key": key, "source": source, "data": data, "error": error,
-            "error_kind": kind if error is not None else None}
-
-
-def error_kind(exc: BaseException) -> str:
-    """``transient`` for failures a re-run may not meet again (I/O, timeouts, throttling, the
-    network), ``permanent`` for ones it will (missing files, bad data)."""
-    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
-                        PermissionError)):
-        return PERMANENT
-    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
-        return TRANSIENT
-    module = type(exc).__module__ or ""
-    if module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "requests",
-                          "google", "azure", "s3fs", "gcsfs", "adlfs")):
-        return TRANSIENT
-    return PERMANENT
-
-
-def _one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text[:500]
-
-
-class _Dedup:
-    """Suffixes keys repeated inside one container (``k#dup1``) so no row is lost or doubled."""
-
-    def __init__(self):
-        self.seen: Counter = Counter()
-
-    def __call__(self, key: str) -> tuple[str, str | None]:
-        self.seen[key] += 1
-        n = self.seen[key] - 1
-        if n == 0:
-            return key, None
-        return f"{key}#dup{n}", f"duplicate key {key!r} inside this file (occurrence {n + 1})"
-
-
-def _iter_image(unit: dict, storage_options, max_bytes: int | None) -> Iterator[dict]:
-    try:
-        fs, path = url_to_fs(unit["uri"], storage_options)
-        with fs.open(path, "rb") as f:
-            size = getattr(f, "size", None)
-            if size is None:
-                size = fs.size(path)
-            if max_bytes is not None and size is not None and size > max_bytes:
-                yield _record(unit["key"], unit["uri"], error=too_many_bytes(size, max_bytes))
-                return
-            # Read one byte past the limit: a file that grew, or reports no size, still stops.
-            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    except Exception as exc:
-        yield _record(unit["key"], unit["uri"], error=f"cannot read file: {_one_line(exc)}",
-                      kind=error_kind(exc))
-        return
-    if max_bytes is not None and len(data) > max_bytes:
-        yield _record(unit["key"], unit["uri"], error=too_many_bytes(len(data), max_bytes))
-        return
-    yield _record(unit["key"], unit["uri"], data=data)
-
-
-def _image_column(schema: pa.Schema) -> tuple[str | None, bool]:
-    """(column name, is a struct with ``bytes``) of the image column of a parquet schema."""
-    names = {n.lower(): n for n in schema.names}
-    for cand in PARQUET_IMAGE_COLUMNS:
-        name = names.get(cand)
-        if name is None:
-            continue
-        typ = schema.field(name).type
-        if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
-            return name, False
-        if pa.types.is_struct(typ) and typ.get_field_index("bytes") >= 0:
-            return name, True
-    return None, False
-
-
-def _unskipped_batches(pf, columns: list[str], key_col: str | None, skip: Container[str],
-                       dedup: "_Dedup"):
-    """Record batches of ``pf``; a row group whose keys are all in ``skip`` is replaced by its
-    row count after reading only its key column (a resume over a finished shard then reads no
-    image bytes). Its keys still pass through ``dedup``, which must see every key."""
-    for g in range(pf.metadata.num_row_groups):
-        if skip and key_col:
-            keys = [None if k is None else str(k)
-                    for k in pf.read_row_group(g, columns=[key_col]).column(0).to_pylist()]
-            fresh = len(set(keys)) == len(keys) and not any(dedup.seen[k] for k in keys)
-            if fresh and all(k and k in skip for k in keys):  # no duplicate: keys stay as they are
-                for k in keys:
-                    dedup(k)
-                yield len(keys)
-                continue
-        yield from pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns,
-                                   row_groups=[g])
-
-
-def _iter_parquet(unit: dict, storage_options, skip: Container[str],
-                  max_bytes: int | None) -> Iterator[dict]:
-    source, shard_key = unit["uri"], unit["key"]
-    n_done = 0
-    try:
-        fs, path = url_to_fs(source, storage_options)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            img_col, is_struct = _image_column(pf.schema_arrow)
-            if img_col is None:
-                raise ValueError("no image column: expected a binary column named one of "
-                                 f"{', '.join(PARQUET_IMAGE_COLUMNS)}; found "
-                                 f"{', '.join(pf.schema_arrow.names)}")
-            names = set(pf.schema_arrow.names)
-            key_col = "key" if "key" in names else None
-            extra = [c for c in ("status", "error_message") if c in names]
-            columns = [c for c in (key_col, img_col, *extra) if c]
-            dedup = _Dedup()
-            row = 0
-            for batch in _unskipped_batches(pf, columns, key_col, skip, dedup):
-                if isinstance(batch, int):  # a row group whose keys are all done
-                    row += batch
-                    continue
-                cols = batch.to_pydict()
-                for i in range(batch.num_rows):
-                    raw_key = cols[key_col][i] if key_col else None
-                    if raw_key is None or raw_key == "":
-                        raw_key = f"{_strip_ext(shard_key)}/{row:09d}"
-                    key, dup_error = dedup(str(raw_key))
-                    row += 1
-                    if key in skip:
-                        continue
-                    value = cols[img_col][i]
-                    data = value.get("bytes") if is_struct and value is not None else value
-                    error = dup_error
-                    if error is None and not data:
-                        why = "; ".join(f"{c}={cols[c][i]}" for c in extra if cols[c][i])
-                        error = ("no image bytes in this row" if data is None
-                                 else "empty image bytes (0 bytes)") + (f" ({why})" if why else "")
-                    elif error is None and max_bytes is not None and len(data) > max_bytes:
-                        error = too_many_bytes(len(data), max_bytes)
-                    yield _record(key, source, data=None if error else data, error=error)
-                    n_done += 1
-    except Exception as exc:
-        if shard_key not in skip:
-            yield _record(shard_key, source, error=f"unreadable parquet file after {n_done} rows: "
-                                                   f"{_one_line(exc)}", kind=error_kind(exc))
-
-
-def _wds_split(name: str) -> tuple[str, str]:
-    """WebDataset member name → (sample key, extension): the key ends at the basename's first dot."""
-    head, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return (posixpath.join(head, stem) if head else stem), ext.lower()
-
-
-class _EndAwareTarInfo(tarfile.TarInfo):
-    """Notes on the archive how its member list ended: ``tarfile`` in stream mode reads a cut
-    (end of data inside or instead of a header) as the end of the archive, silently."""
-
-    @classmethod
-    def fromtarfile(cls, tf):
-        try:
-            return super().fromtarfile(tf)
-        except tarfile.EOFHeaderError:  # a block of zeros: the end-of-archive marker
-            tf.selfment_end = "marker"
-            raise
-        except tarfile.EmptyHeaderError:
-            tf.selfment_end = "no end-of-archive marker (the data stops between two members)"
-            raise
-        except tarfile.TruncatedHeaderError:
-            tf.selfment_end = "cut inside a member header"
-            raise
-        except tarfile.HeaderError as exc:
-            tf.selfment_end = f"invalid member header ({exc})"
-            raise
-
-
-def _iter_tar(unit: dict, storage_options, skip: Container[str],
-              max_bytes: int | None) -> Iterator[dict]:
-    source, shard_key = unit["uri"], unit["key"]
-    dedup = _Dedup()
-    n_done = n_skipped = 0
-    last_good: str | None = None
-    sample_key: str | None = None
-    members: dict[str, bytes | str | None] = {}
-
-    def flush() -> Iterator[dict]:
-        if sample_key is None:
-            return
-        key, dup_error = dedup(sample_key)
-        if key in skip:
-            return
-        if dup_error:
-            yield _record(key, source, error=dup_error)
-            return
-        images = [e for e in _WDS_IMAGE_ORDER if e in members] + \
-                 [e for e in members if e in IMAGE_EXTENSIONS and e not in _WDS_IMAGE_ORDER]
-        if not images:
-            found = ", ".join("." + e for e in sorted(members)) or "nothing"
-            yield _record(key, source, error=f"WebDataset sample has no image member (found {found})")
-        elif isinstance(members[images[0]], str):  # over the byte limit: its message
-            yield _record(key, source, error=members[images[0]])
-        else:
-            yield _record(key, source, data=members[images[0]])
-
-    def where() -> str:
-        return f"after {n_done} samples (last complete sample: " \
-               f"{last_good if last_good is not None else 'none'})"
-
-    try:
-        fs, path = url_to_fs(source, storage_options)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*",
-                                                    tarinfo=_EndAwareTarInfo) as tf:
-            for member in tf:
-                if member.isdir():
-                    continue  # structure, not an image (docs/inputs.md)
-                if skipped_part(member.name):  # ._* resource forks, .DS_Store (skip_rules)
-                    n_skipped += 1
-                    continue
-                key, ext = _wds_split(member.name)
-                # A name repeated in a row (``tar -r``) starts a new sample: _Dedup then gives it
-                # its #dup<n> key and error row, as a repeat anywhere else in the shard.
-                if key != sample_key or ext in members:
-                    for rec in flush():
-                        yield rec
-                    if sample_key is not None:
-                        n_done += 1
-                        last_good = sample_key
-                    sample_key, members = key, {}
-                members[ext] = member_value(tf, member, ext, max_bytes)
-            if n_skipped:
-                logger.warning("%s: skipped %d members by name (docs/inputs.md: ._*, .DS_Store "
-                               "…)", source, n_skipped)
-            # The pending sample's members were read whole, so it is yielded even when the
-            # shard was cut right after them.
-            for rec in flush():
-                yield rec
-            if sample_key is not None:
-                n_done += 1
-                last_good = sample_key
-            end = getattr(tf, "selfment_end", None)
-            if end == "marker":
-                return
-            if shard_key not in skip:
-                yield _record(shard_key, source, error=f"truncated WebDataset shard: "
-                                                       f"{end or 'no end-of-archive marker'} "
-                                                       f"{where()}")
-    except Exception as exc:
-        if shard_key not in skip:
-            yield _record(shard_key, source, error=f"unreadable WebDataset shard {where()}: "
-                                                   f"{_one_line(exc)}", kind=error_kind(exc))
-
-
-def container_keys(unit: dict, *, storage_options: dict | None = None) -> list[str] | None:
-    """The keys :func:`iter_records` gives rows to for ``unit`` when nothing fails, told without
-    reading any image bytes (a parquet file's ``key`` column; no column: its row numbers), so a
-    resume can leave out containers whose keys are all done.
-
-    Returns:
-        the keys, with the ``#dup<n>`` suffixes of repeats; for a parquet file without an image
-        column, the file's own key (its error row); ``None`` when the keys cannot be told
-        without reading the whole container (tar shards, unreadable files).
-    """
-    kind, shard_key = unit["kind"], unit["key"]
-    if kind == IMAGE:
-        return [shard_key]
-    if kind != PARQUET:
-        return None
-    try:
-        fs, path = url_to_fs(unit["uri"], storage_options)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if _image_column(pf.schema_arrow)[0] is None:
-                return [shard_key]
-            if "key" in pf.schema_arrow.names:
-                raw = pf.read(columns=["key"]).column(0).to_pylist()
-            else:
-                raw = [None] * pf.metadata.num_rows
-    except Exception as exc:  # the read task reports it, with its error row
-        logger.debug("keys of %s unknown without reading it: %s", unit["uri"], exc)
-        return None
-    dedup = _Dedup()
-    stem = _strip_ext(shard_key)
-    # The same naming as _iter_parquet: empty keys by row number, repeats suffixed.
-    return [dedup(f"{stem}/{i:09d}" if k is None or k == "" else str(k))[0]
-            for i, k in enumerate(raw)]
-
-
-def container_key_array(unit: dict, *, storage_options: dict | None = None) -> pa.Array | None:
-    """:func:`container_keys` as an arrow string array. A parquet file whose ``key`` column is
-    plain (strings, none empty, none repeated: img2dataset's) is taken as it is, with no Python
-    object per key; other files go through :func:`container_keys`."""
-    if unit["kind"] == PARQUET:
-        try:
-            fs, path = url_to_fs(unit["uri"], storage_options)
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                names = pf.schema_arrow.names
-                if "key" in names and _image_column(pf.schema_arrow)[0] is not None \
-                        and pa.types.is_string(pf.schema_arrow.field("key").type):
-                    keys = pf.read(columns=["key"]).column(0).combine_chunks()
-                    plain = keys.null_count == 0 and not pc.any(pc.equal(keys, "")).as_py() \
-                        and pc.count_distinct(keys).as_py() == len(keys)
-                    if plain:
-                        return keys
-        except Exception:  # container_keys below says None for an unreadable file
-            pass
-    keys = container_keys(unit, storage_options=storage_options)
-    return None if keys is None else pa.array(keys, type=pa.string())
 
 
 def iter_records(unit: dict, *, storage_options: dict | None = None,
@@ -589,4 +270,4 @@ def iter_records(unit: dict, *, storage_options: dict | None = None,
     elif kind == TAR:
         yield from _iter_tar(unit, storage_options, skip, max_bytes)
     else:
-        raise ValueError(f"unknown work unit kind {kind!r}")
+        raise UserValueError(f"unknown work unit kind {kind!r}")

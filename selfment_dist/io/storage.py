@@ -5,6 +5,7 @@ store URL behave the same; ``storage_options`` (``--storage-option KEY=VALUE`` o
 line, e.g. ``endpoint_url=http://127.0.0.1:9000``) are handed to the fsspec filesystem.
 """
 from __future__ import annotations
+from selfment_dist.errors import UserValueError
 
 import json
 import posixpath
@@ -59,13 +60,13 @@ def parse_storage_options(pairs: Iterable[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"storage option {item!r} is not KEY=VALUE")
+            raise UserValueError(f"storage option {item!r} is not KEY=VALUE")
         *parents, leaf = key.split(".")
         node = options
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"storage option {item!r}: {part!r} is already set to a value")
+                raise UserValueError(f"storage option {item!r}: {part!r} is already set to a value")
             node = child
         node[leaf] = _parse_value(value)
     return options
@@ -102,3 +103,12 @@ def join(uri: str, *parts: str) -> str:
         scheme, rest = "", uri
     joined = posixpath.join(rest, *(p.strip("/") for p in parts if p))
     return f"{scheme}://{joined}" if scheme else joined
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    """The JSON document at ``path`` on ``fs``, or None where there is no such file."""
+    try:
+        with fs.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None

@@ -22,11 +22,13 @@ from safetensors.torch import save as st_save
 
 from selfment_dist.model.head import HIDDEN_DIM, PatchHead
 from selfment_dist.io.storage import url_to_fs
+from selfment_dist.stages import MODEL_META_NAME
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "head.safetensors"
-META_NAME = "model.json"
+META_NAME = MODEL_META_NAME
 FORMAT = "selfment-dist/patch-head"
 FORMAT_VERSION = 1
 
@@ -83,25 +85,25 @@ def load_artifact(
     try:
         meta = json.loads(meta_bytes)
     except ValueError as exc:
-        raise ValueError(f"model artifact {uri}: {META_NAME} is not valid JSON: {exc}") from exc
+        raise UserValueError(f"model artifact {uri}: {META_NAME} is not valid JSON: {exc}") from exc
     if not isinstance(meta, dict):
-        raise ValueError(f"model artifact {uri}: {META_NAME} must hold a JSON object")
+        raise UserValueError(f"model artifact {uri}: {META_NAME} must hold a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(
+        raise UserValueError(
             f"model artifact {uri}: unsupported format_version {version!r} (this library reads {FORMAT_VERSION})"
         )
     try:
         in_dim, embed_dim = int(meta["in_dim"]), int(meta["embed_dim"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"model artifact {uri}: {META_NAME} needs integer in_dim and embed_dim") from exc
+        raise UserValueError(f"model artifact {uri}: {META_NAME} needs integer in_dim and embed_dim") from exc
 
     try:
         hidden_dim = int(meta.get("hidden_dim", HIDDEN_DIM))  # recorded by imported official heads
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"model artifact {uri}: {META_NAME} has a non-integer hidden_dim") from exc
+        raise UserValueError(f"model artifact {uri}: {META_NAME} has a non-integer hidden_dim") from exc
     if min(in_dim, embed_dim, hidden_dim) < 1:
-        raise ValueError(f"model artifact {uri}: {META_NAME} needs in_dim, embed_dim and "
+        raise UserValueError(f"model artifact {uri}: {META_NAME} needs in_dim, embed_dim and "
                          f"hidden_dim >= 1, got {in_dim}, {embed_dim}, {hidden_dim}")
     weights_bytes = _read(fs, root, WEIGHTS_NAME, uri)
     # Shapes from the safetensors header against model.json, before any tensor is allocated:
@@ -111,13 +113,13 @@ def load_artifact(
     try:
         state = st_load(weights_bytes)
     except Exception as exc:  # safetensors raises its own SafetensorError
-        raise ValueError(f"model artifact {uri}: {WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
+        raise UserValueError(f"model artifact {uri}: {WEIGHTS_NAME} is not a valid safetensors file: {exc}") from exc
 
     head = PatchHead(in_dim, embed_dim, hidden_dim=hidden_dim)
     try:
         head.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ValueError(
+        raise UserValueError(
             f"model artifact {uri}: {WEIGHTS_NAME} does not match {META_NAME} "
             f"(in_dim={in_dim}, embed_dim={embed_dim}, hidden_dim={hidden_dim}): {exc}"
         ) from exc
@@ -131,16 +133,16 @@ def _header_shapes(uri: str, data: bytes) -> dict[str, tuple[int, ...]]:
     """Tensor name → shape, from a safetensors file's JSON header (no tensor is read)."""
     bad = f"model artifact {uri}: {WEIGHTS_NAME} is not a valid safetensors file"
     if len(data) < 8:
-        raise ValueError(f"{bad} ({len(data)} bytes)")
+        raise UserValueError(f"{bad} ({len(data)} bytes)")
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8:
-        raise ValueError(f"{bad} (header of {n} bytes in a {len(data)}-byte file)")
+        raise UserValueError(f"{bad} (header of {n} bytes in a {len(data)}-byte file)")
     try:
         header = json.loads(data[8:8 + n])
         return {name: tuple(int(d) for d in info["shape"]) for name, info in header.items()
                 if name != "__metadata__"}
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise ValueError(f"{bad} (unreadable header: {exc})") from None
+        raise UserValueError(f"{bad} (unreadable header: {exc})") from None
 
 
 def _expected_shapes(in_dim: int, embed_dim: int,
@@ -158,7 +160,7 @@ def _check_shapes(uri: str, found: dict, expected: dict, in_dim: int, embed_dim:
     problems += [f"{k}: shape {list(found[k])}, expected {list(v)}" for k, v in expected.items()
                  if k in found and tuple(found[k]) != v]
     if problems:
-        raise ValueError(f"model artifact {uri}: {WEIGHTS_NAME} does not match {META_NAME} "
+        raise UserValueError(f"model artifact {uri}: {WEIGHTS_NAME} does not match {META_NAME} "
                          f"(in_dim={in_dim}, embed_dim={embed_dim}): " + "; ".join(problems[:6]))
 
 
@@ -167,7 +169,7 @@ def _read(fs, root: str, name: str, uri: str) -> bytes:
     try:
         return fs.cat_file(path)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"model artifact {uri}: missing {name} ({path})") from exc
+        raise UserInputNotFoundError(f"model artifact {uri}: missing {name} ({path})") from exc
 
 
 def _join(root: str, name: str) -> str:

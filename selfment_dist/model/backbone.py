@@ -46,6 +46,7 @@ from timm.models import eva, vision_transformer
 from selfment_dist.model.backbone_names import FAMILY_PATTERNS, image_size_problem, patch_size
 from selfment_dist.defaults import DEFAULT_BACKBONE, PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
 from selfment_dist.model.resize import resize_square  # noqa: F401 (re-exported)
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def _family(name: str) -> _Family:
             return family
     close = difflib.get_close_matches(name, supported_backbones(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise ValueError(
+    raise UserValueError(
         f"unsupported backbone {name!r}: expected a timm DINO ViT name with its pretrained tag, "
         f"e.g. {DEFAULT_BACKBONE!r} (see selfment_dist.model.backbone.supported_backbones()){hint}")
 
@@ -112,10 +113,10 @@ def check_image_size(name: str, image_size: int) -> None:
 
 def _check_image_size(name: str, image_size: int, patch: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
-        raise ValueError(f"image_size must be an int, got {image_size!r}")
+        raise UserValueError(f"image_size must be an int, got {image_size!r}")
     problem = image_size_problem(name, int(image_size), patch)
     if problem:
-        raise ValueError(problem)
+        raise UserValueError(problem)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,9 +315,9 @@ def _read_checkpoint(uri: str, storage_options: dict | None) -> dict[str, torch.
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     except (ValueError, ImportError) as e:
-        raise FileNotFoundError(f"cannot open checkpoint {uri!r}: {e}") from e
+        raise UserInputNotFoundError(f"cannot open checkpoint {uri!r}: {e}") from e
     if not fs.isfile(path):
-        raise FileNotFoundError(
+        raise UserInputNotFoundError(
             f"checkpoint {uri!r} not found (weights must be 'hub', 'random' or a checkpoint path "
             f"or URI)")
     with fs.open(path, "rb") as f:

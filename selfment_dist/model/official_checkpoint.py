@@ -25,6 +25,7 @@ from selfment_dist.model.backbone import DEFAULT_BACKBONE, _create, backbone_fam
 from selfment_dist.model.head import PatchHead
 from selfment_dist.io.storage import url_to_fs
 from selfment_dist.model.segmenter import default_inference_size
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +66,17 @@ def official_state_to_head(state: dict[str, Any], *, source: str = "checkpoint")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     unknown = sorted(k for k in state if k not in OFFICIAL_KEY_MAP)
     if unknown:
-        raise ValueError(f"{source}: tensors that are not part of the official head: "
+        raise UserValueError(f"{source}: tensors that are not part of the official head: "
                          f"{', '.join(unknown)} (expected {', '.join(OFFICIAL_KEY_MAP)})")
     missing = sorted(k for k in OFFICIAL_KEY_MAP if k not in state)
     if missing:
-        raise ValueError(f"{source}: the head lacks {', '.join(missing)}")
+        raise UserValueError(f"{source}: the head lacks {', '.join(missing)}")
     for key, value in state.items():
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise ValueError(f"{source}: {key} is not a float tensor")
+            raise UserValueError(f"{source}: {key} is not a float tensor")
     w0, w2, wc = state["proj.0.weight"], state["proj.2.weight"], state["classifier.weight"]
     if w0.dim() != 2 or w2.dim() != 2 or wc.dim() != 2:
-        raise ValueError(f"{source}: proj.0/proj.2/classifier weights must be matrices")
+        raise UserValueError(f"{source}: proj.0/proj.2/classifier weights must be matrices")
     hidden, in_dim = w0.shape
     embed_dim = w2.shape[0]
     expected = {"proj.0.bias": (hidden,), "proj.2.weight": (embed_dim, hidden),
@@ -83,7 +84,7 @@ def official_state_to_head(state: dict[str, Any], *, source: str = "checkpoint")
                 "classifier.bias": (2,)}
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, the official "
+            raise UserValueError(f"{source}: {key} has shape {tuple(state[key].shape)}, the official "
                              f"head with in_dim={in_dim}, embed_dim={hidden} needs {shape}")
     head = PatchHead(in_dim, embed_dim, hidden_dim=hidden)
     head.load_state_dict({OFFICIAL_KEY_MAP[k]: v.float() for k, v in state.items()}, strict=True)
@@ -95,12 +96,12 @@ def _read_checkpoint(uri: str, storage_options: dict | None) -> dict:
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"head checkpoint not found: {uri}") from None
+        raise UserInputNotFoundError(f"head checkpoint not found: {uri}") from None
     try:
         # weights_only: a checkpoint is data, never code to run.
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{uri} is not a torch checkpoint that loads with weights_only=True: "
+        raise UserValueError(f"{uri} is not a torch checkpoint that loads with weights_only=True: "
                          f"{type(exc).__name__}: {exc}") from None
 
 
@@ -132,11 +133,11 @@ def import_official_checkpoint(*, head: str, output: str, backbone: str | None =
     """
     ckpt = _read_checkpoint(head, storage_options)
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{head}: expected a dict checkpoint, got {type(ckpt).__name__}")
+        raise UserValueError(f"{head}: expected a dict checkpoint, got {type(ckpt).__name__}")
     state = ckpt.get("model_state", ckpt)
     args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     if not isinstance(state, dict):
-        raise ValueError(f"{head}: model_state is not a state dict")
+        raise UserValueError(f"{head}: model_state is not a state dict")
     patch_head = official_state_to_head(state, source=head)
 
     name = backbone or _HUB_TO_TIMM.get(str(args.get("dino_model_name", "")), None) or DEFAULT_BACKBONE
@@ -146,7 +147,7 @@ def import_official_checkpoint(*, head: str, output: str, backbone: str | None =
     check_image_size(name, size)
     feature_dim = backbone_feature_dim(name)
     if patch_head.in_dim != feature_dim:
-        raise ValueError(
+        raise UserValueError(
             f"{head}: the head takes {patch_head.in_dim}-channel features but {name} gives "
             f"{feature_dim}; pass the backbone it was trained on with --backbone "
             f"(checkpoint args: dino_model_name={args.get('dino_model_name')!r}, "

@@ -29,6 +29,7 @@ from selfment_dist.model.backbone import (Backbone, backbone_family, build_backb
 from selfment_dist.defaults import INFERENCE_SCALE, default_inference_size  # noqa: F401 (re-exported)
 from selfment_dist.model.head import PatchHead
 from selfment_dist.model.maps import to_png_bytes, to_uint8, upsample  # noqa: F401 (re-exported)
+from selfment_dist.errors import UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +61,13 @@ def resolve_image_size(meta: dict[str, Any], image_size: int | None = None) -> i
         if trained is None and isinstance(meta.get("backbone"), dict):
             trained = meta["backbone"].get("image_size")
         if trained is None:
-            raise ValueError("the model artifact records no image_size; pass image_size=")
+            raise UserValueError("the model artifact records no image_size; pass image_size=")
         size = default_inference_size(trained)
     try:
         check_image_size(name, size)
     except ValueError as exc:
         trained = meta.get("image_size", "an unrecorded size")
-        raise ValueError(f"inference image_size: {exc} (the model was trained at "
+        raise UserValueError(f"inference image_size: {exc} (the model was trained at "
                          f"{trained}; any multiple of the patch size works)") from None
     return int(size)
 
@@ -76,7 +77,7 @@ def _meta_backbone(meta: dict[str, Any]) -> str:
     if isinstance(name, dict):  # Backbone.describe() stored whole
         name = name.get("name")
     if not isinstance(name, str) or not name:
-        raise ValueError(f"the model artifact's model.json names no backbone (got {name!r})")
+        raise UserValueError(f"the model artifact's model.json names no backbone (got {name!r})")
     return name
 
 
@@ -85,7 +86,7 @@ def _meta_weights(meta: dict[str, Any]) -> str:
     if weights is None and isinstance(meta.get("backbone"), dict):
         weights = meta["backbone"].get("weights")
     if not weights:
-        raise ValueError("the model artifact's model.json records no backbone weights; "
+        raise UserValueError("the model artifact's model.json records no backbone weights; "
                          "pass weights= ('hub', 'random' or a checkpoint path/URI)")
     return str(weights)
 
@@ -110,7 +111,7 @@ class Segmenter:
 
     def __init__(self, backbone: Backbone, head: PatchHead, *, meta: dict[str, Any] | None = None):
         if head.in_dim != backbone.embed_dim:
-            raise ValueError(f"the head expects {head.in_dim}-channel features but backbone "
+            raise UserValueError(f"the head expects {head.in_dim}-channel features but backbone "
                              f"{backbone.name} gives {backbone.embed_dim}")
         self.backbone = backbone
         self.head = head.to(backbone.device).eval()
@@ -142,7 +143,7 @@ class Segmenter:
             size = resolve_image_size(meta, image_size)
             weights = str(weights) if weights is not None else _meta_weights(meta)
         except ValueError as exc:
-            raise ValueError(f"model artifact {uri}: {exc}") from None
+            raise UserValueError(f"model artifact {uri}: {exc}") from None
         backbone = build_backbone(name, weights=weights, image_size=size, device=device,
                                   storage_options=storage_options)
         segmenter = cls(backbone, head, meta=meta)

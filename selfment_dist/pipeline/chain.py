@@ -21,7 +21,6 @@ failed run goes on where it stopped. ``force`` runs every stage again (each resu
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import time
@@ -29,34 +28,30 @@ from datetime import datetime, timezone
 from typing import Any, Callable, ContextManager, Mapping
 
 from selfment_dist.config import values_for
-from selfment_dist.io.storage import join, url_to_fs
+from selfment_dist.data.synthetic_sets import synthetic_layout, write_synthetic_sets
+from selfment_dist.io.storage import join, read_json, url_to_fs
 from selfment_dist.settings import (STAGE_SETTINGS, ChainSettings, SettingsError, StageSettings,
-                        SyntheticSettings, validate)
+                                    SyntheticSettings, validate)
+from selfment_dist.stages import CHAIN, CHAIN_SUMMARY_NAME
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["STAGES", "SUMMARY_NAME", "run_chain", "plan", "chain_settings", "stage_values",
            "stage_settings", "stage_function", "write_synthetic", "output_complete"]
 
-#: Stage name (config section) → its pipeline function, in pipeline order.
-STAGES: dict[str, str] = {
-    "pseudo_label": "selfment_dist.pipeline.pseudo_label:run_pseudo_label",
-    "train": "selfment_dist.pipeline.train:run_train",
-    "segment": "selfment_dist.pipeline.segment:run_segment",
-    "evaluate": "selfment_dist.pipeline.evaluate:run_evaluate",
-}
-SUMMARY_NAME = "pipeline_summary.json"
+#: Stage name (config section) → its pipeline function ("module:function"), in pipeline order
+#: (from the stage registry, :mod:`selfment_dist.stages`).
+STAGES: dict[str, str] = {name: stage.run_ref for name, stage in CHAIN.items()}
+SUMMARY_NAME = CHAIN_SUMMARY_NAME
 #: Each stage's output folder under ``pipeline.output``.
-FOLDERS = {"pseudo_label": "labels", "train": "model", "segment": "predictions",
-           "evaluate": "report"}
+FOLDERS: dict[str, str] = {name: stage.folder for name, stage in CHAIN.items()}
 #: Paths that differ from stage to stage: not top-level keys of a config with a pipeline section.
 _PER_STAGE = ("inputs", "output", "labels", "model", "predictions", "masks")
 
 
 def stage_function(stage: str) -> Callable[[StageSettings], dict]:
     """The pipeline function of ``stage`` (imported on first use); it takes the stage's settings."""
-    module, _, name = STAGES[stage].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return CHAIN[stage].run_function()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +80,6 @@ def stage_values(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     without it, ``segment.inputs`` defaults to ``pseudo_label.inputs``. What the config sets
     always wins. Values are not validated here (see :func:`plan`).
     """
-    from selfment_dist.pipeline.demo import synthetic_layout
-
     chain = chain_settings(config)
     shared = sorted(k for k in _PER_STAGE if k in config)
     if shared and "pipeline" in config:  # every stage would read or write the same place
@@ -148,33 +141,16 @@ def plan(config: Mapping[str, Any]) -> tuple[ChainSettings, dict[str, StageSetti
 # ---------------------------------------------------------------------------------------------
 # Is a stage's output complete? (its own marker, as the stage writes it)
 
-def _marker(stage: str) -> tuple[str, bool]:
-    """(file in the stage's output, whether its ``status`` must be ``complete``)."""
-    if stage == "pseudo_label":
-        from selfment_dist.pipeline._internal.parts import MANIFEST_NAME
-        return MANIFEST_NAME, True
-    if stage == "segment":
-        from selfment_dist.pipeline.segment import MANIFEST_NAME
-        return MANIFEST_NAME, True
-    if stage == "train":
-        from selfment_dist.model.artifact import META_NAME
-        return META_NAME, False  # written last, once the model is saved
-    return "metrics.json", False  # evaluate: written last by reports.write_reports
-
-
 def output_complete(stage: str, settings: StageSettings) -> bool:
-    name, check_status = _marker(stage)
-    document = _read_json(join(settings.output, name), settings.storage_options)
-    return document is not None and (not check_status or document.get("status") == "complete")
+    """Whether the stage's output holds its completion marker (the registry's ``marker``)."""
+    entry = CHAIN[stage]
+    document = _read_json(join(settings.output, entry.marker), settings.storage_options)
+    return document is not None and (not entry.marker_status
+                                     or document.get("status") == "complete")
 
 
 def _read_json(uri: str, storage_options: dict | None) -> dict | None:
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        with fs.open(path, "rt", encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+    return read_json(*url_to_fs(uri, storage_options))
 
 
 def _write_json(uri: str, document: dict, storage_options: dict | None) -> None:
@@ -195,8 +171,6 @@ def write_synthetic(synthetic: SyntheticSettings | None, storage_options: dict |
     """Write ``pipeline.synthetic``'s scenes (left as they are when already there); None without."""
     if synthetic is None:
         return None
-    from selfment_dist.pipeline.demo import write_synthetic_sets
-
     return write_synthetic_sets(**synthetic.model_dump(), storage_options=storage_options)
 
 
@@ -275,11 +249,16 @@ def run_chain(config: Mapping[str, Any], *, config_uri: str = "", force: bool | 
                           for name, d in (evaluation.get("datasets") or {}).items()}
     summary.update(status="complete", finished=_now(), wall_s=round(time.perf_counter() - start, 1))
     save()
+    _log_metrics(summary)
+    logger.info("pipeline complete in %.1fs; summary at %s", summary["wall_s"], summary_uri)
+    return summary
+
+
+def _log_metrics(summary: dict[str, Any]) -> None:
+    """The scores table of the run's evaluation, when it has one."""
     if summary["metrics"]:
         from selfment_dist.evaluation.reports import DatasetEvaluation, scores_table
 
         table = scores_table([DatasetEvaluation(name=n, scores=m["scores"], n_images=m["n_images"])
                               for n, m in summary["metrics"].items()])
         logger.info("metrics (%s):\n%s", summary["outputs"]["evaluate"], table)
-    logger.info("pipeline complete in %.1fs; summary at %s", summary["wall_s"], summary_uri)
-    return summary

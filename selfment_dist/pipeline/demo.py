@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -41,10 +40,12 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-from selfment_dist.io.storage import is_local, join, url_to_fs
-from selfment_dist.settings import DemoSettings, build_settings
-from selfment_dist.data.synthetic import write_scenes
+from selfment_dist.data.synthetic_sets import synthetic_layout, write_synthetic_sets
+from selfment_dist.io.storage import is_local, url_to_fs
 from selfment_dist.pipeline._internal.console import StageBar, quiet_console
+from selfment_dist.settings import DemoSettings, build_settings
+from selfment_dist.stages import CHAIN, CHAIN_SUMMARY_NAME
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -53,57 +54,10 @@ __all__ = ["run_demo", "write_synthetic_sets", "synthetic_layout", "hub_weights_
 #: Written first into a demo's output folder: a folder holding it may be cleared by a new demo.
 MARKER = ".selfment_demo"
 SUMMARY_NAME = "demo_summary.json"
-CHAIN_SUMMARY_NAME = "pipeline_summary.json"  # the stage chain's record, see .chain
 RESULTS_NAME = "results.md"
 LOG_NAME = "demo.log"
-_STAGE_DIRS = ("labels", "model", "predictions", "report", "inspect")
+_STAGE_DIRS = (*(s.folder for s in CHAIN.values()), "inspect")
 _HUB_PROBE_TIMEOUT_S = 3.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Synthetic data (also what jobs/pipeline.py's `pipeline.synthetic` writes)
-
-def synthetic_layout(root: str) -> dict[str, str]:
-    """Where :func:`write_synthetic_sets` puts the two sets under ``root``."""
-    return {f"{split}_{kind}": join(root, split, kind)
-            for split in ("train", "eval") for kind in ("images", "masks")}
-
-
-def write_synthetic_sets(root: str, *, n_train: int = 32, n_eval: int = 12,
-                         size: tuple[int, int] | list[int] = (96, 128), seed: int = 0,
-                         eval_camouflage_fraction: float = 0.5,
-                         storage_options: dict | None = None) -> dict[str, Any]:
-    """A training set and a held-out evaluation set of synthetic scenes under ``root``.
-
-    ``train/`` holds ``n_train`` scenes (a quarter camouflaged), ``eval/`` ``n_eval`` other
-    scenes (``eval_camouflage_fraction`` of them camouflaged), each as ``images/<key>.jpg`` +
-    ``masks/<key>.png`` (see :func:`selfment_dist.data.synthetic.write_scenes`). A set whose folders
-    already hold enough files is left as it is (the scenes are a pure function of the seed).
-
-    Returns:
-        :func:`synthetic_layout` plus ``n_train``, ``n_eval`` and ``n_eval_camouflaged``.
-    """
-    layout = synthetic_layout(root)
-    size = (int(size[0]), int(size[1]))
-    for split, n, split_seed, fraction in (("train", n_train, seed, 0.25),
-                                           ("eval", n_eval, seed + 1, eval_camouflage_fraction)):
-        images, masks = layout[f"{split}_images"], layout[f"{split}_masks"]
-        if _count_files(images, storage_options) >= n and _count_files(masks, storage_options) >= n:
-            logger.info("synthetic %s set already at %s (%d scenes)", split, join(root, split), n)
-            continue
-        write_scenes(join(root, split), n, seed=split_seed, size=size,
-                     camouflage_fraction=fraction, storage_options=storage_options)
-    # write_scenes spreads camouflaged scenes so that the first n hold floor(n * f) of them.
-    return {**layout, "n_train": n_train, "n_eval": n_eval,
-            "n_eval_camouflaged": math.floor(n_eval * eval_camouflage_fraction)}
-
-
-def _count_files(uri: str, storage_options: dict | None) -> int:
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        return len(fs.ls(path, detail=False))
-    except FileNotFoundError:
-        return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,13 +171,17 @@ def run_demo(*args: DemoSettings | str, **options: Any) -> dict[str, Any]:
                                       "n_eval", "n_eval_camouflaged")},
         "outputs": outputs, "stages": stages, "wall_s": round(time.perf_counter() - start, 1),
     }
-    text = _results_text(title, note, table, summary)
-    with open(outputs["results"], "w", encoding="utf-8") as f:
+    _write_results(_results_text(title, note, table, summary), summary)
+    return summary
+
+
+def _write_results(text: str, summary: dict[str, Any]) -> None:
+    """``results.md`` and ``demo_summary.json``; the results page on stdout too."""
+    with open(summary["outputs"]["results"], "w", encoding="utf-8") as f:
         f.write(text)
-    with open(outputs["summary"], "w", encoding="utf-8") as f:
+    with open(summary["outputs"]["summary"], "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, default=str)
     print("\n" + text, flush=True)  # the user-facing result of the command
-    return summary
 
 
 PREDICTION_SHEET = "predictions.png"
@@ -354,18 +312,18 @@ def _image_file(folder: str, key: str) -> str:
         path = os.path.join(folder, key + ext)
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"no image for {key} in {folder}")
+    raise UserInputNotFoundError(f"no image for {key} in {folder}")
 
 
 def _prepare_output(output_dir: str) -> str:
     """The absolute output folder, emptied of an earlier demo's results (never of other files)."""
     fs, _ = url_to_fs(output_dir)
     if not is_local(fs):
-        raise ValueError(f"the demo writes to a local folder, got {output_dir!r}")
+        raise UserValueError(f"the demo writes to a local folder, got {output_dir!r}")
     root = os.path.abspath(output_dir)
     if os.path.isdir(root) and os.listdir(root):
         if not os.path.exists(os.path.join(root, MARKER)):
-            raise ValueError(f"{root} is not empty and was not written by `selfment demo`; "
+            raise UserValueError(f"{root} is not empty and was not written by `selfment demo`; "
                              "choose a new or empty folder")
         for name in (*_STAGE_DIRS, RESULTS_NAME, SUMMARY_NAME, LOG_NAME, CHAIN_SUMMARY_NAME):
             path = os.path.join(root, name)

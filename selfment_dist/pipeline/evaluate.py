@@ -27,7 +27,6 @@ import math
 import posixpath
 import re
 from collections import deque
-from importlib import metadata
 from typing import Any, Iterator
 
 import numpy as np
@@ -42,6 +41,7 @@ from selfment_dist.pipeline._internal.instances import run_instance_evaluation
 from selfment_dist.settings import EvaluateSettings, build_settings
 from selfment_dist.pipeline._internal.eval_merge import RecordStream
 from selfment_dist.pipeline._internal.ray_runtime import ensure_ray
+from selfment_dist.versions import versions
 
 logger = logging.getLogger(__name__)
 _BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
@@ -273,16 +273,6 @@ def evaluate_folders(predictions: str, masks: str, *, name: str = "default",
                              sources={"predictions": predictions, "masks": masks})
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for dist in ("selfment-dist", "pysodmetrics", "numpy", "ray"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "unknown"
-    return out
-
-
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
@@ -337,5 +327,6 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
             dataset.sources["segment"] = _jsonable(summary)
             datasets.append(dataset)
 
-    return write_reports(output, datasets, extra={"config": s.record(), "versions": _versions()},
+    packages = ("selfment-dist", "pysodmetrics", "numpy", "ray")
+    return write_reports(output, datasets, extra={"config": s.record(), "versions": versions(packages)},
                          storage_options=storage_options)

@@ -32,6 +32,7 @@ from selfment_dist.io.objects import decode_objects
 from selfment_dist.io.sources import IMAGE, enumerate_units, iter_records
 from selfment_dist.io.storage import join, url_to_fs
 from selfment_dist.pipeline._internal.parts import MANIFEST_NAME, read_manifest
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def run_inspect(labels: str, output: str, *, per_sheet: int = 24, thumb_size: in
             ``confidence`` column (made before it existed).
     """
     if per_sheet < 1 or thumb_size < 16:
-        raise ValueError("per_sheet must be >= 1 and thumb_size >= 16")
+        raise UserValueError("per_sheet must be >= 1 and thumb_size >= 16")
     table, manifest = _read_labels(labels, storage_options)
     ok = table.filter(table.column("error").is_null())
     errors = table.num_rows - ok.num_rows
@@ -118,18 +119,18 @@ def _read_labels(labels: str, storage_options: dict | None) -> tuple[pa.Table, d
     fs, root = url_to_fs(labels, storage_options)
     root = root.rstrip("/")
     if not fs.exists(root):
-        raise FileNotFoundError(f"no pseudo-labels at {labels}")
+        raise UserInputNotFoundError(f"no pseudo-labels at {labels}")
     parts = sorted(p for p in fs.find(root) if p.endswith(".parquet") and not any(
         s.startswith(("_", ".")) for s in p[len(root):].strip("/").split("/")))
     if not parts:
-        raise ValueError(f"no pseudo-label parquet files in {labels}")
+        raise UserValueError(f"no pseudo-label parquet files in {labels}")
     tables = []
     for path in parts:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             missing = set(_COLUMNS) - set(pf.schema_arrow.names)
             if missing:
-                raise ValueError(f"{path} lacks the columns {sorted(missing)}: inspect needs "
+                raise UserValueError(f"{path} lacks the columns {sorted(missing)}: inspect needs "
                                  "pseudo-labels with confidence (pseudo-label them again)")
             tables.append(pf.read(columns=_COLUMNS + [
                 c for c in _OBJECTS if c in pf.schema_arrow.names]))

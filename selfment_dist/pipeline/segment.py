@@ -43,6 +43,7 @@ from ray.data import Datasink
 
 from selfment_dist.io.images import decode_image
 from selfment_dist.io.storage import is_local, to_uri, url_to_fs
+from selfment_dist.stages import SEGMENT_MANIFEST_NAME
 from selfment_dist.model.maps import to_png_bytes, to_uint8, upsample
 from selfment_dist.settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
@@ -57,13 +58,14 @@ from selfment_dist.pipeline._internal.ray_runtime import (LIGHT_TASK_CPUS, MAX_R
                    model_stage_args, plan_resources, progress_bars, read_counters,
                    split_counters, start_counters, stop_counters)
 from selfment_dist.pipeline.pseudo_label import read_and_decode
+from selfment_dist.errors import UserValueError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["run_segment", "SegmentActor", "read_and_decode", "SEGMENT_SCHEMA", "MANIFEST_NAME",
            "OVERLAY_DIR", "OUTPUT_FORMATS"]
 
-MANIFEST_NAME = "_segment.json"
+MANIFEST_NAME = SEGMENT_MANIFEST_NAME
 OVERLAY_DIR = "_overlays"
 #: Tint of the foreground in overlays (RGB) and its opacity where the saliency is 1.
 OVERLAY_COLOUR = (255, 40, 40)
@@ -340,7 +342,7 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     try:
         image_size = resolve_image_size(meta, image_size)
     except ValueError as exc:
-        raise ValueError(f"model artifact {model}: {exc}") from None
+        raise UserValueError(f"model artifact {model}: {exc}") from None
     fs, root, units = list_inputs(inputs, output, storage_options, allow_empty=s.allow_empty)
     root = root.rstrip("/")
     ensure_ray(s.address)

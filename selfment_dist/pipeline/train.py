@@ -56,6 +56,7 @@ from selfment_dist.pipeline._internal.train_checkpoints import (CONFIG_NAME, RUN
 from selfment_dist.pipeline._internal.train_data import LabelSet, arrow_fs, build_dataset, inspect_labels
 from selfment_dist.pipeline._internal.plan import wait_for_worker_nodes
 from selfment_dist.pipeline._internal.train_worker import DATASET, train_loop
+from selfment_dist.errors import UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
     previous = read_json(fs, f"{root}/{CONFIG_NAME}")
     finished = read_json(fs, f"{root}/{META_NAME}")
     if finished is not None and previous is None:
-        raise ValueError(f"{output} holds a model artifact not made by `selfment train` "
+        raise UserValueError(f"{output} holds a model artifact not made by `selfment train` "
                          "here; choose a new output")
 
     # Labels: footers, manifest and small columns only; the workers read the rows.
@@ -138,7 +139,7 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
 
     per_worker = ls.usable // s.workers
     if per_worker == 0:
-        raise ValueError(f"{ls.usable} usable pseudo-labels cannot feed {s.workers} workers")
+        raise UserValueError(f"{ls.usable} usable pseudo-labels cannot feed {s.workers} workers")
     resources, threads = _plan_workers(s.workers, s.use_gpu, s.resources_per_worker)
     # What Ray Train asks per worker (its default with GPUs: one GPU, no CPU).
     need = dict(resources or {}) or ({"GPU": 1.0} if s.use_gpu else {"CPU": 1.0})

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from selfment_dist.evaluation.metrics import PER_IMAGE_KEYS, SCORE_KEYS, _usod_fcurves, record_summary
+from selfment_dist.evaluation.metrics import PER_IMAGE_KEYS, SCORE_KEYS, usod_fcurves, record_summary
 
 __all__ = ["RecordStream"]
 
@@ -42,7 +42,7 @@ class RecordStream:
         self._resized = bytearray()
 
     def add(self, key: str, record: dict) -> None:
-        p, r, f = _usod_fcurves(record["usod_tp"], record["usod_pp"], record["usod_gp"])
+        p, r, f = usod_fcurves(record["usod_tp"], record["usod_pp"], record["usod_gp"])
         values = {"fm_curve": record["fm_curve"], "em_curve": record["em_curve"],
                   "fm_p": record["fm_p"], "fm_r": record["fm_r"],
                   "usod_p": p, "usod_r": r, "usod_f": f}

@@ -33,14 +33,12 @@ from selfment_dist.errors import SelfmentUserError
 import json
 import logging
 import os
-import platform
 import re
 import socket
 import threading
 import time
 import uuid
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Callable, Iterable
 
 import numpy as np
@@ -49,12 +47,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from selfment_dist.io.storage import is_local, to_uri, url_to_fs
+from selfment_dist.io.storage import is_local, read_json, to_uri, url_to_fs
+from selfment_dist.stages import MANIFEST_NAME  # noqa: F401 (also imported from here)
 from selfment_dist.pipeline._internal.done_keys import SortedKeys
+from selfment_dist.errors import FencedError, UserValueError  # noqa: F401 (FencedError: imported from here)
+from selfment_dist.versions import versions  # noqa: F401 (imported from here by the stages)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_selfment.json"
 TMP_DIR = "_tmp"
 #: Seconds a re-run waits, after registering itself, for the publishes of an unfinished earlier
 #: run's leftover workers that passed the fencing check before the registration.
@@ -70,8 +70,6 @@ class OutputBusyError(SelfmentUserError, RuntimeError):
     """Another live run holds the output."""
 
 
-class FencedError(RuntimeError):
-    """This run lost the output to another run: some of its writes were not published."""
 #: Test hook (kill tests): seconds a write task pauses between writing a part and its fencing
 #: check, so that a test can freeze a writer there.
 PUBLISH_DELAY_ENV = "SELFMENT_TEST_PUBLISH_DELAY_S"
@@ -265,11 +263,7 @@ def count_parts(fs, root: str) -> dict:
 
 def read_manifest(fs, root: str, name: str = MANIFEST_NAME) -> dict | None:
     """The run manifest ``name`` at ``root``, or None where there is none yet."""
-    path = f"{root.rstrip('/')}/{name}"
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(fs, f"{root.rstrip('/')}/{name}")
 
 
 def write_manifest(fs, root: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
@@ -297,7 +291,7 @@ def check_resume(previous: dict | None, config: dict, output: str, *, keys: tupl
     diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys
             if k in old and old[k] != config[k]]
     if diff:
-        raise ValueError(f"{output} holds {holds} made with other settings ("
+        raise UserValueError(f"{output} holds {holds} made with other settings ("
                          + "; ".join(diff) + f"); resume with {same} or choose a new output")
 
 
@@ -322,23 +316,13 @@ def list_inputs(inputs: list[str], output: str, storage_options: dict | None, *,
 
     fs, root = url_to_fs(output, storage_options)
     if fs.isfile(root):
-        raise ValueError(f"output {output} is a file; give a folder or prefix")
+        raise UserValueError(f"output {output} is a file; give a folder or prefix")
     listed = enumerate_units(inputs, storage_options)
     units = Units(outside_output(listed, fs, root), skipped=listed.skipped)
     if not units and not allow_empty:
-        raise ValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
+        raise UserValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
                          "--allow-empty to accept empty inputs)")
     return fs, root, units
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in ("selfment-dist", "torch", "timm", "ray", "pyarrow", "numpy"):
-        try:
-            out[dist.replace("-", "_")] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist.replace("-", "_")] = None
-    return out
 
 
 def now() -> str:

@@ -19,6 +19,7 @@ from selfment_dist.pipeline._internal.counters import (COUNTERS_PREFIX, HEAD_RES
 from selfment_dist.defaults import MODEL_WORKERS
 from selfment_dist.pipeline._internal.plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
                     unschedulable_message)
+from selfment_dist.errors import UserValueError
 
 __all__ = ["MAX_ACTOR_RESTARTS", "MAX_TASK_RETRIES", "MAX_RETRIES", "ensure_ray",
            "plan_resources", "decode_pool", "model_pool_args", "model_stage_args",
@@ -116,7 +117,7 @@ def check_model_workers(model_workers: str, plan: dict, stage: str) -> None:
     if model_workers != "tasks":
         return
     if plan["num_gpus"]:
-        raise ValueError(f"{stage}: model_workers='tasks' runs on CPUs only (Ray assigns GPUs "
+        raise UserValueError(f"{stage}: model_workers='tasks' runs on CPUs only (Ray assigns GPUs "
                          "per task, a warm worker's model stays on its first one); use "
                          "model_workers='actors' with GPUs")
     if not plan.get("fits_now", True):

@@ -19,8 +19,9 @@ import torch
 from selfment_dist.model.artifact import save_artifact
 from selfment_dist.defaults import default_inference_size
 from selfment_dist.model.head import PatchHead
-from selfment_dist.io.storage import join
+from selfment_dist.io.storage import join, read_json  # noqa: F401 (read_json: imported from here)
 from selfment_dist.pipeline._internal.train_data import LabelSet
+from selfment_dist.errors import UserValueError
 
 __all__ = ["Progress", "report", "restore", "read_json", "check_same_run", "save_model",
            "RUN_NAME", "CONFIG_NAME", "LOSS_KEYS", "RESUME_KEYS"]
@@ -110,20 +111,13 @@ def restore(directory: str, head: PatchHead | None, optimizer, device) -> Progre
 # ---------------------------------------------------------------------------------------------
 # In the driver: the run's files, and the model at the end
 
-def read_json(fs, path: str) -> dict | None:
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
-
-
 def check_same_run(previous: dict | None, config: dict, output: str) -> None:
     if not previous:
         return
     diff = [f"{k}: {previous.get(k)!r} there, {config[k]!r} now" for k in RESUME_KEYS
             if previous.get(k) != config[k]]
     if diff:
-        raise ValueError(f"{output} holds a training run with other settings ("
+        raise UserValueError(f"{output} holds a training run with other settings ("
                          + "; ".join(diff) + "); use the same settings or a new output")
 
 

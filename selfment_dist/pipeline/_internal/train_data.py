@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from selfment_dist.io.storage import is_local, url_to_fs
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def _confidence_filter(conf: np.ndarray, no_object: np.ndarray | None, *,
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     if no_object is None:
         if min_confidence or (keep_fraction is not None and keep_fraction < 1.0):
-            raise ValueError(f"the pseudo-labels at {labels} have no confidence column, or rows "
+            raise UserValueError(f"the pseudo-labels at {labels} have no confidence column, or rows "
                              "without one (made before it existed): pseudo-label them again to "
                              "filter by it")
         return {"rule": "none", "threshold": None}, 0
@@ -143,10 +144,10 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
     fs, root = url_to_fs(labels, storage_options)
     root = root.rstrip("/")
     if not fs.exists(root):
-        raise FileNotFoundError(f"no pseudo-labels at {labels}: run `selfment pseudo-label` first")
+        raise UserInputNotFoundError(f"no pseudo-labels at {labels}: run `selfment pseudo-label` first")
     manifest_path = f"{root}/{MANIFEST_NAME}"
     if not fs.exists(manifest_path):
-        raise ValueError(f"{labels} has no {MANIFEST_NAME} manifest: it is not the output of "
+        raise UserValueError(f"{labels} has no {MANIFEST_NAME} manifest: it is not the output of "
                          "`selfment pseudo-label` (the manifest names the backbone to train for)")
     with fs.open(manifest_path, "rt", encoding="utf-8") as f:
         manifest = json.load(f)
@@ -155,14 +156,14 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
         backbone, weights = str(config["backbone"]), str(config["weights"])
         image_size = int(config["image_size"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{labels}/{MANIFEST_NAME} lacks backbone/weights/image_size") from exc
+        raise UserValueError(f"{labels}/{MANIFEST_NAME} lacks backbone/weights/image_size") from exc
     if manifest.get("status", "complete") != "complete":
         logger.warning("labels at %s come from an unfinished pseudo-label run (status %r); "
                        "training on the rows present", labels, manifest.get("status"))
 
     paths = _parquet_parts(fs, root)
     if not paths:
-        raise ValueError(f"no pseudo-label parquet files in {labels}")
+        raise UserValueError(f"no pseudo-label parquet files in {labels}")
     rows = errors = 0
     grids: set[tuple[int, int]] = set()
     has_features = True
@@ -176,7 +177,7 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
             pf = pq.ParquetFile(f)
             names = set(pf.schema_arrow.names)
             if required - names:
-                raise ValueError(f"{path}: not a pseudo-label part, missing columns "
+                raise UserValueError(f"{path}: not a pseudo-label part, missing columns "
                                  f"{sorted(required - names)}")
             has_features &= "features" in names
             kv = pf.metadata.metadata or {}
@@ -200,18 +201,18 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
             containers += [s for s in ok.column("source").to_pylist()
                            if str(s).lower().endswith(_CONTAINER_SUFFIXES)][:3]
     if rows == 0:
-        raise ValueError(f"the pseudo-labels at {labels} are empty (0 rows)")
+        raise UserValueError(f"the pseudo-labels at {labels} are empty (0 rows)")
     if rows == errors:
-        raise ValueError(f"all {rows} pseudo-label rows at {labels} are errors: nothing to train on")
+        raise UserValueError(f"all {rows} pseudo-label rows at {labels} are errors: nothing to train on")
     if len(grids) != 1:
-        raise ValueError(f"pseudo-labels at {labels} mix patch grids {sorted(grids)}; one "
+        raise UserValueError(f"pseudo-labels at {labels} mix patch grids {sorted(grids)}; one "
                          "pseudo-label run (one image size) per training set")
     if features == "stored" and not has_features:
-        raise ValueError(f"features='stored' but the pseudo-labels at {labels} have no "
+        raise UserValueError(f"features='stored' but the pseudo-labels at {labels} have no "
                          "features column (pseudo-label with --save-features)")
     stored = has_features and features != "backbone"
     if not stored and containers:
-        raise ValueError(
+        raise UserValueError(
             f"training through the backbone re-reads each image from its file, but some images "
             f"of {labels} sit inside parquet/tar containers (e.g. {containers[0]}); "
             "pseudo-label those inputs with --save-features and train on the stored features")
@@ -222,7 +223,7 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
         np.concatenate(no_objects).astype(bool) if has_quality else None,
         min_confidence=min_confidence, keep_fraction=keep_fraction, labels=labels)
     if rows - errors - low_confidence == 0:
-        raise ValueError(f"the confidence filter ({row_filter['rule']}, threshold "
+        raise UserValueError(f"the confidence filter ({row_filter['rule']}, threshold "
                          f"{row_filter['threshold']}) leaves none of the {rows - errors} usable "
                          f"rows of {labels}; lower --min-confidence or raise --keep-fraction")
     return LabelSet(uri=labels, files=[_uri(fs, p) for p in paths], rows=rows, errors=errors,
