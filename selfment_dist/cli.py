@@ -53,8 +53,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean a user mistake, not a bug (imported lazily: no torch for --help)."""
     from selfment_dist.pipeline._internal.parts import OutputBusyError
     from selfment_dist.pipeline._internal.plan import UnschedulableError  # the cluster lacks what was asked for
+    from selfment_dist.errors import SelfmentUserError  # every user-facing error derives from it
     return (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, OutputBusyError, UnschedulableError)
+            PermissionError, OutputBusyError, UnschedulableError, SelfmentUserError)
 
 
 @dataclass(frozen=True)
