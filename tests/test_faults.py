@@ -6,13 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import subprocess
 import threading
 import time
 
 import fsspec
 import pytest
 
+from mounts import read_only_bind
 from selfment_dist import cli
 from selfment_dist.errors import SelfmentUserError
 from selfment_dist.io import reachability
@@ -112,22 +112,9 @@ def test_a_reachable_endpoint_is_asked_once(s3_server, monkeypatch):
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    """A real read-only file system: a read-only bind mount (needs root and mount rights;
-    skipped without them — chmod does not stop root)."""
-    src, ro = tmp_path / "src", tmp_path / "ro"
-    src.mkdir()
-    ro.mkdir()
-    try:
-        subprocess.run(["mount", "--bind", str(src), str(ro)], check=True, capture_output=True,
-                       timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        pytest.skip("cannot bind-mount here")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True,
-                       capture_output=True, timeout=10)
+    (tmp_path / "src").mkdir()
+    with read_only_bind(tmp_path / "src", tmp_path / "ro") as ro:
         yield ro
-    finally:
-        subprocess.run(["umount", str(ro)], capture_output=True, timeout=10)
 
 
 def test_a_read_only_output_is_refused_before_anything_is_written(read_only_dir):

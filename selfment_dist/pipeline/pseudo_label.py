@@ -390,8 +390,9 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     except BaseException as exc:
         lease.stop()
         status = "fenced" if isinstance(exc, FencedError) else "failed"
-        _finish_failed(lease, run_id, status, f"{type(exc).__name__}: {exc}")
         fault = disk_fault(exc, output)  # a full or read-only disk: one line, not a traceback
+        _finish_failed(lease, run_id, status, str(fault) if fault is not None
+                       else f"{type(exc).__name__}: {exc}")
         if fault is not None and fault is not exc:
             raise fault from exc
         raise

@@ -397,12 +397,13 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
             actor_wait_s=s.actor_wait_s, model_workers=s.model_workers)
     except BaseException as exc:
         lease.stop()
+        fault = disk_fault(exc, output)  # a full or read-only disk: one line, not a traceback
         try:
             lease.update(failed("fenced" if isinstance(exc, FencedError) else "failed",
-                                f"{type(exc).__name__}: {exc}"), always=True)
+                                str(fault) if fault is not None
+                                else f"{type(exc).__name__}: {exc}"), always=True)
         except Exception as record_exc:
             logger.error("could not record the failure of run %s: %s", run_id, record_exc)
-        fault = disk_fault(exc, output)  # a full or read-only disk: one line, not a traceback
         if fault is not None and fault is not exc:
             raise fault from exc
         raise
