@@ -182,6 +182,8 @@ class TrainSettings(StageSettings):
     labels: Uri = setting(description="pseudo-label parquet dataset", metavar="URI")
     output: Uri = setting(description="model artifact folder (also holds the checkpoints)",
                           metavar="URI")
+    create_bucket: bool = setting(False, "create the output's bucket when it does not exist "
+                                         "(default: refuse a missing bucket, likely a typo)")
     workers: int = setting(2, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = setting(False, "one GPU per worker (bf16 autocast); otherwise CPU")
     epochs: int = setting(10, "passes over the usable rows", ge=1)
