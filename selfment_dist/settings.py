@@ -112,6 +112,8 @@ class PseudoLabelSettings(ActorPoolSettings):
     max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images (file, tar "
                                     "member, parquet cell), checked before reading", ge=1)
     allow_empty: bool = setting(False, "succeed on inputs without images")
+    create_bucket: bool = setting(False, "create the output's bucket when it does not exist "
+                                         "(default: refuse a missing bucket, likely a typo)")
     rows_per_file: int | None = setting(
         None, "rows per parquet part (default 1024; 256 with --save-features)", ge=1)
     progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
@@ -138,6 +140,8 @@ class TrainSettings(StageSettings):
     labels: Uri = setting(description="pseudo-label parquet dataset", metavar="URI")
     output: Uri = setting(description="model artifact folder (also holds the checkpoints)",
                           metavar="URI")
+    create_bucket: bool = setting(False, "create the output's bucket when it does not exist "
+                                         "(default: refuse a missing bucket, likely a typo)")
     workers: int = setting(2, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = setting(False, "one GPU per worker (bf16 autocast); otherwise CPU")
     epochs: int = setting(10, "passes over the usable rows", ge=1)
@@ -219,6 +223,8 @@ class SegmentSettings(ActorPoolSettings):
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
     max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images", ge=1)
     allow_empty: bool = setting(False, "succeed on inputs without images")
+    create_bucket: bool = setting(False, "create the output's bucket when it does not exist "
+                                         "(default: refuse a missing bucket, likely a typo)")
     progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
 
     @model_validator(mode="after")

@@ -263,3 +263,25 @@ def test_lanczos_steps_are_counted_and_ritz_problems_stay_exact_on_the_host():
     theta, s = ncut_module._ritz_eigh(h)
     ref_theta, ref_s = torch.linalg.eigh(h)
     assert torch.equal(theta, ref_theta) and torch.equal(s, ref_s)
+
+
+# -- issue 30 #14: the labeller's own columns against the public functions -----------------------
+
+def test_pseudo_labeler_columns_are_the_public_functions_of_its_features():
+    """``mask`` is :func:`pseudo_label` and ``ncut_mask`` :func:`ncut_bipartition` of the very
+    features the labeller returns (computed independently). Noisy features, so that IPO moves
+    some patches: a labeller that swapped its two masks fails here."""
+    from selfment_dist.algorithm.labeler import PseudoLabeler
+
+    feats = torch.from_numpy(make_batch(np.random.default_rng(0), 8, 12, 12, 64, noise=2.0))
+    labeler = PseudoLabeler(lambda images: feats)  # the backbone's part: these features
+    out = labeler(np.zeros((8, 32, 32, 3), np.float32), return_ncut=True, return_features=True)
+    mask = pseudo_label(feats).numpy()
+    ncut = ncut_bipartition(feats).numpy()
+    assert (mask != ncut).any(), "IPO changed nothing: the test could not tell the masks apart"
+    np.testing.assert_array_equal(out["mask"], mask)
+    np.testing.assert_array_equal(out["ncut_mask"], ncut)
+    # And from the features it hands out (float16, as the parquet column stores them).
+    f16 = torch.from_numpy(out["features"])
+    np.testing.assert_array_equal(out["mask"], pseudo_label(f16).numpy())
+    np.testing.assert_array_equal(out["ncut_mask"], ncut_bipartition(f16).numpy())

@@ -294,3 +294,92 @@ def test_segment_parquet_resumes_and_refuses_a_busy_output(images, tmp_path):
     (output / SEGMENT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(OutputBusyError, match="in use by run feedfeedfeed"):
         run_segment(model, folder, str(output), **run)
+
+
+# -- issue 30: an unwritable output, a full disk, a missing bucket (whole runs) -----------------
+
+def _cli_lines(argv, capsys) -> tuple[int, list[str]]:
+    from selfment_dist import cli
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = [ln for ln in capsys.readouterr().err.splitlines()
+           if ln.startswith("selfment: ") or "Traceback" in ln]
+    return code, err
+
+
+def _argv(folder, output, *extra) -> list[str]:
+    return ["pseudo-label", "--input", folder, "--output", str(output), "--backbone", BACKBONE,
+            "--weights", "random", "--image-size", "64", "--batch-size", "4", "--no-progress",
+            "--model-workers", "tasks", *extra]
+
+
+def test_an_unwritable_output_is_one_line_and_exit_2(images, tmp_path, capsys):
+    """A real read-only mount (skipped without mount rights), and an output under a file."""
+    from mounts import read_only_bind
+
+    folder, _keys = images
+    (tmp_path / "file").write_text("x")
+    code, err = _cli_lines(_argv(folder, tmp_path / "file" / "out"), capsys)
+    assert code == 2 and len(err) == 1 and "cannot write to the output" in err[0], err
+    (tmp_path / "src" / "out").mkdir(parents=True)
+    with read_only_bind(tmp_path / "src", tmp_path / "ro") as ro:
+        for output in (ro / "out", ro / "new"):  # an existing folder, one to be made
+            code, err = _cli_lines(_argv(folder, output), capsys)
+            assert code == 2 and err == [f"selfment: error: cannot write to the output {output}: "
+                                         "read-only file system"], err
+    assert not list((tmp_path / "src").rglob("*.*"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_a_failed_manifest_and_no_temp_file(images, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A real full disk (a 2 MB tmpfs, filled once the run has registered; skipped without
+    mount rights): the part writes fail ENOSPC in the Ray workers."""
+    from mounts import fill, small_tmpfs
+
+    folder, keys = images
+    real_run = pl._run
+    filler = []
+
+    def run_on_a_full_disk(*args, **kwargs):
+        filler.append(fill(disk))
+        return real_run(*args, **kwargs)
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:
+        output = disk / "out"
+        stale = output / f"{MANIFEST_NAME}.tmp-0ld0ld00"  # a killed run's leftover
+        output.mkdir()
+        stale.write_text("")
+        import os
+        os.utime(stale, (0, 0))
+        monkeypatch.setattr(pl, "_run", run_on_a_full_disk)
+        code, err = _cli_lines(_argv(folder, output), capsys)
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"selfment: error: cannot write to the output {output}: no "
+                                 "space left on device"), err
+        manifest = _manifest(str(output))
+        assert manifest["status"] == "failed" and manifest["runs"][-1]["status"] == "failed"
+        assert "no space left on device" in manifest["runs"][-1]["reason"]
+        assert not [p.name for p in output.iterdir() if ".tmp-" in p.name]
+        monkeypatch.undo()
+        filler[0].unlink()  # space again: the re-run completes, leaving no temp file either
+        summary = run_pseudo_label(folder, str(output), **RUN)
+        assert summary["rows_total"] == len(keys)
+        assert _manifest(str(output))["status"] == "complete"
+        assert not [p.name for p in output.rglob("*") if ".tmp-" in p.name or p.name == "_tmp"]
+
+
+def test_a_missing_output_bucket_is_refused_unless_asked_for(images, s3_bucket):
+    from selfment_dist.io.output_access import MissingBucketError
+
+    folder, keys = images
+    bucket, storage = s3_bucket
+    output = f"s3://{bucket}-typo/labels"
+    with pytest.raises(MissingBucketError, match="does not exist.*--create-bucket"):
+        run_pseudo_label(folder, output, storage_options=storage, **RUN)
+    fs, _root = _fs(f"s3://{bucket}", storage)
+    assert not fs.exists(f"{bucket}-typo")
+    summary = run_pseudo_label(folder, output, storage_options=storage, create_bucket=True,
+                               **RUN)
+    assert summary["rows_total"] == len(keys)

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from cli_output import printed_summary
 from PIL import Image
 
@@ -461,3 +462,32 @@ def test_camera_folder_gives_one_row_per_image(tmp_path, capsys):
     expected = {"total": 2, "by_reason": {"hidden": 2}, "examples": [".DS_Store", "._DSC0002.JPG"]}
     assert summary["inputs_skipped"] == expected
     assert _manifest(output)["inputs_skipped"] == expected
+
+
+def test_mask_columns_are_the_public_functions_of_the_features_column(tmp_path):
+    """Issue 30 #14 through the pipeline: each row's ``mask`` is :func:`pseudo_label` and its
+    ``ncut_mask`` :func:`ncut_bipartition` of its own ``features`` column (decoded with
+    :func:`decode_features`), computed here, apart from the labeller. At 128 px (8x8 patches)
+    IPO moves patches of some of these scenes, so swapped masks would fail."""
+    from selfment_dist import ncut_bipartition, pseudo_label
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for i in range(12):  # PNG: the pixels as drawn
+        Image.fromarray(make_scene((7, i), size=(64, 80))[0]).save(folder / f"s{i:02d}.png")
+    output = str(tmp_path / "out")
+    run_pseudo_label(str(folder), output, save_ncut=True, save_features=True,
+                     **{**WARM, "image_size": 128})
+    table = _read_output(output)
+    moved = 0
+    for row in table.to_pylist():
+        assert row["error"] is None, row
+        grid = (row["grid_h"], row["grid_w"])
+        assert grid == (8, 8)
+        feats = torch.from_numpy(decode_features(row["features"], *grid).copy())[None]
+        mask, ncut = decode_mask(row["mask"], *grid), decode_mask(row["ncut_mask"], *grid)
+        np.testing.assert_array_equal(mask, pseudo_label(feats)[0].numpy(), err_msg=row["key"])
+        np.testing.assert_array_equal(ncut, ncut_bipartition(feats)[0].numpy(),
+                                      err_msg=row["key"])
+        moved += bool((mask != ncut).any())
+    assert moved, "IPO changed no mask: the test could not tell the masks apart"

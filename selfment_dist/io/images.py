@@ -118,7 +118,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         raise ImageDecodeError(f"truncated or corrupt {fmt} data: {exc}") from None
 
     try:
-        im = ImageOps.exif_transpose(im)
+        # In place: the default returns a full copy even when nothing is to be turned (4
+        # bytes a pixel more at the decode's peak; see docs/inputs_memory.md).
+        ImageOps.exif_transpose(im, in_place=True)
     except Exception as exc:  # a broken EXIF block must not cost the image
         logger.debug("ignoring unreadable EXIF orientation: %s", exc)
 

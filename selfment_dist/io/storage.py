@@ -14,6 +14,8 @@ from typing import Any, Iterable
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from selfment_dist.io.reachability import check_reachable
+
 __all__ = ["parse_storage_options", "url_to_fs", "join", "is_local", "to_uri", "protocol_of"]
 
 _TRUE = {"true", "yes", "on"}
@@ -73,7 +75,13 @@ def parse_storage_options(pairs: Iterable[str] | None) -> dict[str, Any]:
 
 
 def url_to_fs(uri: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or any fsspec URL."""
+    """``(filesystem, path inside it)`` for a local path or any fsspec URL.
+
+    Raises:
+        StorageUnreachableError: the object store endpoint named in ``storage_options`` does
+            not answer (checked once per process, within seconds: see ``io/reachability.py``).
+    """
+    check_reachable(uri, storage_options)
     fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
     return fs, path
 

@@ -52,6 +52,7 @@ from selfment_dist.validation import check_backbone_size
 from selfment_dist.pipeline._internal.device import actor_device, run_guarded
 from selfment_dist.pipeline._internal.done_keys import SortedKeys, units_left  # noqa: F401 (SortedKeys: re-exported)
 from selfment_dist.pipeline._internal.done_keys import skip_set as _skip_set
+from selfment_dist.io.output_access import disk_fault, prepare_output
 from selfment_dist.pipeline._internal.parts import (MANIFEST_NAME, TMP_DIR, FencedError, Lease, PartsSink,
                      await_leftover_writers, check_lease, check_resume, confirm_lease,
                      count_parts, existing_keys, has_parts, list_inputs, new_lease, now,
@@ -365,7 +366,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
 
     # Output: take the lease and register this run in the manifest (which fences the writes of
     # an unfinished earlier run, see _parts), then read what is already there (resume).
-    fs.makedirs(root, exist_ok=True)
+    # A missing bucket, a read-only or full disk: one line here, before anything is written.
+    prepare_output(fs, root, output, create_bucket=s.create_bucket, manifest=MANIFEST_NAME)
     fs.invalidate_cache(root)
     previous = read_manifest(fs, root)
     check_lease(previous, output, run_id)
@@ -403,7 +405,11 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     except BaseException as exc:
         lease.stop()
         status = "fenced" if isinstance(exc, FencedError) else "failed"
-        _finish_failed(lease, run_id, status, f"{type(exc).__name__}: {exc}")
+        fault = disk_fault(exc, output)  # a full or read-only disk: one line, not a traceback
+        _finish_failed(lease, run_id, status, str(fault) if fault is not None
+                       else f"{type(exc).__name__}: {exc}")
+        if fault is not None and fault is not exc:
+            raise fault from exc
         raise
     lease.stop()
     summary["inputs_skipped"] = units.skipped  # files skipped on purpose (docs/inputs.md)

@@ -49,6 +49,7 @@ from selfment_dist.settings import OUTPUT_FORMATS, SegmentSettings, build_settin
 # Shared with the pseudo-label pipeline (same reading, resources, parquet parts and resume).
 from selfment_dist.pipeline._internal.device import actor_device, run_guarded
 from selfment_dist.pipeline._internal.done_keys import units_left
+from selfment_dist.io.output_access import disk_fault, prepare_output
 from selfment_dist.pipeline._internal.parts import (TMP_DIR, FencedError, Lease, PartsSink, await_leftover_writers,
                      check_lease, check_resume, confirm_lease, count_parts, existing_keys,
                      has_parts, list_inputs, new_lease, now, read_manifest, register_run,
@@ -361,7 +362,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
 
     # Output: register this run in the manifest (which fences the parquet writes of an
     # unfinished earlier run, see _parts), then read what is already there (resume).
-    fs.makedirs(root, exist_ok=True)
+    # A missing bucket, a read-only or full disk: one line here, before anything is written.
+    prepare_output(fs, root, output, create_bucket=s.create_bucket, manifest=MANIFEST_NAME)
     fs.invalidate_cache(root)
     manifest_path = f"{root}/{MANIFEST_NAME}"
     previous = read_manifest(fs, root, MANIFEST_NAME)
@@ -397,11 +399,15 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
             actor_wait_s=s.actor_wait_s, model_workers=s.model_workers)
     except BaseException as exc:
         lease.stop()
+        fault = disk_fault(exc, output)  # a full or read-only disk: one line, not a traceback
         try:
             lease.update(failed("fenced" if isinstance(exc, FencedError) else "failed",
-                                f"{type(exc).__name__}: {exc}"), always=True)
+                                str(fault) if fault is not None
+                                else f"{type(exc).__name__}: {exc}"), always=True)
         except Exception as record_exc:
             logger.error("could not record the failure of run %s: %s", run_id, record_exc)
+        if fault is not None and fault is not exc:
+            raise fault from exc
         raise
     lease.stop()
     wall = time.perf_counter() - start

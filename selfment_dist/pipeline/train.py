@@ -49,6 +49,7 @@ import time
 from typing import Any
 
 from selfment_dist.model.artifact import META_NAME
+from selfment_dist.io.output_access import prepare_output
 from selfment_dist.io.storage import is_local, join, url_to_fs
 from selfment_dist.settings import TrainSettings, build_settings
 from selfment_dist.pipeline._internal.train_checkpoints import (CONFIG_NAME, RUN_NAME, check_same_run, read_json,
@@ -129,7 +130,8 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
         logger.info("%s already holds the finished run (%d epochs); not training again",
                     output, finished["training"]["epochs"])
         return {**finished["training"], "status": "already_done"}
-    fs.makedirs(root, exist_ok=True)
+    # A missing bucket, a read-only or full disk: one line here (io/output_access.py).
+    prepare_output(fs, root, output, create_bucket=s.create_bucket)
     with fs.open(f"{root}/{CONFIG_NAME}", "wt", encoding="utf-8") as f:
         json.dump({**config, "settings": s.record()}, f, indent=2)  # no secrets: record()
 

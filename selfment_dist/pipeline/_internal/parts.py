@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from selfment_dist.errors import SelfmentUserError
 
+import errno
 import json
 import logging
 import os
@@ -266,19 +267,57 @@ def read_manifest(fs, root: str, name: str = MANIFEST_NAME) -> dict | None:
     return read_json(fs, f"{root.rstrip('/')}/{name}")
 
 
+#: Spaces after the JSON of a manifest on local disk: room kept for the failure record, which
+#: :func:`write_manifest` writes in place when the disk is full (JSON allows trailing blanks).
+MANIFEST_SLACK = 8192
+
+
 def write_manifest(fs, root: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
     """Replace the manifest ``name`` at ``root`` whole (atomic rename on local disk; an object
-    store replaces an object in one PUT)."""
+    store replaces an object in one PUT).
+
+    On local disk a failed write leaves no temp file; when it failed because the disk is full,
+    the manifest is overwritten in place instead, within the room its slack keeps (not atomic,
+    but a run's last word, ``failed``, is not lost to a full disk)."""
     path = f"{root.rstrip('/')}/{name}"
     text = json.dumps(manifest, indent=2, sort_keys=False)
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wt", encoding="utf-8") as f:
-            f.write(text)
-        fs.mv(tmp, path)
+        try:
+            with fs.open(tmp, "wt", encoding="utf-8") as f:
+                f.write(text + " " * MANIFEST_SLACK + "\n")
+            fs.mv(tmp, path)
+        except BaseException as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            if not (isinstance(exc, OSError) and exc.errno in _DISK_FULL
+                    and _overwrite_in_place(path, text)):
+                raise
     else:
         with fs.open(path, "wt", encoding="utf-8") as f:
             f.write(text)
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _overwrite_in_place(path: str, text: str) -> bool:
+    """Write ``text`` over the file at ``path`` keeping its size (blanks after the JSON): no
+    new disk blocks on an overwrite-in-place file system. False when it does not fit."""
+    data = text.encode("utf-8")
+    try:
+        size = os.path.getsize(path)
+        if len(data) + 1 > size:
+            return False
+        with open(path, "r+b") as f:
+            f.write(data + b" " * (size - len(data) - 1) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        logger.debug("in-place manifest write failed: %s", exc)
+        return False
+    logger.warning("disk full: manifest %s rewritten in place", path)
+    return True
 
 
 def check_resume(previous: dict | None, config: dict, output: str, *, keys: tuple[str, ...],
