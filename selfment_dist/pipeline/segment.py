@@ -3,13 +3,14 @@
 Flow (data moves one way; the driver only ever holds file names and small counts)::
 
     enumerate_units (driver: file names)              io.sources
-      → read + decode + resize (CPU tasks)            io.images, backbone.resize_square
-      → backbone + head (one actor stage, model       segmenter.Segmenter
-        loaded once per actor, batched)
-      → upsample to the original size, 8-bit PNG,     segmenter.upsample / to_png_bytes
+      → read + decode + resize (CPU tasks)            _internal.decode
+      → backbone + head (one actor stage, model       _internal.segment_actor
+        loaded once per actor, batched)                 (model.segmenter.Segmenter)
+      → upsample to the original size, 8-bit PNG,     _internal.saliency_output
         written from the write tasks
         (png: ``<output>/<key>.png`` [+ ``_overlays/<key>.jpg``]; parquet: ``part-*.parquet``)
-      → ``_segment.json`` (driver: config, counts, the list of failed inputs)
+      → ``_segment.json`` (driver: config, counts,    _internal.run_output
+        the list of failed inputs)
 
 Guarantees:
 

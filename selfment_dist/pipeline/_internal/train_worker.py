@@ -61,17 +61,11 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(head)  # DDP over the workers (no-op for one)
 
     shard = ray.train.get_dataset_shard(DATASET)
-    batch_size, epochs = s.batch_size, s.epochs
+    epochs = s.epochs
     window = _Window()
     last_log = last_report = time.perf_counter()
     for epoch in range(progress.epoch, epochs):
-        local = s.shuffle == "local"  # "full": the dataset is reshuffled per epoch
-        batches = iter(shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
-            local_shuffle_buffer_size=4 * batch_size if local else None,
-            local_shuffle_seed=s.seed * 100_003 + epoch if local else None))
-        for _ in range(progress.step_in_epoch):  # resumed mid-epoch: skip what was done
-            next(batches, None)
+        batches = _epoch_batches(shard, s, epoch, progress.step_in_epoch)
         mark = time.perf_counter()
         batch = next(batches, None)
         have, _ = _sync_flags(batch is not None, False, world, device)
@@ -118,6 +112,18 @@ def train_loop(config: dict) -> None:
             now = time.perf_counter()
             progress.wait_seconds += now - mark - step_s
             mark = now
+
+
+def _epoch_batches(shard, s, epoch: int, done_steps: int):
+    """This rank's batches of ``epoch``, past the ``done_steps`` a resumed run already did."""
+    local = s.shuffle == "local"  # "full": the dataset is reshuffled per epoch
+    batches = iter(shard.iter_batches(
+        batch_size=s.batch_size, batch_format="numpy", prefetch_batches=2,
+        local_shuffle_buffer_size=4 * s.batch_size if local else None,
+        local_shuffle_seed=s.seed * 100_003 + epoch if local else None))
+    for _ in range(done_steps):  # resumed mid-epoch: skip what was done
+        next(batches, None)
+    return batches
 
 
 def _build(spec: TrainLoopSpec, device: torch.device, rank: int):
