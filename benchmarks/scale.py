@@ -155,7 +155,7 @@ def _decode_only(inputs: list[str], image_size: int, storage_options, batch_size
     import ray
 
     from selfment_dist.io.sources import enumerate_units
-    from selfment_dist.pipeline.pseudo_label import read_and_decode
+    from selfment_dist.pipeline._internal.decode import read_and_decode
 
     units = enumerate_units(inputs, storage_options)
     ds = ray.data.from_items(units, override_num_blocks=len(units))

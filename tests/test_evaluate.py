@@ -228,12 +228,13 @@ def test_standard_benchmarks_table():
 
 
 def test_a_failing_task_is_reported_for_its_keys(ray_local):
-    from selfment_dist.pipeline.evaluate import _fan_out
+    from selfment_dist.pipeline.evaluate import _shard_results
 
     items = [(f"k{i}", f"/nowhere/k{i}.png", f"/nowhere/m{i}.png") for i in range(4)]
     # an unknown protocol makes the task itself raise before it reaches any file
-    results = _fan_out(items, "nope://preds", "/nowhere", name="t", storage_options=None,
-                       num_shards=2)
+    results = [r for shard in _shard_results(items, "nope://preds", "/nowhere", name="t",
+                                             storage_options=None, num_shards=2)
+               for r in shard]
     assert sorted(key for key, _, _ in results) == ["k0", "k1", "k2", "k3"]
     assert all(record is None and issues[0][0] == "failed" for _, record, issues in results)
     assert "nope" in results[0][2][0][1]  # the cause, not Ray's wrapper, is reported

@@ -149,17 +149,19 @@ def test_gpu_actor_refuses_to_fall_back_to_cpu(monkeypatch):
 
 
 def test_label_actor_refuses_before_building_a_model(monkeypatch):
+    from selfment_dist.pipeline._internal.model_stage import ActorResources
     from selfment_dist.pipeline.pseudo_label import LabelActor
+    from selfment_dist.settings import PseudoLabelSettings
 
     import ray
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: ["0"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(_device.GpuUnavailableError):
-        LabelActor(backbone="vit_small_patch16_224.dino", weights="random", image_size=64,
-                   labeler_kwargs={}, save_ncut=False, save_features=False,
-                   storage_options=None, device="cuda", cpu_threads=None, fail_once_after=None,
-                   fail_marker=None, require_gpu=True)
+        LabelActor(settings=PseudoLabelSettings(inputs=["unused"], output="unused",
+                                                backbone="vit_small_patch16_224.dino",
+                                                weights="random", image_size=64),
+                   resources=ActorResources(device="cuda", require_gpu=True))
 
 
 def test_cuda_oom_retries_with_smaller_batches(monkeypatch):

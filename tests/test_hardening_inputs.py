@@ -44,7 +44,7 @@ def _no_ray(monkeypatch):
         return call
 
     # Where it is defined (stages that import it when called) and where it was imported to.
-    # Every module is imported before any is patched: one imported after ``_ray`` was patched
+    # Every module is imported before any is patched: one imported after ``ray_runtime`` was patched
     # would bind the refusal as its own, and keep it after this test.
     modules = {name: importlib.import_module(f"selfment_dist.pipeline.{name}")
                for name in ("_internal.ray_runtime", "pseudo_label", "segment", "train",

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from selfment_dist.io.schema import pseudo_label_schema
+from selfment_dist.pipeline._internal import lease as _lease
 from selfment_dist.pipeline._internal import parts as _parts
 from selfment_dist.pipeline import pseudo_label as pl
 from selfment_dist.pipeline._internal.parts import OutputBusyError, PartsSink
@@ -106,7 +107,7 @@ def test_two_runs_at_once_never_lose_rows(images, tmp_path, where, request):
     failures = [o for o in outcomes.values() if not isinstance(o, dict)]
     assert len(successes) >= 1, outcomes
     for exc in failures:  # refused at start (or, at worst, fenced): never a silent success
-        assert isinstance(exc, (OutputBusyError, _parts.FencedError)), repr(exc)
+        assert isinstance(exc, (OutputBusyError, _lease.FencedError)), repr(exc)
         if isinstance(exc, OutputBusyError):
             assert "is in use by run" in str(exc) or "was taken by run" in str(exc)
     rows = _rows(output, storage)
@@ -125,7 +126,7 @@ def test_a_live_run_refuses_a_second_one_and_a_dead_lease_does_not(images, tmp_p
     folder, keys = images
     output = tmp_path / "out"
     output.mkdir()
-    lease = _parts.new_lease("0123456789ab")
+    lease = _lease.new_lease("0123456789ab")
     (output / MANIFEST_NAME).write_text(json.dumps({"lease": lease, "runs": [
         {"run_id": "0123456789ab", "status": "running"}]}))
     with pytest.raises(OutputBusyError, match="in use by run 0123456789ab"):
@@ -134,7 +135,7 @@ def test_a_live_run_refuses_a_second_one_and_a_dead_lease_does_not(images, tmp_p
     lease["pid"] = 2**22 + 12345
     (output / MANIFEST_NAME).write_text(json.dumps({"lease": lease, "runs": [
         {"run_id": "0123456789ab", "status": "running"}]}))
-    monkeypatch.setattr(_parts, "FENCE_GRACE_S", 0.0)
+    monkeypatch.setattr(_lease, "FENCE_GRACE_S", 0.0)
     summary = run_pseudo_label(folder, str(output), **RUN)
     assert summary["rows_total"] == len(keys)
     assert [r["status"] for r in _manifest(output)["runs"]] == ["interrupted", "complete"]
@@ -144,7 +145,7 @@ def test_a_fenced_writer_does_not_publish(tmp_path):
     """The write task of a run that lost the lease drops its part (no Ray needed)."""
     output = tmp_path / "out"
     output.mkdir()
-    (output / MANIFEST_NAME).write_text(json.dumps({"lease": _parts.new_lease("bbbbbbbbbbbb")}))
+    (output / MANIFEST_NAME).write_text(json.dumps({"lease": _lease.new_lease("bbbbbbbbbbbb")}))
     schema = pseudo_label_schema()
     row = {n: None for n in schema.names}
     row.update(key="k", source="s", error="x", error_kind="permanent")
@@ -165,7 +166,7 @@ def test_failure_marks_the_manifest_failed_and_locks_nothing(images, tmp_path, m
 
     def boom(*a, **kw):
         raise RuntimeError("boom")
-    monkeypatch.setattr(pl, "_run", boom)
+    monkeypatch.setattr(pl, "_label_missing", boom)
     with pytest.raises(RuntimeError, match="boom"):
         run_pseudo_label(folder, output, eps=1e-5, **RUN)
     manifest = _manifest(output)
@@ -290,7 +291,7 @@ def test_segment_parquet_resumes_and_refuses_a_busy_output(images, tmp_path):
     assert sorted(got) == sorted(keys)
     manifest = json.loads((output / SEGMENT_MANIFEST).read_text())
     assert manifest["status"] == "complete"
-    manifest["lease"] = _parts.new_lease("feedfeedfeed")  # a live run of this process
+    manifest["lease"] = _lease.new_lease("feedfeedfeed")  # a live run of this process
     (output / SEGMENT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(OutputBusyError, match="in use by run feedfeedfeed"):
         run_segment(model, folder, str(output), **run)

@@ -397,7 +397,8 @@ def test_segment_spreads_over_nodes_and_survives_losing_one(cluster, corpus, s3_
 
 
 def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluster, corpus,
-                                                                         labelled, tmp_path):
+                                                                         labelled, tmp_path,
+                                                                         monkeypatch):
     """Two workers (one per node: 2 CPUs each on 3-CPU nodes). Once Ray Train has committed a
     checkpoint (its checkpoint manager's snapshot on storage names it; a checkpoint folder alone
     may not be registered yet, and a restart would then start from scratch), a node holding a
@@ -411,6 +412,8 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
     fs = fsspec.filesystem("s3", **so)
     labels = LABELS
     debug = tmp_path / "steps"
+    from selfment_dist.pipeline._internal import faults
+    monkeypatch.setenv(faults.STEP_DUMP_ENV, str(debug))  # per-step dumps (test seam)
     snapshot = "multinode/model-train/_train/checkpoint_manager_snapshot.json"
 
     def committed_step() -> int | None:
@@ -434,8 +437,7 @@ def test_train_on_two_nodes_restarts_from_its_checkpoint_after_losing_one(cluste
                 labels, "s3://multinode/model-train", workers=2, epochs=2, batch_size=2,
                 checkpoint_every=2, max_failures=2, storage_options=so,
                 address=cluster.address, resources_per_worker={"CPU": 2},
-                min_confidence=0.0,  # every row: random weights flag most masks no_object
-                debug_dir=str(debug))
+                min_confidence=0.0)  # every row: random weights flag most masks no_object
         except BaseException as exc:  # re-raised below
             result["error"] = exc
 

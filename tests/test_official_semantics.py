@@ -70,10 +70,6 @@ def test_ipo_returns_degenerate_update_like_official():
         np.testing.assert_array_equal(reference_ipo(feats[:, None], start[:, None])[:, 0], want)
         if want.all() or not want.any():
             hits += 1
-            # The old rule, a named option, keeps the previous (non-degenerate) mask instead.
-            old = ipo_refine(torch.from_numpy(feats[None, :, None]),
-                             torch.from_numpy(start[None, :, None]), keep_previous_on_empty=True)
-            assert 0 < int(old.sum()) < len(start)
     assert hits == 40  # the emptying update really happened in every case
 
 

@@ -99,7 +99,10 @@ def test_label_actor_columns_in_process(scenes, in_process):
     ``mask`` column is the labeller's IPO mask and ``ncut_mask`` its NCut mask, on every row,
     and IPO changed some rows (so swapping the two columns cannot pass)."""
     from selfment_dist.io.sources import enumerate_units
-    from selfment_dist.pipeline.pseudo_label import LabelActor, read_and_decode
+    from selfment_dist.pipeline._internal.decode import read_and_decode
+    from selfment_dist.pipeline._internal.model_stage import ActorResources
+    from selfment_dist.pipeline.pseudo_label import LabelActor
+    from selfment_dist.settings import PseudoLabelSettings
 
     root, _ = scenes
     expected, _ = in_process
@@ -107,10 +110,10 @@ def test_label_actor_columns_in_process(scenes, in_process):
     columns = {k: np.array([u[k] for u in units], dtype=object) for k in ("kind", "uri", "key")}
     batches = list(read_and_decode(columns, image_size=SIZE, max_pixels=None,
                                    storage_options=None, skip_ref=None, rows_per_batch=N))
-    actor = LabelActor(backbone=DEFAULT_BACKBONE, weights="random", image_size=SIZE,
-                       labeler_kwargs={}, save_ncut=True, save_features=False,
-                       storage_options=None, device="cpu", cpu_threads=None,
-                       fail_once_after=None, fail_marker=None)
+    settings = PseudoLabelSettings(inputs=["unused"], output="unused", backbone=DEFAULT_BACKBONE,
+                                   weights="random", image_size=SIZE, save_ncut=True,
+                                   precision="fp32")
+    actor = LabelActor(settings=settings, resources=ActorResources(device="cpu"))
     rows = [r for b in batches for r in actor(b).to_pylist()]
     assert sorted(r["key"] for r in rows) == sorted(expected)
     changed = 0

@@ -27,7 +27,10 @@ from selfment_dist.cli import main as cli_main
 from selfment_dist.io import (PSEUDO_LABEL_SCHEMA, decode_features, decode_image, decode_mask,
                               pseudo_label_schema)
 from selfment_dist.algorithm.labeler import PseudoLabeler
+from selfment_dist.pipeline._internal import faults
+from selfment_dist.pipeline._internal.model_stage import ActorResources
 from selfment_dist.pipeline.pseudo_label import LabelActor, run_pseudo_label
+from selfment_dist.settings import PseudoLabelSettings
 from selfment_dist.data.synthetic import make_scene
 
 BACKBONE = "vit_small_patch16_224.dino"
@@ -357,14 +360,16 @@ def test_resume_after_a_killed_run(folder_run, corpus, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_replica_dying_mid_run_loses_nothing(corpus, reference, tmp_path):
+def test_a_replica_dying_mid_run_loses_nothing(corpus, reference, tmp_path, monkeypatch):
     """A model replica's process exits hard after its first batch: Ray retries its task on
     another worker; nothing is lost. (Model tasks on warm workers. Model actors that die are
     restarted, with their tasks retried: test_multinode.py loses a node, and the actors on it,
     in the middle of a pseudo-label run and of a segment run, and checks every key once.)"""
-    output = str(tmp_path / "faulty")
-    summary = run_pseudo_label(corpus["folder"], output, fail_once_after=1, **WARM)
-    assert summary["fault_injected"]  # the replica did exit after its first batch
+    output, marker = str(tmp_path / "faulty"), tmp_path / "fault-marker"
+    monkeypatch.setenv(faults.LABEL_EXIT_AFTER_ENV, "1")
+    monkeypatch.setenv(faults.MARKER_ENV, str(marker))
+    summary = run_pseudo_label(corpus["folder"], output, **WARM)
+    assert marker.exists()  # the replica did exit after its first batch
     assert summary["images"] == len(corpus["folder_keys"])
     check_output(output, corpus["folder_keys"], corpus, reference)
 
@@ -380,10 +385,9 @@ def test_resume_with_other_settings_is_refused(folder_run, corpus):
 
 def test_model_failure_becomes_an_error_row(corpus):
     """Inside the model stage, an exception costs only the image that raised it."""
-    actor = LabelActor(backbone=BACKBONE, weights="random", image_size=IMAGE_SIZE,
-                       labeler_kwargs={}, save_ncut=False, save_features=False,
-                       storage_options=None, device="cpu", cpu_threads=None,
-                       fail_once_after=None, fail_marker=None)
+    settings = PseudoLabelSettings(inputs=["unused"], output="unused", backbone=BACKBONE,
+                                   weights="random", image_size=IMAGE_SIZE, precision="fp32")
+    actor = LabelActor(settings=settings, resources=ActorResources(device="cpu"))
     real = actor.labeler
     poison = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 7, np.uint8)
 

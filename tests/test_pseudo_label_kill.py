@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import pytest
 from kill_helpers import name, session_members, start_cli
 
+from selfment_dist.pipeline._internal import faults
 from selfment_dist.pipeline._internal import parts as _parts
 from selfment_dist.pipeline.pseudo_label import MANIFEST_NAME, run_pseudo_label
 from selfment_dist.data.synthetic import write_scenes
@@ -124,7 +125,7 @@ def test_a_killed_run_with_stale_writers_is_finished_by_its_rerun(tmp_path, wher
     storage, output, extra = None, str(tmp_path / "out"), []
     # Ray's unix sockets need a short path: not under tmp_path.
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
-    env = {"RAY_TMPDIR": ray_tmp, _parts.PUBLISH_DELAY_ENV: str(PUBLISH_DELAY_S)}
+    env = {"RAY_TMPDIR": ray_tmp, faults.PUBLISH_DELAY_ENV: str(PUBLISH_DELAY_S)}
     if where == "s3":
         bucket, storage = request.getfixturevalue("s3_bucket")
         output = f"s3://{bucket}/out"

@@ -85,13 +85,13 @@ def test_resume_skips_finished_shards_and_starts_nothing_when_all_done(ray_local
     assert first["images"] == 6
 
     built = []
-    real = pseudo_label._build_dataset
+    real = pseudo_label.model_dataset
 
     def spy(units, **kwargs):
         built.append([u["uri"].rsplit("/", 1)[-1] for u in units])
         return real(units, **kwargs)
 
-    monkeypatch.setattr(pseudo_label, "_build_dataset", spy)
+    monkeypatch.setattr(pseudo_label, "model_dataset", spy)
     # A new shard beside a finished one: only the new shard is read.
     second = pseudo_label.run_pseudo_label([str(shards)], out, **kw)
     assert built == [["00001.parquet"]]

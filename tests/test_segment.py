@@ -24,11 +24,13 @@ from selfment_dist.model.backbone import build_backbone, resize_square
 from selfment_dist.model.head import PatchHead
 from selfment_dist.io import decode_image
 from selfment_dist.io.sources import enumerate_units
-from selfment_dist.pipeline._internal.parts import outside_output
+from selfment_dist.pipeline._internal.inputs import outside_output
+from selfment_dist.pipeline._internal.decode import read_and_decode
+from selfment_dist.pipeline._internal.model_stage import ActorResources
+from selfment_dist.pipeline._internal.saliency_output import PngSink, TableSink
 from selfment_dist.pipeline.segment import (MANIFEST_NAME, OVERLAY_DIR, SEGMENT_SCHEMA,
-                                            SegmentActor, _PngSink,
-                                            _TableSink, read_and_decode, render_table,
-                                            run_segment)
+                                            SegmentActor, render_table, run_segment)
+from selfment_dist.settings import SegmentSettings
 from selfment_dist.model.segmenter import Segmenter, resolve_image_size, to_png_bytes, upsample
 from selfment_dist.data.synthetic import make_scene, write_scenes
 
@@ -205,8 +207,9 @@ def test_stages_in_process(model, corpus, tmp_path, monkeypatch):
     assert [len(b["key"]) for b in batches] == [5, 5, 5]
 
     monkeypatch.setattr(Segmenter, "from_artifact", classmethod(lambda cls, *a, **kw: seg))
-    actor = SegmentActor(model=artifact, image_size=TRAIN_SIZE, storage_options=None,
-                         device="cpu", cpu_threads=1)
+    settings = SegmentSettings(model=artifact, inputs=["unused"], output="unused",
+                               image_size=TRAIN_SIZE)
+    actor = SegmentActor(settings=settings, resources=ActorResources(device="cpu", cpu_threads=1))
     real = seg.saliency
 
     def flaky(images):  # fails on any batch holding the all-black image
@@ -223,7 +226,7 @@ def test_stages_in_process(model, corpus, tmp_path, monkeypatch):
     assert "not an image" in errors[bad]
     assert merged["saliency"].shape == (15, 4, 4) and "image" not in merged
 
-    sink = _PngSink(str(tmp_path / "out"), overlays=True, max_pixels=None, storage_options=None)
+    sink = PngSink(str(tmp_path / "out"), overlays=True, max_pixels=None, storage_options=None)
     empty = BlockAccessor.batch_to_block({"key": np.array([], dtype=object)})
     result = sink.write([empty, BlockAccessor.batch_to_block(merged)], ctx=None)
     assert result["images"] == len(good) - 1
@@ -239,7 +242,7 @@ def test_stages_in_process(model, corpus, tmp_path, monkeypatch):
     assert table.schema.equals(SEGMENT_SCHEMA) and table.num_rows == 15
     assert table.column("error").null_count == 13  # a parquet row needs no safe file name
     # Resuming can leave a write task only empty, column-less blocks.
-    parts = _TableSink(str(tmp_path / "table"), SEGMENT_SCHEMA, "r1", 1024, None)
+    parts = TableSink(str(tmp_path / "table"), SEGMENT_SCHEMA, "r1", 1024, None)
     assert parts.write([empty], SimpleNamespace(task_idx=0))["rows"] == 0
     written = parts.write([empty, table], SimpleNamespace(task_idx=1))
     assert (written["rows"], written["errors"]) == (15, 2)

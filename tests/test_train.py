@@ -25,6 +25,7 @@ from selfment_dist.model.backbone import DEFAULT_BACKBONE
 from selfment_dist.io.masks import decode_mask, encode_mask
 from selfment_dist.io.schema import decode_features, encode_features, error_row, pseudo_label_schema
 from selfment_dist.pipeline import train as train_mod
+from selfment_dist.pipeline._internal import faults
 from selfment_dist.pipeline.train import RUN_NAME, inspect_labels, run_train
 from selfment_dist.data.synthetic import make_patch_feature_batch
 
@@ -109,11 +110,15 @@ def trained(ray_local, feature_labels, tmp_path_factory):
     and fault-tolerance checks): 2 ranks, 14 epochs x 6 steps of 4 images per rank; a worker
     is killed after step 10 and Ray Train restarts the group from the checkpoint of step 8
     (checkpoints: every 4 steps + epoch ends). Each rank dumps its weights and its batch's keys
-    at every step (``debug_dir``). Returns (output, summary, debug folder)."""
+    at every step (the step dump of ``faults``). Returns (output, summary, debug folder)."""
     root = tmp_path_factory.mktemp("model")
     output, debug = str(root / "model"), root / "debug"
-    summary = run_train(feature_labels, output, fail_at_step=10, max_failures=1,
-                        debug_dir=str(debug), **TRAIN_KWARGS)
+    with pytest.MonkeyPatch.context() as mp:  # test seams: see pipeline/_internal/faults.py
+        mp.setenv(faults.TRAIN_EXIT_AT_STEP_ENV, "10")
+        mp.setenv(faults.MARKER_ENV, str(root / "fault-marker"))
+        mp.setenv(faults.STEP_DUMP_ENV, str(debug))
+        summary = run_train(feature_labels, output, max_failures=1, **TRAIN_KWARGS)
+    assert (root / "fault-marker").exists()  # the last rank did exit at step 10
     return output, summary, debug
 
 

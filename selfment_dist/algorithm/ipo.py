@@ -7,9 +7,6 @@ dot product with the foreground mean beats (strictly) the one with the backgroun
 that empties a side, return the all-foreground or all-background labels and stop; otherwise
 flip the labels when the new fg−bg direction points against ``ref``.
 
-``keep_previous_on_empty=True`` selects our earlier rule instead (off by default): an update
-that empties a side is discarded and the previous mask kept.
-
 Batched: the masked means of all images are two batched mat-vecs per iteration, and images that
 stopped or reached a fixed point are frozen while the rest continue.
 """
@@ -37,27 +34,23 @@ def _side_means(x: torch.Tensor, m: torch.Tensor, total: torch.Tensor):
     return mu_fg, mu_bg, n_fg, n_bg
 
 
-def ipo_refine(feats, mask, *, n_iter: int = 20, sample_size: int = 10,
-               keep_previous_on_empty: bool = False) -> torch.Tensor:
+def ipo_refine(feats, mask, *, n_iter: int = 20, sample_size: int = 10) -> torch.Tensor:
     """Refine coarse masks by iterative reassignment to the nearer side mean.
 
     Args:
         feats: (B, h, w, C) patch features (need not be normalised), any device.
         mask: (B, h, w) bool coarse foreground (e.g. from :func:`ncut_bipartition`).
         n_iter: maximum iterations; sample_size: minimum patches on each side to continue.
-        keep_previous_on_empty: keep the previous mask when an update empties a side (our old
-            rule) instead of returning the degenerate labels (official, default).
     Returns:
         (B, h, w) bool refined mask on the features' device.
     """
     x4 = as_unit_features(feats)
-    return _ipo_unit(x4, as_mask(mask, x4), n_iter=n_iter, sample_size=sample_size,
-                     keep_previous_on_empty=keep_previous_on_empty)
+    return _ipo_unit(x4, as_mask(mask, x4), n_iter=n_iter, sample_size=sample_size)
 
 
 @exact_math
 def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int, sample_size: int,
-              keep_previous_on_empty: bool = False, return_converged: bool = False):
+              return_converged: bool = False):
     """:func:`ipo_refine` of features already checked and normalised, mask already a bool
     tensor on their device. With ``return_converged`` also (B,) bool: the image reached a
     fixed point (not stopped by ``n_iter``, a too small side or an emptied side)."""
@@ -81,9 +74,8 @@ def _ipo_unit(x4: torch.Tensor, mask: torch.Tensor, *, n_iter: int, sample_size:
         new = scores[..., 0] > scores[..., 1]
         n_new = new.sum(1)
         empties = active & ((n_new == 0) | (n_new == h * w))
-        if not keep_previous_on_empty:
-            # Official: the degenerate relabelling is the result (no flip check on it).
-            m = torch.where(empties[:, None], new, m)
+        # Official: the degenerate relabelling is the result (no flip check on it).
+        m = torch.where(empties[:, None], new, m)
         active &= ~empties
         new_fg, new_bg, new_nf, new_nb = _side_means(x, new, total)
         flip = ((new_fg - new_bg) * ref).sum(-1) < 0

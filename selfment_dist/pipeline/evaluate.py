@@ -20,6 +20,7 @@ are counted, logged and listed in ``metrics.json``.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -213,14 +214,6 @@ def _shard_results(items: list[tuple[str, str, str]], predictions: str, masks: s
             next_log = (i + 1) / n + 0.1
 
 
-def _fan_out(items: list[tuple[str, str, str]], predictions: str, masks: str, *, name: str,
-             storage_options: dict | None, num_shards: int | None) -> list[tuple[str, dict | None, list]]:
-    """All results of :func:`_shard_results`, in the items' order."""
-    return [r for shard in _shard_results(items, predictions, masks, name=name,
-                                          storage_options=storage_options,
-                                          num_shards=num_shards) for r in shard]
-
-
 def evaluate_folders(predictions: str, masks: str, *, name: str = "default",
                      storage_options: dict | None = None,
                      num_shards: int | None = None) -> DatasetEvaluation:
@@ -308,7 +301,9 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
         datasets.append(evaluate_folders(s.predictions, s.masks, name=s.name,
                                          storage_options=storage_options, num_shards=num_shards))
     else:
-        from selfment_dist.pipeline import segment  # imported here: the segmentation stage is only needed in this mode
+        # The segment stage, looked up by name when this mode runs: stages do not import each
+        # other (and the model stack is loaded only where it is needed).
+        run_segment = importlib.import_module("selfment_dist.pipeline.segment").run_segment
 
         segment_options = {k: v for k, v in {
             "batch_size": s.batch_size, "num_actors": s.num_actors,
@@ -318,7 +313,7 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
         for bench, (images_uri, masks_uri) in s.benchmarks.items():
             pred_uri = join(output, "predictions", bench)
             logger.info("%s: segmenting %s with %s into %s", bench, images_uri, s.model, pred_uri)
-            summary = segment.run_segment(s.model, [images_uri], pred_uri,
+            summary = run_segment(s.model, [images_uri], pred_uri,
                                           image_size=s.image_size,
                                           storage_options=storage_options, **segment_options)
             dataset = evaluate_folders(pred_uri, masks_uri, name=bench,

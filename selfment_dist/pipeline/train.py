@@ -34,30 +34,32 @@ Fault tolerance and re-runs (Ray Train V2, the default in Ray 2.60):
 
 The code, by responsibility (each file reads top to bottom):
 
-    train.py               the driver: settings → labels → Ray Train → model artifact
-    _train_data.py         the labelled dataset: manifest and footers, Ray Data training rows
-    _train_worker.py       the worker loop (one DDP rank): batches → loss → Adam, in lockstep
-    _train_checkpoints.py  checkpoints and resume: progress, save/restore, the run's files
+    train.py                         the driver: settings → labels → Ray Train → model artifact
+    _internal/train_data.py          the labelled dataset: manifest and footers, training rows
+    _internal/train_spec.py          what each worker gets: the settings, whole, and a few facts
+    _internal/train_worker.py        the worker loop (one DDP rank): batches → loss → Adam
+    _internal/train_checkpoints.py   checkpoints and resume: progress, save/restore, run files
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
-from selfment_dist.model.artifact import META_NAME
+from selfment_dist.errors import UserValueError
 from selfment_dist.io.output_access import prepare_output
-from selfment_dist.io.storage import is_local, join, url_to_fs
+from selfment_dist.model.artifact import META_NAME
+from selfment_dist.io.storage import is_local, url_to_fs
 from selfment_dist.settings import TrainSettings, build_settings
 from selfment_dist.pipeline._internal.train_checkpoints import (CONFIG_NAME, RUN_NAME, check_same_run, read_json,
                                  save_model)
 from selfment_dist.pipeline._internal.train_data import LabelSet, arrow_fs, build_dataset, inspect_labels
 from selfment_dist.pipeline._internal.plan import wait_for_worker_nodes
+from selfment_dist.pipeline._internal import faults
+from selfment_dist.pipeline._internal.train_spec import TrainLoopSpec
 from selfment_dist.pipeline._internal.train_worker import DATASET, train_loop
-from selfment_dist.errors import UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +69,11 @@ __all__ = ["run_train", "inspect_labels", "LabelSet", "RUN_NAME", "CONFIG_NAME"]
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
-def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
-              debug_dir: str | None = None, **options: Any) -> dict:
+def run_train(*args: TrainSettings | str, **options: Any) -> dict:
     """Train the segmentation head on pseudo-labels with Ray Train and write the model artifact.
 
     Called as ``run_train(settings)`` with a :class:`TrainSettings` (every option, its default and
     range is declared there), or in the keyword form ``run_train(labels, output, **options)`` that builds one.
-
-    Args:
-        settings: the stage's settings.
-        fail_at_step: testing: the last worker exits hard once after this global step (a marker
-            file under ``output/_train`` keeps the retry from failing again).
-        debug_dir: testing/debugging: every rank writes its head weights and batch keys after
-            every step to this local folder (``rank<r>-step<s>.safetensors``/``.json``).
 
     Returns:
         The training summary (also stored in ``model.json`` under ``training``): ``status``
@@ -99,13 +93,9 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
 
     start = time.perf_counter()
     s = build_settings(TrainSettings, args, options)  # types, ranges, one confidence cut
-    labels, output, storage_options = s.labels, s.output, s.storage_options
-    lr = s.lr * {"none": 1.0, "sqrt": math.sqrt(s.batch_size),
-                 "linear": float(s.batch_size)}[s.lr_scaling]
-    fs, root = url_to_fs(output, storage_options)
+    fs, root = url_to_fs(s.output, s.storage_options)
     root = root.rstrip("/")
-    if is_local(fs):  # workers run in another working directory
-        output = root
+    output = root if is_local(fs) else s.output  # workers run in another working directory
     previous = read_json(fs, f"{root}/{CONFIG_NAME}")
     finished = read_json(fs, f"{root}/{META_NAME}")
     if finished is not None and previous is None:
@@ -113,18 +103,9 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
                          "here; choose a new output")
 
     # Labels: footers, manifest and small columns only; the workers read the rows.
-    ls = inspect_labels(labels, storage_options=storage_options, features=s.features,
+    ls = inspect_labels(s.labels, storage_options=s.storage_options, features=s.features,
                         min_confidence=s.min_confidence, keep_fraction=s.keep_fraction)
-    stored = ls.feature_source == "stored"
-    config = {"labels": labels.rstrip("/"), "feature_source": ls.feature_source,
-              "embed_dim": s.embed_dim, "batch_size": s.batch_size, "lr": lr,
-              "weight_decay": s.weight_decay, "sim_weight": s.sim_weight,
-              "temperature": s.temperature,
-              "seed": s.seed, "shuffle": s.shuffle, "contrastive": s.contrastive,
-              "epochs": s.epochs, "workers": s.workers, "use_gpu": s.use_gpu,
-              "checkpoint_every": s.checkpoint_every, "max_failures": s.max_failures,
-              "row_filter": ls.row_filter,
-              "backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size}
+    config = _config(s, ls)
     check_same_run(previous, config, output)
     if finished is not None and finished.get("training", {}).get("epochs", 0) >= s.epochs:
         logger.info("%s already holds the finished run (%d epochs); not training again",
@@ -136,9 +117,35 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
         json.dump({**config, "settings": s.record()}, f, indent=2)  # no secrets: record()
 
     ensure_ray(s.address)
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    spec, resources = _plan(s, ls, config)
+    result = _fit(s, ls, spec, resources, output)
+    summary = save_model(result, ls, config, output, s.storage_options,
+                         time.perf_counter() - start)
+    final = summary["final_loss"] or {}
+    logger.info("training done: %d epochs, %d steps, %d images in %.1fs (%.1f images/s while "
+                "training); final loss %.4f; model at %s", summary["epochs"], summary["steps"],
+                summary["images_seen"], summary["wall_s"], summary["train_images_per_s"],
+                final.get("total", float("nan")), output)
+    return summary
 
+
+def _config(s: TrainSettings, ls: LabelSet) -> dict:
+    """The run's config (``_train_config.json``; compared on every re-run)."""
+    lr = s.lr * {"none": 1.0, "sqrt": math.sqrt(s.batch_size),
+                 "linear": float(s.batch_size)}[s.lr_scaling]
+    return {"labels": s.labels.rstrip("/"), "feature_source": ls.feature_source,
+            "embed_dim": s.embed_dim, "batch_size": s.batch_size, "lr": lr,
+            "weight_decay": s.weight_decay, "sim_weight": s.sim_weight,
+            "temperature": s.temperature,
+            "seed": s.seed, "shuffle": s.shuffle, "contrastive": s.contrastive,
+            "epochs": s.epochs, "workers": s.workers, "use_gpu": s.use_gpu,
+            "checkpoint_every": s.checkpoint_every, "max_failures": s.max_failures,
+            "row_filter": ls.row_filter,
+            "backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size}
+
+
+def _plan(s: TrainSettings, ls: LabelSet, config: dict) -> tuple[TrainLoopSpec, dict | None]:
+    """The workers' spec and resources, once the nodes they need are there."""
     per_worker = ls.usable // s.workers
     if per_worker == 0:
         raise UserValueError(f"{ls.usable} usable pseudo-labels cannot feed {s.workers} workers")
@@ -148,48 +155,45 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
     if s.use_gpu:
         need.setdefault("GPU", 1.0)
     wait_for_worker_nodes(need, s.workers, s.worker_wait_s)
-    steps_per_epoch = math.ceil(per_worker / s.batch_size)
+    spec = TrainLoopSpec(settings=s, lr=config["lr"], feature_source=ls.feature_source,
+                         backbone=ls.backbone, weights=ls.weights, image_size=ls.image_size,
+                         in_dim=ls.feature_dim, grid=tuple(ls.grid), threads=threads,
+                         steps_per_epoch=math.ceil(per_worker / s.batch_size),
+                         log_level=logging.getLogger("selfment_dist").getEffectiveLevel())
     logger.info("training on %s: %d of %d rows (%d errors and %d low-confidence rows skipped, "
                 "filter %s), grid %s, features %s; %d workers (%s), %d epochs x ~%d steps of %d "
-                "images per worker -> %s", labels, ls.usable, ls.rows, ls.errors,
-                ls.low_confidence, ls.row_filter, ls.grid, config["feature_source"], s.workers,
-                resources or "1 GPU each", s.epochs, steps_per_epoch, s.batch_size, output)
+                "images per worker -> %s", s.labels, ls.usable, ls.rows, ls.errors,
+                ls.low_confidence, ls.row_filter, ls.grid, ls.feature_source, s.workers,
+                resources or "1 GPU each", s.epochs, spec.steps_per_epoch, s.batch_size,
+                s.output)
     logger.info("training config: %s", config)
+    return spec, resources
 
-    dataset = build_dataset(ls, stored=stored, storage_options=storage_options,
-                             max_pixels=s.max_pixels, shuffle=s.shuffle, seed=s.seed)
-    loop_config = {
-        **config, "in_dim": ls.feature_dim, "grid": list(ls.grid),
-        "storage_options": storage_options, "output_storage_options": storage_options,
-        "threads": threads, "steps_per_epoch": steps_per_epoch,
-        "fail_at_step": fail_at_step,
-        "fail_marker": join(output, RUN_NAME, f"fail-at-step-{fail_at_step}.marker"),
-        "debug_dir": os.path.abspath(debug_dir) if debug_dir else None, "log_level": logging.getLogger("selfment_dist").getEffectiveLevel(),
-    }
-    storage_fs, storage_path = arrow_fs(output, storage_options)
+
+def _fit(s: TrainSettings, ls: LabelSet, spec: TrainLoopSpec, resources: dict | None,
+         output: str):
+    """Ray Train over the labels; returns its result (the last checkpoint)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    dataset = build_dataset(ls, stored=ls.feature_source == "stored",
+                            storage_options=s.storage_options, max_pixels=s.max_pixels,
+                            shuffle=s.shuffle, seed=s.seed)
+    storage_fs, storage_path = arrow_fs(output, s.storage_options)
+    fault_env = faults.worker_env()  # tests only: see _internal/faults.py
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=s.workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            **({"worker_runtime_env": {"env_vars": fault_env}} if fault_env else {})),
         datasets={DATASET: dataset},
     )
-    result = trainer.fit()
-    summary = save_model(result, ls, config, output, storage_options, time.perf_counter() - start)
-    if fail_at_step is not None:
-        marker_fs, marker = url_to_fs(loop_config["fail_marker"], storage_options)
-        if marker_fs.exists(marker):
-            marker_fs.rm(marker)
-    final = summary["final_loss"] or {}
-    logger.info("training done: %d epochs, %d steps, %d images in %.1fs (%.1f images/s while "
-                "training); final loss %.4f; model at %s", summary["epochs"], summary["steps"],
-                summary["images_seen"], summary["wall_s"], summary["train_images_per_s"],
-                final.get("total", float("nan")), output)
-    return summary
+    return trainer.fit()
 
 
 # ---------------------------------------------------------------------------------------------

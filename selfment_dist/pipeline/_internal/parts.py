@@ -1,26 +1,10 @@
-"""Parquet-part outputs shared by the pipelines: atomic parts, resume by key, the manifest.
+"""Parquet-part outputs shared by the pipelines: atomic parts, resume by key, duplicates.
 
 A part is ``part-<run id>-<write task>.parquet`` and only ever appears complete: on local disk
 it is written under ``_tmp/`` and renamed; an object store publishes an object only when its
 upload completes. A re-run reads the ``key`` column of the complete parts (removing unreadable
-ones) and redoes only what is missing.
-
-A killed run can leave Ray workers behind for a few seconds (each worker has its own process
-group), and a write task among them may still publish a part. To keep such a part from
-duplicating keys that a re-run is redoing, a run registers itself in the manifest before it
-lists what is done, and a write task publishes only while its run is still the manifest's latest
-(*fencing*); the re-run waits :data:`FENCE_GRACE_S` for writes already past that check.
-
-One run per output at a time: a run holds a *lease* in the manifest (its id, host and driver pid,
-and a heartbeat renewed every :data:`HEARTBEAT_S`). A run that finds another run's live lease is
-refused at start (:class:`OutputBusyError`); a lease is dead when its heartbeat is older than
-:data:`LEASE_TTL_S`, or at once when its driver ran on this host and is gone (a killed run never
-blocks its re-run). Two runs starting in the same instant both write their lease, then read it
-back after :data:`LEASE_SETTLE_S`: the one whose lease was overwritten steps back. Should both
-still go on (a store slower than the settle time), write tasks publish only while their run holds
-the lease, and a run with a fenced write, or whose lease was taken, fails
-(:class:`FencedError`), never reports success. Every manifest write after the start is a
-read-modify-write of the stored manifest, never of a stale copy.
+ones) and redoes only what is missing. A write task publishes only while its run holds the
+output (fencing: see :mod:`.lease`).
 
 After writing, a run rewrites in place (atomically, under the same name) the parts that hold
 rows a re-run must redo (``error_kind`` ``transient``: dropped before the re-run lists what is
@@ -28,19 +12,9 @@ done) or rows whose key another container also gave (see :func:`resolve_duplicat
 """
 from __future__ import annotations
 
-from selfment_dist.errors import SelfmentUserError
-
-import errno
-import json
 import logging
-import os
 import re
-import socket
-import threading
-import time
-import uuid
-from datetime import datetime, timezone
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -48,32 +22,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from selfment_dist.io.storage import is_local, read_json, to_uri, url_to_fs
-from selfment_dist.stages import MANIFEST_NAME  # noqa: F401 (also imported from here)
+from selfment_dist.io.storage import is_local, url_to_fs
+from selfment_dist.pipeline._internal import faults
 from selfment_dist.pipeline._internal.done_keys import SortedKeys
-from selfment_dist.errors import FencedError, UserValueError  # noqa: F401 (FencedError: imported from here)
-from selfment_dist.versions import versions  # noqa: F401 (imported from here by the stages)
+from selfment_dist.pipeline._internal.lease import holder
+
+# Re-exported for the CLI, the chain and inspect, which name them from here.
+from selfment_dist.pipeline._internal.lease import FencedError, OutputBusyError  # noqa: F401
+from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, read_manifest  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 TMP_DIR = "_tmp"
-#: Seconds a re-run waits, after registering itself, for the publishes of an unfinished earlier
-#: run's leftover workers that passed the fencing check before the registration.
-FENCE_GRACE_S = 5.0
-#: Seconds between lease heartbeats, and the age at which a heartbeat counts as dead.
-HEARTBEAT_S = 5.0
-LEASE_TTL_S = 60.0
-#: Seconds a starting run waits before reading its lease back (two runs starting at once).
-LEASE_SETTLE_S = 0.5
-
-
-class OutputBusyError(SelfmentUserError, RuntimeError):
-    """Another live run holds the output."""
-
-
-#: Test hook (kill tests): seconds a write task pauses between writing a part and its fencing
-#: check, so that a test can freeze a writer there.
-PUBLISH_DELAY_ENV = "SELFMENT_TEST_PUBLISH_DELAY_S"
 PART_RE = re.compile(r"^part-(?P<run>[0-9a-f]+)-(?P<task>\d+)\.parquet$")
 
 
@@ -131,7 +91,7 @@ class PartsSink(Datasink):
                 writer.add_key_value_metadata({"selfment.feature_dim": str(feature_dim)})
             writer.close()
             writer = None
-            _test_pause()
+            faults.publish_pause()
             if not local and self._fenced(fs, root, name):
                 return _fenced_result(name)  # ``finally`` aborts the upload
             handle.close()  # the object store publishes the part here, complete
@@ -142,7 +102,7 @@ class PartsSink(Datasink):
             if handle is not None:  # failed mid-way (or fenced): never publish a partial part
                 _discard(handle)
         if local:
-            _test_pause()
+            faults.publish_pause()
             if self._fenced(fs, root, name):
                 fs.rm(target)
                 return _fenced_result(name)
@@ -169,12 +129,6 @@ class PartsSink(Datasink):
     def on_write_complete(self, write_result) -> None:
         self.results = [r for r in write_result.write_returns if r and r.get("file")]
         self.fenced = [r["fenced"] for r in write_result.write_returns if r and r.get("fenced")]
-
-
-def _test_pause() -> None:
-    delay = os.environ.get(PUBLISH_DELAY_ENV)
-    if delay:
-        time.sleep(float(delay))
 
 
 def _fenced_result(name: str) -> dict:
@@ -260,254 +214,6 @@ def count_parts(fs, root: str) -> dict:
         errors += md.num_rows - nulls
         files += 1
     return {"rows": rows, "errors": errors, "files": files, "feature_dim": feature_dim}
-
-
-def read_manifest(fs, root: str, name: str = MANIFEST_NAME) -> dict | None:
-    """The run manifest ``name`` at ``root``, or None where there is none yet."""
-    return read_json(fs, f"{root.rstrip('/')}/{name}")
-
-
-#: Spaces after the JSON of a manifest on local disk: room kept for the failure record, which
-#: :func:`write_manifest` writes in place when the disk is full (JSON allows trailing blanks).
-MANIFEST_SLACK = 8192
-
-
-def write_manifest(fs, root: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
-    """Replace the manifest ``name`` at ``root`` whole (atomic rename on local disk; an object
-    store replaces an object in one PUT).
-
-    On local disk a failed write leaves no temp file; when it failed because the disk is full,
-    the manifest is overwritten in place instead, within the room its slack keeps (not atomic,
-    but a run's last word, ``failed``, is not lost to a full disk)."""
-    path = f"{root.rstrip('/')}/{name}"
-    text = json.dumps(manifest, indent=2, sort_keys=False)
-    if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            with fs.open(tmp, "wt", encoding="utf-8") as f:
-                f.write(text + " " * MANIFEST_SLACK + "\n")
-            fs.mv(tmp, path)
-        except BaseException as exc:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            if not (isinstance(exc, OSError) and exc.errno in _DISK_FULL
-                    and _overwrite_in_place(path, text)):
-                raise
-    else:
-        with fs.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-
-
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-def _overwrite_in_place(path: str, text: str) -> bool:
-    """Write ``text`` over the file at ``path`` keeping its size (blanks after the JSON): no
-    new disk blocks on an overwrite-in-place file system. False when it does not fit."""
-    data = text.encode("utf-8")
-    try:
-        size = os.path.getsize(path)
-        if len(data) + 1 > size:
-            return False
-        with open(path, "r+b") as f:
-            f.write(data + b" " * (size - len(data) - 1) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        logger.debug("in-place manifest write failed: %s", exc)
-        return False
-    logger.warning("disk full: manifest %s rewritten in place", path)
-    return True
-
-
-def check_resume(previous: dict | None, config: dict, output: str, *, keys: tuple[str, ...],
-                 holds: str, same: str = "the same settings") -> None:
-    """Refuse to resume into ``output`` when its manifest's config differs from ``config`` in any
-    of ``keys`` (settings that change what a row holds; keys the old run did not record pass)."""
-    if not previous:
-        return
-    old = previous.get("config", {})
-    diff = [f"{k}: {old.get(k)!r} there, {config[k]!r} now" for k in keys
-            if k in old and old[k] != config[k]]
-    if diff:
-        raise UserValueError(f"{output} holds {holds} made with other settings ("
-                         + "; ".join(diff) + f"); resume with {same} or choose a new output")
-
-
-def outside_output(units: list[dict], fs, root: str) -> list[dict]:
-    """Drop input files that lie inside the output (an output folder under an input folder):
-    what a run writes there must not become input of the next run."""
-    prefix = to_uri(fs, root.rstrip("/")) + "/"
-    kept = [u for u in units if not u["uri"].startswith(prefix)]
-    if len(kept) < len(units):
-        logger.warning("ignoring %d input files inside the output %s", len(units) - len(kept),
-                       prefix)
-    return kept
-
-
-def list_inputs(inputs: list[str], output: str, storage_options: dict | None, *,
-                allow_empty: bool) -> tuple:
-    """``(fs, root, units)``: the output's filesystem and path, and the inputs' work units
-    outside it. Listed before anything is written, so a missing or empty input (an error unless
-    ``allow_empty``) or an output that is a file leaves no trace. ``units.skipped`` counts the
-    input files skipped on purpose (io/skip_rules.py), for the manifest and the summary."""
-    from selfment_dist.io.sources import Units, enumerate_units
-
-    fs, root = url_to_fs(output, storage_options)
-    if fs.isfile(root):
-        raise UserValueError(f"output {output} is a file; give a folder or prefix")
-    listed = enumerate_units(inputs, storage_options)
-    units = Units(outside_output(listed, fs, root), skipped=listed.skipped)
-    if not units and not allow_empty:
-        raise UserValueError(f"no images found in {', '.join(inputs)} (pass allow_empty / "
-                         "--allow-empty to accept empty inputs)")
-    return fs, root, units
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def register_run(manifest: dict, run_id: str) -> tuple[dict, list[str]]:
-    """Append run ``run_id`` (status ``running``) to ``manifest["runs"]``, and mark runs still
-    ``running`` there as ``interrupted`` (killed before they could say so).
-
-    Returns:
-        the new run entry (update it when the run ends), and the ids of those unfinished runs.
-    """
-    runs = manifest.setdefault("runs", [])
-    unfinished = [r["run_id"] for r in runs if r.get("status") == "running"]
-    for r in runs:
-        if r.get("status") == "running":
-            r["status"] = "interrupted"
-    entry = {"run_id": run_id, "started": now(), "status": "running"}
-    runs.append(entry)
-    return entry, unfinished
-
-
-def await_leftover_writers(unfinished: list[str], output: str) -> None:
-    """After registering, give the leftover workers of an unfinished run time to finish the
-    publishes that passed the fencing check before the registration (see module docstring)."""
-    if not unfinished:
-        return
-    logger.warning("run %s into %s did not finish (killed?); waiting %.0f s for writes of its "
-                   "leftover workers before resuming. Never run twice into one output at a "
-                   "time.", unfinished[-1], output, FENCE_GRACE_S)
-    time.sleep(FENCE_GRACE_S)
-
-
-def holder(manifest: dict) -> str | None:
-    """The run that owns the output: the lease holder, else (older manifests) the latest run."""
-    lease = manifest.get("lease")
-    if isinstance(lease, dict) and lease.get("run_id"):
-        return lease["run_id"]
-    runs = manifest.get("runs") or []
-    return runs[-1].get("run_id") if runs else None
-
-
-def _lease_alive(lease: dict) -> tuple[bool, float]:
-    """(alive, seconds since its heartbeat) of a lease read from a manifest."""
-    age = time.time() - float(lease.get("heartbeat") or 0)
-    if age > LEASE_TTL_S:
-        return False, age
-    if lease.get("host") == socket.gethostname() and lease.get("pid"):
-        try:
-            os.kill(int(lease["pid"]), 0)
-        except ProcessLookupError:
-            return False, age  # its driver is gone: killed
-        except PermissionError:
-            pass
-    return True, age
-
-
-def check_lease(manifest: dict | None, output: str, run_id: str) -> None:
-    """Raise :class:`OutputBusyError` when another run holds a live lease on ``output``."""
-    lease = (manifest or {}).get("lease")
-    if not isinstance(lease, dict) or lease.get("run_id") in (None, run_id) \
-            or lease.get("released"):
-        return
-    alive, age = _lease_alive(lease)
-    if alive:
-        raise OutputBusyError(
-            f"output {output} is in use by run {lease['run_id']} (host {lease.get('host')}, "
-            f"pid {lease.get('pid')}, heartbeat {age:.0f} s ago); wait for it to finish or "
-            f"choose another output (a killed run's lease expires {LEASE_TTL_S:.0f} s after its "
-            "last heartbeat)")
-
-
-def new_lease(run_id: str) -> dict:
-    return {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "heartbeat": time.time()}
-
-
-def confirm_lease(fs, root: str, name: str, run_id: str, output: str) -> None:
-    """Read the lease back after :data:`LEASE_SETTLE_S`; another run that wrote its lease in
-    the same instant wins if its write came last."""
-    time.sleep(LEASE_SETTLE_S)
-    fs.invalidate_cache(root)
-    manifest = read_manifest(fs, root, name) or {}
-    if holder(manifest) != run_id:
-        raise OutputBusyError(f"output {output} was taken by run {holder(manifest)} as this run "
-                              f"({run_id}) started; wait for it to finish or choose another "
-                              "output")
-
-
-class Lease:
-    """This run's hold on an output: heartbeats in a thread; every manifest change goes through
-    :meth:`update` (a read-modify-write under one lock, so heartbeats never clobber it)."""
-
-    def __init__(self, fs, root: str, name: str, run_id: str):
-        self.fs, self.root, self.name, self.run_id = fs, root, name, run_id
-        self.lost_to: str | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{run_id}", daemon=True)
-
-    def start(self) -> "Lease":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2 * HEARTBEAT_S)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self.update(lambda m: m["lease"].update(heartbeat=time.time()))
-            except Exception as exc:  # a missed beat is no failure; a lost lease is noted
-                logger.debug("lease heartbeat of run %s failed: %s", self.run_id, exc)
-            if self.lost_to:
-                return
-
-    def update(self, change: Callable[[dict], None], *, always: bool = False) -> dict:
-        """Apply ``change`` to the stored manifest and write it back, while this run holds the
-        lease (``always``: also after losing it; ``change`` must then touch only this run's
-        own entry). Returns the manifest as written (or as read, when nothing was written)."""
-        with self._lock:
-            self.fs.invalidate_cache(self.root)
-            manifest = read_manifest(self.fs, self.root, self.name) or {}
-            owner = holder(manifest)
-            if owner != self.run_id:
-                if self.lost_to is None:
-                    logger.error("run %s lost the output to run %s", self.run_id, owner)
-                self.lost_to = owner or "?"
-                if not always:
-                    return manifest
-            change(manifest)
-            write_manifest(self.fs, self.root, manifest, self.name)
-            return manifest
-
-
-def run_entry(manifest: dict, run_id: str) -> dict:
-    """This run's entry in ``manifest["runs"]`` (added back if another run's write dropped it)."""
-    runs = manifest.setdefault("runs", [])
-    for entry in runs:
-        if entry.get("run_id") == run_id:
-            return entry
-    entry = {"run_id": run_id}
-    runs.append(entry)
-    return entry
 
 
 def has_parts(fs, root: str) -> bool:

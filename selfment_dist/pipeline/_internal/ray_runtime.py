@@ -17,6 +17,7 @@ from selfment_dist.pipeline._internal.counters import (COUNTERS_PREFIX, HEAD_RES
                         RunCounters, count_replica_started, count_rows_here, read_counters,
                         split_counters, start_counters, stop_counters)
 from selfment_dist.defaults import MODEL_WORKERS
+from selfment_dist.pipeline._internal import faults
 from selfment_dist.pipeline._internal.plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
                     unschedulable_message)
 from selfment_dist.errors import UserValueError
@@ -128,14 +129,18 @@ def model_stage_args(udf_class, kwargs: dict, plan: dict, model_workers: str = "
     """``map_batches`` arguments of a model stage: ``udf_class(**kwargs)`` as an actor pool
     (:func:`model_pool_args`), or as tasks on warm workers that keep their replica between
     tasks and runs (:mod:`._warm`; at most ``plan["actors"]`` at a time)."""
+    fault_env = faults.worker_env()  # tests only: see _internal/faults.py
     if model_workers == "actors":
-        return {"fn": udf_class, "fn_constructor_kwargs": kwargs, **model_pool_args(plan)}
+        extra = {"runtime_env": {"env_vars": fault_env}} if fault_env else {}
+        return {"fn": udf_class, "fn_constructor_kwargs": kwargs, **model_pool_args(plan),
+                **extra}
     from selfment_dist.pipeline._internal.warm import run_on_warm_worker
 
+    env = {"env_vars": {**MODEL_WORKER_ENV["env_vars"], **fault_env}}
     return {"fn": run_on_warm_worker, "fn_kwargs": {"udf_class": udf_class, "kwargs": kwargs},
             "compute": ray.data.TaskPoolStrategy(size=plan["actors"]),
             "num_cpus": plan["num_cpus"], "scheduling_strategy": "SPREAD",
-            "max_retries": MAX_TASK_RETRIES, "runtime_env": MODEL_WORKER_ENV}
+            "max_retries": MAX_TASK_RETRIES, "runtime_env": env}
 
 
 @contextlib.contextmanager

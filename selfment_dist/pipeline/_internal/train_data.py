@@ -9,7 +9,6 @@ dropped as they are read.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,15 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from selfment_dist.io.storage import is_local, url_to_fs
 from selfment_dist.errors import UserInputNotFoundError, UserValueError
+from selfment_dist.io.storage import is_local, url_to_fs
+from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, read_manifest
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LabelSet", "inspect_labels", "load_images", "build_dataset", "arrow_fs",
            "MANIFEST_NAME"]
 
-MANIFEST_NAME = "_selfment.json"  # the pseudo-label manifest (pipeline.pseudo_label)
 _CONTAINER_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".tgz")
 # Label sets smaller than this (as the workers will see them) are materialised in the object
 # store once instead of being read again every epoch.
@@ -145,61 +144,12 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
     root = root.rstrip("/")
     if not fs.exists(root):
         raise UserInputNotFoundError(f"no pseudo-labels at {labels}: run `selfment pseudo-label` first")
-    manifest_path = f"{root}/{MANIFEST_NAME}"
-    if not fs.exists(manifest_path):
-        raise UserValueError(f"{labels} has no {MANIFEST_NAME} manifest: it is not the output of "
-                         "`selfment pseudo-label` (the manifest names the backbone to train for)")
-    with fs.open(manifest_path, "rt", encoding="utf-8") as f:
-        manifest = json.load(f)
-    config = manifest.get("config", manifest)
-    try:
-        backbone, weights = str(config["backbone"]), str(config["weights"])
-        image_size = int(config["image_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserValueError(f"{labels}/{MANIFEST_NAME} lacks backbone/weights/image_size") from exc
-    if manifest.get("status", "complete") != "complete":
-        logger.warning("labels at %s come from an unfinished pseudo-label run (status %r); "
-                       "training on the rows present", labels, manifest.get("status"))
-
+    manifest, (backbone, weights, image_size) = _label_manifest(fs, root, labels)
     paths = _parquet_parts(fs, root)
     if not paths:
         raise UserValueError(f"no pseudo-label parquet files in {labels}")
-    rows = errors = 0
-    grids: set[tuple[int, int]] = set()
-    has_features = True
-    feature_dim = manifest.get("feature_dim")
-    containers: list[str] = []  # a few usable rows whose image is inside a container
-    confidences, no_objects = [], []
-    has_quality = True
-    required = {"key", "source", "grid_h", "grid_w", "mask", "error"}
-    for path in paths:
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            names = set(pf.schema_arrow.names)
-            if required - names:
-                raise UserValueError(f"{path}: not a pseudo-label part, missing columns "
-                                 f"{sorted(required - names)}")
-            has_features &= "features" in names
-            kv = pf.metadata.metadata or {}
-            if feature_dim is None and b"selfment.feature_dim" in kv:
-                feature_dim = int(kv[b"selfment.feature_dim"])
-            has_quality &= {"confidence", "no_object"} <= names
-            quality = ["confidence", "no_object"] if has_quality else []
-            table = pf.read(columns=["grid_h", "grid_w", "error", "source", *quality])
-        ok = table.filter(table.column("error").is_null())
-        # Rows written without scores (null confidence) make the set unfilterable, as a whole:
-        # the driver's counts and the workers' filter must agree row for row.
-        if has_quality and ok.column("confidence").null_count:
-            has_quality = False
-        if has_quality:
-            confidences.append(ok.column("confidence").to_numpy(zero_copy_only=False))
-            no_objects.append(ok.column("no_object").to_numpy(zero_copy_only=False))
-        rows += table.num_rows
-        errors += table.num_rows - ok.num_rows
-        grids.update(zip(ok.column("grid_h").to_pylist(), ok.column("grid_w").to_pylist()))
-        if len(containers) < 3:
-            containers += [s for s in ok.column("source").to_pylist()
-                           if str(s).lower().endswith(_CONTAINER_SUFFIXES)][:3]
+    scan = _scan_parts(fs, paths, manifest.get("feature_dim"))
+    rows, errors, grids = scan.rows, scan.errors, scan.grids
     if rows == 0:
         raise UserValueError(f"the pseudo-labels at {labels} are empty (0 rows)")
     if rows == errors:
@@ -207,20 +157,23 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
     if len(grids) != 1:
         raise UserValueError(f"pseudo-labels at {labels} mix patch grids {sorted(grids)}; one "
                          "pseudo-label run (one image size) per training set")
-    if features == "stored" and not has_features:
+    if features == "stored" and not scan.has_features:
         raise UserValueError(f"features='stored' but the pseudo-labels at {labels} have no "
                          "features column (pseudo-label with --save-features)")
-    stored = has_features and features != "backbone"
-    if not stored and containers:
+    stored = scan.has_features and features != "backbone"
+    if not stored and scan.containers:
         raise UserValueError(
             f"training through the backbone re-reads each image from its file, but some images "
-            f"of {labels} sit inside parquet/tar containers (e.g. {containers[0]}); "
+            f"of {labels} sit inside parquet/tar containers (e.g. {scan.containers[0]}); "
             "pseudo-label those inputs with --save-features and train on the stored features")
+    feature_dim = scan.feature_dim
     if stored and feature_dim is None:
         feature_dim = _feature_dim_from_rows(fs, paths)
+    has_quality = scan.has_quality
     row_filter, low_confidence = _confidence_filter(
-        np.concatenate(confidences).astype(np.float32) if has_quality else np.zeros(0, np.float32),
-        np.concatenate(no_objects).astype(bool) if has_quality else None,
+        np.concatenate(scan.confidences).astype(np.float32) if has_quality
+        else np.zeros(0, np.float32),
+        np.concatenate(scan.no_objects).astype(bool) if has_quality else None,
         min_confidence=min_confidence, keep_fraction=keep_fraction, labels=labels)
     if rows - errors - low_confidence == 0:
         raise UserValueError(f"the confidence filter ({row_filter['rule']}, threshold "
@@ -231,6 +184,75 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
                     feature_dim=int(feature_dim) if stored else None,
                     backbone=backbone, weights=weights, image_size=image_size, manifest=manifest,
                     low_confidence=low_confidence, row_filter=row_filter)
+
+
+def _label_manifest(fs, root: str, labels: str) -> tuple[dict, tuple[str, str, int]]:
+    """The labels' manifest and the backbone it names: (backbone, weights, image_size)."""
+    manifest = read_manifest(fs, root, MANIFEST_NAME)
+    if manifest is None:
+        raise UserValueError(f"{labels} has no {MANIFEST_NAME} manifest: it is not the output of "
+                         "`selfment pseudo-label` (the manifest names the backbone to train for)")
+    config = manifest.get("config", manifest)
+    try:
+        backbone, weights = str(config["backbone"]), str(config["weights"])
+        image_size = int(config["image_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserValueError(f"{labels}/{MANIFEST_NAME} lacks backbone/weights/image_size") from exc
+    if manifest.get("status", "complete") != "complete":
+        logger.warning("labels at %s come from an unfinished pseudo-label run (status %r); "
+                       "training on the rows present", labels, manifest.get("status"))
+    return manifest, (backbone, weights, image_size)
+
+
+@dataclass
+class _Scan:
+    """What the parts' footers and small columns say (see :func:`_scan_parts`)."""
+
+    rows: int = 0
+    errors: int = 0
+    grids: set = field(default_factory=set)
+    has_features: bool = True
+    feature_dim: int | None = None
+    containers: list = field(default_factory=list)  # a few usable rows inside a container
+    has_quality: bool = True
+    confidences: list = field(default_factory=list)
+    no_objects: list = field(default_factory=list)
+
+
+def _scan_parts(fs, paths: list[str], feature_dim: int | None) -> _Scan:
+    """Rows, error rows, grids, feature and quality columns of the parts at ``paths``."""
+    scan = _Scan(feature_dim=feature_dim)
+    required = {"key", "source", "grid_h", "grid_w", "mask", "error"}
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            if required - names:
+                raise UserValueError(f"{path}: not a pseudo-label part, missing columns "
+                                 f"{sorted(required - names)}")
+            scan.has_features &= "features" in names
+            kv = pf.metadata.metadata or {}
+            if scan.feature_dim is None and b"selfment.feature_dim" in kv:
+                scan.feature_dim = int(kv[b"selfment.feature_dim"])
+            scan.has_quality &= {"confidence", "no_object"} <= names
+            quality = ["confidence", "no_object"] if scan.has_quality else []
+            table = pf.read(columns=["grid_h", "grid_w", "error", "source", *quality])
+        ok = table.filter(table.column("error").is_null())
+        # Rows written without scores (null confidence) make the set unfilterable, as a whole:
+        # the driver's counts and the workers' filter must agree row for row.
+        if scan.has_quality and ok.column("confidence").null_count:
+            scan.has_quality = False
+        if scan.has_quality:
+            scan.confidences.append(ok.column("confidence").to_numpy(zero_copy_only=False))
+            scan.no_objects.append(ok.column("no_object").to_numpy(zero_copy_only=False))
+        scan.rows += table.num_rows
+        scan.errors += table.num_rows - ok.num_rows
+        scan.grids.update(zip(ok.column("grid_h").to_pylist(), ok.column("grid_w").to_pylist()))
+        if len(scan.containers) < 3:
+            scan.containers += [s for s in ok.column("source").to_pylist()
+                                if str(s).lower().endswith(_CONTAINER_SUFFIXES)][:3]
+    return scan
+
 
 
 def _parquet_parts(fs, root: str) -> list[str]:

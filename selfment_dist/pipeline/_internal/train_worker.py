@@ -8,9 +8,7 @@ together); losses are averaged over the ranks' images; metrics and checkpoints g
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -18,9 +16,10 @@ import torch
 
 from selfment_dist.model.head import PatchHead
 from selfment_dist.io.masks import decode_mask
-from selfment_dist.io.storage import url_to_fs
 from selfment_dist.model.losses import selfment_loss
+from selfment_dist.pipeline._internal import faults
 from selfment_dist.pipeline._internal.train_checkpoints import LOSS_KEYS, Progress, report, restore
+from selfment_dist.pipeline._internal.train_spec import TrainLoopSpec
 
 logger = logging.getLogger(__name__)
 
@@ -39,35 +38,34 @@ _REPORT_EVERY_S = 5.0
 # The loop
 
 def train_loop(config: dict) -> None:
-    """Ray Train per-worker function (see the module docstring for what it does)."""
+    """Ray Train per-worker function (see the module docstring for what it does).
+
+    ``config``: ``{"spec": TrainLoopSpec}`` (Ray Train hands the loop one dict).
+    """
     import ray.train
     import ray.train.torch
 
-    _worker_logging(config["log_level"])
+    spec: TrainLoopSpec = config["spec"]
+    s = spec.settings
+    _worker_logging(spec.log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if config["threads"]:
-        torch.set_num_threads(config["threads"])
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
     amp = device.type == "cuda"
-    grid = tuple(config["grid"])
+    grid = tuple(spec.grid)
 
-    backbone, head, optimizer, progress = _build(config, device, rank)
+    backbone, head, optimizer, progress = _build(spec, device, rank)
     in_dim = head.in_dim
     model = ray.train.torch.prepare_model(head)  # DDP over the workers (no-op for one)
 
     shard = ray.train.get_dataset_shard(DATASET)
-    batch_size, epochs = config["batch_size"], config["epochs"]
+    epochs = s.epochs
     window = _Window()
     last_log = last_report = time.perf_counter()
     for epoch in range(progress.epoch, epochs):
-        local = config["shuffle"] == "local"  # "full": the dataset is reshuffled per epoch
-        batches = iter(shard.iter_batches(
-            batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
-            local_shuffle_buffer_size=4 * batch_size if local else None,
-            local_shuffle_seed=config["seed"] * 100_003 + epoch if local else None))
-        for _ in range(progress.step_in_epoch):  # resumed mid-epoch: skip what was done
-            next(batches, None)
+        batches = _epoch_batches(shard, s, epoch, progress.step_in_epoch)
         mark = time.perf_counter()
         batch = next(batches, None)
         have, _ = _sync_flags(batch is not None, False, world, device)
@@ -77,9 +75,8 @@ def train_loop(config: dict) -> None:
             feats, labels = _to_tensors(batch, backbone, grid, in_dim, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
                 logits, emb = model(feats)
-            losses = selfment_loss(logits, emb, labels, sim_weight=config["sim_weight"],
-                                   temperature=config["temperature"],
-                                   contrastive=config["contrastive"])
+            losses = selfment_loss(logits, emb, labels, sim_weight=s.sim_weight,
+                                   temperature=s.temperature, contrastive=s.contrastive)
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             optimizer.step()
@@ -91,15 +88,13 @@ def train_loop(config: dict) -> None:
             values, n_images = _mean_over_ranks(losses, len(labels), world, device)
             progress.add_step(values, n_images, step_s)
             window.add(values, n_images)
-            if config["debug_dir"]:
-                _dump(config["debug_dir"], rank, progress.global_step, head, batch["key"])
-            _maybe_fail(config, rank, world, progress.global_step)
+            faults.train_step(rank, world, progress.global_step, head, batch["key"])  # tests
 
             # Every rank learns whether the epoch goes on and whether rank 0 wants a report.
             nxt = next(batches, None)
             want = rank == 0 and time.perf_counter() - last_report >= _REPORT_EVERY_S
             have, report_now = _sync_flags(nxt is not None, want, world, device)
-            save = not have or progress.global_step % config["checkpoint_every"] == 0
+            save = not have or progress.global_step % s.checkpoint_every == 0
             metrics = {"epoch": epoch + 1, "step": progress.global_step,
                        "images_seen": progress.images_seen, **window.means()}
             if not have:  # epoch end
@@ -107,7 +102,7 @@ def train_loop(config: dict) -> None:
                 metrics.update({f"epoch_{k}": record[k] for k in LOSS_KEYS})
             if rank == 0 and (not have or time.perf_counter() - last_log >= _LOG_EVERY_S):
                 last_log = time.perf_counter()
-                _log_progress(progress, epoch, epochs, config["steps_per_epoch"],
+                _log_progress(progress, epoch, epochs, spec.steps_per_epoch,
                               window.means(), not have)
             if save or report_now:
                 report(metrics, progress, head, optimizer, save, rank)
@@ -119,33 +114,45 @@ def train_loop(config: dict) -> None:
             mark = now
 
 
-def _build(config: dict, device: torch.device, rank: int):
+def _epoch_batches(shard, s, epoch: int, done_steps: int):
+    """This rank's batches of ``epoch``, past the ``done_steps`` a resumed run already did."""
+    local = s.shuffle == "local"  # "full": the dataset is reshuffled per epoch
+    batches = iter(shard.iter_batches(
+        batch_size=s.batch_size, batch_format="numpy", prefetch_batches=2,
+        local_shuffle_buffer_size=4 * s.batch_size if local else None,
+        local_shuffle_seed=s.seed * 100_003 + epoch if local else None))
+    for _ in range(done_steps):  # resumed mid-epoch: skip what was done
+        next(batches, None)
+    return batches
+
+
+def _build(spec: TrainLoopSpec, device: torch.device, rank: int):
     """(frozen backbone or None, head, Adam, progress), restored from Ray Train's checkpoint
     when this is a restart or a resumed run."""
     import ray.train
 
+    s = spec.settings
     backbone = None
-    in_dim = config["in_dim"]
-    if config["feature_source"] == "backbone":
+    in_dim = spec.in_dim
+    if spec.feature_source == "backbone":
         from selfment_dist.model.backbone import build_backbone
-        backbone = build_backbone(config["backbone"], weights=config["weights"],
-                                  image_size=config["image_size"], device=device,
-                                  storage_options=config["storage_options"])
-        if tuple(backbone.grid) != tuple(config["grid"]):
-            raise ValueError(f"backbone grid {backbone.grid} != pseudo-label grid {config['grid']}")
+        backbone = build_backbone(spec.backbone, weights=spec.weights,
+                                  image_size=spec.image_size, device=device,
+                                  storage_options=s.storage_options)
+        if tuple(backbone.grid) != tuple(spec.grid):
+            raise ValueError(f"backbone grid {backbone.grid} != pseudo-label grid {spec.grid}")
         in_dim = backbone.embed_dim
 
-    torch.manual_seed(config["seed"])
-    head = PatchHead(in_dim, config["embed_dim"]).to(device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=config["lr"],
-                                 weight_decay=config["weight_decay"])
-    progress = Progress(in_dim=in_dim, embed_dim=config["embed_dim"])
+    torch.manual_seed(s.seed)
+    head = PatchHead(in_dim, s.embed_dim).to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=spec.lr, weight_decay=s.weight_decay)
+    progress = Progress(in_dim=in_dim, embed_dim=s.embed_dim)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             progress = restore(d, head, optimizer, device)
         progress.resumes.append(progress.global_step)
-        if rank == 0 and progress.epoch >= config["epochs"]:
+        if rank == 0 and progress.epoch >= s.epochs:
             logger.info("the checkpoint of step %d already has %d epochs: nothing to train",
                         progress.global_step, progress.epoch)
         elif rank == 0:
@@ -259,36 +266,3 @@ def _log_progress(progress: Progress, epoch: int, epochs: int, steps_est: int,
         logger.info("epoch %d/%d step %d/~%d: loss %.4f (bce %.4f, dice %.4f, contrastive %.4f)",
                     epoch + 1, epochs, progress.step_in_epoch, steps_est, values["total"],
                     values["bce"], values["dice"], values["contrastive"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Testing and debugging hooks
-
-def _maybe_fail(config: dict, rank: int, world: int, step: int) -> None:
-    """Fault injection (tests): the last rank exits hard once, at ``fail_at_step``."""
-    if config["fail_at_step"] is None or step != config["fail_at_step"] or rank != world - 1:
-        return
-    fs, marker = url_to_fs(config["fail_marker"], config["output_storage_options"])
-    if fs.exists(marker):
-        return
-    fs.pipe_file(marker, b"failed once\n")
-    import ray.train
-    from ray.train import CheckpointConsistencyMode
-
-    # Let Ray Train commit the checkpoints reported so far, so the resume point is known.
-    ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED,
-                                           timeout_s=60)
-    logger.warning("fault injection: rank %d exits at step %d", rank, step)
-    os._exit(1)
-
-
-def _dump(directory: str, rank: int, step: int, head: PatchHead, keys) -> None:
-    """Debug hook: this rank's head weights and batch keys after ``step``."""
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    stem = os.path.join(directory, f"rank{rank}-step{step}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-              stem + ".safetensors")
-    with open(stem + ".json", "w", encoding="utf-8") as f:
-        json.dump([str(k) for k in keys], f)

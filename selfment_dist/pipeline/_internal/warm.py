@@ -25,6 +25,10 @@ _WARM: dict = {}  # this worker process's replica: {"key": str, "udf": object}
 
 def _key(udf_class, kwargs: dict) -> str:
     fixed = {k: v for k, v in kwargs.items() if k not in PER_RUN}
+    # A class built from whole settings objects names what of them makes its replica (the
+    # rest, such as the output, changes from run to run and must not rebuild the model).
+    if hasattr(udf_class, "replica_key"):
+        fixed = udf_class.replica_key(**fixed)
     return json.dumps([udf_class.__module__, udf_class.__qualname__, fixed], sort_keys=True,
                       default=repr)
 
