@@ -34,8 +34,11 @@ def driver_uses_token_auth(address: str) -> bool:
     mode = os.environ.get(AUTH_MODE_ENV)
     if mode is not None:
         return mode.strip().lower() == "token"
-    if address not in ("auto",):
-        return False
+    return address == "auto" and _token_available()
+
+
+def _token_available() -> bool:
+    """A token Ray would load (``RAY_AUTH_TOKEN``, its path variable, ``~/.ray/auth_token``)."""
     from ray._raylet import AuthenticationTokenLoader
 
     return bool(AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True))
