@@ -18,6 +18,7 @@ from selfment_dist.pipeline._internal.counters import (COUNTERS_PREFIX, HEAD_RES
                         split_counters, start_counters, stop_counters)
 from selfment_dist.defaults import MODEL_WORKERS
 from selfment_dist.pipeline._internal import faults
+from selfment_dist.pipeline._internal.ray_auth import match_cluster_auth
 from selfment_dist.pipeline._internal.plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
                     unschedulable_message)
 from selfment_dist.errors import UserValueError
@@ -47,7 +48,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
       ``ray.init``): nothing changes; ``address`` and ``num_cpus`` are ignored.
     - ``address`` given (``"auto"``, ``"HOST:PORT"``, ``"ray://HOST:10001"``), or ``RAY_ADDRESS``
       set in the environment (how Ray Jobs entrypoints find their cluster): connect to that cluster;
-      ``num_cpus`` is ignored (the cluster owns its resources).
+      ``num_cpus`` is ignored (the cluster owns its resources). The connection takes the
+      cluster's token-auth mode (:mod:`.ray_auth`: a token-auth driver on a cluster without
+      it would lose every actor at start).
     - Otherwise: start a local Ray inside this process (``address="local"``, so a stray
       ``ray start`` on the same machine is never attached silently), with ``num_cpus`` CPUs
       (default: all) and no dashboard. Workers' output reaches the driver's terminal.
@@ -65,6 +68,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> bo
             logger.warning("num_cpus=%s ignored: connecting to an existing Ray cluster at %s",
                            num_cpus, target)
         logger.info("Connecting to Ray at %s", target)
+        # A token-auth driver on a cluster without token auth loses every actor at start.
+        match_cluster_auth(str(target))
         ray.init(address=target, log_to_driver=True)
     else:
         logger.info("Starting a local Ray (num_cpus=%s)", num_cpus if num_cpus else "all")
