@@ -21,8 +21,9 @@ Guarantees:
   keys are tried again. parquet: keys present in complete parts are skipped, failed rows included
   (the row records the failure), as in ``selfment pseudo-label``. A re-run with another model,
   ``image_size`` or output format into the same output is refused.
-- Maps are at the image's original size (after EXIF orientation): ``round(255 * s)`` of the
-  bilinearly upsampled (``align_corners=False``) patch saliency ``s``.
+- Maps are at the image's original size (after EXIF orientation; ``exif_orientation=False``:
+  as stored, the official inference's frame): ``floor(255 * s)`` (``quantize="round"``:
+  ``round(255 * s)``) of the bilinearly upsampled (``align_corners=False``) patch saliency ``s``.
 """
 from __future__ import annotations
 
@@ -79,9 +80,10 @@ SEGMENT_SCHEMA = pa.schema(
      pa.field("png", pa.binary()),        # 8-bit greyscale PNG of the map, width x height
      pa.field("error", pa.string())],     # null when fine
     metadata={b"selfment.contract": b"saliency-maps/1",
-              b"selfment.png": b"8-bit L, round(255 * saliency), original size"})
+              b"selfment.png": b"8-bit L, floor (or round) of 255 * saliency, original size"})
 # Settings that change what a map holds: a re-run into an existing output must match them.
-_RESUME_KEYS = ("model_fingerprint", "image_size", "output_format", "max_pixels", "max_bytes")
+_RESUME_KEYS = ("model_fingerprint", "image_size", "output_format", "max_pixels", "max_bytes",
+                "exif_orientation", "quantize")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,12 +148,15 @@ class SegmentActor:
 # ---------------------------------------------------------------------------------------------
 # Stage 3: maps at the original size
 
-def render_map(saliency: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Patch saliency float (h, w) → uint8 (height, width) map, ``round(255 * s)``."""
-    return to_uint8(upsample(saliency, (height, width)))
+def render_map(saliency: np.ndarray, width: int, height: int, quantize: str = "floor"
+               ) -> np.ndarray:
+    """Patch saliency float (h, w) → uint8 (height, width) map, ``floor(255 * s)`` by default
+    (the official code; see :func:`~selfment_dist.model.maps.to_uint8`)."""
+    return to_uint8(upsample(saliency, (height, width)), quantize)
 
 
-def overlay_jpeg(data: bytes, level: np.ndarray, *, max_pixels: int | None) -> bytes:
+def overlay_jpeg(data: bytes, level: np.ndarray, *, max_pixels: int | None,
+                 exif_orientation: bool = True) -> bytes:
     """The original image with the foreground tinted: JPEG bytes at the map's size.
 
     Args:
@@ -162,7 +167,7 @@ def overlay_jpeg(data: bytes, level: np.ndarray, *, max_pixels: int | None) -> b
 
     from PIL import Image
 
-    image = decode_image(data, max_pixels=max_pixels)
+    image = decode_image(data, max_pixels=max_pixels, exif_orientation=exif_orientation)
     if image.size != (level.shape[1], level.shape[0]):
         raise ValueError(f"image is {image.size[0]}x{image.size[1]}, map is "
                          f"{level.shape[1]}x{level.shape[0]}")
@@ -195,8 +200,10 @@ class _PngSink(Datasink):
     and the failed keys."""
 
     def __init__(self, output: str, *, overlays: bool, max_pixels: int | None,
-                 storage_options: dict | None):
+                 storage_options: dict | None, quantize: str = "floor",
+                 exif_orientation: bool = True):
         self.output = output
+        self.quantize, self.exif_orientation = quantize, exif_orientation
         self.overlays = overlays
         self.max_pixels = max_pixels
         self.storage_options = storage_options
@@ -228,11 +235,12 @@ class _PngSink(Datasink):
                     try:
                         _check_key(key)
                         level = render_map(batch["saliency"][i], int(batch["width"][i]),
-                                           int(batch["height"][i]))
+                                           int(batch["height"][i]), self.quantize)
                         if self.overlays:  # first: the PNG marks the key done
                             self._put(fs, f"{root}/{OVERLAY_DIR}/{key}.jpg",
                                       overlay_jpeg(batch["data"][i], level,
-                                                   max_pixels=self.max_pixels))
+                                                   max_pixels=self.max_pixels,
+                                                   exif_orientation=self.exif_orientation))
                         self._put(fs, f"{root}/{key}.png", to_png_bytes(level))
                         images += 1
                         continue
@@ -253,7 +261,7 @@ class _TableSink(PartsSink):
         return "WriteSaliencyTable"
 
 
-def render_table(batch: dict[str, np.ndarray]) -> pa.Table:
+def render_table(batch: dict[str, np.ndarray], quantize: str = "floor") -> pa.Table:
     """Parquet output: the actor's batch → rows of :data:`SEGMENT_SCHEMA` (Ray Data UDF)."""
     cols: dict[str, list] = {name: [] for name in SEGMENT_SCHEMA.names}
     for i in range(len(batch["key"])):
@@ -262,7 +270,7 @@ def render_table(batch: dict[str, np.ndarray]) -> pa.Table:
         png = None
         if error is None:
             try:
-                png = to_png_bytes(render_map(batch["saliency"][i], width, height))
+                png = to_png_bytes(render_map(batch["saliency"][i], width, height, quantize))
             except Exception as exc:
                 error = f"cannot render map: {type(exc).__name__}: {exc}"[:500]
         cols["key"].append(str(batch["key"][i]))
@@ -353,7 +361,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
               "trained_image_size": meta.get("image_size"), "image_size": image_size,
               "output_format": s.output_format, "overlays": bool(s.overlays),
               "batch_size": int(s.batch_size), "max_pixels": s.max_pixels,
-              "max_bytes": s.max_bytes,
+              "max_bytes": s.max_bytes, "exif_orientation": s.exif_orientation,
+              "quantize": s.quantize,
               "num_actors": plan["actors"], "num_gpus_per_actor": plan["num_gpus"]}
     logger.info("segment run %s: %s -> %s, config %s", run_id, inputs, output, config)
 
@@ -392,7 +401,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
             overlays=s.overlays, rows_per_file=s.rows_per_file or _ROWS_PER_FILE,
             storage_options=storage_options, plan=plan,
             max_pixels=s.max_pixels, max_bytes=s.max_bytes, progress=s.progress, lease=lease,
-            actor_wait_s=s.actor_wait_s, model_workers=s.model_workers)
+            actor_wait_s=s.actor_wait_s, model_workers=s.model_workers,
+            quantize=s.quantize, exif_orientation=s.exif_orientation)
     except BaseException as exc:
         lease.stop()
         try:
@@ -442,7 +452,8 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
              output: str, model: str, image_size: int, batch_size: int, output_format: str,
              overlays: bool, rows_per_file: int, storage_options, plan: dict, max_pixels,
              max_bytes, progress: bool, lease: Lease, actor_wait_s: float | None,
-             model_workers: str = "actors") -> tuple[dict, list[dict]]:
+             model_workers: str = "actors", quantize: str = "floor",
+             exif_orientation: bool = True) -> tuple[dict, list[dict]]:
     """The run proper, once this run holds the output. Returns the counts and failed rows."""
     if output_format != "png":  # a PNG map rewritten by two runs is the same file
         await_leftover_writers(unfinished, output)
@@ -473,7 +484,8 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
                     fn_kwargs={"image_size": image_size, "max_pixels": max_pixels,
                                "max_bytes": max_bytes,
                                "storage_options": storage_options, "skip_ref": skip_ref,
-                               "rows_per_batch": batch_size, "keep_data": overlays},
+                               "rows_per_batch": batch_size, "keep_data": overlays,
+                               "exif_orientation": exif_orientation},
                     num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
                     max_retries=MAX_RETRIES)
                 ds = ds.map_batches(
@@ -485,13 +497,15 @@ def _segment(ray, fs, root: str, units: list[dict], unfinished: list[str], *, ru
                         "counters": counters}, plan, model_workers))
                 if output_format == "parquet":
                     ds = ds.map_batches(render_table, batch_format="numpy",
+                                        fn_kwargs={"quantize": quantize},
                                         udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
                                         max_retries=MAX_RETRIES)
                     sink = _TableSink(output, SEGMENT_SCHEMA, run_id, rows_per_file,
                                       storage_options, manifest=MANIFEST_NAME)
                 else:
                     sink = _PngSink(output, overlays=overlays, max_pixels=max_pixels,
-                                    storage_options=storage_options)
+                                    storage_options=storage_options, quantize=quantize,
+                                    exif_orientation=exif_orientation)
             with progress_bars(progress), warnings.catch_warnings(), \
                     bounded_actor_start(plan, actor_wait_s, "segment", probe=False):
                 warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")

@@ -53,6 +53,7 @@ from selfment_dist.io.storage import is_local, join, url_to_fs
 from selfment_dist.settings import TrainSettings, build_settings
 from selfment_dist.pipeline._internal.train_checkpoints import (CONFIG_NAME, RUN_NAME, check_same_run, read_json,
                                  save_model)
+from selfment_dist.defaults import resolve_precision
 from selfment_dist.pipeline._internal.train_data import LabelSet, arrow_fs, build_dataset, inspect_labels
 from selfment_dist.pipeline._internal.plan import wait_for_worker_nodes
 from selfment_dist.pipeline._internal.train_worker import DATASET, train_loop
@@ -112,7 +113,8 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
 
     # Labels: footers, manifest and small columns only; the workers read the rows.
     ls = inspect_labels(labels, storage_options=storage_options, features=s.features,
-                        min_confidence=s.min_confidence, keep_fraction=s.keep_fraction)
+                        min_confidence=s.min_confidence, keep_fraction=s.keep_fraction,
+                        skip_no_object=s.skip_no_object)
     stored = ls.feature_source == "stored"
     config = {"labels": labels.rstrip("/"), "feature_source": ls.feature_source,
               "embed_dim": s.embed_dim, "batch_size": s.batch_size, "lr": lr,
@@ -120,6 +122,7 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
               "temperature": s.temperature,
               "seed": s.seed, "shuffle": s.shuffle, "contrastive": s.contrastive,
               "epochs": s.epochs, "workers": s.workers, "use_gpu": s.use_gpu,
+              "precision": resolve_precision(s.precision),
               "checkpoint_every": s.checkpoint_every, "max_failures": s.max_failures,
               "row_filter": ls.row_filter,
               "backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size}
@@ -147,9 +150,9 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
     wait_for_worker_nodes(need, s.workers, s.worker_wait_s)
     steps_per_epoch = math.ceil(per_worker / s.batch_size)
     logger.info("training on %s: %d of %d rows (%d errors and %d low-confidence rows skipped, "
-                "filter %s), grid %s, features %s; %d workers (%s), %d epochs x ~%d steps of %d "
+                "%d flagged no_object, filter %s), grid %s, features %s; %d workers (%s), %d epochs x ~%d steps of %d "
                 "images per worker -> %s", labels, ls.usable, ls.rows, ls.errors,
-                ls.low_confidence, ls.row_filter, ls.grid, config["feature_source"], s.workers,
+                ls.low_confidence, ls.no_object_rows, ls.row_filter, ls.grid, config["feature_source"], s.workers,
                 resources or "1 GPU each", s.epochs, steps_per_epoch, s.batch_size, output)
     logger.info("training config: %s", config)
 
