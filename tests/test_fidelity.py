@@ -218,3 +218,49 @@ def test_evaluate_model_scores_like_official_inference_and_runner(ray_local, art
     pairs = [(pred_dir / f"{k}.png", masks / f"{k}.png") for k in sorted(stored)]
     assert_official(entry["scores"], official_runner_scores(pairs))
     assert json.loads((out / "metrics.json").read_text())["config"]["exif_orientation"] is False
+
+
+# ----------------------------------------------------------------------------------------------
+# Training set and numerics: the official code trains on every image, in fp32, for 1 epoch
+
+@pytest.fixture(scope="module")
+def all_flagged_labels(tmp_path_factory) -> str:
+    """8 usable rows, every one flagged no_object (low confidence), and one error row."""
+    from test_train import _feature_rows, write_labels
+
+    from selfment_dist.io.schema import error_row
+
+    rows = _feature_rows(8, seed=3)
+    for row in rows:
+        row.update(confidence=0.05, no_object=True)
+    rows.append(error_row("broken", "/data/broken.jpg", "not an image"))
+    return write_labels(tmp_path_factory.mktemp("flagged") / "labels", rows, image_size=128,
+                        features=True)
+
+
+def test_training_set_is_every_row_with_a_mask_by_default(all_flagged_labels):
+    from selfment_dist.pipeline._internal.train_data import inspect_labels
+    from selfment_dist.settings import TrainSettings
+
+    ls = inspect_labels(all_flagged_labels)
+    assert (ls.rows, ls.errors, ls.usable, ls.no_object_rows) == (9, 1, 8, 8)
+    assert ls.row_filter == {"rule": "none", "threshold": None}
+    with pytest.raises(ValueError, match="leaves none"):  # the explicit option still filters
+        inspect_labels(all_flagged_labels, skip_no_object=True)
+    defaults = TrainSettings(labels="l", output="o")
+    assert (defaults.epochs, defaults.precision, defaults.skip_no_object) == (1, "auto", False)
+    assert defaults.min_confidence is None and defaults.keep_fraction is None
+    with pytest.raises(ValueError, match="one confidence filter"):
+        TrainSettings(labels="l", output="o", skip_no_object=True, min_confidence=0.5)
+
+
+@pytest.mark.slow  # ~40 s: a Ray Train run
+def test_train_defaults_use_every_flagged_row_and_say_so(ray_local, all_flagged_labels,
+                                                          tmp_path):
+    from selfment_dist.pipeline.train import run_train
+
+    summary = run_train(all_flagged_labels, str(tmp_path / "model"), workers=1, batch_size=4)
+    assert summary["status"] == "trained" and summary["epochs"] == 1
+    assert (summary["train_rows"], summary["no_object_rows"], summary["low_confidence_rows"]) \
+        == (8, 8, 0)
+    assert summary["images_seen"] == 8 and summary["precision"] == "fp32"
