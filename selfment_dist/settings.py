@@ -310,7 +310,8 @@ class EvaluateSettings(ActorPoolSettings):
     num_shards: int | None = setting(None, "Ray tasks per dataset (default: fill the cluster)",
                                      ge=1)
     resize: Literal[RESIZE_MODES] = setting(
-        "mask", "on a size mismatch resize the mask to the prediction (official) or the prediction")
+        "mask", "what a size mismatch resizes: the mask (to the prediction, official) or the "
+                "prediction (to the mask)")
     exif_orientation: bool = setting(
         False, "with --model: apply EXIF orientation to benchmark images (official: not)")
     quantize: Literal[QUANTIZE] = setting("floor", "with --model: maps to 8 bits, floor (official) "
