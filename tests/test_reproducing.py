@@ -103,7 +103,8 @@ def test_the_recipe_runs_end_to_end_with_a_small_stand_in(ray_local, tmp_path, m
             for f in shlex.split(paper["BENCHMARKS"]) if f.split("=", 1)[0] in KEPT]
     # The stand-in: everything the setup block sets, at a tiny scale.
     env = {"BACKBONE": "vit_small_patch16_dinov3.lvd1689m", "WEIGHTS": "random",
-           "HEAD": str(tmp_path / "selfment_head.pth"), "TRAIN_IMAGES": str(tmp_path / "duts_tr" / "images"),
+           "HEAD": str(tmp_path / "selfment_head.pth"),
+           "TRAIN_IMAGES": str(tmp_path / "duts_tr" / "images"),
            "BENCH": str(bench), "RUN": str(run), "SIZE": "32", "EPOCHS": paper["EPOCHS"],
            "WORKERS": "1", "GPU": "", "BENCHMARKS": " ".join(kept)}
     assert set(env) <= set(paper)  # the setup block sets each of these
