@@ -47,6 +47,8 @@ MAX_OBJECTS = 64
 INSTANCE_MATCHES = ("file_name", "id")
 LR_SCALINGS = ("none", "sqrt", "linear")
 CONTRASTIVE_VARIANTS = ("official", "supcon")
+QUANTIZE = ("floor", "round")  # saliency → 8 bits: floor((p*255)) is the official code's
+RESIZE_MODES = ("mask", "prediction")  # evaluation: the official runner resizes the mask
 
 
 class StageSettings(Settings):
@@ -101,7 +103,7 @@ class PseudoLabelSettings(ActorPoolSettings):
     sample_size: int = setting(10, "IPO: fewest patches a side needs to go on", ge=1)
     no_object_threshold: float = setting(
         NO_OBJECT_THRESHOLD, "flag rows whose confidence is below it as no_object (kept; train "
-                             "skips them by default)", ge=0.0, le=1.0, metavar="X")
+                             "uses them unless --skip-no-object)", ge=0.0, le=1.0, metavar="X")
     batch_size: int | None = setting(None, "images per model call (default 32 on GPU, 8 on CPU)",
                                      ge=1)
     save_ncut: bool = setting(False, "also store the NCut mask before IPO")
@@ -143,8 +145,10 @@ class TrainSettings(StageSettings):
     create_bucket: bool = setting(False, "create the output's bucket when it does not exist "
                                          "(default: refuse a missing bucket, likely a typo)")
     workers: int = setting(2, "Ray Train workers (DDP ranks)", ge=1)
-    use_gpu: bool = setting(False, "one GPU per worker (bf16 autocast); otherwise CPU")
-    epochs: int = setting(10, "passes over the usable rows", ge=1)
+    use_gpu: bool = setting(False, "one GPU per worker; otherwise CPU")
+    precision: Literal[PRECISIONS] = setting(
+        "auto", "head training numerics: auto (= fp32, official), fp32 or bf16 (GPU autocast)")
+    epochs: int = setting(1, "passes over the usable rows (official default: 1)", ge=1)
     batch_size: int = setting(1, "images per step per worker (official: 1)", ge=1)
     lr: float = setting(1e-3, "Adam's learning rate", gt=0.0)
     weight_decay: float = setting(1e-5, "Adam's weight decay", ge=0.0)
@@ -163,12 +167,15 @@ class TrainSettings(StageSettings):
     features: Literal[FEATURE_SOURCES] = setting(
         "auto", "stored feature column, or recompute with the frozen backbone (auto: stored "
                 "when every part has it)")
+    # Confidence filters are beyond the paper (the official code trains on every image) and the
+    # confidence model is uncalibrated for real DINO features: all off by default.
+    skip_no_object: bool = setting(False, "skip rows flagged no_object (beyond the paper)")
     min_confidence: float | None = setting(
-        None, "train on rows with confidence >= X (default: skip rows flagged no_object; 0 "
-              "keeps all)", ge=0.0, le=1.0, metavar="X")
+        None, "train on rows with confidence >= X only (beyond the paper; default: every row)",
+        ge=0.0, le=1.0, metavar="X")
     keep_fraction: float | None = setting(
-        None, "train on the most confident fraction F of the rows", gt=0.0, le=1.0,
-        metavar="F")
+        None, "train on the most confident fraction F of the rows (beyond the paper)", gt=0.0,
+        le=1.0, metavar="F")
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS,
                                      "refuse larger images when recomputing features", ge=1)
     resources_per_worker: dict[str, float] | None = setting(
@@ -181,8 +188,10 @@ class TrainSettings(StageSettings):
 
     @model_validator(mode="after")
     def _one_confidence_cut(self) -> TrainSettings:
-        if self.min_confidence is not None and self.keep_fraction is not None:
-            raise ValueError("give min_confidence or keep_fraction, not both")
+        given = [n for n in ("min_confidence", "keep_fraction", "skip_no_object")
+                 if getattr(self, n) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(f"give one confidence filter, not {' and '.join(given)}")
         return self
 
     @model_validator(mode="after")
@@ -218,6 +227,9 @@ class SegmentSettings(ActorPoolSettings):
     output_format: Literal[OUTPUT_FORMATS] = setting("png", "png maps or parquet parts",
                                                      flag="--format")
     overlays: bool = setting(False, "also write images with the mask tinted (png only)")
+    exif_orientation: bool = setting(True, "apply EXIF orientation when decoding (web images)",
+                                     negative_flag="--no-exif-orientation")
+    quantize: Literal[QUANTIZE] = setting("floor", "saliency to 8 bits: floor (official) or round")
     rows_per_file: int | None = setting(None, "rows per parquet part (default 1024; parquet only)",
                                         ge=1)
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
@@ -272,6 +284,13 @@ class EvaluateSettings(ActorPoolSettings):
     match_images: Literal[INSTANCE_MATCHES] = setting(
         "file_name", "with --instances: pair the two files' images by file_name (a path "
                      "ending matches: s3://b/img/a.png ~ img/a.png) or by id")
+    resize: Literal[RESIZE_MODES] = setting(
+        "mask", "what a size mismatch resizes: the mask (to the prediction, official) or the "
+                "prediction (to the mask)")
+    exif_orientation: bool = setting(
+        False, "with --model: apply EXIF orientation to benchmark images (official: not)")
+    quantize: Literal[QUANTIZE] = setting("floor", "with --model: maps to 8 bits, floor (official) "
+                                                   "or round")
 
     @model_validator(mode="after")
     def _one_mode(self) -> EvaluateSettings:

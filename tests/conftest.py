@@ -45,7 +45,7 @@ SHARED_RAY_LANE = (
     "test_instances.py",
     "test_kill_resume.py", "test_official_semantics.py", "test_pipeline_strength.py",
     "test_pseudo_label.py", "test_pseudo_label_kill.py", "test_scale_resume.py",
-    "test_segment.py", "test_train.py")
+    "test_segment.py", "test_train.py", "test_fidelity.py", "test_reproducing.py")
 
 
 def lane(nodeid: str) -> str:

@@ -26,9 +26,9 @@ SCALE_DOWN = {
     # spreading over nodes is what test_multinode's node-loss tests check.
     "pseudo_label": {"weights": "random", "image_size": 64, "batch_size": 4,
                      "num_gpus_per_actor": None, "num_actors": 1},
-    # min_confidence 0: random weights flag most masks no_object, which train skips by default.
+    # Every row is trained on by default (random weights flag most masks no_object).
     "train": {"workers": 1, "use_gpu": False, "resources_per_worker": None, "epochs": 1,
-              "batch_size": 2, "min_confidence": 0},
+              "batch_size": 2},
     "segment": {"image_size": 64, "batch_size": 4, "num_gpus_per_actor": None, "num_actors": 1},
     "evaluate": {"image_size": 64, "num_actors": 1},
 }

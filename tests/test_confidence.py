@@ -76,7 +76,10 @@ def test_confidence_filter_rules():
     conf = np.array([0.1, 0.9, 0.5, 0.7, 0.3], np.float32)
     flags = conf < 0.5
     assert _confidence_filter(conf, flags, min_confidence=None, keep_fraction=None,
-                              labels="x") == ({"rule": "no_object", "threshold": None}, 2)
+                              labels="x") == ({"rule": "none", "threshold": None}, 0)
+    assert _confidence_filter(conf, flags, min_confidence=None, keep_fraction=None,
+                              labels="x", skip_no_object=True) == (
+        {"rule": "no_object", "threshold": None}, 2)
     rule, left_out = _confidence_filter(conf, flags, min_confidence=0.0, keep_fraction=None,
                                         labels="x")
     assert rule["rule"] == "min_confidence" and left_out == 0
@@ -152,11 +155,14 @@ def _expected_keys(labelled, cut: dict) -> tuple[set[str], int]:
         return {r["key"] for r in ok if r["confidence"] >= last}, len(ok)
     if "min_confidence" in cut:
         return {r["key"] for r in ok if r["confidence"] >= cut["min_confidence"]}, len(ok)
-    return {r["key"] for r in ok if not r["no_object"]}, len(ok)
+    if cut.get("skip_no_object"):
+        return {r["key"] for r in ok if not r["no_object"]}, len(ok)
+    return {r["key"] for r in ok}, len(ok)  # the default: every row, as the official code
 
 
-@pytest.mark.parametrize("cut", [{}, {"keep_fraction": 0.3}, {"min_confidence": 0.0}],
-                         ids=["default", "keep_fraction", "min_confidence_0"])
+@pytest.mark.parametrize("cut", [{}, {"skip_no_object": True}, {"keep_fraction": 0.3},
+                                 {"min_confidence": 0.0}],
+                         ids=["default", "skip_no_object", "keep_fraction", "min_confidence_0"])
 def test_training_dataset_holds_the_rows_the_filter_keeps(labelled, cut):
     """The dataset train's workers read (Ray Data, without starting Ray Train) holds the rows
     each rule keeps, on these real pseudo-labels. That Ray Train's ranks train on exactly the

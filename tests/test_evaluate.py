@@ -51,7 +51,8 @@ def write_dataset(root: Path, n: int, seed: int = 0) -> dict[str, tuple[np.ndarr
 
 
 def pysodmetrics_on_files(pred_dir: Path, mask_dir: Path) -> dict:
-    """Single-process pysodmetrics over the same files, read independently, in key order."""
+    """Single-process pysodmetrics over the same files, read independently, in key order, fed
+    float32 arrays as the official runner (Selfment eval/metrics.py) feeds them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fm = psm.Fmeasure()
@@ -60,7 +61,7 @@ def pysodmetrics_on_files(pred_dir: Path, mask_dir: Path) -> dict:
         gt = np.array(Image.open(mask_path).convert("L"))
         pred = np.array(Image.open(pred_dir / mask_path.relative_to(mask_dir)).convert("L"))
         for m in (fm, wfm, sm, em, mae):
-            m.step(pred=pred, gt=gt)
+            m.step(pred=pred.astype(np.float32), gt=gt.astype(np.float32))
     f, e = fm.get_results()["fm"], em.get_results()["em"]
     return {"max_fm": f["curve"].max(), "mean_fm": f["curve"].mean(), "adp_fm": f["adp"],
             "wfm": wfm.get_results()["wfm"], "sm": sm.get_results()["sm"], "max_em": e["curve"].max(),
@@ -115,7 +116,7 @@ def test_problems_are_reported_not_raised(ray_local, tmp_path):
     assert counts["unreadable_prediction"] == 1 and examples["unreadable_prediction"][0].startswith("img002:")
     assert counts["unreadable_mask"] == 1 and examples["unreadable_mask"][0].startswith("img003:")
     assert counts["size_mismatch"] == 1
-    assert examples["size_mismatch"] == ["img005: prediction 24x18 resized to 48x36"]
+    assert examples["size_mismatch"] == ["img005: mask 48x36 resized to the prediction's 24x18"]
     assert counts["duplicate_key"] == 1
     assert examples["duplicate_key"] == ["predictions: img006: img006.png kept, img006.jpg ignored"]
     assert "cannot identify image file 'img002.png'" in examples["unreadable_prediction"][0]

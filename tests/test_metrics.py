@@ -40,14 +40,16 @@ def make_pair(seed: int, shape=(48, 64)) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pysodmetrics_direct(preds, gts) -> dict:
-    """pysodmetrics used the documented way: one step per image, get_results at the end."""
+    """pysodmetrics used the documented way: one step per image, get_results at the end, on
+    float32 arrays as the official runner (Selfment eval/metrics.py compute_biref_metrics)
+    passes them (``pred / 255 * 255`` in float32: the 8-bit values, as float32)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fm = psm.Fmeasure()
     wfm, sm, em, mae = psm.WeightedFmeasure(), psm.Smeasure(), psm.Emeasure(), psm.MAE()
     for p, g in zip(preds, gts):
         for m in (fm, wfm, sm, em, mae):
-            m.step(pred=p, gt=g)
+            m.step(pred=p.astype(np.float32), gt=g.astype(np.float32))
     f, e = fm.get_results(), em.get_results()["em"]
     return {
         "max_fm": f["fm"]["curve"].max(), "mean_fm": f["fm"]["curve"].mean(), "adp_fm": f["fm"]["adp"],
@@ -176,18 +178,27 @@ def test_degenerate_cases():
     assert perfect["fmax"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_size_mismatch_resizes_to_ground_truth():
+def test_size_mismatch_resizes_the_mask_by_default():
+    """The official runner resizes the mask to the prediction; ``resize="prediction"`` is the
+    other way round."""
     pred, gt = make_pair(5, (60, 80))
     small = resize_to(pred, (30, 40))
     record = image_record(small, gt)
-    assert record["resized"] and record["shape"] == (60, 80)
+    assert record["resized"] and record["shape"] == (30, 40)
+    assert record["pred_shape"] == (30, 40) and record["mask_shape"] == (60, 80)
     assert not image_record(pred, gt)["resized"]
+    small_gt = resize_to(gt, small.shape)
+    assert sod_scores([small], [gt]) == sod_scores([small], [small_gt])
     upsampled = resize_to(small, gt.shape)
     assert upsampled.shape == gt.shape and upsampled.dtype == np.uint8
-    assert sod_scores([small], [gt]) == sod_scores([upsampled], [gt])
+    assert image_record(small, gt, resize="prediction")["shape"] == (60, 80)
+    assert sod_scores([small], [gt], resize="prediction") == sod_scores([upsampled], [gt])
     ref = pysodmetrics_direct([upsampled], [gt])
     for key in SOD_KEYS:
-        assert sod_scores([small], [gt])[key] == pytest.approx(ref[key], abs=1e-9)
+        assert sod_scores([small], [gt], resize="prediction")[key] == pytest.approx(
+            ref[key], abs=1e-9)
+    with pytest.raises(ValueError, match="resize"):
+        image_record(small, gt, resize="both")
 
 
 def test_records_are_small_and_picklable(pairs):

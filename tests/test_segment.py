@@ -169,11 +169,12 @@ def test_upsample_is_bilinear_without_corner_alignment():
         upsample(np.zeros(4), (2, 2))
 
 
-def test_to_png_bytes_is_8bit_rounded():
+def test_to_png_bytes_is_8bit_floored():
+    """Floor, as the official inference.py writes maps (``(p * 255).astype(uint8)``)."""
     sal = np.array([[0.0, 0.5, 1.0], [0.2, 0.002, 0.998]], np.float32)
     got = Image.open(io.BytesIO(to_png_bytes(sal)))
     assert got.mode == "L" and got.size == (3, 2)
-    np.testing.assert_array_equal(np.asarray(got), np.rint(sal * 255).astype(np.uint8))
+    np.testing.assert_array_equal(np.asarray(got), (sal * 255).astype(np.uint8))
     levels = np.arange(6, dtype=np.uint8).reshape(2, 3)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(to_png_bytes(levels)))), levels)
 

@@ -71,8 +71,9 @@ def _feature_rows(n: int, seed: int = 0) -> list[dict]:
     return [_row(f"scene_{i:03d}", f"/data/scene_{i:03d}.jpg", masks[i], feats[i]) for i in range(n)]
 
 
-# Rows the pseudo-labeller flagged no_object (low confidence): by default train skips them
-# (which rows real pseudo-labels flag: tests/test_confidence.py).
+# Rows the pseudo-labeller flagged no_object (low confidence): the main run skips them with the
+# explicit skip_no_object option (the default trains on every row, as the official code; that
+# default: tests/test_fidelity.py; which rows real pseudo-labels flag: tests/test_confidence.py).
 NO_OBJECT = {1, 6, 11, 14}
 
 
@@ -101,7 +102,7 @@ def _iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return 1.0 if union == 0 else float((pred & gt).sum() / union)
 
 
-TRAIN_KWARGS = dict(workers=2, epochs=14, batch_size=4, checkpoint_every=4)
+TRAIN_KWARGS = dict(workers=2, epochs=14, batch_size=4, checkpoint_every=4, skip_no_object=True)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +198,7 @@ def test_ddp_is_real_and_every_epoch_sees_every_kept_row_once_in_a_new_order(tra
     - The official schedule's full shuffle, checked on the keys each rank trained on: every
       epoch covers every usable row exactly once, and the order changes from epoch to epoch.
       (Epoch 2 is left out: the restart after step 10 resumed it mid-way, in a new order.)
-    - The default confidence filter, end to end: the rows flagged ``no_object`` are never
+    - The skip_no_object filter, end to end: the rows flagged ``no_object`` are never
       trained on.
     """
     _, summary, debug = trained

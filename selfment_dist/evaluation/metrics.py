@@ -1,43 +1,51 @@
 """Saliency metrics as per-image records that merge exactly across shards.
 
-Two protocols, both computed from the same pair (prediction, ground truth), each an 8-bit
-grayscale ``uint8 (H, W)`` array as read from PNG. A prediction whose size differs from its ground
-truth is resized to the ground truth's size first (PIL bilinear) and the record says so
-(``record["resized"]``).
+Every protocol is computed from the same pair (prediction, ground truth), each an 8-bit grayscale
+``uint8 (H, W)`` array as read from PNG (PIL ``convert("L")``), in the official Selfment runner's
+frame (geshang777/Selfment ``eval/runner.py``): when the sizes differ the **mask** is resized to
+the prediction's size (PIL bilinear on the 8-bit mask, values kept, binarised later by each
+metric) and the record says so (``record["resized"]``). ``resize="prediction"`` is the other
+convention (the prediction resized to the mask, as many SOD toolboxes do); it is not the paper's.
 
-**Unsupervised-SOD protocol** (TokenCut / SelfMask / FOUND era; keys ``iou``, ``accuracy``,
-``fmax``). Per image, with ``v`` the prediction's 8-bit values, ``p = v / 255`` and the binary
-ground truth ``g = gt > 127``:
+**Unsupervised-SOD protocol, the official Selfment ``compute_simple_metrics``**
+(``eval/metrics.py``; keys ``iou``, ``accuracy``, ``fmax``). Per image, with ``v`` the prediction's 8-bit values,
+``p = v / 255`` and the binary ground truth ``g = gt / 255 > 0.5`` (``gt >= 128``):
 
 - ``iou = |B ∩ g| / |B ∪ g|`` and ``accuracy = mean(B == g)`` with ``B = p > 0.5`` (i.e.
   ``v >= 128``). An empty ``B`` against an empty ``g`` (empty union) is defined as IoU 1.0.
-- For the 255 thresholds ``t_k = k / 255``, ``k = 0..254`` (``arange(0, 1, 1/255)``), the binary
-  prediction is ``p > t_k``, taken exactly as ``v > k`` (this is what the float32 torch reference
-  code computes; a float64 ``numpy.arange`` flips 24 of the ``v == k`` ties). With
+- For the 255 thresholds ``t_k = k / 255``, ``k = 0..254`` (float32 ``arange(0, 1, 1/255)``), the
+  binary prediction is ``p > t_k``, taken exactly as ``v > k`` (what the float32 torch code
+  computes; a float64 ``numpy.arange`` flips 24 of the ``v == k`` ties). With
   ``TP_k = |(p > t_k) ∩ g|``, ``PP_k = |p > t_k|``, ``GP = |g|`` and ``eps = 1e-7``::
 
       P_k = TP_k / (PP_k + eps)        R_k = TP_k / (GP + eps)
       F_k = (1 + β²) P_k R_k / (β² P_k + R_k + eps)        β² = 0.3² = 0.09
 
-  which is SelfMask/FOUND's ``FMeasure(beta_square=0.3)``: their code squares the parameter again,
-  the protocol's well-known quirk (β² = 0.09, not 0.3). The ``eps`` terms make empty predictions
-  and empty ground truths score 0 instead of NaN (TokenCut's older code divides by ``+1e-20`` and
-  maps NaN to 0: the same values up to ~1e-7 relative). The record keeps the integer counts
-  ``TP_k, PP_k, GP``. ``fmax`` is the official figure (Selfment's ``compute_simple_metrics``,
-  TokenCut's ``metric.py``): each image's own maximum over ``k``, averaged over images. The
-  older "curve first" figure, the maximum over ``k`` of the image-averaged F curve (always <= the
-  official one), is kept under its own name ``fmax_curve``; do not put it next to the paper's.
-  ``iou`` and ``accuracy`` are per image at 0.5, averaged over images (also official).
+  the official ``FMeasureTorch(beta_square=0.3)``, which squares its parameter again (β² = 0.09,
+  not 0.3; SelfMask/FOUND share the quirk). ``fmax`` is each image's own maximum over ``k``,
+  averaged over images. The record keeps the integer counts ``TP_k, PP_k, GP``.
+- ``fmax_curve``: the maximum over ``k`` of the image-averaged β² = 0.09 F curve (always <= the
+  official one); not the paper's figure.
 
-**SOD/COD protocol** (keys ``max_fm mean_fm adp_fm wfm sm max_em mean_em adp_em mae``) is
-pysodmetrics (``py_sod_metrics``: ``Fmeasure`` β² = 0.3, ``WeightedFmeasure``, ``Smeasure``,
-``Emeasure``, ``MAE``) with its own normalisation (``gt > 128``, prediction min-max scaled). A
-record holds exactly what each class appends to its lists in ``step`` for that image (Fmeasure:
-adaptive F, 256-threshold precision, recall and F curves; Emeasure: adaptive E and its 256 curve;
-WeightedFmeasure, Smeasure, MAE: one value), and :func:`merge_records` finishes them with the same
-``numpy.mean`` calls as ``get_results()``. Merging records in a fixed order therefore reproduces a
-single pysodmetrics pass over the images in that order bit for bit, however the images were
-sharded; in any other order, to rounding (~1e-15).
+**TokenCut's protocol** (YangtaoWANG95/TokenCut ``unsupervised_saliency_detection/metric.py``;
+key ``fmax_tokencut``): the same thresholds and counts, but β² = 0.3 (not squared again),
+``P_k = 1`` when ``PP_k = 0``, ``R_k = 1`` when ``GP = 0``, ``F_k = 1.3 P R / (0.3 P + R)`` with
+NaN → 0, and the maximum over ``k`` of the image-averaged curve (curve first, then max). Put it
+beside TokenCut's tables, never beside the paper's ``fmax``. (TokenCut computes in float32: the
+same values to ~1e-7.)
+
+**SOD/COD protocol, the official ``compute_biref_metrics``** (keys ``max_fm mean_fm adp_fm wfm sm
+max_em mean_em adp_em mae``): the official classes are pysodmetrics' (``Fmeasure`` β² = 0.3,
+``WeightedFmeasure``, ``Smeasure``, ``Emeasure``, ``MAE``) with its normalisation (``gt > 128``,
+prediction min-max scaled), fed float32 arrays as the official runner does (``pred / 255 * 255``
+in float32, exact for 8-bit values; the min-max scaling then runs in float32, which moves a few
+pixels across a 1/255 bin against a float64 pass). A record holds exactly what each class appends
+to its lists in ``step`` for that image (Fmeasure: adaptive F, 256-threshold precision, recall
+and F curves; Emeasure: adaptive E and its 256 curve; WeightedFmeasure, Smeasure, MAE: one
+value), and :func:`merge_records` finishes them with the same ``numpy.mean`` calls as
+``get_results()``. Merging records in a fixed order therefore reproduces a single pass over the
+images in that order bit for bit, however the images were sharded; in any other order, to
+rounding (~1e-15).
 
 Records are small dicts of numpy scalars and arrays (~12 KB per image), picklable, so Ray tasks can
 compute them anywhere and the driver merges them.
@@ -63,10 +71,16 @@ __all__ = [
     "record_summary",
     "resize_to",
     "sod_scores",
+    "RESIZE_MODES",
 ]
 
+#: Which array is resized when a prediction and its mask differ in size: ``"mask"`` (to the
+#: prediction's size, the official runner) or ``"prediction"`` (to the mask's size).
+RESIZE_MODES = ("mask", "prediction")
+
 #: The keys of :func:`sod_scores` / :func:`merge_records`, in reporting order.
-SCORE_KEYS = ("iou", "accuracy", "fmax", "fmax_curve", "max_fm", "mean_fm", "adp_fm", "wfm", "sm",
+SCORE_KEYS = ("iou", "accuracy", "fmax", "fmax_curve", "fmax_tokencut", "max_fm", "mean_fm",
+              "adp_fm", "wfm", "sm",
               "max_em", "mean_em", "adp_em", "mae")
 #: The per-image scalars of :func:`record_summary` (the per-image CSV columns).
 PER_IMAGE_KEYS = SCORE_KEYS + ("resized",)
@@ -74,6 +88,7 @@ PER_IMAGE_KEYS = SCORE_KEYS + ("resized",)
 USOD_BETA_SQ = 0.3 ** 2  # the protocol's quirk: β = 0.3 squared again
 USOD_EPS = 1e-7
 USOD_THRESHOLDS = 255  # t_k = k / 255, k = 0 .. 254
+TOKENCUT_BETA_SQ = 0.3  # TokenCut's metric.py: β² = 0.3, not squared again
 _F64 = np.float64
 
 # pysodmetrics >= 1.5 lets `step` skip normalisation (``normalize=False``) so the prediction is
@@ -119,6 +134,18 @@ def usod_fcurves(tp: np.ndarray, pp: np.ndarray, gp: np.ndarray) -> tuple[np.nda
     return precision, recall, f
 
 
+def tokencut_fcurve(tp: np.ndarray, pp: np.ndarray, gp: np.ndarray) -> np.ndarray:
+    """TokenCut's per-image F curve (β² = 0.3; P = 1 on an empty prediction, R = 1 on an empty
+    ground truth, NaN → 0); broadcasts over leading axes like :func:`usod_fcurves`."""
+    tp, pp = tp.astype(_F64), pp.astype(_F64)
+    gp = np.broadcast_to(np.asarray(gp, _F64)[..., None], tp.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(pp == 0, 1.0, tp / pp)
+        recall = np.where(gp == 0, 1.0, tp / gp)
+        f = (1 + TOKENCUT_BETA_SQ) * precision * recall / (TOKENCUT_BETA_SQ * precision + recall)
+    return np.nan_to_num(f, nan=0.0)
+
+
 def _sod_step(pred: np.ndarray, gt: np.ndarray) -> dict:
     """Run each pysodmetrics class on one image; keep exactly what its `step` appended."""
     with warnings.catch_warnings():
@@ -127,6 +154,9 @@ def _sod_step(pred: np.ndarray, gt: np.ndarray) -> dict:
         warnings.filterwarnings("ignore", message="This class will be removed")
         fm = psm.Fmeasure()
     wfm, sm, em, mae = psm.WeightedFmeasure(), psm.Smeasure(), psm.Emeasure(), psm.MAE()
+    # The official runner hands these classes float32 arrays (``pred / 255`` read back times
+    # 255): exact for 8-bit values, but the min-max scaling then runs in float32.
+    pred, gt = pred.astype(np.float32), gt.astype(np.float32)
     if _STEP_TAKES_NORMALIZE:
         p, g = _psm_prepare_data(pred, gt)
         kwargs = {"normalize": False}
@@ -149,32 +179,38 @@ def _sod_step(pred: np.ndarray, gt: np.ndarray) -> dict:
     }
 
 
-def image_record(pred: np.ndarray, gt: np.ndarray) -> dict:
-    """Everything both protocols need from one image, to be merged by :func:`merge_records`.
+def image_record(pred: np.ndarray, gt: np.ndarray, *, resize: str = "mask") -> dict:
+    """Everything every protocol needs from one image, to be merged by :func:`merge_records`.
 
     Args:
         pred: ``uint8 (h, w)`` saliency map (0 = background, 255 = foreground), or bool.
-        gt: ``uint8 (H, W)`` ground-truth mask, or bool. ``pred`` is resized (bilinear) to
-            ``(H, W)`` when the sizes differ.
+        gt: ``uint8 (H, W)`` ground-truth mask, or bool.
+        resize: when the sizes differ, ``"mask"`` resizes the mask to ``(h, w)`` (PIL bilinear,
+            the official runner) and ``"prediction"`` the prediction to ``(H, W)``.
 
     Returns:
-        A picklable dict: ``shape`` (H, W) of the ground truth, ``pred_shape`` (h, w) as given,
-        ``resized`` bool; unsupervised protocol ``iou``,
-        ``accuracy`` (float64), ``usod_tp``, ``usod_pp`` (int64, 255), ``usod_gp`` (int);
+        A picklable dict: ``shape`` the scored (rows, cols), ``pred_shape`` and ``mask_shape`` as
+        given, ``resized`` bool; unsupervised protocol ``iou``, ``accuracy`` (float64),
+        ``usod_tp``, ``usod_pp`` (int64, 255), ``usod_gp`` (int);
         pysodmetrics ``fm_adp``, ``fm_curve``/``fm_p``/``fm_r`` (float64, 256, index i is the
         threshold ``(255 - i) / 255``), ``wfm``, ``sm``, ``em_adp``, ``em_curve`` (256), ``mae``.
 
     Raises:
-        ValueError / TypeError: on a non-2-D, empty or non-uint8/bool array.
+        ValueError / TypeError: on a non-2-D, empty or non-uint8/bool array, or an unknown
+        ``resize``.
     """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     pred = _as_gray_u8(pred, "pred")
     gt = _as_gray_u8(gt, "gt")
-    pred_shape = pred.shape
-    resized = pred_shape != gt.shape
-    if resized:
-        pred = resize_to(pred, gt.shape)
+    pred_shape, mask_shape = pred.shape, gt.shape
+    resized = pred_shape != mask_shape
+    if resized and resize == "mask":
+        gt = resize_to(gt, pred_shape)  # soft edges stay; each metric binarises
+    elif resized:
+        pred = resize_to(pred, mask_shape)
 
-    g = gt > 127
+    g = gt >= 128  # gt / 255 > 0.5
     b = pred >= 128  # pred / 255 > 0.5
     union = np.count_nonzero(b | g)
     iou = np.count_nonzero(b & g) / union if union else 1.0
@@ -182,6 +218,7 @@ def image_record(pred: np.ndarray, gt: np.ndarray) -> dict:
     record = {
         "shape": gt.shape,
         "pred_shape": pred_shape,
+        "mask_shape": mask_shape,
         "resized": resized,
         "iou": _F64(iou),
         "accuracy": _F64(np.count_nonzero(b == g) / b.size),
@@ -220,6 +257,8 @@ def merge_records(records: Iterable[dict]) -> dict[str, float]:
     records = _check(records)
     _, _, f = usod_fcurves(_stack(records, "usod_tp"), _stack(records, "usod_pp"),
                             _stack(records, "usod_gp"))
+    tokencut = tokencut_fcurve(_stack(records, "usod_tp"), _stack(records, "usod_pp"),
+                                _stack(records, "usod_gp"))
     fm_curve = np.mean(_stack(records, "fm_curve"), axis=0)
     em_curve = np.mean(_stack(records, "em_curve"), axis=0)
     scores = {
@@ -228,6 +267,7 @@ def merge_records(records: Iterable[dict]) -> dict[str, float]:
         # Official: mean over images of each image's own max (per-image maxima, then mean).
         "fmax": np.mean(f.max(axis=1)),
         "fmax_curve": np.mean(f, axis=0).max(),
+        "fmax_tokencut": np.mean(tokencut, axis=0).max(),
         "max_fm": fm_curve.max(),
         "mean_fm": fm_curve.mean(),
         "adp_fm": np.mean(_stack(records, "fm_adp")),
@@ -283,11 +323,13 @@ def record_summary(record: dict) -> dict[str, float | bool]:
     average curves first.
     """
     _, _, f = usod_fcurves(record["usod_tp"], record["usod_pp"], record["usod_gp"])
+    tokencut = tokencut_fcurve(record["usod_tp"], record["usod_pp"], record["usod_gp"])
     return {
         "iou": float(record["iou"]),
         "accuracy": float(record["accuracy"]),
         "fmax": float(f.max()),
         "fmax_curve": float(f.max()),
+        "fmax_tokencut": float(tokencut.max()),
         "max_fm": float(record["fm_curve"].max()),
         "mean_fm": float(record["fm_curve"].mean()),
         "adp_fm": float(record["fm_adp"]),
@@ -301,17 +343,19 @@ def record_summary(record: dict) -> dict[str, float | bool]:
     }
 
 
-def sod_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> dict[str, float]:
+def sod_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray], *,
+               resize: str = "mask") -> dict[str, float]:
     """Both protocols' scores over a list of images (the public API).
 
     Args:
         preds: ``uint8 (h, w)`` saliency maps as read from 8-bit PNGs.
-        gts: ``uint8 (H, W)`` ground-truth masks, same length and order; each prediction is
-            compared at its ground truth's size (bilinear resize when they differ).
+        gts: ``uint8 (H, W)`` ground-truth masks, same length and order.
+        resize: which one is resized (bilinear) when the sizes differ: ``"mask"`` (to the
+            prediction, as the official runner) or ``"prediction"``.
 
     Returns:
-        ``{iou, accuracy, fmax, fmax_curve, max_fm, mean_fm, adp_fm, wfm, sm, max_em, mean_em,
-        adp_em, mae}``
+        ``{iou, accuracy, fmax, fmax_curve, fmax_tokencut, max_fm, mean_fm, adp_fm, wfm, sm,
+        max_em, mean_em, adp_em, mae}``
         as floats; see the module docstring for the exact definitions.
 
     Raises:
@@ -320,4 +364,4 @@ def sod_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray]) -> dict[s
     preds, gts = list(preds), list(gts)
     if len(preds) != len(gts):
         raise ValueError(f"{len(preds)} predictions but {len(gts)} ground truths")
-    return merge_records(image_record(p, g) for p, g in zip(preds, gts))
+    return merge_records(image_record(p, g, resize=resize) for p, g in zip(preds, gts))

@@ -65,16 +65,24 @@ STANDARD_BENCHMARKS: dict[str, dict[str, Any]] = {
 
 PROTOCOLS = {
     "iou, accuracy, fmax": (
-        "unsupervised-SOD, official Selfment/TokenCut protocol: pred/255 vs gt>127; per-image IoU "
-        "and accuracy of pred>0.5, averaged over images; fmax = mean over images of each image's "
-        "max over t=k/255 (k<255, pred>t) of F=(1+b2)PR/(b2 P+R+1e-7), b2=0.3^2, "
-        "P=TP/(PP+1e-7), R=TP/(GP+1e-7); empty-union IoU = 1"),
+        "unsupervised-SOD, the official Selfment compute_simple_metrics (eval/metrics.py): "
+        "pred/255 vs gt/255>0.5; per-image IoU and accuracy of pred>0.5, averaged over images; "
+        "fmax = mean over images of each image's max over t=k/255 (k<255, pred>t) of "
+        "F=(1+b2)PR/(b2 P+R+1e-7), b2=0.3^2=0.09, P=TP/(PP+1e-7), R=TP/(GP+1e-7); "
+        "empty-union IoU = 1"),
     "fmax_curve": (
-        "not the paper's protocol: max over t of the image-averaged F curve (<= fmax)"),
+        "not the paper's protocol: max over t of the image-averaged b2=0.09 F curve (<= fmax)"),
+    "fmax_tokencut": (
+        "TokenCut's metric.py (YangtaoWANG95/TokenCut): max over t=k/255 of the image-averaged "
+        "F curve with b2=0.3, P=1 on an empty prediction, R=1 on an empty mask, NaN F = 0; "
+        "compare with TokenCut's tables, not with the paper's fmax"),
     "max_fm ... mae": (
-        "pysodmetrics Fmeasure (b2=0.3), WeightedFmeasure, Smeasure, Emeasure, MAE; "
+        "the official compute_biref_metrics = pysodmetrics Fmeasure (b2=0.3), WeightedFmeasure, "
+        "Smeasure, Emeasure, MAE on float32 inputs as the official runner passes them; "
         "max/mean over the image-averaged 256-threshold curves; adp = adaptive threshold"),
-    "size": "predictions are compared at the ground truth's size (bilinear resize when they differ)",
+    "size": ("as the official runner (eval/runner.py), a mask whose size differs from its "
+             "prediction's is resized to the prediction (PIL bilinear); with resize=prediction "
+             "the prediction is resized to the mask instead (see config)"),
 }
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")

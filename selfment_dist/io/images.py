@@ -78,14 +78,18 @@ def _open(data: bytes) -> Image.Image:
 
 
 def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 max_bytes: int | None = DEFAULT_MAX_BYTES) -> Image.Image:
-    """Decode encoded image bytes to an RGB image, EXIF orientation applied.
+                 max_bytes: int | None = DEFAULT_MAX_BYTES,
+                 exif_orientation: bool = True) -> Image.Image:
+    """Decode encoded image bytes to an RGB image, EXIF orientation applied (unless
+    ``exif_orientation=False``: pixels as stored, the official Selfment code's frame, which
+    benchmark evaluation uses).
 
     Args:
         data: the file's bytes (JPEG, PNG, WebP, …).
         max_pixels: largest accepted ``width * height`` (as stored, before orientation);
             ``None`` disables the check (PIL's own bomb guard still applies).
         max_bytes: largest accepted ``len(data)``; ``None`` disables the check.
+        exif_orientation: apply the EXIF orientation tag (``ImageOps.exif_transpose``).
     Returns:
         ``PIL.Image`` in mode ``"RGB"``, size ``(width, height)`` after EXIF orientation.
     Raises:
@@ -118,9 +122,10 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         raise ImageDecodeError(f"truncated or corrupt {fmt} data: {exc}") from None
 
     try:
-        # In place: the default returns a full copy even when nothing is to be turned (4
-        # bytes a pixel more at the decode's peak; see docs/inputs_memory.md).
-        ImageOps.exif_transpose(im, in_place=True)
+        if exif_orientation:
+            # In place: the default returns a full copy even when nothing is to be turned (4
+            # bytes a pixel more at the decode's peak; see docs/inputs_memory.md).
+            ImageOps.exif_transpose(im, in_place=True)
     except Exception as exc:  # a broken EXIF block must not cost the image
         logger.debug("ignoring unreadable EXIF orientation: %s", exc)
 

@@ -21,21 +21,16 @@ model actors); :class:`Backbone` normalises the batch on its device.
 """
 from __future__ import annotations
 
-from selfment_dist.errors import SelfmentUserError
-
-import argparse
 import difflib
 import hashlib
-import io
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import timm
 import torch
@@ -44,6 +39,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import eva, vision_transformer
 
 from selfment_dist.model.backbone_names import FAMILY_PATTERNS, image_size_problem, patch_size
+from selfment_dist.model.checkpoint_files import CheckpointError  # noqa: F401 (re-exported)
+from selfment_dist.model.checkpoint_files import read_checkpoint as _read_checkpoint
 from selfment_dist.defaults import DEFAULT_BACKBONE, PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
 from selfment_dist.model.resize import resize_square  # noqa: F401 (re-exported)
 from selfment_dist.errors import UserInputNotFoundError, UserValueError
@@ -59,10 +56,6 @@ __all__ = [
     "resize_square",
     "supported_backbones",
 ]
-
-
-class CheckpointError(SelfmentUserError, ValueError):
-    """A checkpoint could not be read safely or does not match the backbone."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,56 +296,6 @@ def _create(name: str, image_size: int | None, *, pretrained: bool = False) -> t
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-# Containers seen in the wild, best first: DINO v1 training checkpoints ({teacher, student, args,
-# ...}), DINOv2/v3 teacher_checkpoint.pth ({teacher}), fvcore ({model}), generic trainers.
-_WRAPPER_KEYS = ("teacher", "model_ema", "state_dict", "model", "module", "student")
-# Non-tensor objects that legitimately appear in training checkpoints and hold only data.
-_SAFE_GLOBALS = [argparse.Namespace]
-
-
-def _read_checkpoint(uri: str, storage_options: dict | None) -> dict[str, torch.Tensor]:
-    """Read a checkpoint (local path or fsspec URI) into a flat ``{key: tensor}`` dict."""
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    except (ValueError, ImportError) as e:
-        raise UserInputNotFoundError(f"cannot open checkpoint {uri!r}: {e}") from e
-    if not fs.isfile(path):
-        raise UserInputNotFoundError(
-            f"checkpoint {uri!r} not found (weights must be 'hub', 'random' or a checkpoint path "
-            f"or URI)")
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-        try:
-            return load_safetensors(data)
-        except Exception as e:
-            raise CheckpointError(f"{uri}: not a valid safetensors file ({e})") from e
-    try:
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{uri}: refused or unreadable checkpoint. Only tensors and plain containers are "
-            f"loaded (torch.load weights_only=True), never pickled code; convert it to "
-            f".safetensors or save a plain state dict. Cause: {e}") from e
-    return _flatten_state(obj, uri)
-
-
-def _flatten_state(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    """Descend checkpoint containers to the state dict; keep tensor entries only."""
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} \
-        if isinstance(obj, Mapping) else {}
-    if not state:
-        raise CheckpointError(f"{source}: no state dict of tensors found in the checkpoint")
-    return state
-
-
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map original-repo key layouts onto the bare backbone's keys.
 
@@ -378,12 +321,28 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if not k.startswith("head.")}
 
 
+def _qkvb_variant(name: str) -> str | None:
+    """The timm DINOv3 model of ``name``'s size that has q/v biases (``..._qkvb``), or None."""
+    arch, dot, tag = name.partition(".")
+    if arch.endswith("_qkvb"):
+        return None
+    variant = arch + "_qkvb"
+    return variant + dot + tag if timm.is_model(variant) else None
+
+
 def _check_dropped_tensors(state: dict[str, torch.Tensor], model: torch.nn.Module, *, name: str,
                            source: str) -> None:
     """timm's DINOv3 filter drops some tensors of the original layout without a look: the rope
     periods (recomputed by the model) and, for models without a qkv bias, ``qkv.bias``. Dropping
     them is only right when they hold what the model assumes; otherwise the features would be
-    wrong with no error, so say so instead."""
+    wrong with no error, so say so instead.
+
+    The official ViT-S/B/L have ``qkv_bias=True, mask_k_bias=True``: ``qkv.bias`` (q, k, v
+    thirds) times ``qkv.bias_mask`` (k third zero). The k bias never matters (it adds the same
+    ``q . b_k`` to every logit of a softmax row); q and v biases do. timm's ``*_dinov3`` models
+    have none, its ``*_dinov3_qkvb`` models load them (the filter splits them into ``q_bias`` and
+    ``v_bias``). A checkpoint with a non-zero q or v bias is refused for a model without them,
+    naming the ``_qkvb`` model that takes it."""
     if "storage_tokens" not in state:  # not the original DINOv3 layout
         return
     has_q_bias = any(n.endswith("q_bias") for n, _ in model.named_parameters())
@@ -391,10 +350,14 @@ def _check_dropped_tensors(state: dict[str, torch.Tensor], model: torch.nn.Modul
         if key.endswith("qkv.bias") and not has_q_bias:
             mask = state.get(key.replace("qkv.bias", "qkv.bias_mask"))
             effective = value * mask if mask is not None and mask.shape == value.shape else value
-            if bool(effective.abs().max() > 0):
+            q, _k, v = effective.float().chunk(3, dim=-1)
+            if bool(q.abs().max() > 0) or bool(v.abs().max() > 0):
+                variant = _qkvb_variant(name)
+                fix = (f"build it as '{variant}' (timm's variant with q/v biases)" if variant
+                       else "no timm variant of this size has q/v biases")
                 raise CheckpointError(
-                    f"{source}: {key} is non-zero but {name} has no qkv bias (timm would drop it "
-                    f"and the features would be wrong); use the matching '_qkvb' model name")
+                    f"{source}: {key} holds non-zero q/v biases but {name} has no qkv bias (timm "
+                    f"would drop them and the features would be wrong); {fix}")
         elif key.endswith("rope_embed.periods"):
             rope = getattr(model, "rope", None)
             ours = getattr(rope, "periods", None)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["upsample", "to_uint8", "to_png_bytes"]
+__all__ = ["upsample", "to_uint8", "to_png_bytes", "QUANTIZE"]
 
 
 def upsample(saliency: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -37,19 +37,36 @@ def upsample(saliency: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.n
     return out.clamp_(0.0, 1.0).cpu().numpy()
 
 
-def to_uint8(saliency: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Float saliency in [0, 1] → uint8 levels ``round(255 * s)`` (values outside are clipped)."""
+#: Float saliency → 8-bit levels: ``floor(255 * s)`` as the official code writes its maps
+#: (``(p * 255).astype(np.uint8)``), or ``round(255 * s)``.
+QUANTIZE = ("floor", "round")
+
+
+def to_uint8(saliency: np.ndarray | torch.Tensor, quantize: str = "floor") -> np.ndarray:
+    """Float saliency in [0, 1] → uint8 levels (values outside are clipped).
+
+    Args:
+        saliency: float (H, W) (or any shape) in [0, 1], numpy or torch (any device).
+        quantize: ``"floor"``: ``floor(255 * s)`` in float32, the official inference.py's
+            ``(s * 255).astype(uint8)`` (default); ``"round"``: ``round(255 * s)``.
+    Returns:
+        uint8 array of the same shape.
+    """
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
     sal = saliency.float().cpu().numpy() if isinstance(saliency, torch.Tensor) else \
         np.asarray(saliency, dtype=np.float32)
-    return np.rint(np.clip(sal, 0.0, 1.0) * 255.0).astype(np.uint8)
+    # float32 throughout, as the official code: 255 * s is rounded to float32 before the floor.
+    scaled = np.clip(sal, 0.0, 1.0).astype(np.float32) * np.float32(255.0)
+    return (np.rint(scaled) if quantize == "round" else scaled).astype(np.uint8)
 
 
 def to_png_bytes(saliency: np.ndarray | torch.Tensor) -> bytes:
     """A saliency map as an 8-bit greyscale PNG.
 
     Args:
-        saliency: float (H, W) in [0, 1] (stored as ``round(255 * s)``), or uint8 (H, W) levels
-            stored as they are.
+        saliency: float (H, W) in [0, 1] (stored as ``floor(255 * s)``, see :func:`to_uint8`),
+            or uint8 (H, W) levels stored as they are.
     Returns:
         PNG file bytes, mode ``L``, H rows by W columns.
     """

@@ -7,7 +7,7 @@ and turns batches of images into foreground probabilities::
     seg = Segmenter.from_artifact("s3://bucket/models/run1", image_size=1024)
     sal = seg.saliency(images)                  # float32 (B, S, S, 3) in [0, 1] -> (B, h, w)
     full = upsample(sal[0], (H, W))             # float32 (H, W) in [0, 1]
-    png = to_png_bytes(full)                    # 8-bit greyscale PNG, round(255 * s)
+    png = to_png_bytes(full)                    # 8-bit greyscale PNG, floor(255 * s)
     maps = seg.predict([pil_a, pil_b])          # uint8 (H, W) each, at the images' own sizes
 
 The head works on per-patch features, so a model trained at one ``image_size`` runs at any other
@@ -192,7 +192,7 @@ class Segmenter:
                 a single image is taken as a list of one.
             batch_size: images per backbone call.
         Returns:
-            one uint8 (H, W) map per image, ``round(255 * s)`` of the upsampled saliency.
+            one uint8 (H, W) map per image, ``floor(255 * s)`` of the upsampled saliency.
         """
         if isinstance(images, (Image.Image, np.ndarray)) and not (
                 isinstance(images, np.ndarray) and images.ndim == 4):

@@ -364,7 +364,8 @@ def _results_text(title: str, note: str, table: str, summary: dict) -> str:
         ("labels", o["labels"], f"pseudo-labels, {s['pseudo_label']['rows_total']} rows"),
         ("model", o["model"], f"head.safetensors + model.json, {s['train']['epochs']} epochs "
                               f"on {s['train']['train_rows']} of {s['train']['rows']} rows "
-                              f"({s['train']['low_confidence_rows']} flagged no_object skipped)"),
+                              f"({s['train'].get('no_object_rows', 0)} flagged no_object, "
+                              f"{s['train']['low_confidence_rows']} left out)"),
         ("predictions", o["predictions"], f"{s['segment'].get('maps_total', '?')} saliency PNGs"),
         ("report", o["report"], "metrics.json, metrics.md, per_image.csv, plots/"),
         ("label sheets", o["label_sheets"], "pseudo-masks, lowest/middle/highest confidence"),

@@ -15,7 +15,8 @@ key order (a few in flight per CPU) and folds each record into running sums as i
 instead of the ~12 KB record), so scores do not depend on the sharding and are bit for bit those
 of :func:`selfment_dist.evaluation.metrics.merge_records`, and writes the reports
 (:mod:`selfment_dist.evaluation.reports`). Problems never stop a run: predictions without a mask, masks
-without a prediction, duplicate keys, unreadable files and size mismatches (resized, still scored)
+without a prediction, duplicate keys, unreadable files and size mismatches (resized as the
+official runner does: the mask to the prediction; still scored)
 are counted, logged and listed in ``metrics.json``.
 """
 from __future__ import annotations
@@ -137,12 +138,14 @@ def _message(exc: BaseException, path: str = "") -> str:
 
 
 def score_shard(predictions: str, masks: str, items: list[tuple[str, str, str]],
-                storage_options: dict | None = None) -> list[tuple[str, dict | None, list]]:
+                storage_options: dict | None = None, resize: str = "mask"
+                ) -> list[tuple[str, dict | None, list]]:
     """Records of one shard (no Ray: the body of the Ray task).
 
     Args:
         predictions, masks: the folders' URIs (to rebuild their filesystems here).
         items: ``(key, prediction path, mask path)`` with paths inside those filesystems.
+        resize: which one is resized when the sizes differ (:func:`image_record`).
 
     Returns:
         ``[(key, record or None, [(problem kind, message), ...])]``, one per item; a record is
@@ -163,7 +166,7 @@ def score_shard(predictions: str, masks: str, items: list[tuple[str, str, str]],
         record = None
         if not problems:
             try:
-                record = image_record(*arrays)
+                record = image_record(*arrays, resize=resize)
             except Exception as exc:
                 problems.append(("failed", f"{key}: {_message(exc)}"))
         out.append((key, record, problems))
@@ -183,8 +186,8 @@ def _num_shards(n: int, requested: int | None) -> int:
 
 
 def _shard_results(items: list[tuple[str, str, str]], predictions: str, masks: str, *,
-                   name: str, storage_options: dict | None, num_shards: int | None
-                   ) -> Iterator[list[tuple[str, dict | None, list]]]:
+                   name: str, storage_options: dict | None, num_shards: int | None,
+                   resize: str = "mask") -> Iterator[list[tuple[str, dict | None, list]]]:
     """Run :func:`score_shard` as Ray tasks over contiguous shards of ``items``; yield each
     shard's results in shard order (so in the items' order). At most a few shards per CPU are in
     flight: finished results wait in the object store, not in the driver."""
@@ -200,7 +203,7 @@ def _shard_results(items: list[tuple[str, str, str]], predictions: str, masks: s
     for i, shard in enumerate(shards):
         while submitted < len(shards) and len(in_flight) < window:
             in_flight.append(_score_shard_task.remote(predictions, masks, shards[submitted],
-                                                      storage_options))
+                                                      storage_options, resize))
             submitted += 1
         ref = in_flight.popleft()
         try:
@@ -215,9 +218,12 @@ def _shard_results(items: list[tuple[str, str, str]], predictions: str, masks: s
 
 
 def evaluate_folders(predictions: str, masks: str, *, name: str = "default",
-                     storage_options: dict | None = None,
-                     num_shards: int | None = None) -> DatasetEvaluation:
+                     storage_options: dict | None = None, num_shards: int | None = None,
+                     resize: str = "mask") -> DatasetEvaluation:
     """Score one dataset: list, match, fan out over Ray tasks, merge in sorted key order.
+
+    ``resize``: when a prediction and its mask differ in size, ``"mask"`` resizes the mask to
+    the prediction (the official runner), ``"prediction"`` the prediction to the mask.
 
     Ray must be initialised (see :func:`selfment_dist.pipeline._internal.ray_runtime.ensure_ray`).
 
@@ -242,15 +248,18 @@ def evaluate_folders(predictions: str, masks: str, *, name: str = "default",
     # Records are merged as their shards arrive, in key order, and dropped (see _eval_merge).
     merged = RecordStream()
     for shard in _shard_results(items, predictions, masks, name=name,
-                                storage_options=storage_options, num_shards=num_shards):
+                                storage_options=storage_options, num_shards=num_shards,
+                                resize=resize):
         for key, record, issues in shard:
             for kind, message in issues:
                 problems.add(kind, message)
             if record is None:
                 continue
             if record["resized"]:
-                (ph, pw), (h, w) = record["pred_shape"], record["shape"]
-                problems.add("size_mismatch", f"{key}: prediction {pw}x{ph} resized to {w}x{h}")
+                (ph, pw), (h, w) = record["pred_shape"], record["mask_shape"]
+                what = (f"mask {w}x{h} resized to the prediction's {pw}x{ph}" if resize == "mask"
+                        else f"prediction {pw}x{ph} resized to the mask's {w}x{h}")
+                problems.add("size_mismatch", f"{key}: {what}")
             merged.add(key, record)
     problems.log(name)
     if merged.n:
@@ -299,7 +308,8 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
     datasets: list[DatasetEvaluation] = []
     if s.predictions is not None:
         datasets.append(evaluate_folders(s.predictions, s.masks, name=s.name,
-                                         storage_options=storage_options, num_shards=num_shards))
+                                         storage_options=storage_options, num_shards=num_shards,
+                                         resize=s.resize))
     else:
         # The segment stage, looked up by name when this mode runs: stages do not import each
         # other (and the model stack is loaded only where it is needed).
@@ -309,7 +319,10 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
             "batch_size": s.batch_size, "num_actors": s.num_actors,
             "num_gpus_per_actor": s.num_gpus_per_actor, "actor_wait_s": s.actor_wait_s}.items()
             if v is not None}
-        segment_options.update(cpu_fallback=s.cpu_fallback, model_workers=s.model_workers)
+        # The official runner's frame: images decoded as stored (no EXIF orientation, like
+        # inference.py's Image.open), maps floored to 8 bits (unless the settings say otherwise).
+        segment_options.update(cpu_fallback=s.cpu_fallback, model_workers=s.model_workers,
+                               exif_orientation=s.exif_orientation, quantize=s.quantize)
         for bench, (images_uri, masks_uri) in s.benchmarks.items():
             pred_uri = join(output, "predictions", bench)
             logger.info("%s: segmenting %s with %s into %s", bench, images_uri, s.model, pred_uri)
@@ -317,7 +330,8 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
                                           image_size=s.image_size,
                                           storage_options=storage_options, **segment_options)
             dataset = evaluate_folders(pred_uri, masks_uri, name=bench,
-                                       storage_options=storage_options, num_shards=num_shards)
+                                       storage_options=storage_options, num_shards=num_shards,
+                                       resize=s.resize)
             dataset.sources["images"] = images_uri
             dataset.sources["segment"] = _jsonable(summary)
             datasets.append(dataset)

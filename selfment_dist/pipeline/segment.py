@@ -65,7 +65,8 @@ __all__ = ["run_segment", "SegmentActor", "SEGMENT_SCHEMA", "MANIFEST_NAME", "OV
 MANIFEST_NAME = SEGMENT_MANIFEST_NAME
 _ROWS_PER_FILE = 1024
 # Settings that change what a map holds: a re-run into an existing output must match them.
-_RESUME_KEYS = ("model_fingerprint", "image_size", "output_format", "max_pixels", "max_bytes")
+_RESUME_KEYS = ("model_fingerprint", "image_size", "output_format", "max_pixels", "max_bytes",
+                "exif_orientation", "quantize")
 
 
 def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) -> dict:
@@ -146,7 +147,8 @@ def _config(run: SegmentSettings, meta: dict, plan: dict) -> dict:
             "trained_image_size": meta.get("image_size"), "image_size": run.image_size,
             "output_format": run.output_format, "overlays": bool(run.overlays),
             "batch_size": int(run.batch_size), "max_pixels": run.max_pixels,
-            "max_bytes": run.max_bytes,
+            "max_bytes": run.max_bytes, "exif_orientation": run.exif_orientation,
+            "quantize": run.quantize,
             "num_actors": plan["actors"], "num_gpus_per_actor": plan["num_gpus"]}
 
 
@@ -230,20 +232,22 @@ def _write_maps(out: RunOutput, units: list[dict], n_containers: int, skip_ref,
                 decode={"image_size": run.image_size, "max_pixels": run.max_pixels,
                         "max_bytes": run.max_bytes, "storage_options": run.storage_options,
                         "skip_ref": skip_ref, "rows_per_batch": run.batch_size,
-                        "keep_data": run.overlays},
+                        "keep_data": run.overlays, "exif_orientation": run.exif_orientation},
                 model_class=SegmentActor,
                 model_args={"settings": run, "resources": ActorResources.from_plan(plan),
                             "counters": counters},
                 plan=plan, model_workers=run.model_workers)
             if run.output_format == "parquet":
                 ds = ds.map_batches(render_table, batch_format="numpy",
+                                    fn_kwargs={"quantize": run.quantize},
                                     udf_modifying_row_count=False, num_cpus=LIGHT_TASK_CPUS,
                                     max_retries=MAX_RETRIES)
                 sink = TableSink(out.output, SEGMENT_SCHEMA, out.run_id, run.rows_per_file,
                                  run.storage_options, manifest=MANIFEST_NAME)
             else:
                 sink = PngSink(out.output, overlays=run.overlays, max_pixels=run.max_pixels,
-                               storage_options=run.storage_options)
+                               storage_options=run.storage_options, quantize=run.quantize,
+                               exif_orientation=run.exif_orientation)
         with progress_bars(run.progress), warnings.catch_warnings(), \
                 bounded_actor_start(plan, run.actor_wait_s, "segment", probe=False):
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")

@@ -48,6 +48,7 @@ import math
 import time
 from typing import Any
 
+from selfment_dist.defaults import resolve_precision
 from selfment_dist.errors import UserValueError
 from selfment_dist.io.output_access import prepare_output
 from selfment_dist.model.artifact import META_NAME
@@ -104,7 +105,8 @@ def run_train(*args: TrainSettings | str, **options: Any) -> dict:
 
     # Labels: footers, manifest and small columns only; the workers read the rows.
     ls = inspect_labels(s.labels, storage_options=s.storage_options, features=s.features,
-                        min_confidence=s.min_confidence, keep_fraction=s.keep_fraction)
+                        min_confidence=s.min_confidence, keep_fraction=s.keep_fraction,
+                        skip_no_object=s.skip_no_object)
     config = _config(s, ls)
     check_same_run(previous, config, output)
     if finished is not None and finished.get("training", {}).get("epochs", 0) >= s.epochs:
@@ -139,6 +141,7 @@ def _config(s: TrainSettings, ls: LabelSet) -> dict:
             "temperature": s.temperature,
             "seed": s.seed, "shuffle": s.shuffle, "contrastive": s.contrastive,
             "epochs": s.epochs, "workers": s.workers, "use_gpu": s.use_gpu,
+            "precision": resolve_precision(s.precision),
             "checkpoint_every": s.checkpoint_every, "max_failures": s.max_failures,
             "row_filter": ls.row_filter,
             "backbone": ls.backbone, "weights": ls.weights, "image_size": ls.image_size}
@@ -161,9 +164,10 @@ def _plan(s: TrainSettings, ls: LabelSet, config: dict) -> tuple[TrainLoopSpec, 
                          steps_per_epoch=math.ceil(per_worker / s.batch_size),
                          log_level=logging.getLogger("selfment_dist").getEffectiveLevel())
     logger.info("training on %s: %d of %d rows (%d errors and %d low-confidence rows skipped, "
-                "filter %s), grid %s, features %s; %d workers (%s), %d epochs x ~%d steps of %d "
-                "images per worker -> %s", s.labels, ls.usable, ls.rows, ls.errors,
-                ls.low_confidence, ls.row_filter, ls.grid, ls.feature_source, s.workers,
+                "%d flagged no_object, filter %s), grid %s, features %s; %d workers (%s), "
+                "%d epochs x ~%d steps of %d images per worker -> %s", s.labels, ls.usable,
+                ls.rows, ls.errors, ls.low_confidence, ls.no_object_rows, ls.row_filter, ls.grid,
+                ls.feature_source, s.workers,
                 resources or "1 GPU each", s.epochs, spec.steps_per_epoch, s.batch_size,
                 s.output)
     logger.info("training config: %s", config)

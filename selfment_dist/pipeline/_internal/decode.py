@@ -40,9 +40,12 @@ def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[st
 
 def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels: int | None,
                     storage_options: dict | None, skip_ref: list | None, rows_per_batch: int,
-                    keep_data: bool = False, max_bytes: int | None = DEFAULT_MAX_BYTES
-                    ) -> Iterator[dict[str, np.ndarray]]:
+                    keep_data: bool = False, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                    exif_orientation: bool = True) -> Iterator[dict[str, np.ndarray]]:
     """Expand a batch of work units into decoded, resized images (Ray Data UDF).
+
+    ``exif_orientation=False`` decodes images as stored (benchmark evaluation: the official
+    inference's frame); web images keep their EXIF orientation.
 
     ``keep_data`` also carries the encoded file (segment's overlays need it).
 
@@ -66,7 +69,8 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
                    "data": None}
             if rec["error"] is None:
                 try:
-                    pil = decode_image(rec["data"], max_pixels=max_pixels, max_bytes=max_bytes)
+                    pil = decode_image(rec["data"], max_pixels=max_pixels, max_bytes=max_bytes,
+                                       exif_orientation=exif_orientation)
                     row["width"], row["height"] = pil.size
                     row["pixels"] = resize_square(pil, image_size)
                     row["data"] = rec["data"] if keep_data else None

@@ -19,14 +19,15 @@ from typing import Iterator
 
 import numpy as np
 
-from selfment_dist.evaluation.metrics import PER_IMAGE_KEYS, SCORE_KEYS, usod_fcurves, record_summary
+from selfment_dist.evaluation.metrics import (PER_IMAGE_KEYS, SCORE_KEYS, record_summary,
+                                              tokencut_fcurve, usod_fcurves)
 
 __all__ = ["RecordStream"]
 
 # Per-image values averaged with a 1-D mean (merge_records), in this order.
 _SCALARS = ("iou", "accuracy", "fm_adp", "wfm", "sm", "em_adp", "mae", "fmax")
 # Curves averaged over images: summed here, divided once at the end.
-_CURVES = ("fm_curve", "em_curve", "fm_p", "fm_r", "usod_p", "usod_r", "usod_f")
+_CURVES = ("fm_curve", "em_curve", "fm_p", "fm_r", "usod_p", "usod_r", "usod_f", "tokencut_f")
 _CSV_FLOATS = tuple(k for k in PER_IMAGE_KEYS if k != "resized")
 
 
@@ -45,7 +46,9 @@ class RecordStream:
         p, r, f = usod_fcurves(record["usod_tp"], record["usod_pp"], record["usod_gp"])
         values = {"fm_curve": record["fm_curve"], "em_curve": record["em_curve"],
                   "fm_p": record["fm_p"], "fm_r": record["fm_r"],
-                  "usod_p": p, "usod_r": r, "usod_f": f}
+                  "usod_p": p, "usod_r": r, "usod_f": f,
+                  "tokencut_f": tokencut_fcurve(record["usod_tp"], record["usod_pp"],
+                                                 record["usod_gp"])}
         for name in _CURVES:
             row = np.asarray(values[name], dtype=np.float64)
             if name in self._sums:
@@ -70,7 +73,8 @@ class RecordStream:
         one = {k: np.mean(np.frombuffer(v, dtype=np.float64)) for k, v in self._scalars.items()}
         fm_curve, em_curve = self._mean("fm_curve"), self._mean("em_curve")
         scores = {"iou": one["iou"], "accuracy": one["accuracy"], "fmax": one["fmax"],
-                  "fmax_curve": self._mean("usod_f").max(), "max_fm": fm_curve.max(),
+                  "fmax_curve": self._mean("usod_f").max(),
+                  "fmax_tokencut": self._mean("tokencut_f").max(), "max_fm": fm_curve.max(),
                   "mean_fm": fm_curve.mean(), "adp_fm": one["fm_adp"], "wfm": one["wfm"],
                   "sm": one["sm"], "max_em": em_curve.max(), "mean_em": em_curve.mean(),
                   "adp_em": one["em_adp"], "mae": one["mae"]}

@@ -41,12 +41,14 @@ SEGMENT_SCHEMA = pa.schema(
               b"selfment.png": b"8-bit L, round(255 * saliency), original size"})
 
 
-def render_map(saliency: np.ndarray, width: int, height: int) -> np.ndarray:
+def render_map(saliency: np.ndarray, width: int, height: int, quantize: str = "floor"
+               ) -> np.ndarray:
     """Patch saliency float (h, w) → uint8 (height, width) map, ``round(255 * s)``."""
-    return to_uint8(upsample(saliency, (height, width)))
+    return to_uint8(upsample(saliency, (height, width)), quantize)
 
 
-def overlay_jpeg(data: bytes, level: np.ndarray, *, max_pixels: int | None) -> bytes:
+def overlay_jpeg(data: bytes, level: np.ndarray, *, max_pixels: int | None,
+                 exif_orientation: bool = True) -> bytes:
     """The original image with the foreground tinted: JPEG bytes at the map's size.
 
     Args:
@@ -57,7 +59,7 @@ def overlay_jpeg(data: bytes, level: np.ndarray, *, max_pixels: int | None) -> b
 
     from PIL import Image
 
-    image = decode_image(data, max_pixels=max_pixels)
+    image = decode_image(data, max_pixels=max_pixels, exif_orientation=exif_orientation)
     if image.size != (level.shape[1], level.shape[0]):
         raise ValueError(f"image is {image.size[0]}x{image.size[1]}, map is "
                          f"{level.shape[1]}x{level.shape[0]}")
@@ -90,7 +92,9 @@ class PngSink(Datasink):
     and the failed keys."""
 
     def __init__(self, output: str, *, overlays: bool, max_pixels: int | None,
-                 storage_options: dict | None):
+                 storage_options: dict | None, quantize: str = "floor",
+                 exif_orientation: bool = True):
+        self.quantize, self.exif_orientation = quantize, exif_orientation
         self.output = output
         self.overlays = overlays
         self.max_pixels = max_pixels
@@ -123,11 +127,12 @@ class PngSink(Datasink):
                     try:
                         _check_key(key)
                         level = render_map(batch["saliency"][i], int(batch["width"][i]),
-                                           int(batch["height"][i]))
+                                           int(batch["height"][i]), self.quantize)
                         if self.overlays:  # first: the PNG marks the key done
                             self._put(fs, f"{root}/{OVERLAY_DIR}/{key}.jpg",
                                       overlay_jpeg(batch["data"][i], level,
-                                                   max_pixels=self.max_pixels))
+                                                   max_pixels=self.max_pixels,
+                                                   exif_orientation=self.exif_orientation))
                         self._put(fs, f"{root}/{key}.png", to_png_bytes(level))
                         images += 1
                         continue
@@ -148,7 +153,7 @@ class TableSink(PartsSink):
         return "WriteSaliencyTable"
 
 
-def render_table(batch: dict[str, np.ndarray]) -> pa.Table:
+def render_table(batch: dict[str, np.ndarray], quantize: str = "floor") -> pa.Table:
     """Parquet output: the actor's batch → rows of :data:`SEGMENT_SCHEMA` (Ray Data UDF)."""
     cols: dict[str, list] = {name: [] for name in SEGMENT_SCHEMA.names}
     for i in range(len(batch["key"])):
@@ -157,7 +162,7 @@ def render_table(batch: dict[str, np.ndarray]) -> pa.Table:
         png = None
         if error is None:
             try:
-                png = to_png_bytes(render_map(batch["saliency"][i], width, height))
+                png = to_png_bytes(render_map(batch["saliency"][i], width, height, quantize))
             except Exception as exc:
                 error = f"cannot render map: {type(exc).__name__}: {exc}"[:500]
         cols["key"].append(str(batch["key"][i]))

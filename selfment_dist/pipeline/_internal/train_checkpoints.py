@@ -136,6 +136,7 @@ def save_model(result, ls: LabelSet, config: dict, output: str, storage_options:
         "epochs": progress.epoch, "steps": progress.global_step,
         "images_seen": progress.images_seen, "rows": ls.rows, "error_rows": ls.errors,
         "low_confidence_rows": ls.low_confidence, "row_filter": ls.row_filter,
+        "no_object_rows": ls.no_object_rows, "precision": config.get("precision", "fp32"),
         "train_rows": ls.usable, "workers": config["workers"], "batch_size": config["batch_size"],
         "feature_source": config["feature_source"], "feature_dim": progress.in_dim,
         "embed_dim": progress.embed_dim, "lr": config["lr"],

@@ -4,8 +4,9 @@ The driver reads only the labels' manifest, parquet footers and a few small colu
 (:func:`inspect_labels` → :class:`LabelSet`); :func:`build_dataset` gives Ray Train the rows the
 workers iterate: error rows dropped, and either the stored ``features`` column or each row's
 image, read, decoded and resized by CPU tasks (:func:`load_images`) for the backbone; rows
-left out by the confidence filter (``no_object``, ``min_confidence``, ``keep_fraction``) are
-dropped as they are read.
+left out by a confidence filter (``skip_no_object``, ``min_confidence``, ``keep_fraction``:
+beyond the paper, all off by default, as the official code trains on every image) are dropped as
+they are read.
 """
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class LabelSet:
     image_size: int
     manifest: dict = field(repr=False, default_factory=dict)
     low_confidence: int = 0
+    no_object_rows: int = 0  # usable rows flagged no_object (trained on unless skip_no_object)
     row_filter: dict = field(default_factory=lambda: {"rule": "none", "threshold": None})
 
     @property
@@ -75,7 +77,7 @@ class LabelSet:
 
 def _confidence_filter(conf: np.ndarray, no_object: np.ndarray | None, *,
                        min_confidence: float | None, keep_fraction: float | None,
-                       labels: str) -> tuple[dict, int]:
+                       labels: str, skip_no_object: bool = False) -> tuple[dict, int]:
     """The rule choosing training rows by confidence, and how many usable rows it leaves out.
 
     Args:
@@ -89,7 +91,8 @@ def _confidence_filter(conf: np.ndarray, no_object: np.ndarray | None, *,
     if keep_fraction is not None and not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     if no_object is None:
-        if min_confidence or (keep_fraction is not None and keep_fraction < 1.0):
+        if min_confidence or skip_no_object or (keep_fraction is not None
+                                                and keep_fraction < 1.0):
             raise UserValueError(f"the pseudo-labels at {labels} have no confidence column, or rows "
                              "without one (made before it existed): pseudo-label them again to "
                              "filter by it")
@@ -101,7 +104,9 @@ def _confidence_filter(conf: np.ndarray, no_object: np.ndarray | None, *,
     if min_confidence is not None:
         return ({"rule": "min_confidence", "threshold": float(min_confidence)},
                 int((conf < np.float32(min_confidence)).sum()))
-    return {"rule": "no_object", "threshold": None}, int(no_object.sum())
+    if skip_no_object:
+        return {"rule": "no_object", "threshold": None}, int(no_object.sum())
+    return {"rule": "none", "threshold": None}, 0  # the official code: every row
 
 
 def _keep_mask(table, row_filter: dict):
@@ -122,7 +127,7 @@ def _keep_mask(table, row_filter: dict):
 
 def inspect_labels(labels: str, *, storage_options: dict | None = None,
                    features: str = "auto", min_confidence: float | None = None,
-                   keep_fraction: float | None = None) -> LabelSet:
+                   keep_fraction: float | None = None, skip_no_object: bool = False) -> LabelSet:
     """Read the manifest, the parquet footers and the small grid/source/confidence columns of
     ``labels``.
 
@@ -174,7 +179,8 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
         np.concatenate(scan.confidences).astype(np.float32) if has_quality
         else np.zeros(0, np.float32),
         np.concatenate(scan.no_objects).astype(bool) if has_quality else None,
-        min_confidence=min_confidence, keep_fraction=keep_fraction, labels=labels)
+        min_confidence=min_confidence, keep_fraction=keep_fraction, labels=labels,
+        skip_no_object=skip_no_object)
     if rows - errors - low_confidence == 0:
         raise UserValueError(f"the confidence filter ({row_filter['rule']}, threshold "
                          f"{row_filter['threshold']}) leaves none of the {rows - errors} usable "
@@ -183,7 +189,8 @@ def inspect_labels(labels: str, *, storage_options: dict | None = None,
                     grid=next(iter(grids)), feature_source="stored" if stored else "backbone",
                     feature_dim=int(feature_dim) if stored else None,
                     backbone=backbone, weights=weights, image_size=image_size, manifest=manifest,
-                    low_confidence=low_confidence, row_filter=row_filter)
+                    low_confidence=low_confidence, row_filter=row_filter,
+                    no_object_rows=int(sum(int(n.sum()) for n in scan.no_objects)) if has_quality else 0)
 
 
 def _label_manifest(fs, root: str, labels: str) -> tuple[dict, tuple[str, str, int]]:

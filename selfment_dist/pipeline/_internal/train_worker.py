@@ -1,8 +1,8 @@
 """The worker loop of ``selfment train``: what each Ray Train worker (a DDP rank) runs.
 
 Per step: a batch of the worker's shard → features (the stored column, or the frozen backbone in
-the worker) → :class:`~selfment_dist.model.head.PatchHead` (DDP) → ``selfment_loss`` → Adam, with bf16
-autocast on GPU. The ranks stay in lockstep (every rank steps, reports and checkpoints
+the worker) → :class:`~selfment_dist.model.head.PatchHead` (DDP) → ``selfment_loss`` → Adam, in fp32 (the
+official code) unless ``precision`` is bf16 (autocast, GPU only). The ranks stay in lockstep (every rank steps, reports and checkpoints
 together); losses are averaged over the ranks' images; metrics and checkpoints go out through
 ``ray.train.report`` (see :mod:`._train_checkpoints`).
 """
@@ -53,7 +53,7 @@ def train_loop(config: dict) -> None:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = ray.train.torch.get_device()
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" and spec.settings.precision == "bf16"  # default fp32: official
     grid = tuple(spec.grid)
 
     backbone, head, optimizer, progress = _build(spec, device, rank)
