@@ -18,8 +18,8 @@ from selfment_dist.errors import SelfmentUserError
 from selfment_dist.io import reachability
 from selfment_dist.io.output_access import (MissingBucketError, OutputNotWritableError,
                                             disk_fault, prepare_output)
-from selfment_dist.pipeline._internal import parts
-from selfment_dist.pipeline._internal.parts import MANIFEST_NAME, read_manifest, write_manifest
+from selfment_dist.pipeline._internal import manifest as manifests
+from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 
 def _closed_port() -> int:
@@ -168,7 +168,7 @@ def test_a_full_disk_still_records_the_failure_and_leaves_no_temp_file(tmp_path,
     write_manifest(fs, root, failed)  # in place, within the room the manifest keeps
     assert sorted(os.listdir(tmp_path)) == [MANIFEST_NAME]
     assert read_manifest(fs, root) == failed
-    huge = {"status": "failed", "blob": "x" * (2 * parts.MANIFEST_SLACK)}
+    huge = {"status": "failed", "blob": "x" * (2 * manifests.MANIFEST_SLACK)}
     with pytest.raises(OSError) as info:
         write_manifest(fs, root, huge)  # no room: the error stands, and still no temp file
     assert info.value.errno == errno.ENOSPC
