@@ -45,7 +45,8 @@ def _separated_ellipses(rng: np.random.Generator, shape: tuple[int, int], n: int
         aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
         r = np.sqrt(frac * h * w / np.pi)
         ry, rx = r * np.sqrt(aspect), r / np.sqrt(aspect)
-        cy, cx = rng.uniform(ry + 0.5, max(h - ry - 0.5, ry + 0.6)), rng.uniform(rx + 0.5, max(w - rx - 0.5, rx + 0.6))
+        cy = rng.uniform(ry + 0.5, max(h - ry - 0.5, ry + 0.6))
+        cx = rng.uniform(rx + 0.5, max(w - rx - 0.5, rx + 0.6))
         m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
         if m.sum() < max(4, 0.5 * min_frac * h * w) or (m & blocked).any():
             continue
