@@ -45,7 +45,8 @@ def _separated_ellipses(rng: np.random.Generator, shape: tuple[int, int], n: int
         aspect = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
         r = np.sqrt(frac * h * w / np.pi)
         ry, rx = r * np.sqrt(aspect), r / np.sqrt(aspect)
-        cy, cx = rng.uniform(ry + 0.5, max(h - ry - 0.5, ry + 0.6)), rng.uniform(rx + 0.5, max(w - rx - 0.5, rx + 0.6))
+        cy = rng.uniform(ry + 0.5, max(h - ry - 0.5, ry + 0.6))
+        cx = rng.uniform(rx + 0.5, max(w - rx - 0.5, rx + 0.6))
         m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
         if m.sum() < max(4, 0.5 * min_frac * h * w) or (m & blocked).any():
             continue
@@ -74,13 +75,14 @@ def make_instance_features(rng: np.random.Generator, h: int, w: int, c: int = 64
     weights = np.stack([1 - wy, wy * (1 - wx), wy * wx], -1) + 0.2
     feats = weights @ bg_dirs
     common = rng.normal(size=c)
-    # Objects carry their own direction with increasing weight, and a little of the local
-    # background: distinct affinities to the other objects and to the background, hence
-    # distinct eigenvector levels (no tie between objects) and one clear cut per round.
+    # Objects carry their own direction with increasing weight (so they link to fewer of the
+    # other objects) and some of one background direction (so they link to a part of the
+    # background that differs per object): no two objects are alike in the graph, hence no
+    # tie between objects in the eigenvector, even where noise is too weak to break one.
     for k, m in enumerate(masks):
         own = rng.normal(size=c)
         strength = 0.4 + 0.9 * k + rng.uniform(0, 0.2)
-        feats[m] = common + strength * own + 0.2 * feats[m]
+        feats[m] = common + strength * own + 0.3 * bg_dirs[k % 3] + 0.2 * feats[m]
     feats = feats + noise * rng.normal(size=(h, w, c))
     return feats.astype(np.float32), np.stack(masks) if masks else np.zeros((0, h, w), bool)
 
