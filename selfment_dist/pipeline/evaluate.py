@@ -318,7 +318,8 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
             "batch_size": s.batch_size, "num_actors": s.num_actors,
             "num_gpus_per_actor": s.num_gpus_per_actor, "actor_wait_s": s.actor_wait_s}.items()
             if v is not None}
-        segment_options.update(cpu_fallback=s.cpu_fallback, model_workers=s.model_workers)
+        segment_options.update(cpu_fallback=s.cpu_fallback, model_workers=s.model_workers,
+                               require_gpu=s.require_gpu)
         for bench, (images_uri, masks_uri) in s.benchmarks.items():
             pred_uri = join(output, "predictions", bench)
             logger.info("%s: segmenting %s with %s into %s", bench, images_uri, s.model, pred_uri)

@@ -328,7 +328,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
 
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
-                          image_size=s.image_size)
+                          image_size=s.image_size, require_gpu=s.require_gpu,
+                          batch_size=s.batch_size, precision=s.precision, stage="pseudo-label")
     check_model_workers(s.model_workers, plan, "pseudo-label")
     from selfment_dist.defaults import resolve_precision
 
@@ -393,6 +394,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str],
     lease.stop()
     summary["wall_s"] = wall = round(time.perf_counter() - start, 3)
     summary["images_per_s"] = round(summary["images"] / wall, 3) if wall else 0.0
+    summary["plan"] = plan.record()
 
     def finish(m: dict) -> None:
         run_entry(m, run_id).update(

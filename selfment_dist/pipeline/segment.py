@@ -345,7 +345,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     root = root.rstrip("/")
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor,
-                          allow_cpu_fallback=s.cpu_fallback, image_size=image_size)
+                          allow_cpu_fallback=s.cpu_fallback, image_size=image_size,
+                          require_gpu=s.require_gpu, batch_size=s.batch_size, stage="segment")
     check_model_workers(s.model_workers, plan, "segment")
     run_id = uuid.uuid4().hex[:12]
     config = {"model": str(model), "model_fingerprint": _fingerprint(meta),
@@ -405,7 +406,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     wall = time.perf_counter() - start
     images = summary["images"]
     summary = {"output": output, "manifest": to_uri(fs, manifest_path), "run_id": run_id,
-               "output_format": s.output_format, "image_size": image_size, **summary}
+               "output_format": s.output_format, "image_size": image_size,
+               "plan": plan.record(), **summary}
     summary.update(wall_s=round(wall, 3),
                    images_per_s=round(images / wall, 3) if wall else 0.0,
                    error_examples=[f"{f['key']}: {f['error']}" for f in failed_rows[:10]])
