@@ -1,0 +1,140 @@
+"""The planner as a pure function of node shapes, ``selfment plan``, elastic decode and the
+"no silent CPU on a GPU cluster" rule. No Ray cluster is started here."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from selfment_dist.cli import main
+from selfment_dist.pipeline import plan_command
+from selfment_dist.pipeline._internal import plan as _plan
+from selfment_dist.pipeline._internal.plan import StagePlan, parse_node_shape, plan_stage
+
+S3_CONFIG = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "s3.yaml")
+
+
+def plan_json(capsys, *argv: str) -> dict:
+    assert main(["plan", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode is elastic: never a start-time cap
+
+def test_cold_autoscaling_cluster_does_not_get_one_decode_task(capsys):
+    """A head with no CPUs and nothing else yet (the shipped AWS and KubeRay shape)."""
+    plan = plan_json(capsys, "pseudo-label", "--nodes", "CPU=0", "--num-gpus-per-actor", "1")
+    assert plan["decode_concurrency"] == {"min": 1, "max": None}
+    assert plan["model_actors"] == {"min": 1, "max": None, "initial": 1, "now": 0}
+    assert plan["device"] == "cuda" and not plan["fits_now"]
+    assert plan["bound_by"].startswith("no model actor fits")
+
+
+@pytest.mark.parametrize("shape, decode_cpus, actors", [
+    ("CPU=16,GPU=1", 12, 1), ("CPU=96,GPU=8", 64, 8)])
+def test_decode_may_use_the_cpus_the_gpu_actors_leave(capsys, shape, decode_cpus, actors):
+    plan = plan_json(capsys, "pseudo-label", "--nodes", "CPU=0", "--nodes", shape)
+    assert plan["decode_concurrency"]["max"] is None
+    assert plan["decode_cpus_now"] >= decode_cpus
+    assert plan["decode_tasks_now"] * plan["decode_task_cpus"] >= decode_cpus
+    assert plan["model_actors"]["now"] == actors and plan["num_gpus"] == 1
+    assert plan["batch_size"] == 32 and plan["precision"] == "fp32"
+    assert plan["images_per_s"] == min(plan["model_images_per_s"], plan["decode_images_per_s"])
+
+
+def test_the_pipeline_decodes_without_a_cap():
+    from selfment_dist.pipeline._internal.ray_runtime import decode_pool
+
+    plan = plan_stage([{"CPU": 4.0}])
+    assert decode_pool(plan).size is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The command: shapes, config, rates, stage options
+
+def test_repeated_shapes_config_and_rates(capsys):
+    plan = plan_json(capsys, "segment", "--nodes", "CPU=0", "--nodes", "4xCPU=8,GPU=1",
+                     "--config", S3_CONFIG,
+                     "--rate", "gpu_actor_images_per_s_fp32=1000")
+    assert len(plan["nodes"]) == 5 and plan["model_actors"]["now"] == 4
+    assert plan["batch_size"] == 16 and plan["image_size"] == 1024     # the file's segment section
+    assert plan["rates"]["gpu_actor_images_per_s_fp32"] == 1000
+    assert plan["bound_by"] == "decode"                                # a fast GPU: CPUs bound it
+
+
+def test_precision_picks_the_assumed_gpu_rate(capsys):
+    fp32 = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1")
+    bf16 = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1", "--precision", "bf16")
+    assert bf16["model_images_per_s"] > fp32["model_images_per_s"] > 0
+    half = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1", "--image-size", "1536")
+    assert half["model_images_per_s"] == pytest.approx(fp32["model_images_per_s"] / 4)
+
+
+def test_train_plan_says_whether_the_workers_fit(capsys):
+    plan = plan_json(capsys, "train", "--nodes", "CPU=0", "--nodes", "2xCPU=48,GPU=4",
+                     "--config", S3_CONFIG)
+    assert plan["workers"] == 8 and plan["fits"]
+    small = plan_json(capsys, "train", "--nodes", "CPU=0", "--nodes", "8xCPU=6,GPU=1",
+                      "--workers", "8", "--use-gpu", "--resources-per-worker",
+                      '{"CPU": 10, "GPU": 1}')
+    assert not small["fits"] and small["workers_the_nodes_hold"] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nodes", "CPU=lots"], "node shape 'CPU=lots'"),
+    (["--nodes", "CPU=4", "--rate", "warp=9"], "unknown rate"),
+    (["--nodes", "CPU=4", "--num-gpus-per-actor", "0", "--require-gpu"], "require_gpu"),
+])
+def test_mistakes_are_one_error_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main(["plan", "pseudo-label", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfment: error:") and message in err
+
+
+def test_the_command_starts_no_ray(capsys):
+    import ray
+
+    plan_json(capsys, "evaluate", "--nodes", "CPU=4")
+    assert not ray.is_initialized()
+
+
+def test_node_shapes_parse():
+    assert parse_node_shape("CPU=16, GPU=1,memory=1e9") == {"CPU": 16, "GPU": 1, "memory": 1e9}
+    assert plan_command.parse_nodes(["3xCPU=2"]) == [{"CPU": 2.0}] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# No silent CPU on a GPU cluster
+
+def test_require_gpu_plans_gpu_actors_that_wait_for_a_gpu_node():
+    plan = plan_stage([{"CPU": 0.0}, {"CPU": 16.0}], require_gpu=True)
+    assert isinstance(plan, StagePlan)
+    assert plan.num_gpus == 1 and plan.device == "cuda" and not plan.fits_now
+    assert plan_stage([{"CPU": 16.0}]).num_gpus == 0  # nothing asks for a GPU: CPU actors
+
+
+def test_live_plan_follows_a_cluster_config_with_gpu_types(monkeypatch):
+    """GPU nodes scaled down to zero: the cluster's config still has GPU types, so the stage
+    waits for one (bounded_actor_start's probe, at most actor_wait_s) instead of CPU actors."""
+    monkeypatch.setattr(_plan, "alive_nodes", lambda: [{"CPU": 0.0}, {"CPU": 16.0}])
+    monkeypatch.setattr(_plan, "cluster_asks_for_gpus", lambda: True)
+    plan = _plan.plan_resources(None, None)
+    assert plan["num_gpus"] == 1 and not plan["fits_now"] and plan["require_gpu"]
+    assert _plan.plan_resources(None, 0).num_gpus == 0   # an explicit CPU plan stays one
+
+
+def test_cpu_plan_on_a_remote_cluster_is_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(_plan, "alive_nodes", lambda: [{"CPU": 16.0}])
+    monkeypatch.setattr(_plan, "cluster_asks_for_gpus", lambda: False)
+    monkeypatch.setattr(_plan, "connected_to_remote_cluster", lambda: True)
+    with caplog.at_level(logging.WARNING, logger=_plan.__name__):
+        plan = _plan.plan_resources(None, None, stage="segment")
+    assert plan.device == "cpu"
+    assert any(r.levelno == logging.WARNING and "CPU model actors on a remote cluster"
+               in r.getMessage() for r in caplog.records)
+    assert plan.record()["device"] == "cpu"  # what the run summary keeps under "plan"
