@@ -138,3 +138,47 @@ def test_cpu_plan_on_a_remote_cluster_is_a_warning(monkeypatch, caplog):
     assert any(r.levelno == logging.WARNING and "CPU model actors on a remote cluster"
                in r.getMessage() for r in caplog.records)
     assert plan.record()["device"] == "cpu"  # what the run summary keeps under "plan"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loose files of one decode task are fetched concurrently
+
+def test_prefetch_yields_what_a_one_by_one_read_yields(tmp_path):
+    from selfment_dist.io.prefetch import iter_unit_records
+    from selfment_dist.io.sources import IMAGE, iter_records
+
+    units = []
+    for i in range(7):
+        path = tmp_path / f"{i}.jpg"
+        if i != 3:  # 3 is missing: an error record in its place
+            path.write_bytes(bytes([i]) * (10 + 100 * (i == 5)))  # 5 is over max_bytes
+        units.append({"kind": IMAGE, "uri": str(path), "key": str(i)})
+    options = {"skip": {"1"}, "max_bytes": 50}
+    expected = [r for u in units for r in iter_records(u, **options)]
+    got = list(iter_unit_records(units, threads=3, **options))
+    assert got == expected
+    assert [r["key"] for r in got] == ["0", "2", "3", "4", "5", "6"]
+    assert got[2]["error"] and got[4]["error"] and got[0]["data"] == b"\0" * 10
+
+
+def test_prefetch_reads_files_at_once(monkeypatch):
+    import threading
+    import time
+
+    from selfment_dist.io import prefetch
+
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def slow(unit, **_):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+        yield {"key": unit["key"]}
+
+    monkeypatch.setattr(prefetch, "iter_records", slow)
+    units = [{"kind": "image", "uri": f"s3://b/{i}", "key": str(i)} for i in range(16)]
+    keys = [r["key"] for r in prefetch.iter_unit_records(units, threads=8)]
+    assert keys == [str(i) for i in range(16)] and state["most"] >= 4
