@@ -72,7 +72,7 @@ def step_build(args) -> int:
     result("torch_version", torch.__version__)
     result("torch_cuda_build", torch.version.cuda or "none")
     result("cuda_available", int(torch.cuda.is_available()))
-    result("gpu_count", torch.cuda.device_count())
+    result("torch_gpu_count", torch.cuda.device_count())
     for i in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(i)
         x = torch.ones(256, 256, device=f"cuda:{i}")

@@ -182,3 +182,44 @@ def test_prefetch_reads_files_at_once(monkeypatch):
     units = [{"kind": "image", "uri": f"s3://b/{i}", "key": str(i)} for i in range(16)]
     keys = [r["key"] for r in prefetch.iter_unit_records(units, threads=8)]
     assert keys == [str(i) for i in range(16)] and state["most"] >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The one-call GPU check, at smoke size on CPU
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_on_cpu(tmp_path):
+    """``SMOKE=1 bash benchmarks/gpu_check.sh OUT``: every step passes and prints its RESULT
+    lines (the figures a GPU slot would give, at tiny sizes), exit status 0."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SMOKE": "1"}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    results = dict(line.split()[1:3] for line in done.stdout.splitlines()
+                   if line.startswith("RESULT "))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = ("build", "forward", "ncut", "eigh", "h2d", "decode", "pipeline", "train", "segment")
+    assert {results[f"{s}_status"] for s in steps} == {"ok"}
+    for key in ("cpu_count", "dev_shm_gib", "torch_cuda_build", "forward_fp32_64_images_per_s",
+                "forward_bf16_128_images_per_s", "ncut_ipo_ms_per_image_b4_g8",
+                "eigh_f64_k48_cpu_ms", "h2d_pinned_gb_per_s", "decode_resize_ms_640x480",
+                "pipeline_images_per_s", "pipeline_gpu_util_mean", "train_w1_images_per_s",
+                "segment_images_per_s"):
+        assert key in results, key
+    assert results["pipeline_plan_decode_max"] == "elastic" and results["all_ok"] == "1"
+    assert (tmp_path / "results.txt").read_text().count("RESULT ") == len(
+        [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")])
+
+
+def test_the_cluster_launchers_bootstrap_config_tells_gpu_types(tmp_path):
+    """On a cluster launcher's head the autoscaler config lies in ~/ray_bootstrap_config.yaml:
+    the shipped AWS config has GPU types, a CPU-only one does not, a missing one says nothing."""
+    root = Path(__file__).resolve().parents[1]
+    assert _plan._bootstrap_config_has_gpus(str(root / "cluster" / "aws-gpu.yaml"))
+    cpu_only = tmp_path / "cpu.yaml"
+    cpu_only.write_text("available_node_types: {head: {resources: {CPU: 4}}}\n")
+    assert not _plan._bootstrap_config_has_gpus(str(cpu_only))
+    assert not _plan._bootstrap_config_has_gpus(str(tmp_path / "missing.yaml"))

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -271,17 +271,37 @@ def alive_nodes() -> list[dict[str, float]]:
     return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
 
 
+#: Where the cluster launcher leaves the autoscaler's config on the head (`ray start
+#: --autoscaling-config=~/ray_bootstrap_config.yaml`), where a Ray Jobs driver runs.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
 def cluster_asks_for_gpus() -> bool:
-    """Whether the connected cluster's autoscaler config has node types with GPUs (a cluster
-    launcher or KubeRay cluster whose GPU nodes may all be scaled down right now)."""
+    """Whether the connected cluster's autoscaler config has node types with GPUs (its GPU
+    nodes may all be scaled down right now): the cluster config in the GCS (autoscaler v2,
+    KubeRay), else the cluster launcher's bootstrap config on this node. Unknown: False (use
+    ``require_gpu`` or ``num_gpus_per_actor``)."""
     try:
         from ray._private.state import state
 
         most = state.get_max_resources_from_cluster_config() or {}
+        if float(most.get("GPU", 0) or 0) > 0:
+            return True
     except Exception:  # no autoscaler config (a local Ray), or an older GCS: nothing is known
-        logger.debug("no cluster config readable", exc_info=True)
+        logger.debug("no cluster config in the GCS", exc_info=True)
+    return _bootstrap_config_has_gpus(os.path.expanduser(BOOTSTRAP_CONFIG))
+
+
+def _bootstrap_config_has_gpus(path: str) -> bool:
+    try:
+        import yaml
+
+        with open(path) as f:
+            types = (yaml.safe_load(f) or {}).get("available_node_types") or {}
+    except Exception:  # missing or unreadable: nothing is known
         return False
-    return float(most.get("GPU", 0) or 0) > 0
+    return any(float((t.get("resources") or {}).get("GPU", 0) or 0) > 0
+               for t in types.values() if isinstance(t, dict))
 
 
 def connected_to_remote_cluster() -> bool:
