@@ -237,7 +237,9 @@ class GpuSampler:
 def _start_ray() -> None:
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a Ray of its own, never another one running on this machine.
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
 
 
 def _images(out: Path, n: int) -> str:

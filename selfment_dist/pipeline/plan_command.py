@@ -3,9 +3,9 @@
 Prints, as JSON, the plan a stage would make on a cluster of the given node shapes, without
 starting Ray or running anything: model actors (min, max, how many the nodes hold now), GPUs and
 CPUs per actor, batch size, decode concurrency (min, max; ``null`` max = elastic), precision,
-the per-stage rates assumed, the expected images/s and which stage bounds it. The figures come
-from :func:`selfment_dist.pipeline._internal.plan.plan_stage`, the function a run plans with
-(fed the alive nodes there), so users can size a cluster before they pay for it.
+the per-stage rates assumed, the expected images/s and which stage bounds it. A run plans with
+the same function (plan_stage in selfment_dist/pipeline/_internal/plan.py, fed the alive nodes),
+so a cluster can be sized before it is paid for.
 
 Each ``--nodes`` is one node (a head without CPUs is ``--nodes CPU=0``); ``--nodes 4xCPU=16,GPU=1``
 repeats a shape. The stage's own flags and its ``--config`` section are accepted as for a run;
