@@ -188,6 +188,7 @@ def test_prefetch_reads_files_at_once(monkeypatch):
 # The one-call GPU check, at smoke size on CPU
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_gpu_check_smoke_runs_every_step_on_cpu(tmp_path):
     """``SMOKE=1 bash benchmarks/gpu_check.sh OUT``: every step passes and prints its RESULT
     lines (the figures a GPU slot would give, at tiny sizes), exit status 0."""
