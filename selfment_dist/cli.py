@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_settings_arguments(p, command.settings)
         if command.settings is ChainSettings:
             add_settings_arguments(p, StageSettings, RUN_TOP_LEVEL)
+    from selfment_dist.pipeline.plan_command import add_plan_parser  # `selfment plan STAGE`
+    add_plan_parser(sub, add_settings_arguments)
     return parser
 
 
@@ -227,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--log-level {args.log_level!r} is not a log level (DEBUG, INFO, WARNING, "
                      "ERROR)")
     command = args.command
+    if command == "plan":  # no settings object and no run: the plan is printed (plan_command)
+        from selfment_dist.pipeline.plan_command import print_plan
+        try:
+            print_plan(args)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(str(err) if isinstance(err, SettingsError) else f"plan: {err}")
+        return 0
     given = {k: v for k, v in vars(args).items() if k not in ("command", "log_level", "config")}
     try:
         settings = command_settings(command, given, getattr(args, "config", None))

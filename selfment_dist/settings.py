@@ -73,6 +73,9 @@ class ActorPoolSettings(StageSettings):
         False, "let GPU actors run on CPU where CUDA is unusable (default: they refuse)")
     actor_wait_s: float | None = setting(
         None, "longest wait for the first model actor (default 600), then fail", gt=0.0)
+    require_gpu: bool = setting(
+        False, "never plan CPU model actors: with no GPU alive, wait (at most actor_wait_s) "
+               "for one (default on a cluster whose config has GPU node types)")
     model_workers: Literal[MODEL_WORKERS] = setting(
         "actors", "actors (default) | tasks: CPU only, Ray task workers that keep their model "
                   "between tasks and between runs of one driver (repeated small runs skip the "

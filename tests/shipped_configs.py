@@ -30,7 +30,7 @@ SCALE_DOWN = {
     "train": {"workers": 1, "use_gpu": False, "resources_per_worker": None, "epochs": 1,
               "batch_size": 2},
     "segment": {"image_size": 64, "batch_size": 4, "num_gpus_per_actor": None, "num_actors": 1},
-    "evaluate": {"image_size": 64, "num_actors": 1},
+    "evaluate": {"image_size": 64, "num_gpus_per_actor": None, "num_actors": 1},
 }
 
 

@@ -8,10 +8,12 @@ installed Ray, so upgrading Ray without updating the images fails here rather th
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shlex
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import yaml
@@ -167,6 +169,8 @@ def test_aws_gpu_nodes_pin_a_driver_for_cuda13_torch_and_check_cuda_at_start(aws
         assert t["node_config"]["ImageId"] != "latest_dlami", f"{name}: pin an AMI (driver >= 580)"
         assert any("selfment_dist.model.cuda_check" in c for c in t.get("worker_setup_commands", [])), \
             f"{name}: no CUDA check at node start"
+        assert any("preflight.sh host --gpu" in c for c in t.get("initialization_commands", [])), \
+            f"{name}: no driver check on the host before the container starts"
     import selfment_dist.model.cuda_check  # noqa: F401  (the module the nodes run exists)
 
 
@@ -222,8 +226,10 @@ def test_kuberay_cluster_spec(path, kind):
 
     for group in gpu_groups:  # a GPU pod refuses to start when torch cannot use its GPU
         checks = group["template"]["spec"].get("initContainers", [])
-        assert any(c.get("command", [])[-1:] == ["selfment_dist.model.cuda_check"] and _gpus(c) >= 1
-                   for c in checks), f"{name}/{group['groupName']}: no CUDA check before Ray"
+        assert any("preflight.sh gpu" in " ".join(c.get("command", []))
+                   and c.get("command", [])[-1].endswith("python -m selfment_dist.model.cuda_check")
+                   and _gpus(c) == max(_gpus(k) for k in _containers(group))
+                   for c in checks), f"{name}/{group['groupName']}: no driver/CUDA check before Ray"
 
     images = {c["image"] for g in groups for c in _containers(g)}
     assert len(images) == 1, f"{name}: head and workers must run one image, found {images}"
@@ -314,3 +320,279 @@ def test_readme_points_at_existing_files():
     assert paths
     missing = [p for p in paths if not (ROOT / p).exists()]
     assert not missing, f"cluster/README.md names missing files: {missing}"
+
+
+# --- issue 27: launchable as shipped (AMIs, registry, pre-flight, schemas) -----------------------
+
+PREFLIGHT = CLUSTER / "preflight.sh"
+IMAGE_PLACEHOLDER = "registry.example.com/"
+
+
+def test_aws_config_matches_rays_cluster_schema(aws):
+    """ray/autoscaler/ray-schema.json, the schema `ray up` validates against (also inside
+    validate_config above; here on its own so that a schema error names the field)."""
+    import jsonschema
+    import ray.autoscaler
+
+    schema = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    jsonschema.validate(aws, json.loads(schema.read_text()))
+    bad = copy.deepcopy(aws)
+    bad["available_node_types"]["ray.worker.cpu"]["max_worker"] = 3  # a typo must fail
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, json.loads(schema.read_text()))
+
+
+def test_every_aws_node_type_uses_one_current_ami(aws):
+    """No Ubuntu 18.04 `latest_dlami` anywhere: head, CPU and GPU types share one AMI id (a YAML
+    anchor), the base OSS NVIDIA-driver DLAMI the comment names; the placeholder fails `ray up`
+    at the head's launch and the config pre-flight before it."""
+    ids = {name: t["node_config"]["ImageId"] for name, t in aws["available_node_types"].items()}
+    assert len(set(ids.values())) == 1, f"node types use different AMIs: {ids}"
+    text = AWS_CONFIG.read_text()
+    assert "latest_dlami" not in re.sub(r"#.*", "", text)
+    assert "base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id" in text
+    assert "ImageId: &ami" in text
+
+
+def test_every_host_runs_the_preflight_and_logs_in_to_the_registry(aws):
+    """initialization_commands run on the host before the image is pulled: the head and CPU
+    types use the global list, each GPU type its own with --gpu; all name the config's image,
+    and the script is the file mount that Ray syncs to the host's mount folder first."""
+    from ray.autoscaler.sdk import get_docker_host_mount_location
+
+    image = aws["docker"]["image"]
+    (target,) = [t for t, src in aws["file_mounts"].items() if src == "cluster/preflight.sh"]
+    on_host = get_docker_host_mount_location(aws["cluster_name"]) + target
+    head = f"bash {on_host} host --image {image}"
+    assert aws["initialization_commands"] == [head]
+    types = aws["available_node_types"]
+    for name, t in types.items():
+        commands = t.get("initialization_commands", aws["initialization_commands"])
+        gpu = t["resources"].get("GPU", 0) > 0
+        assert commands == [f"bash {on_host} host{' --gpu' if gpu else ''} --image {image}"], name
+    iam = json.loads((CLUSTER / "iam" / "ecr-read-policy.json").read_text())
+    actions = {a for st in iam["Statement"] for a in np.atleast_1d(st["Action"])}
+    assert {"ecr:GetAuthorizationToken", "ecr:BatchGetImage",
+            "ecr:GetDownloadUrlForLayer"} <= actions
+    readme = (CLUSTER / "README.md").read_text()
+    assert "cluster/iam/ecr-read-policy.json" in readme and "docker login" in readme
+
+
+def _fake_bin(tmp_path: Path, driver: str) -> dict:
+    """PATH with fake nvidia-smi / docker / aws that log their calls."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "calls"
+    scripts = {
+        "nvidia-smi": f'case "$*" in *driver_version*) echo {driver};; '
+                      f'*compute_cap*) echo 8.6;; esac',
+        "docker": f'echo "docker $*" >> {log}; cat > /dev/null',
+        "aws": f'echo "aws $*" >> {log}; echo token',
+    }
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def _preflight(*args: str, env: dict | None = None):
+    import subprocess
+
+    return subprocess.run(["bash", str(PREFLIGHT), *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+@pytest.mark.parametrize("driver, ok", [("535.104.05", False), ("570.172.08", False),
+                                        ("580.65.06", True), ("590.10", True)])
+def test_preflight_refuses_a_driver_older_than_580(tmp_path, driver, ok):
+    env = _fake_bin(tmp_path, driver)
+    for args in (["host", "--gpu"], ["gpu"]):
+        result = _preflight(*args, env=env)
+        assert (result.returncode == 0) == ok, result.stderr
+        if not ok:
+            assert "older than 580" in result.stderr
+
+
+def test_preflight_logs_in_to_ecr_and_refuses_placeholder_images(tmp_path):
+    env = _fake_bin(tmp_path, "580.65.06")
+    ecr = "111122223333.dkr.ecr.us-west-2.amazonaws.com/selfment-dist:0.1.0"
+    assert _preflight("host", "--image", ecr, env=env).returncode == 0
+    calls = (tmp_path / "calls").read_text()
+    assert "aws ecr get-login-password --region us-west-2" in calls
+    assert "docker login --username AWS --password-stdin 111122223333.dkr" in calls
+    placeholder = _preflight("host", "--image", IMAGE_PLACEHOLDER + "x:1", env=env)
+    assert placeholder.returncode == 1 and "placeholder" in placeholder.stderr
+
+
+@pytest.mark.parametrize("path", [AWS_CONFIG, RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+def test_preflight_config_check_fails_as_shipped_and_passes_once_set(tmp_path, path):
+    assert _preflight("config", str(path)).returncode == 1   # placeholders: not launchable yet
+    mine = tmp_path / path.name
+    mine.write_text(path.read_text()
+                    .replace("ami-SET-ME-base-oss-nvidia-driver-580", "ami-0123456789abcdef0")
+                    .replace(IMAGE_PLACEHOLDER, "111122223333.dkr.ecr.us-west-2.amazonaws.com/"))
+    result = _preflight("config", str(mine))
+    assert result.returncode == 0, result.stderr
+
+
+# A small structural schema of the KubeRay v1 fields these manifests use, written from KubeRay's
+# v1 API reference (ray.io/v1 RayCluster / RayJob; the CRDs themselves are not installed here).
+# Unknown keys are refused at the levels described, so a misspelt field fails here rather than
+# being dropped by `kubectl apply` (KubeRay's CRDs prune unknown fields).
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_POD_TEMPLATE = {
+    "type": "object", "required": ["spec"],
+    "properties": {"spec": {"type": "object", "required": ["containers"], "properties": {
+        "containers": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/container"}},
+        "initContainers": {"type": "array", "items": {"$ref": "#/$defs/container"}},
+        "tolerations": {"type": "array"}, "serviceAccountName": {"type": "string"},
+    }}},
+}
+_GROUP = {"rayStartParams": _STR_MAP, "template": _POD_TEMPLATE,
+          "serviceType": {"type": "string"}}
+_RAY_CLUSTER_SPEC = {
+    "type": "object", "additionalProperties": False,
+    "required": ["headGroupSpec", "rayVersion"],
+    "properties": {
+        "rayVersion": {"type": "string"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": {"type": "object", "additionalProperties": False, "properties": {
+            "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+            "idleTimeoutSeconds": {"type": "integer", "minimum": 0}}},
+        "headGroupSpec": {"type": "object", "additionalProperties": False,
+                          "required": ["template"], "properties": _GROUP},
+        "workerGroupSpecs": {"type": "array", "items": {
+            "type": "object", "additionalProperties": False,
+            "required": ["groupName", "template"],
+            "properties": {**_GROUP, "groupName": {"type": "string"},
+                           "replicas": {"type": "integer", "minimum": 0},
+                           "minReplicas": {"type": "integer", "minimum": 0},
+                           "maxReplicas": {"type": "integer", "minimum": 0}}}},
+    },
+}
+_CONTAINER = {
+    "type": "object", "required": ["name", "image"],
+    "properties": {
+        "name": {"type": "string"}, "image": {"type": "string"},
+        "command": {"type": "array", "items": {"type": "string"}},
+        "env": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"]}},
+        "resources": {"type": "object", "additionalProperties": False, "properties": {
+            "requests": {"type": "object"}, "limits": {"type": "object"}}},
+    },
+}
+KUBERAY_SCHEMA = {
+    "$defs": {"container": _CONTAINER},
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"enum": ["RayCluster", "RayJob"]},
+                   "metadata": {"type": "object", "required": ["name"]}},
+    "if": {"properties": {"kind": {"const": "RayJob"}}},
+    "then": {"properties": {"spec": {
+        "type": "object", "additionalProperties": False,
+        "required": ["entrypoint", "rayClusterSpec"],
+        "properties": {
+            "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"},
+            "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode",
+                                        "SidecarMode"]},
+            "shutdownAfterJobFinishes": {"type": "boolean"},
+            "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+            "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+            "rayClusterSpec": _RAY_CLUSTER_SPEC}}}},
+    "else": {"properties": {"spec": _RAY_CLUSTER_SPEC}},
+}
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+def test_kuberay_manifests_match_the_v1_fields_they_use(path):
+    import jsonschema
+
+    jsonschema.validate(_load_one(path), KUBERAY_SCHEMA)
+    bad = copy.deepcopy(_load_one(path))
+    _cluster_spec_of(bad)["workerGroupSpecs"][0]["maxReplica"] = 3  # a typo must fail
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, KUBERAY_SCHEMA)
+
+
+def _cluster_spec_of(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+
+
+# --- every shipped job config against every shipped manifest -----------------------------------
+
+#: Job configs for a cluster (object storage, GPUs) and for one machine (local paths, CPU).
+CLUSTER_JOB_CONFIGS = ("s3.yaml",)
+LOCAL_JOB_CONFIGS = ("local.yaml",)
+MODEL_STAGES = {"pseudo_label": "pseudo-label", "segment": "segment", "evaluate": "evaluate"}
+#: A cold GPU node: boot (2-3 min) + pulling the ~10 GB image (3-6 min) + start-up.
+COLD_GPU_NODE_S = 900
+
+
+def _cpu_quantity(text: str) -> float:
+    text = str(text)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _node_groups(path: Path) -> dict[str, tuple[dict[str, float], int]]:
+    """Each worker type of a manifest: (its Ray resources, most nodes of it)."""
+    if path == AWS_CONFIG:
+        doc = _load_one(path)
+        return {name: ({k: float(v) for k, v in t["resources"].items()}, t["max_workers"])
+                for name, t in doc["available_node_types"].items()
+                if name != doc["head_node_type"]}
+    groups = {}
+    for group in _cluster_spec(path)[1]["workerGroupSpecs"]:
+        (container,) = [c for c in _containers(group) if c["name"] == "ray-worker"]
+        limits = container["resources"]["limits"]
+        params = group.get("rayStartParams", {})
+        shape = {"CPU": _cpu_quantity(params.get("num-cpus", limits["cpu"]))}
+        gpus = _gpus(container)
+        if gpus:
+            shape["GPU"] = float(params.get("num-gpus", gpus))
+        groups[group["groupName"]] = (shape, group["maxReplicas"])
+    return groups
+
+
+def test_every_job_config_is_classified():
+    shipped = {p.name for p in (ROOT / "jobs" / "configs").glob("*.y*ml")}
+    assert shipped == set(CLUSTER_JOB_CONFIGS) | set(LOCAL_JOB_CONFIGS)
+
+
+@pytest.mark.parametrize("manifest", [AWS_CONFIG, RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+@pytest.mark.parametrize("config_name", CLUSTER_JOB_CONFIGS)
+def test_job_config_fits_the_manifest(manifest, config_name):
+    """Every model stage asks for GPUs explicitly (no CPU plan when GPU nodes are scaled down),
+    waits long enough for a cold GPU node, and its actor fits a node type; the training workers
+    fit a node type, and the node types' caps hold all of them. Planned with `selfment plan`'s
+    own function on each node type's shape."""
+    from selfment_dist.config import load_config, values_for
+    from selfment_dist.pipeline.plan_command import STAGES, plan_of
+    from selfment_dist.pipeline._internal.plan import workers_that_fit
+
+    config = load_config(str(ROOT / "jobs" / "configs" / config_name))
+    groups = _node_groups(manifest)
+    stages = config["pipeline"]["stages"]
+    for section, stage in MODEL_STAGES.items():
+        if section not in stages:
+            continue
+        values = values_for(config, STAGES[stage])
+        assert values.get("num_gpus_per_actor"), f"{config_name}/{section}: no GPU setting"
+        assert values.get("actor_wait_s", 600) >= COLD_GPU_NODE_S, \
+            f"{config_name}/{section}: actor_wait_s too short for a cold GPU node"
+        fits = {name: workers_that_fit(plan_of(stage, [shape], values)["need"], [shape])
+                for name, (shape, _) in groups.items()}
+        assert any(fits.values()), f"{config_name}/{section}: no {manifest.name} node type holds " \
+                                   f"a model actor ({groups})"
+    if "train" in stages:
+        values = values_for(config, STAGES["train"])
+        assert values.get("worker_wait_s", 600) >= COLD_GPU_NODE_S, \
+            f"{config_name}/train: worker_wait_s too short for a cold GPU node"
+        capacity = 0
+        for name, (shape, most) in groups.items():
+            plan = plan_of("train", [shape], values)
+            capacity += plan["workers_the_nodes_hold"] * most
+        assert capacity >= values["workers"], \
+            f"{config_name}/train: {manifest.name}'s node types hold {capacity} of the " \
+            f"{values['workers']} workers ({values.get('resources_per_worker')}; {groups})"

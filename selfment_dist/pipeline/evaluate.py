@@ -322,7 +322,8 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
         # The official runner's frame: images decoded as stored (no EXIF orientation, like
         # inference.py's Image.open), maps floored to 8 bits (unless the settings say otherwise).
         segment_options.update(cpu_fallback=s.cpu_fallback, model_workers=s.model_workers,
-                               exif_orientation=s.exif_orientation, quantize=s.quantize)
+                               exif_orientation=s.exif_orientation, quantize=s.quantize,
+                               require_gpu=s.require_gpu)
         for bench, (images_uri, masks_uri) in s.benchmarks.items():
             pred_uri = join(output, "predictions", bench)
             logger.info("%s: segmenting %s with %s into %s", bench, images_uri, s.model, pred_uri)

@@ -97,7 +97,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str], **options
                                   allow_empty=s.allow_empty)
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
-                          image_size=s.image_size)
+                          image_size=s.image_size, require_gpu=s.require_gpu,
+                          batch_size=s.batch_size, precision=s.precision, stage="pseudo-label")
     check_model_workers(s.model_workers, plan, "pseudo-label")
     run = _resolved(s, plan)
     config = _config(run, plan)
@@ -113,6 +114,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str], **options
     with out.held():
         summary, duplicates, all_done = _label_missing(out, units, run, plan)
     summary["inputs_skipped"] = units.skipped  # files skipped on purpose (docs/inputs.md)
+    summary["plan"] = plan.record()
     summary["wall_s"] = wall = round(time.perf_counter() - start, 3)
     summary["images_per_s"] = round(summary["images"] / wall, 3) if wall else 0.0
     out.finish(lambda m, entry: _record_finish(m, entry, summary, duplicates, all_done))

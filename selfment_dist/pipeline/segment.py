@@ -91,7 +91,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
                                   allow_empty=s.allow_empty)
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor,
-                          allow_cpu_fallback=s.cpu_fallback, image_size=run.image_size)
+                          allow_cpu_fallback=s.cpu_fallback, image_size=run.image_size,
+                          require_gpu=s.require_gpu, batch_size=s.batch_size, stage="segment")
     check_model_workers(s.model_workers, plan, "segment")
     config = _config(run, meta, plan)
     out = RunOutput(fs, root, s.output, manifest_name=MANIFEST_NAME,
@@ -109,7 +110,7 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     wall = time.perf_counter() - start
     summary = {"output": s.output, "manifest": to_uri(fs, f"{out.root}/{MANIFEST_NAME}"),
                "run_id": out.run_id, "output_format": s.output_format,
-               "image_size": run.image_size, **counts}
+               "image_size": run.image_size, "plan": plan.record(), **counts}
     summary.update(wall_s=round(wall, 3),
                    images_per_s=round(counts["images"] / wall, 3) if wall else 0.0,
                    error_examples=[f"{f['key']}: {f['error']}" for f in failed[:10]])

@@ -12,7 +12,7 @@ import numpy as np
 
 from selfment_dist.io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
 from selfment_dist.io.schema import PERMANENT
-from selfment_dist.io.sources import iter_records
+from selfment_dist.io.prefetch import iter_unit_records
 from selfment_dist.pipeline._internal.done_keys import skip_set as _skip_set
 
 __all__ = ["read_and_decode"]
@@ -60,30 +60,31 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
 
     skip = _skip_set(skip_ref)
     pending: list[dict] = []
-    for kind, uri, key in zip(units["kind"], units["uri"], units["key"]):
-        unit = {"kind": str(kind), "uri": str(uri), "key": str(key)}
-        for rec in iter_records(unit, storage_options=storage_options, skip=skip,
-                                max_bytes=max_bytes):
-            row = {"key": rec["key"], "source": rec["source"], "width": -1, "height": -1,
-                   "error": rec["error"], "error_kind": rec["error_kind"], "pixels": None,
-                   "data": None}
-            if rec["error"] is None:
-                try:
-                    pil = decode_image(rec["data"], max_pixels=max_pixels, max_bytes=max_bytes,
-                                       exif_orientation=exif_orientation)
-                    row["width"], row["height"] = pil.size
-                    row["pixels"] = resize_square(pil, image_size)
-                    row["data"] = rec["data"] if keep_data else None
-                except ImageDecodeError as exc:
-                    row["error"], row["error_kind"] = str(exc), PERMANENT
-                except Exception as exc:  # anything else about one image stays with that image
-                    row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
-                    row["error_kind"] = PERMANENT
-                if row["error"] is not None:
-                    rec["data"] = None
-            pending.append(row)
-            if len(pending) >= rows_per_batch:
-                yield _decode_batch(pending, image_size, keep_data)
-                pending = []
+    # Loose files of this task are fetched concurrently (io.prefetch), in order.
+    task_units = ({"kind": str(kind), "uri": str(uri), "key": str(key)}
+                  for kind, uri, key in zip(units["kind"], units["uri"], units["key"]))
+    for rec in iter_unit_records(task_units, storage_options=storage_options, skip=skip,
+                                 max_bytes=max_bytes):
+        row = {"key": rec["key"], "source": rec["source"], "width": -1, "height": -1,
+               "error": rec["error"], "error_kind": rec["error_kind"], "pixels": None,
+               "data": None}
+        if rec["error"] is None:
+            try:
+                pil = decode_image(rec["data"], max_pixels=max_pixels, max_bytes=max_bytes,
+                                   exif_orientation=exif_orientation)
+                row["width"], row["height"] = pil.size
+                row["pixels"] = resize_square(pil, image_size)
+                row["data"] = rec["data"] if keep_data else None
+            except ImageDecodeError as exc:
+                row["error"], row["error_kind"] = str(exc), PERMANENT
+            except Exception as exc:  # anything else about one image stays with that image
+                row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
+                row["error_kind"] = PERMANENT
+            if row["error"] is not None:
+                rec["data"] = None
+        pending.append(row)
+        if len(pending) >= rows_per_batch:
+            yield _decode_batch(pending, image_size, keep_data)
+            pending = []
     if pending:
         yield _decode_batch(pending, image_size, keep_data)

@@ -1,6 +1,6 @@
 """Ray plumbing shared by the pipelines: start-up, retry limits, actor pools, progress.
 
-Resource planning itself lives in :mod:`._plan` (re-exported here)."""
+Resource planning itself lives in :mod:`.plan` (re-exported here)."""
 from __future__ import annotations
 
 import contextlib
@@ -89,10 +89,13 @@ def progress_bars(enabled: bool):
         ctx.enable_progress_bars = saved
 
 
-def decode_pool(plan: dict):
-    """Decode tasks at most ``plan["decode_concurrency"]`` at a time (enough to feed the model
-    actors, see :mod:`._plan`)."""
-    return ray.data.TaskPoolStrategy(size=plan["decode_concurrency"])
+def decode_pool(plan) -> "ray.data.TaskPoolStrategy":
+    """Decode tasks: elastic unless the plan caps them (``plan["decode_max"]``, None in every
+    plan :mod:`.plan` makes). With no cap, Ray Data runs as many as the cluster's CPUs allow at
+    each moment (its resource manager reads the cluster's current resources, so nodes that join
+    later add decode tasks) and its object-store back-pressure keeps them from running ahead of
+    the model actors. A start-time cap gave a cold autoscaling cluster one task per run."""
+    return ray.data.TaskPoolStrategy(size=plan["decode_max"])
 
 
 def model_pool_args(plan: dict) -> dict:
