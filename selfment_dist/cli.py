@@ -230,9 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                      "ERROR)")
     command = args.command
     if command == "plan":  # no settings object and no run: the plan is printed (plan_command)
-        from selfment_dist.pipeline.plan_command import print_plan
+        from selfment_dist.pipeline.plan_command import NOT_SETTINGS, STAGES, print_plan
         try:
-            print_plan(args)
+            given = _from_command_line(STAGES[args.plan_stage],
+                                       {k: v for k, v in vars(args).items()
+                                        if k not in NOT_SETTINGS})
+            print_plan(args, given)
         except (ValueError, FileNotFoundError) as err:
             parser.error(str(err) if isinstance(err, SettingsError) else f"plan: {err}")
         return 0

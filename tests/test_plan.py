@@ -60,7 +60,7 @@ def test_repeated_shapes_config_and_rates(capsys):
                      "--config", S3_CONFIG,
                      "--rate", "gpu_actor_images_per_s_fp32=1000")
     assert len(plan["nodes"]) == 5 and plan["model_actors"]["now"] == 4
-    assert plan["batch_size"] == 16 and plan["image_size"] == 1024     # the file's segment section
+    assert plan["batch_size"] == 16 and plan["image_size"] == 1536     # the file's segment section
     assert plan["rates"]["gpu_actor_images_per_s_fp32"] == 1000
     assert plan["bound_by"] == "decode"                                # a fast GPU: CPUs bound it
 

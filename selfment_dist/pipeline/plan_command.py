@@ -117,22 +117,24 @@ def _train_plan(s: Settings, nodes: list[dict[str, float]]) -> dict[str, Any]:
             "nodes": nodes}
 
 
-def run_plan_command(args: argparse.Namespace) -> dict[str, Any]:
-    """``selfment plan``'s JSON from its parsed arguments (user mistakes: ValueError)."""
-    from selfment_dist.cli import _from_command_line
+#: Parsed arguments of ``selfment plan`` that are not the stage's settings.
+NOT_SETTINGS = frozenset({"command", "log_level", "plan_stage", "nodes", "config", "rate"})
+
+
+def run_plan_command(args: argparse.Namespace, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``selfment plan``'s JSON from its parsed arguments; ``given``: the stage options set on
+    the command line, as settings values (the CLI converts them). User mistakes: ValueError."""
     from selfment_dist.config import load_config, values_for
 
     stage, model = args.plan_stage, STAGES[args.plan_stage]
-    skip = {"command", "log_level", "plan_stage", "nodes", "config", "rate"}
-    given = _from_command_line(model, {k: v for k, v in vars(args).items() if k not in skip})
     config_uri = getattr(args, "config", None)
     config = load_config(config_uri, given.get("storage_options")) if config_uri else {}
     values = {**values_for(config, model), **given}
     return plan_of(stage, parse_nodes(args.nodes), values, parse_rates(getattr(args, "rate", None)))
 
 
-def print_plan(args: argparse.Namespace) -> None:
-    print(json.dumps(run_plan_command(args), indent=2))
+def print_plan(args: argparse.Namespace, given: Mapping[str, Any]) -> None:
+    print(json.dumps(run_plan_command(args, given), indent=2))
 
 
 __all__ = ["STAGES", "add_plan_parser", "parse_nodes", "plan_of", "print_plan",

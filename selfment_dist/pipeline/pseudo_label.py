@@ -77,7 +77,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str], **options
         ``rows_total``/``errors_total``/``files_total`` in the output, ``wall_s``,
         ``images_per_s`` (rows written, error rows included, per second of wall time), ``output``,
         ``run_id``, ``inputs_skipped`` (input files skipped on purpose by name or extension:
-        ``{"total", "by_reason", "examples"}``, docs/inputs.md), ``dense_eigh_fallbacks`` (images whose eigen-solve fell back to a dense
+        ``{"total", "by_reason", "examples"}``, docs/inputs.md), ``lanczos_steps`` (block-Lanczos steps of NCut,
+        summed over images), ``dense_eigh_fallbacks`` (images whose eigen-solve fell back to a dense
         float64 ``eigh``, slow on GPUs), ``rows_per_node`` (rows each Ray node's model actors
         labelled, by node id; a batch retried after a failure counts again).
     Raises:
@@ -237,6 +238,7 @@ def _label_missing(out: RunOutput, units: list[dict], run: PseudoLabelSettings, 
         "files_total": totals["files"], "duplicates": len(duplicates),
         "feature_dim": totals["feature_dim"],
         "dense_eigh_fallbacks": written.get("dense_eigh_fallbacks", 0),
+        "lanczos_steps": written.get("lanczos_steps", 0),
         "rows_per_node": written.get("rows_per_node", {}),
         "replicas_started": written.get("replicas_started", 0),
     }

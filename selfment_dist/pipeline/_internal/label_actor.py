@@ -75,7 +75,7 @@ class LabelActor:
 
     def _label(self, images: np.ndarray) -> list[dict | str]:
         """Per image: the result dict, or an error message."""
-        from selfment_dist.algorithm.ncut import take_dense_fallbacks
+        from selfment_dist.algorithm.ncut import take_dense_fallbacks, take_lanczos_steps
         kw = {"return_ncut": self.save_ncut, "return_features": self.save_features}
 
         def label(part: np.ndarray) -> list[dict]:
@@ -86,6 +86,9 @@ class LabelActor:
         fallbacks = take_dense_fallbacks()
         if fallbacks and self.counters is not None:
             self.counters.add.remote("dense_eigh_fallbacks", fallbacks)
+        steps = take_lanczos_steps()
+        if steps and self.counters is not None:
+            self.counters.add.remote("lanczos_steps", steps)
         return results
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
