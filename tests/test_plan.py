@@ -58,10 +58,10 @@ def test_the_pipeline_decodes_without_a_cap():
 def test_repeated_shapes_config_and_rates(capsys):
     plan = plan_json(capsys, "segment", "--nodes", "CPU=0", "--nodes", "4xCPU=8,GPU=1",
                      "--config", S3_CONFIG,
-                     "--rate", "gpu_actor_images_per_s_fp32=1000")
+                     "--rate", "gpu_actor_images_per_s_fp32=100000")
     assert len(plan["nodes"]) == 5 and plan["model_actors"]["now"] == 4
     assert plan["batch_size"] == 16 and plan["image_size"] == 1536     # the file's segment section
-    assert plan["rates"]["gpu_actor_images_per_s_fp32"] == 1000
+    assert plan["rates"]["gpu_actor_images_per_s_fp32"] == 100000
     assert plan["bound_by"] == "decode"                                # a fast GPU: CPUs bound it
 
 
