@@ -151,7 +151,8 @@ class PseudoLabelSettings(ActorPoolSettings):
     image_size: int = setting(768, "square backbone input size (a multiple of the patch size; "
                               f"at most {MAX_IMAGE_SIZE}: memory)", gt=0, le=MAX_IMAGE_SIZE)
     precision: Literal[PRECISIONS] = setting(
-        "auto", "backbone numerics: auto (= fp32, official), fp32 or bf16 (faster, approximate)")
+        "fp32", "backbone numerics: fp32 (official), tf32 (CUDA matmuls in TF32) or bf16 "
+                "(autocast); auto = fp32. NCut/IPO always run in IEEE fp32")
     tau: float = setting(0.2, "NCut: affinities above it become edges", ge=0.0, lt=1.0)
     eps: float = setting(1e-5, "NCut: the weight of the other (dropped) edges", gt=0.0, lt=1.0)
     binary_graph: bool = setting(True, "NCut: set kept affinities to 1 (else keep them)",

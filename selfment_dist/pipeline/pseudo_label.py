@@ -159,7 +159,7 @@ class LabelActor:
     def __init__(self, *, backbone: str, weights: str, image_size: int, labeler_kwargs: dict,
                  save_ncut: bool, save_features: bool, storage_options: dict | None,
                  device: str | None, cpu_threads: int | None, fail_once_after: int | None,
-                 fail_marker: str | None, precision: str = "auto", require_gpu: bool = False,
+                 fail_marker: str | None, precision: str = "fp32", require_gpu: bool = False,
                  counters=None):
         import torch
 

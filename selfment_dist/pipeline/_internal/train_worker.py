@@ -130,7 +130,9 @@ def _build(config: dict, device: torch.device, rank: int):
         from selfment_dist.model.backbone import build_backbone
         backbone = build_backbone(config["backbone"], weights=config["weights"],
                                   image_size=config["image_size"], device=device,
-                                  storage_options=config["storage_options"])
+                                  storage_options=config["storage_options"],
+                                  # The stage's precision (fp32 when the config has none).
+                                  precision=config.get("precision") or "fp32")
         if tuple(backbone.grid) != tuple(config["grid"]):
             raise ValueError(f"backbone grid {backbone.grid} != pseudo-label grid {config['grid']}")
         in_dim = backbone.embed_dim

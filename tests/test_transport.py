@@ -1,0 +1,101 @@
+"""Precision modes, the light transport (uint8 at decoded size, resized on the model's device),
+the training shuffle and the OOM memory: library-level tests, no Ray."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from selfment_dist.defaults import PRECISIONS, resolve_precision
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision (issue 27, item 5)
+
+def test_precisions_and_aliases():
+    assert PRECISIONS == ("fp32", "tf32", "bf16", "auto")
+    assert resolve_precision("auto", "cuda") == "fp32"  # old configs and resumed outputs
+    assert resolve_precision("tf32", "cuda") == "tf32"
+    assert resolve_precision("tf32", "cuda:1") == "tf32"
+    assert resolve_precision("tf32", torch.device("cpu")) == "fp32"  # no TF32 on a CPU
+    assert resolve_precision("tf32") == "tf32"  # device not known yet
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16")
+
+
+def test_settings_default_is_fp32_and_auto_still_parses():
+    from selfment_dist.settings import PseudoLabelSettings
+
+    assert PseudoLabelSettings(inputs=["x"], output="y").precision == "fp32"
+    assert PseudoLabelSettings(inputs=["x"], output="y", precision="auto").precision == "auto"
+    assert PseudoLabelSettings(inputs=["x"], output="y", precision="tf32").precision == "tf32"
+
+
+def _flags():
+    return torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+
+
+def test_float32_matmuls_sets_and_restores():
+    from selfment_dist.model.numerics import float32_matmuls
+
+    before = _flags()
+    with float32_matmuls(tf32=True):
+        assert _flags() == ("high", True) and torch.backends.cuda.matmul.allow_tf32
+    assert _flags() == before
+    with pytest.raises(RuntimeError):
+        with float32_matmuls(tf32=False):
+            assert _flags() == ("highest", False)
+            raise RuntimeError("restored on errors too")
+    assert _flags() == before
+
+
+def test_exact_math_forces_tf32_off_inside_and_restores():
+    from selfment_dist.algorithm._tensors import exact_math
+
+    seen = []
+
+    @exact_math
+    def inner():
+        seen.append((_flags(), torch.backends.cuda.matmul.allow_tf32,
+                     torch.is_autocast_enabled("cpu")))
+
+    saved = _flags()
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inner()
+        assert seen == [(("highest", False), False, False)]
+        assert _flags() == ("high", True)  # the caller's TF32 is back
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_backbone_tf32_on_cpu_is_fp32():
+    from selfment_dist.model.backbone import Backbone, build_backbone
+
+    fp32 = build_backbone("vit_small_patch16_224.dino", weights="random", image_size=32,
+                          device="cpu")
+    tf32 = Backbone(fp32.model, name=fp32.name, weights="random", image_size=32, device="cpu",
+                    precision="tf32")
+    assert tf32.precision == "fp32"
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    before = _flags()
+    assert torch.equal(fp32(x), tf32(x))
+    assert _flags() == before
+
+
+def test_assumed_rates_follow_precision_size_and_backbone():
+    from selfment_dist.pipeline._internal.rates import (decode_images_per_s_per_cpu,
+                                                        model_images_per_s)
+
+    small = "vit_small_patch16_dinov3.lvd1689m"
+    fp32, tf32, bf16 = (model_images_per_s(small, p, 768) for p in ("fp32", "tf32", "bf16"))
+    assert fp32 < tf32 < bf16 and bf16 == pytest.approx(120, rel=0.02)
+    assert model_images_per_s(small, "auto", 768) == fp32
+    assert model_images_per_s(small, "fp32", 1536) < fp32 / 8  # ~quadratic in patches
+    assert model_images_per_s("vit_base_patch16_dinov3.lvd1689m", "fp32", 768) < fp32 / 2
+    cpu = model_images_per_s(small, "tf32", 768, gpu=False, threads=8)
+    assert cpu == model_images_per_s(small, "fp32", 768, gpu=False, threads=8) == 8.0
+    assert decode_images_per_s_per_cpu() > 3 * decode_images_per_s_per_cpu(resize_on_device=False)
