@@ -99,3 +99,73 @@ def test_assumed_rates_follow_precision_size_and_backbone():
     cpu = model_images_per_s(small, "tf32", 768, gpu=False, threads=8)
     assert cpu == model_images_per_s(small, "fp32", 768, gpu=False, threads=8) == 8.0
     assert decode_images_per_s_per_cpu() > 3 * decode_images_per_s_per_cpu(resize_on_device=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Light transport: resize on the model's device (issue 27, item 4)
+
+# (height, width): downscaling, upscaling, odd sides, 1xN and Nx1 strips, already square at S.
+SHAPES = [(48, 64), (37, 23), (5, 7), (1, 40), (40, 1), (1, 1), (32, 32), (90, 31), (17, 200)]
+
+
+def _pixels(shape, seed):
+    return np.random.default_rng(seed).integers(0, 256, (*shape, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_device_resize_on_cpu_equals_resize_square_exactly(size):
+    from selfment_dist.model.preprocess import DeviceResizer
+    from selfment_dist.model.resize import resize_square
+
+    # Two images per shape: a batch mixes shapes and groups equal ones into one call.
+    images = [_pixels(shape, i) for i, shape in enumerate(SHAPES + SHAPES)]
+    out = DeviceResizer(size, "cpu")(images)
+    assert out.shape == (len(images), size, size, 3) and out.dtype == torch.float32
+    for i, im in enumerate(images):
+        assert torch.equal(out[i], torch.from_numpy(resize_square(im, size))), SHAPES[i % 9]
+
+
+def test_decoded_pixels_match_resize_squares_conversion():
+    from PIL import Image
+
+    from selfment_dist.model.preprocess import DeviceResizer, decoded_pixels
+    from selfment_dist.model.resize import resize_square
+
+    rgb = Image.fromarray(_pixels((20, 30), 1))
+    for image in (rgb, rgb.convert("L"), rgb.convert("P"), rgb.convert("RGBA")):
+        px = decoded_pixels(image)
+        assert px.dtype == np.uint8 and px.shape == (20, 30, 3) and px.flags.c_contiguous
+        assert torch.equal(DeviceResizer(24, "cpu")([px])[0],
+                           torch.from_numpy(resize_square(image, 24)))
+    with pytest.raises(ValueError, match="uint8"):
+        decoded_pixels(np.zeros((4, 4), np.uint8))
+
+
+def test_ragged_column_round_trip_and_passthrough():
+    from selfment_dist.model.preprocess import DeviceResizer, as_image_list, ragged_column
+
+    images = [_pixels((9, 5), 0), None, _pixels((3, 12), 2)]
+    col = ragged_column(images)
+    assert col.dtype == object and col[1].shape == (1, 1, 3)
+    got = as_image_list(col, [0, 2])
+    assert got[0] is images[0] and got[1] is images[2]  # no pixel copies
+    same = np.stack([_pixels((6, 6), 3), _pixels((6, 6), 4)])  # Ray's all-same-shape form
+    assert [g.shape for g in as_image_list(same)] == [(6, 6, 3)] * 2
+    resizer = DeviceResizer(8, "cpu")
+    floats = [np.random.default_rng(5).random((8, 8, 3), dtype=np.float32)]
+    assert torch.equal(resizer(floats)[0], torch.from_numpy(floats[0]))  # old transport
+    assert resizer([]).shape == (0, 8, 8, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        resizer([np.zeros((4, 4, 3), np.float32)])
+
+
+def test_backbone_features_from_device_resize_equal_todays():
+    from selfment_dist.model.backbone import build_backbone
+    from selfment_dist.model.preprocess import DeviceResizer
+    from selfment_dist.model.resize import resize_square
+
+    backbone = build_backbone("vit_small_patch16_224.dino", weights="random", image_size=32,
+                              device="cpu")
+    images = [_pixels((40, 56), 0), _pixels((21, 33), 1)]
+    today = backbone(np.stack([resize_square(im, 32) for im in images]))
+    assert torch.equal(backbone(DeviceResizer(32, "cpu")(images)), today)
