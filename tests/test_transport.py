@@ -169,3 +169,59 @@ def test_backbone_features_from_device_resize_equal_todays():
     images = [_pixels((40, 56), 0), _pixels((21, 33), 1)]
     today = backbone(np.stack([resize_square(im, 32) for im in images]))
     assert torch.equal(backbone(DeviceResizer(32, "cpu")(images)), today)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: shuffle label rows before images are loaded (issue 27, item 7)
+
+class _RecordingDataset:
+    """Stands in for a Ray Dataset: records the calls of build_dataset, runs nothing."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def map_batches(self, fn, **kwargs):
+        self.calls.append(fn.__name__)
+        return self
+
+    def materialize(self):
+        self.calls.append("materialize")
+        return self
+
+    def random_shuffle(self, **kwargs):
+        self.calls.append("random_shuffle")
+        return self
+
+
+def _label_set(feature_dim=None):
+    from selfment_dist.pipeline._internal.train_data import LabelSet
+
+    return LabelSet(uri="labels", files=["a.parquet", "b.parquet"], rows=10_000, errors=0,
+                    grid=(48, 48), feature_source="stored" if feature_dim else "backbone",
+                    feature_dim=feature_dim, backbone="b", weights="random", image_size=768)
+
+
+@pytest.mark.parametrize("shuffle", ["full", "local"])
+def test_backbone_training_shuffles_label_rows_before_loading_images(monkeypatch, shuffle):
+    import ray.data
+
+    from selfment_dist.pipeline._internal import train_data
+
+    calls: list[str] = []
+    monkeypatch.setattr(ray.data, "from_items", lambda *a, **k: _RecordingDataset(calls))
+    train_data.build_dataset(_label_set(), stored=False, storage_options=None, max_pixels=None,
+                             shuffle=shuffle)
+    expected = ["read_label_parts", "materialize", "random_shuffle", "load_images"]
+    assert calls == (expected if shuffle == "full" else
+                     [c for c in expected if c != "random_shuffle"])
+
+
+def test_bytes_shuffled_per_epoch_are_label_rows_only():
+    from selfment_dist.pipeline._internal.train_data import shuffled_bytes_per_epoch
+
+    backbone = shuffled_bytes_per_epoch(_label_set(), stored=False)
+    images = 10_000 * 768 * 768 * 3 * 4  # what a shuffle after loading moved: ~71 GB
+    assert backbone < 10_000 * 600 and backbone * 10_000 < images
+    stored = shuffled_bytes_per_epoch(_label_set(384), stored=True)
+    assert stored > 10_000 * 48 * 48 * 2 * 384  # the float16 features do move
+    assert shuffled_bytes_per_epoch(_label_set(), stored=False, shuffle="local") == 0
