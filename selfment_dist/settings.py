@@ -234,6 +234,9 @@ class TrainSettings(StageSettings):
     worker_wait_s: float | None = setting(
         None, "longest wait for nodes that can hold the workers (default 600), then fail",
         gt=0.0)
+    collective_timeout_s: int = setting(
+        300, "seconds a DDP collective (NCCL/gloo) may wait for a rank before the ranks fail "
+             "and Ray Train restarts them (torch's default is 30 min)", ge=10)
 
     @model_validator(mode="after")
     def _one_confidence_cut(self) -> TrainSettings:

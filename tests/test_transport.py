@@ -225,3 +225,18 @@ def test_bytes_shuffled_per_epoch_are_label_rows_only():
     stored = shuffled_bytes_per_epoch(_label_set(384), stored=True)
     assert stored > 10_000 * 48 * 48 * 2 * 384  # the float16 features do move
     assert shuffled_bytes_per_epoch(_label_set(), stored=False, shuffle="local") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller faults (issue 27, item 9)
+
+def test_collective_timeout_setting_and_trainer_argument():
+    import inspect
+
+    from selfment_dist.pipeline import train
+    from selfment_dist.settings import SettingsError, TrainSettings, build_settings
+
+    assert TrainSettings(labels="l", output="o").collective_timeout_s == 300
+    with pytest.raises((SettingsError, ValueError)):
+        build_settings(TrainSettings, ("l", "o"), {"collective_timeout_s": 0})
+    assert "TorchConfig(timeout_s=int(s.collective_timeout_s))" in inspect.getsource(train)

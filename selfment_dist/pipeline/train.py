@@ -134,7 +134,7 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
 
     ensure_ray(s.address)
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     per_worker = ls.usable // s.workers
     if per_worker == 0:
@@ -174,6 +174,9 @@ def run_train(*args: TrainSettings | str, fail_at_step: int | None = None,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets={DATASET: dataset},
+        # A rank that died or hangs must not stall the others in a collective for torch's
+        # default 30 minutes: they fail after this and Ray Train restarts the group.
+        torch_config=TorchConfig(timeout_s=int(s.collective_timeout_s)),
     )
     result = trainer.fit()
     summary = save_model(result, ls, config, output, storage_options, time.perf_counter() - start)
