@@ -2,6 +2,8 @@
 the training shuffle and the OOM memory: library-level tests, no Ray."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -240,3 +242,72 @@ def test_collective_timeout_setting_and_trainer_argument():
     with pytest.raises((SettingsError, ValueError)):
         build_settings(TrainSettings, ("l", "o"), {"collective_timeout_s": 0})
     assert "TorchConfig(timeout_s=int(s.collective_timeout_s))" in inspect.getsource(train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Light transport, the pipeline side (pipeline/_internal/light_transport.py)
+
+def test_label_on_device_gives_todays_masks_also_from_two_threads():
+    import threading
+
+    from selfment_dist.algorithm.labeler import PseudoLabeler
+    from selfment_dist.data.synthetic import make_scene
+    from selfment_dist.model.backbone import build_backbone
+    from selfment_dist.model.preprocess import DeviceResizer
+    from selfment_dist.model.resize import resize_square
+    from selfment_dist.pipeline._internal.light_transport import (image_column,
+                                                                  label_on_device,
+                                                                  rows_to_label, ship_pixels)
+    from PIL import Image
+
+    backbone = build_backbone("vit_small_patch16_224.dino", weights="random", image_size=64,
+                              device="cpu")
+    labeler = PseudoLabeler(backbone)
+    pils = [Image.fromarray(make_scene((9, i), size=(s, t))[0])
+            for i, (s, t) in enumerate([(48, 64), (70, 50), (48, 64)])]
+    today = labeler(np.stack([resize_square(p, 64) for p in pils]))["mask"]
+
+    column = image_column([ship_pixels(p) for p in pils] + [None])  # + an error row
+    images = rows_to_label(column, [0, 1, 2])
+    resizer = DeviceResizer(64, "cpu")
+    got = [None, None]
+
+    def call(slot):
+        got[slot] = label_on_device(labeler, resizer, images)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rows in got:
+        assert len(rows) == 3
+        assert all(np.array_equal(np.asarray(r["mask"]), np.asarray(m))
+                   for r, m in zip(rows, today))
+
+
+def test_rows_to_label_copies_no_pixels():
+    from selfment_dist.pipeline._internal.light_transport import image_column, rows_to_label
+
+    column = image_column([_pixels((4, 5), 0), _pixels((6, 2), 1)])
+    everything = rows_to_label(column, [0, 1])
+    assert everything[0] is column[0] and everything[1] is column[1]
+    same_shape = np.stack([_pixels((4, 4), 2), _pixels((4, 4), 3)])
+    views = rows_to_label(same_shape, [1])
+    assert len(views) == 1 and np.shares_memory(views[0], same_shape)
+
+
+def test_two_calls_in_flight_per_actor():
+    import ray.data
+
+    from selfment_dist.pipeline._internal.light_transport import two_calls_in_flight
+
+    args = {"compute": ray.data.ActorPoolStrategy(min_size=1, max_size=None, initial_size=1),
+            "num_gpus": 1}
+    out = two_calls_in_flight(args)
+    pool = out["compute"]
+    assert out["num_gpus"] == 1 and pool.max_concurrent_calls_per_actor == 2
+    assert pool.enable_true_multi_threading and pool.max_tasks_in_flight_per_actor >= 2
+    assert (pool.min_size, pool.initial_size) == (1, 1) and math.isinf(pool.max_size)
+    tasks = {"compute": ray.data.TaskPoolStrategy(size=2)}
+    assert two_calls_in_flight(tasks) is tasks
