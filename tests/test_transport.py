@@ -161,6 +161,36 @@ def test_ragged_column_round_trip_and_passthrough():
         resizer([np.zeros((4, 4, 3), np.float32)])
 
 
+def test_mixed_float32_and_uint8_rows():
+    from selfment_dist.model.preprocess import DeviceResizer
+    from selfment_dist.model.resize import resize_square
+
+    ready = np.random.default_rng(1).random((16, 16, 3), dtype=np.float32)
+    raw = _pixels((9, 30), 2)
+    out = DeviceResizer(16, "cpu")([raw, ready, raw])
+    assert torch.equal(out[1], torch.from_numpy(ready))
+    assert torch.equal(out[0], torch.from_numpy(resize_square(raw, 16))) and torch.equal(out[0], out[2])
+
+
+def test_cuda_staging_layout_on_cpu(monkeypatch):
+    """The CUDA path's one-buffer staging (aligned offsets, per-row dtype views), run on CPU
+    tensors: every row comes back as it went in."""
+    import contextlib
+
+    from selfment_dist.model import preprocess
+
+    empty = torch.empty
+    monkeypatch.setattr(preprocess.torch, "empty",
+                        lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(preprocess.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    images = [_pixels((5, 7), 0), np.random.default_rng(1).random((8, 8, 3), dtype=np.float32),
+              _pixels((3, 3), 2)]
+    views = preprocess.DeviceResizer(8, "cpu")._to_device(images)
+    monkeypatch.undo()
+    for view, im in zip(views, images):
+        assert view.dtype == torch.from_numpy(im).dtype and np.array_equal(view.numpy(), im)
+
+
 def test_backbone_features_from_device_resize_equal_todays():
     from selfment_dist.model.backbone import build_backbone
     from selfment_dist.model.preprocess import DeviceResizer

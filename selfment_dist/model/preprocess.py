@@ -68,8 +68,8 @@ def as_image_list(column, rows: Sequence[int] | None = None) -> list[np.ndarray]
 class DeviceResizer:
     """uint8 (H, W, 3) images of any sizes → float32 (B, S, S, 3) in [0, 1] on ``device``.
 
-    Float32 (S, S, 3) images (the old transport) pass through unchanged, so a model actor
-    accepts both while decode tasks of either kind are in flight.
+    Float32 (S, S, 3) images in [0, 1] (the old transport) pass through unchanged, alone or
+    mixed with uint8 ones, so a model actor accepts both kinds of decode batch.
 
     Attributes:
         size: the square side S.
@@ -91,13 +91,15 @@ class DeviceResizer:
         s = self.size
         if len(images) == 0:
             return torch.empty((0, s, s, 3), dtype=torch.float32, device=self.device)
-        if all(im.dtype == np.float32 and im.shape == (s, s, 3) for im in images):
-            host = np.stack(images) if len(images) > 1 else images[0][None]
-            return torch.from_numpy(host).to(self.device, non_blocking=self._cuda)
         for im in images:
-            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3 or 0 in im.shape:
+            ready = im.dtype == np.float32 and im.shape == (s, s, 3)
+            if not ready and (im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3
+                              or 0 in im.shape):
                 raise ValueError(f"images must be uint8 (H, W, 3) (or float32 ({s}, {s}, 3)), "
                                  f"got {im.dtype} {tuple(im.shape)}")
+        if all(im.dtype == np.float32 for im in images):
+            host = np.stack(images) if len(images) > 1 else images[0][None]
+            return torch.from_numpy(host).to(self.device, non_blocking=self._cuda)
         if not self._cuda:
             return self._resize([torch.from_numpy(np.ascontiguousarray(im)) for im in images])
         pixels = self._to_device(images)
@@ -110,22 +112,21 @@ class DeviceResizer:
 
     def _to_device(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
         """One pinned staging buffer for the batch, one non-blocking copy on our stream."""
-        sizes = [im.size for im in images]
-        staging = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+        sizes = [im.nbytes for im in images]
+        # Each image starts 16-byte aligned, so a float32 one can be viewed as float32 on the
+        # device.
+        offsets = np.concatenate([[0], np.cumsum([-(-n // 16) * 16 for n in sizes])])
+        staging = torch.empty(int(offsets[-1]), dtype=torch.uint8, pin_memory=True)
         flat = staging.numpy()
-        offset = 0
-        for im, n in zip(images, sizes):
-            flat[offset:offset + n] = im.reshape(-1)
-            offset += n
+        for im, start, n in zip(images, offsets, sizes):
+            flat[start:start + n] = np.ascontiguousarray(im).reshape(-1).view(np.uint8)
         with torch.cuda.stream(self._stream):
             # The caching host allocator records this stream's use of ``staging``: the buffer
             # goes back to the pool only after the copy completed.
             on_device = staging.to(self.device, non_blocking=True)
-        views, offset = [], 0
-        for im, n in zip(images, sizes):
-            views.append(on_device[offset:offset + n].view(im.shape))
-            offset += n
-        return views
+        return [on_device[start:start + n]
+                .view(torch.float32 if im.dtype == np.float32 else torch.uint8).view(im.shape)
+                for im, start, n in zip(images, offsets, sizes)]
 
     def _resize(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """``resize_square``'s ops on uint8 HWC tensors, one interpolate call per shape."""
@@ -133,10 +134,12 @@ class DeviceResizer:
         out = torch.empty((len(pixels), 3, s, s), dtype=torch.float32, device=pixels[0].device)
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(pixels):
-            groups.setdefault(tuple(p.shape), []).append(i)
-        for shape, rows in groups.items():
-            x = torch.stack([pixels[i] for i in rows]).permute(0, 3, 1, 2).float().div_(255)
-            if shape[:2] != (s, s):
+            groups.setdefault((*p.shape, p.dtype), []).append(i)
+        for (*shape, dtype), rows in groups.items():
+            x = torch.stack([pixels[i] for i in rows]).permute(0, 3, 1, 2)
+            if dtype != torch.float32:  # float32 rows are already in [0, 1] at S
+                x = x.float().div_(255)
+            if tuple(shape[:2]) != (s, s):
                 x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False,
                                   antialias=True)
             out[rows] = x
