@@ -164,6 +164,18 @@ def bench_forward_workers(arrays: np.ndarray, args) -> float:
 
 # --- the report --------------------------------------------------------------------------------
 
+def _shuffled_bytes(labels: str, args) -> dict:
+    """Bytes the full shuffle moves per epoch for each feature source (train_data's estimate
+    of the rows it shuffles), beside the float32 images that a shuffle after loading moved."""
+    from selfment_dist.pipeline._internal.train_data import (inspect_labels,
+                                                             shuffled_bytes_per_epoch)
+
+    ls = inspect_labels(labels, features="stored")
+    return {"stored": shuffled_bytes_per_epoch(ls, stored=True),
+            "backbone": shuffled_bytes_per_epoch(ls, stored=False),
+            "images": ls.usable * args.image_size ** 2 * 3 * 4}
+
+
 def run(args, work: Path) -> str:
     import ray
     import torch
@@ -194,6 +206,7 @@ def run(args, work: Path) -> str:
     published = bench_published(rows, args.n_published)
     load_after = load_avg()
     ray.shutdown()
+    shuffled = _shuffled_bytes(labels, args)
 
     a, c = ours_a["images_per_s"], ours_c["images_per_s"]
     h, w = rows[0]["features"].shape[:2]
@@ -228,6 +241,9 @@ def run(args, work: Path) -> str:
         f"(c): {args.epochs_backbone} epochs, {ours_c['images']} images, "
         f"{ours_c['compute_share']:.0%} of the loop computing. (b): {min(args.n_published, len(rows))} "
         f"images. (f): {len(arrays)} images; (f1) {torch.get_num_threads()} torch threads.",
+        f"Bytes shuffled per epoch (`shuffle: full`, label rows only, never images): "
+        f"stored features {shuffled['stored']:,}; backbone features {shuffled['backbone']:,} "
+        f"(the images the backbone reads: {shuffled['images']:,} as float32, not shuffled).",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; load "
         f"average before / after: {load_before} | {load_after}.",
     ]

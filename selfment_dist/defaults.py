@@ -8,19 +8,33 @@ from __future__ import annotations
 #: The backbone used when none is named.
 DEFAULT_BACKBONE = "vit_small_patch16_dinov3.lvd1689m"
 
-#: Numerics of the forward pass: ``fp32``; ``bf16`` (autocast: matmuls, convolutions and
-#: attention in bfloat16, norms and softmax statistics in float32); ``auto``: fp32 everywhere,
-#: as the official code computes its features (bf16 can flip graph edges that lie near tau, so
-#: it is only used when asked for; ``benchmarks/pseudo_label.py`` reports its mask agreement).
-PRECISIONS = ("auto", "fp32", "bf16")
+#: Numerics of the backbone's forward pass (``--precision``):
+#:
+#: - ``fp32`` (default): IEEE float32 everywhere, TF32 off: the official numerics;
+#: - ``tf32``: float32 tensors, but CUDA matmuls and cuDNN convolutions of the *backbone* may
+#:   use TensorFloat-32 (10-bit mantissa inputs, float32 accumulation); on a CPU it is fp32;
+#: - ``bf16``: autocast (matmuls, convolutions and attention in bfloat16; norms and softmax
+#:   statistics in float32);
+#: - ``auto``: an alias of ``fp32``, kept so that old configs and resumed outputs still work.
+#:
+#: NCut and IPO always run in IEEE float32 or higher, whatever the backbone's precision
+#: (``algorithm._tensors.exact_math``): a lower-precision affinity can flip graph edges near
+#: ``tau``. tf32/bf16 only change the features; ``benchmarks/pseudo_label.py`` reports their
+#: mask agreement.
+PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 
 
 def resolve_precision(precision: str, device=None) -> str:
-    """``"fp32"`` or ``"bf16"``: what ``precision`` means on ``device`` (auto: fp32 on every
-    device, as the official code). Here, free of torch, so that drivers can record it."""
+    """``"fp32"``, ``"tf32"`` or ``"bf16"``: what ``precision`` means on ``device`` (a
+    ``torch.device``, a device string, or None for "not known yet"): ``auto`` is fp32; ``tf32``
+    is fp32 on any device but CUDA (no other device has TF32 matmuls). Here, free of torch, so
+    that drivers can record what the actors will run."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
+        return "fp32"
+    if precision == "tf32" and device is not None and \
+            str(getattr(device, "type", device)).split(":")[0] != "cuda":
         return "fp32"
     return precision
 

@@ -97,7 +97,8 @@ class PseudoLabelSettings(ActorPoolSettings):
     image_size: int = setting(768, "square backbone input size (a multiple of the patch size; "
                               f"at most {MAX_IMAGE_SIZE}: memory)", gt=0, le=MAX_IMAGE_SIZE)
     precision: Literal[PRECISIONS] = setting(
-        "auto", "backbone numerics: auto (= fp32, official), fp32 or bf16 (faster, approximate)")
+        "fp32", "backbone numerics: fp32 (official), tf32 (CUDA matmuls in TF32) or bf16 "
+                "(autocast); auto = fp32. NCut/IPO always run in IEEE fp32")
     tau: float = setting(0.2, "NCut: affinities above it become edges", ge=0.0, lt=1.0)
     eps: float = setting(1e-5, "NCut: the weight of the other (dropped) edges", gt=0.0, lt=1.0)
     binary_graph: bool = setting(True, "NCut: set kept affinities to 1 (else keep them)",
@@ -150,7 +151,8 @@ class TrainSettings(StageSettings):
     workers: int = setting(2, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = setting(False, "one GPU per worker; otherwise CPU")
     precision: Literal[PRECISIONS] = setting(
-        "auto", "head training numerics: auto (= fp32, official), fp32 or bf16 (GPU autocast)")
+        "auto", "training numerics: auto (= fp32, official), fp32, tf32 (the backbone's CUDA "
+                "matmuls) or bf16 (GPU autocast of the head and the backbone)")
     epochs: int = setting(1, "passes over the usable rows (official default: 1)", ge=1)
     batch_size: int = setting(1, "images per step per worker (official: 1)", ge=1)
     lr: float = setting(1e-3, "Adam's learning rate", gt=0.0)
@@ -188,6 +190,9 @@ class TrainSettings(StageSettings):
     worker_wait_s: float | None = setting(
         None, "longest wait for nodes that can hold the workers (default 600), then fail",
         gt=0.0)
+    collective_timeout_s: int = setting(
+        300, "seconds a DDP collective (NCCL/gloo) may wait for a rank before the ranks fail "
+             "and Ray Train restarts them (torch's default is 30 min)", ge=10)
 
     @model_validator(mode="after")
     def _one_confidence_cut(self) -> TrainSettings:

@@ -164,7 +164,7 @@ def test_precision():
     assert not torch.equal(a, b)  # really ran in bf16 ...
     assert (a * b).sum(-1).min() > 0.98  # ... and gives nearly the same features
     assert bb.resolve_precision("auto", "cuda") == "fp32"  # official numerics on GPUs too
-    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, tf32, bf16, auto, got 'fp16'"):
         build_backbone(DINO, weights="random", image_size=64, precision="fp16")
 
 

@@ -168,6 +168,7 @@ def test_cuda_oom_retries_with_smaller_batches(monkeypatch):
     calls = []
     emptied = []
     monkeypatch.setattr(_device, "_empty_cache", lambda: emptied.append(1))
+    monkeypatch.setattr(_device, "_OOM_LIMITS", {})  # this test's actor memory only
 
     def fn(items):
         calls.append(len(items))
@@ -178,6 +179,13 @@ def test_cuda_oom_retries_with_smaller_batches(monkeypatch):
     out = _device.run_guarded(fn, list(range(8)), what="labelling")
     assert out == [f"ok{i}" for i in range(8)]     # every image labelled, none an error row
     assert calls[:3] == [8, 4, 2] and max(calls[3:]) <= 2 and emptied
+    # The actor remembers: later batches start at the size that fitted, with no OOM first.
+    assert _device.oom_limit("labelling") == 2 and _device.oom_limit("segmenting") is None
+    calls.clear()
+    assert _device.run_guarded(fn, list(range(6)), what="labelling") == [f"ok{i}" for i in range(6)]
+    assert calls == [2, 2, 2]
+    _device.forget_oom_limits()
+    assert _device.oom_limit("labelling") is None
 
 
 def test_other_cuda_error_exits_the_actor_instead_of_writing_error_rows(monkeypatch):

@@ -6,14 +6,18 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from selfment_dist.model.numerics import float32_matmuls
+
 
 def exact_math(fn):
-    """Run ``fn`` with autocast off on every device type: NCut and IPO compute in float32 or
-    higher even inside a caller's bf16/fp16 autocast region (a bf16 affinity moves the
-    ``tau`` threshold, and CUDA has no bf16 QR)."""
+    """Run ``fn`` with autocast off on every device type and TF32 off (IEEE float32 matmuls,
+    the caller's TF32 flags restored after): NCut and IPO compute in float32 or higher even
+    inside a caller's bf16/fp16 autocast region or after ``--precision tf32`` turned TF32 on (a
+    bf16 or TF32 affinity moves the ``tau`` threshold, and CUDA has no bf16 QR)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False), \
+                float32_matmuls(tf32=False):
             return fn(*args, **kwargs)
     return wrapper
 

@@ -42,6 +42,7 @@ from selfment_dist.model.backbone_names import FAMILY_PATTERNS, image_size_probl
 from selfment_dist.model.checkpoint_files import CheckpointError  # noqa: F401 (re-exported)
 from selfment_dist.model.checkpoint_files import read_checkpoint as _read_checkpoint
 from selfment_dist.defaults import DEFAULT_BACKBONE, PRECISIONS, resolve_precision  # noqa: F401 (re-exported)
+from selfment_dist.model.numerics import float32_matmuls
 from selfment_dist.model.resize import resize_square  # noqa: F401 (re-exported)
 from selfment_dist.errors import UserInputNotFoundError, UserValueError
 
@@ -127,12 +128,13 @@ class Backbone:
         embed_dim: channels C of the features.
         grid: ``(h, w) = (S // patch_size, S // patch_size)``.
         device: the ``torch.device`` holding the model and the returned features.
-        precision: ``"fp32"`` or ``"bf16"`` (autocast), resolved from ``auto`` for the device.
+        precision: ``"fp32"``, ``"tf32"`` (TF32 matmuls in the forward pass, CUDA only) or
+            ``"bf16"`` (autocast), resolved for the device (``auto`` is fp32).
         model: the timm module (eval mode, ``requires_grad`` off).
     """
 
     def __init__(self, model: torch.nn.Module, *, name: str, weights: str, image_size: int,
-                 device: torch.device, precision: str = "auto"):
+                 device: torch.device, precision: str = "fp32"):
         self.model = model
         self.precision = resolve_precision(precision, device)
         self.name = name
@@ -183,7 +185,8 @@ class Backbone:
             x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() * scale
             x = (x - self._mean) / self._std
             with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                                enabled=self.precision == "bf16"):
+                                enabled=self.precision == "bf16"), \
+                    float32_matmuls(tf32=self.precision == "tf32"):
                 tokens = self.model.forward_features(x)  # (B, prefix + h*w, C), final norm applied
             patches = tokens[:, self._num_prefix:].float()
             feats = F.normalize(patches, dim=-1).reshape(x.shape[0], h, w, self.embed_dim)
@@ -221,7 +224,7 @@ def _name_seed(name: str) -> int:
 
 def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike = "hub",
                    image_size: int = 768, device: str | torch.device | None = None,
-                   storage_options: dict | None = None, precision: str = "auto") -> Backbone:
+                   storage_options: dict | None = None, precision: str = "fp32") -> Backbone:
     """Build a frozen DINO backbone.
 
     Args:
@@ -234,7 +237,8 @@ def build_backbone(name: str = DEFAULT_BACKBONE, *, weights: str | os.PathLike =
         image_size: square input side; must be a multiple of the patch size.
         device: where the model runs; default ``cuda`` if available, else ``cpu``.
         storage_options: fsspec options for a checkpoint URI (e.g. ``endpoint_url``).
-        precision: ``auto`` (fp32 everywhere, as the official code), ``fp32`` or ``bf16``. On
+        precision: ``fp32`` (as the official code; ``auto`` is an alias), ``tf32`` (CUDA matmuls
+            and convolutions of the forward pass in TF32; fp32 on a CPU) or ``bf16``. On
             CPUs with native bf16 (AVX512-BF16, AMX) ``bf16`` is about 1.4x faster for ViT-S at
             768 px; features then differ from fp32 ones like on a GPU.
 

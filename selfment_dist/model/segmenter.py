@@ -121,7 +121,7 @@ class Segmenter:
     def from_artifact(cls, uri: str, *, image_size: int | None = None,
                       device: str | torch.device | None = None,
                       storage_options: dict | None = None,
-                      weights: str | None = None) -> "Segmenter":
+                      weights: str | None = None, precision: str = "fp32") -> "Segmenter":
         """Rebuild backbone and head from a model artifact (``head.safetensors`` + ``model.json``).
 
         Args:
@@ -133,6 +133,8 @@ class Segmenter:
             storage_options: fsspec options for the artifact and a checkpoint URI.
             weights: override the backbone weights recorded in ``model.json`` (``"hub"``,
                 ``"random"`` or a checkpoint path/URI), e.g. a local copy of the checkpoint.
+            precision: the backbone's ``--precision`` (fp32, the official numerics; tf32;
+                bf16; ``auto`` = fp32).
         Raises:
             FileNotFoundError / ValueError: a missing or malformed artifact, or an image size
             that is not a multiple of the patch size.
@@ -145,7 +147,7 @@ class Segmenter:
         except ValueError as exc:
             raise UserValueError(f"model artifact {uri}: {exc}") from None
         backbone = build_backbone(name, weights=weights, image_size=size, device=device,
-                                  storage_options=storage_options)
+                                  storage_options=storage_options, precision=precision)
         segmenter = cls(backbone, head, meta=meta)
         logger.info("segmenter from %s: %r", uri, backbone)
         return segmenter

@@ -178,7 +178,7 @@ def _fit(s: TrainSettings, ls: LabelSet, spec: TrainLoopSpec, resources: dict | 
          output: str):
     """Ray Train over the labels; returns its result (the last checkpoint)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     dataset = build_dataset(ls, stored=ls.feature_source == "stored",
                             storage_options=s.storage_options, max_pixels=s.max_pixels,
@@ -196,6 +196,9 @@ def _fit(s: TrainSettings, ls: LabelSet, spec: TrainLoopSpec, resources: dict | 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             **({"worker_runtime_env": {"env_vars": fault_env}} if fault_env else {})),
         datasets={DATASET: dataset},
+        # A rank that died or hangs must not stall the others in a collective for torch's
+        # default 30 minutes: they fail after this and Ray Train restarts the group.
+        torch_config=TorchConfig(timeout_s=int(s.collective_timeout_s)),
     )
     return trainer.fit()
 

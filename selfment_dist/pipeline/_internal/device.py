@@ -73,16 +73,33 @@ def exit_for_restart(exc: BaseException) -> None:
     os._exit(1)
 
 
+# The largest batch that ran after an out-of-memory error, per ``what``, in this process: a model
+# actor (or warm worker) is one process holding one replica, so this is the actor's memory of
+# its device's limit. Without it every batch would first fail at full size again.
+_OOM_LIMITS: dict[str, int] = {}
+
+
+def oom_limit(what: str) -> int | None:
+    """The batch size this process falls back to for ``what`` after an OOM (None: no OOM yet)."""
+    return _OOM_LIMITS.get(what)
+
+
+def forget_oom_limits() -> None:
+    """Forget every remembered OOM batch size (tests; a new model in the same process)."""
+    _OOM_LIMITS.clear()
+
+
 def run_guarded(fn: Callable[[Sequence], list], items: Sequence, *, what: str) -> list:
     """``fn(items)`` → one result per item, with the fault rules of this module.
 
     After an OOM the rest of ``items`` goes through ``fn`` in chunks of half the size that
-    failed (down to single items). An exception that is neither an OOM nor a CUDA fault is
-    retried item by item, so only the failing item becomes an error (a ``str`` result
+    failed (down to single items), and later calls for the same ``what`` in this process
+    start at that size. An exception that is neither an OOM nor a CUDA fault is retried item
+    by item, so only the failing item becomes an error (a ``str`` result
     ``"<what> failed: <Type>: <message>"``).
     """
     out: list = []
-    limit, start = len(items), 0
+    limit, start = min(len(items), _OOM_LIMITS.get(what, len(items))), 0
     while start < len(items):
         chunk = items[start:start + limit]
         try:
@@ -94,8 +111,9 @@ def run_guarded(fn: Callable[[Sequence], list], items: Sequence, *, what: str) -
                 _empty_cache()
                 if len(chunk) > 1:
                     limit = len(chunk) // 2
-                    logger.warning("CUDA out of memory on a batch of %d; going on in batches "
-                                   "of %d", len(chunk), limit)
+                    _OOM_LIMITS[what] = min(limit, _OOM_LIMITS.get(what, limit))
+                    logger.warning("CUDA out of memory on a batch of %d; going on (and starting "
+                                   "later batches) in batches of %d", len(chunk), limit)
                     continue
             if len(chunk) == 1:
                 out.append(f"{what} failed: {type(exc).__name__}: {exc}")

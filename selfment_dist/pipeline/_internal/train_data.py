@@ -25,6 +25,7 @@ from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, read_manife
 logger = logging.getLogger(__name__)
 
 __all__ = ["LabelSet", "inspect_labels", "load_images", "build_dataset", "arrow_fs",
+           "shuffled_bytes_per_epoch", "label_row_bytes",
            "MANIFEST_NAME"]
 
 _CONTAINER_SUFFIXES = (".parquet", ".tar", ".tar.gz", ".tgz")
@@ -344,8 +345,31 @@ def read_label_parts(batch: dict[str, np.ndarray], *, columns: list[str], row_fi
     return pa.concat_tables(tables)
 
 
+def label_row_bytes(ls: LabelSet, stored: bool) -> int:
+    """Approximate bytes of one training row as it leaves :func:`read_label_parts`: the packed
+    mask, the key and the source URI or the float16 features."""
+    h, w = ls.grid
+    mask = (h * w + 7) // 8
+    return mask + (h * w * 2 * ls.feature_dim if stored else 0) + 2 * 128  # key + source
+
+
+def shuffled_bytes_per_epoch(ls: LabelSet, *, stored: bool, shuffle: str = "full") -> int:
+    """Bytes the ``full`` shuffle moves across the cluster each epoch (0 for ``local``): the
+    label rows only, never images (with ``features: backbone`` they are shuffled before any
+    image is read)."""
+    return ls.usable * label_row_bytes(ls, stored) if shuffle == "full" else 0
+
+
 def build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
-                   max_pixels: int | None, shuffle: str = "full", seed: int = 0):
+                  max_pixels: int | None, shuffle: str = "full", seed: int = 0):
+    """The training rows: label rows read from the parts, shuffled (``full``), then, with
+    ``features: backbone``, their images read, decoded and resized.
+
+    The shuffle runs on the small label rows *before* images are loaded: shuffling loaded rows
+    would move every float32 image across the cluster each epoch (10k labels at 768 px: ~71 GB),
+    shuffling label rows moves ~300 bytes a row. Images are then decoded every epoch by CPU
+    tasks; the label rows (small) are cached in the object store once.
+    """
     import ray
 
     # One read task per part. Not ray.data.read_parquet: its footer indexing starts a pool of
@@ -357,18 +381,10 @@ def build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
     ds = ds.map_batches(read_label_parts, batch_size=None, batch_format="numpy",
                         fn_kwargs={"columns": columns, "row_filter": ls.row_filter,
                                    "storage_options": storage_options})
-    h, w = ls.grid
-    if stored:
-        row_bytes = h * w * (2 * ls.feature_dim) + (h * w + 7) // 8
-    else:
-        ds = ds.map_batches(load_images, batch_size=16, batch_format="numpy",
-                            fn_kwargs={"image_size": ls.image_size,
-                                       "storage_options": storage_options,
-                                       "max_pixels": max_pixels})
-        row_bytes = ls.image_size ** 2 * 3 * 4  # float32 pixels
+    row_bytes = label_row_bytes(ls, stored)
     if ls.usable * row_bytes <= _MATERIALIZE_MAX_BYTES:
-        logger.info("caching the %d training rows (~%.0f MiB) in the object store", ls.usable,
-                    ls.usable * row_bytes / 2**20)
+        logger.info("caching the %d training label rows (~%.1f MiB) in the object store",
+                    ls.usable, ls.usable * row_bytes / 2**20)
         ds = ds.materialize()
     if shuffle == "full":
         # Official schedule: every epoch sees the whole training set in a new order. Ray Data
@@ -377,4 +393,9 @@ def build_dataset(ls: LabelSet, *, stored: bool, storage_options: dict | None,
         from ray.data import RandomSeedConfig
 
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    if not stored:
+        ds = ds.map_batches(load_images, batch_size=16, batch_format="numpy",
+                            fn_kwargs={"image_size": ls.image_size,
+                                       "storage_options": storage_options,
+                                       "max_pixels": max_pixels})
     return ds

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from selfment_dist.defaults import resolve_precision
 from selfment_dist.model.head import PatchHead
 from selfment_dist.io.masks import decode_mask
 from selfment_dist.model.losses import selfment_loss
@@ -138,7 +139,9 @@ def _build(spec: TrainLoopSpec, device: torch.device, rank: int):
         from selfment_dist.model.backbone import build_backbone
         backbone = build_backbone(spec.backbone, weights=spec.weights,
                                   image_size=spec.image_size, device=device,
-                                  storage_options=s.storage_options)
+                                  storage_options=s.storage_options,
+                                  # The stage's precision (auto: fp32, the official numerics).
+                                  precision=resolve_precision(s.precision))
         if tuple(backbone.grid) != tuple(spec.grid):
             raise ValueError(f"backbone grid {backbone.grid} != pseudo-label grid {spec.grid}")
         in_dim = backbone.embed_dim
