@@ -223,6 +223,8 @@ def test_label_actor_with_an_injected_cuda_fault_exits(monkeypatch):
     actor = object.__new__(LabelActor)
     actor.save_ncut = actor.save_features = False
     actor.counters = None
+    from selfment_dist.model.preprocess import DeviceResizer
+    actor.resizer = DeviceResizer(64, "cpu")
 
     def broken(images, **kw):
         raise RuntimeError("CUDA error: uncorrectable ECC error encountered")

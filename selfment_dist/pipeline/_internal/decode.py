@@ -14,16 +14,20 @@ from selfment_dist.io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_
 from selfment_dist.io.schema import PERMANENT
 from selfment_dist.io.prefetch import iter_unit_records
 from selfment_dist.pipeline._internal.done_keys import skip_set as _skip_set
+from selfment_dist.pipeline._internal.light_transport import image_column, ship_pixels
 
 __all__ = ["read_and_decode"]
 
 
-def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[str, np.ndarray]:
-    # float32 in [0, 1], resized in the official order (see resize.resize_square).
-    images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.float32)
-    for i, row in enumerate(rows):
-        if row["pixels"] is not None:
-            images[i] = row["pixels"]
+def _decode_batch(rows: list[dict], image_size: int, keep_data: bool,
+                  device_resize: bool = False) -> dict[str, np.ndarray]:
+    if device_resize:  # uint8 at the decoded size, one array a row (light_transport)
+        images = image_column([row["pixels"] for row in rows])
+    else:  # float32 in [0, 1], resized in the official order (see resize.resize_square)
+        images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.float32)
+        for i, row in enumerate(rows):
+            if row["pixels"] is not None:
+                images[i] = row["pixels"]
     batch = {
         "key": np.array([r["key"] for r in rows], dtype=object),
         "source": np.array([r["source"] for r in rows], dtype=object),
@@ -41,13 +45,16 @@ def _decode_batch(rows: list[dict], image_size: int, keep_data: bool) -> dict[st
 def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels: int | None,
                     storage_options: dict | None, skip_ref: list | None, rows_per_batch: int,
                     keep_data: bool = False, max_bytes: int | None = DEFAULT_MAX_BYTES,
-                    exif_orientation: bool = True) -> Iterator[dict[str, np.ndarray]]:
+                    exif_orientation: bool = True, device_resize: bool = False
+                    ) -> Iterator[dict[str, np.ndarray]]:
     """Expand a batch of work units into decoded, resized images (Ray Data UDF).
 
     ``exif_orientation=False`` decodes images as stored (benchmark evaluation: the official
     inference's frame); web images keep their EXIF orientation.
 
     ``keep_data`` also carries the encoded file (segment's overlays need it).
+    ``device_resize``: ship uint8 (H, W, 3) at the decoded size instead (an object column; the
+    model actor resizes on its device, see ``_internal/light_transport.py``).
 
     Yields:
         batches of at most ``rows_per_batch`` rows: ``key``, ``source``, ``width``/``height``
@@ -73,7 +80,8 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
                 pil = decode_image(rec["data"], max_pixels=max_pixels, max_bytes=max_bytes,
                                    exif_orientation=exif_orientation)
                 row["width"], row["height"] = pil.size
-                row["pixels"] = resize_square(pil, image_size)
+                row["pixels"] = (ship_pixels(pil) if device_resize
+                                 else resize_square(pil, image_size))
                 row["data"] = rec["data"] if keep_data else None
             except ImageDecodeError as exc:
                 row["error"], row["error_kind"] = str(exc), PERMANENT
@@ -84,7 +92,7 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
                 rec["data"] = None
         pending.append(row)
         if len(pending) >= rows_per_batch:
-            yield _decode_batch(pending, image_size, keep_data)
+            yield _decode_batch(pending, image_size, keep_data, device_resize)
             pending = []
     if pending:
-        yield _decode_batch(pending, image_size, keep_data)
+        yield _decode_batch(pending, image_size, keep_data, device_resize)

@@ -1,6 +1,7 @@
 """The model stage of ``selfment pseudo-label``: backbone + NCut + IPO, one replica per actor."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -13,7 +14,8 @@ from selfment_dist.io.schema import (PERMANENT, QUALITY_COLUMNS, TRANSIENT, enco
 from selfment_dist.settings import PseudoLabelSettings
 from selfment_dist.pipeline._internal import faults
 from selfment_dist.pipeline._internal.counters import count_replica_started, count_rows_here
-from selfment_dist.pipeline._internal.device import actor_device, run_guarded
+from selfment_dist.pipeline._internal.device import actor_device
+from selfment_dist.pipeline._internal.light_transport import label_on_device, rows_to_label
 from selfment_dist.pipeline._internal.model_stage import ActorResources
 from selfment_dist.pipeline._internal.objects import labeler_object_options
 
@@ -37,6 +39,9 @@ class LabelActor:
     With ``require_gpu`` the actor refuses to start without its GPU.
     """
 
+    #: Decode tasks ship uint8 at the decoded size; this actor resizes on its device.
+    device_resize = True
+
     def __init__(self, *, settings: PseudoLabelSettings, resources: ActorResources,
                  counters=None):
         """``settings``: the run's, resolved (``precision`` no longer ``auto``)."""
@@ -56,6 +61,9 @@ class LabelActor:
                                      sample_size=s.sample_size,
                                      no_object_threshold=float(s.no_object_threshold),
                                      **labeler_object_options(s))
+        from selfment_dist.model.preprocess import DeviceResizer
+
+        self.resizer = DeviceResizer(s.image_size, self.backbone.device)
         self.save_ncut = s.save_ncut
         self.save_features = s.save_features
         self.objects = s.max_objects > 1
@@ -73,16 +81,12 @@ class LabelActor:
         return {"settings": settings.model_dump(include=set(REPLICA_FIELDS)),
                 "resources": vars(resources)}
 
-    def _label(self, images: np.ndarray) -> list[dict | str]:
+    def _label(self, images: list[np.ndarray]) -> list[dict | str]:
         """Per image: the result dict, or an error message."""
         from selfment_dist.algorithm.ncut import take_dense_fallbacks, take_lanczos_steps
         kw = {"return_ncut": self.save_ncut, "return_features": self.save_features}
 
-        def label(part: np.ndarray) -> list[dict]:
-            out = self.labeler(part, **kw)
-            return [{k: v[i] for k, v in out.items()} for i in range(len(part))]
-
-        results = run_guarded(label, images, what="labelling")
+        results = label_on_device(functools.partial(self.labeler, **kw), self.resizer, images)
         fallbacks = take_dense_fallbacks()
         if fallbacks and self.counters is not None:
             self.counters.add.remote("dense_eigh_fallbacks", fallbacks)
@@ -100,7 +104,7 @@ class LabelActor:
         ok = [i for i in range(n) if errors[i] is None]
         results: dict[int, dict | str] = {}
         if ok:
-            images = np.ascontiguousarray(batch["image"][ok])
+            images = rows_to_label(batch["image"], ok)  # no host copy of the pixels
             results = dict(zip(ok, self._label(images)))
 
         cols: dict[str, list] = {name: [] for name in self.schema.names}

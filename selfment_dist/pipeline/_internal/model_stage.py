@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from selfment_dist.pipeline._internal.decode import read_and_decode
+from selfment_dist.pipeline._internal.light_transport import two_calls_in_flight
 from selfment_dist.pipeline._internal.ray_runtime import (LIGHT_TASK_CPUS, MAX_RETRIES,
                                                           decode_pool, model_stage_args)
 
@@ -56,9 +57,14 @@ def model_dataset(units: list[dict], *, n_containers: int, decode: dict, model_c
     n_blocks = max(1, min(len(units), n_containers + math.ceil(
         (len(units) - n_containers) / batch_size)))
     ds = ray.data.from_items(units, override_num_blocks=n_blocks)
-    ds = ds.map_batches(read_and_decode, batch_size=None, zero_copy_batch=True, fn_kwargs=decode,
+    # A model class that resizes on its device takes uint8 at the decoded size, with two calls
+    # in flight per actor (_internal/light_transport.py).
+    device_resize = getattr(model_class, "device_resize", False)
+    ds = ds.map_batches(read_and_decode, batch_size=None, zero_copy_batch=True,
+                        fn_kwargs={**decode, "device_resize": device_resize},
                         num_cpus=LIGHT_TASK_CPUS, compute=decode_pool(plan),
                         max_retries=MAX_RETRIES)
+    stage = model_stage_args(model_class, model_args, plan, model_workers)
     return ds.map_batches(batch_size=batch_size, batch_format="numpy",
                           udf_modifying_row_count=False,
-                          **model_stage_args(model_class, model_args, plan, model_workers))
+                          **(two_calls_in_flight(stage) if device_resize else stage))
