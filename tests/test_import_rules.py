@@ -27,22 +27,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "selfment_dist"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
 
-# Today's known offenders, all in pipeline/: its stage entry functions are being split into one
-# run skeleton (issue 26). Tolerated here so the check stays green meanwhile; remove an entry
-# once its module or function is under the limit (nothing may be added to these lists).
-KNOWN_LONG_MODULES = {
-    "selfment_dist/pipeline/_internal/parts.py",
-    "selfment_dist/pipeline/pseudo_label.py",
-    "selfment_dist/pipeline/segment.py",
-}
-KNOWN_LONG_FUNCTIONS = {
-    "selfment_dist/pipeline/_internal/train_data.py:inspect_labels",
-    "selfment_dist/pipeline/pseudo_label.py:run_pseudo_label",
-    "selfment_dist/pipeline/pseudo_label.py:_run",
-    "selfment_dist/pipeline/segment.py:run_segment",
-    "selfment_dist/pipeline/segment.py:_segment",
-    "selfment_dist/pipeline/train.py:run_train",
-}
 #: Folder → third-party top-level packages it must never import.
 FORBIDDEN = {
     "io": {"ray", "torch"},
@@ -201,5 +185,5 @@ def test_modules_and_functions_are_short():
                       for node in ast.walk(tree)
                       if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                       and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
-    assert long_modules <= KNOWN_LONG_MODULES, sorted(long_modules - KNOWN_LONG_MODULES)
-    assert long_functions <= KNOWN_LONG_FUNCTIONS, sorted(long_functions - KNOWN_LONG_FUNCTIONS)
+    assert not long_modules, sorted(long_modules)
+    assert not long_functions, sorted(long_functions)
