@@ -56,7 +56,8 @@ REFERENCE_IMAGE_SIZE = 768
 #: the figure the projection used; fp32 and tf32 are guesses scaled from it until measured), and
 #: one CPU actor thread.
 ASSUMED_RATES = {
-    "decode_images_per_s_per_cpu": 60.0,
+    "decode_images_per_s_per_cpu": 60.0,        # decode + float + resize to 768 on the CPU
+    "decode_uint8_images_per_s_per_cpu": 240.0,  # decode only: the actor resizes (pseudo-label)
     "gpu_actor_images_per_s_bf16": 120.0,
     "gpu_actor_images_per_s_tf32": 90.0,
     "gpu_actor_images_per_s_fp32": 60.0,
@@ -198,7 +199,11 @@ def plan_stage(nodes: Sequence[Mapping[str, float]], *, num_actors: int | None =
     total_cpus = sum(n.get("CPU", 0.0) for n in nodes)
     decode_cpus = max(0.0, total_cpus - pool["actors_now"] * pool["num_cpus"])
     model_rate = pool["actors_now"] * per_actor
-    decode_rate = decode_cpus * rates["decode_images_per_s_per_cpu"]
+    # pseudo-label ships uint8 and resizes on the model's device (the light transport); segment
+    # and evaluate still resize in the decode task.
+    decode_key = ("decode_uint8_images_per_s_per_cpu" if stage == "pseudo-label"
+                  else "decode_images_per_s_per_cpu")
+    decode_rate = decode_cpus * rates[decode_key]
     if pool["actors_now"] == 0:
         bound = "no model actor fits these nodes (the run waits for an autoscaler to add one)"
     else:

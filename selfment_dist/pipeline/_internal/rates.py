@@ -21,6 +21,8 @@ fp32 (this repository's CPU benchmarks), bf16 ~1.4x on CPUs with AMX/AVX512-BF16
 """
 from __future__ import annotations
 
+from selfment_dist.pipeline._internal.plan import ASSUMED_RATES
+
 from selfment_dist.defaults import resolve_precision
 
 __all__ = ["BACKBONE_MS", "NCUT_MS", "SIZE_FACTORS", "DECODE_IMAGES_PER_S_PER_CPU",
@@ -39,7 +41,8 @@ SIZE_FACTORS = {"tiny": 0.4, "small": 1.0, "small_plus": 1.3, "base": 3.0, "larg
 #: Images per second one CPU decodes (small web JPEGs, ~640x480): with the antialiased resize
 #: to 768 px on the CPU (the old transport, float32 at 768 px) and without it (uint8 at the
 #: decoded size, resized on the model's device). benchmarks/transport.py measures both.
-DECODE_IMAGES_PER_S_PER_CPU = {"host_resize": 60.0, "device_resize": 240.0}
+DECODE_IMAGES_PER_S_PER_CPU = {"host_resize": ASSUMED_RATES["decode_images_per_s_per_cpu"],
+                               "device_resize": ASSUMED_RATES["decode_uint8_images_per_s_per_cpu"]}
 _REFERENCE_PATCHES = (768 // 16) ** 2
 
 
