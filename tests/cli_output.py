@@ -18,3 +18,16 @@ def printed_summary(stdout: str) -> dict:
             continue
     assert isinstance(found, dict), f"no summary printed:\n{stdout[-3000:]}"
     return found
+
+
+def cli_error_lines(argv: list[str], capsys) -> tuple[int, list[str]]:
+    """``selfment argv`` in this process: (exit code, the ``selfment:`` and ``Traceback`` lines
+    it printed on stderr)."""
+    from selfment_dist import cli
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = [ln for ln in capsys.readouterr().err.splitlines()
+           if ln.startswith("selfment: ") or "Traceback" in ln]
+    return code, err

@@ -12,8 +12,9 @@ import time
 import fsspec
 import pytest
 
+from cli_output import cli_error_lines
+
 from mounts import read_only_bind
-from selfment_dist import cli
 from selfment_dist.errors import SelfmentUserError
 from selfment_dist.io import reachability
 from selfment_dist.io.output_access import (MissingBucketError, OutputNotWritableError,
@@ -28,14 +29,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli(argv, capsys) -> tuple[int, list[str]]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = [ln for ln in capsys.readouterr().err.splitlines()
-           if ln.startswith("selfment: ") or "Traceback" in ln]
-    return code, err
+_cli = cli_error_lines  # (exit code, selfment:/Traceback lines)
 
 
 @pytest.fixture(autouse=True)

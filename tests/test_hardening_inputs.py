@@ -14,6 +14,8 @@ import tarfile
 
 import numpy as np
 import pytest
+
+from cli_output import cli_error_lines
 import ray
 from PIL import Image
 
@@ -249,14 +251,7 @@ def test_weights_with_a_bad_header_are_a_clear_error(tmp_path):
 
 # -- 10: the command line -----------------------------------------------------------------------
 
-def _cli(argv, capsys) -> tuple[int, list[str]]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = [ln for ln in capsys.readouterr().err.splitlines()
-           if ln.startswith("selfment: ") or "Traceback" in ln]
-    return code, err
+_cli = cli_error_lines  # (exit code, selfment:/Traceback lines)
 
 
 def test_user_mistakes_are_one_line_and_exit_2(tmp_path, capsys):

@@ -14,6 +14,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from cli_output import cli_error_lines
 from PIL import Image
 
 from selfment_dist.io.schema import pseudo_label_schema
@@ -299,15 +301,6 @@ def test_segment_parquet_resumes_and_refuses_a_busy_output(images, tmp_path):
 
 # -- issue 30: an unwritable output, a full disk, a missing bucket (whole runs) -----------------
 
-def _cli_lines(argv, capsys) -> tuple[int, list[str]]:
-    from selfment_dist import cli
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = [ln for ln in capsys.readouterr().err.splitlines()
-           if ln.startswith("selfment: ") or "Traceback" in ln]
-    return code, err
 
 
 def _argv(folder, output, *extra) -> list[str]:
@@ -322,12 +315,12 @@ def test_an_unwritable_output_is_one_line_and_exit_2(images, tmp_path, capsys):
 
     folder, _keys = images
     (tmp_path / "file").write_text("x")
-    code, err = _cli_lines(_argv(folder, tmp_path / "file" / "out"), capsys)
+    code, err = cli_error_lines(_argv(folder, tmp_path / "file" / "out"), capsys)
     assert code == 2 and len(err) == 1 and "cannot write to the output" in err[0], err
     (tmp_path / "src" / "out").mkdir(parents=True)
     with read_only_bind(tmp_path / "src", tmp_path / "ro") as ro:
         for output in (ro / "out", ro / "new"):  # an existing folder, one to be made
-            code, err = _cli_lines(_argv(folder, output), capsys)
+            code, err = cli_error_lines(_argv(folder, output), capsys)
             assert code == 2 and err == [f"selfment: error: cannot write to the output {output}: "
                                          "read-only file system"], err
     assert not list((tmp_path / "src").rglob("*.*"))
@@ -355,7 +348,7 @@ def test_a_full_disk_is_one_line_a_failed_manifest_and_no_temp_file(images, tmp_
         import os
         os.utime(stale, (0, 0))
         monkeypatch.setattr(pl, "_run", run_on_a_full_disk)
-        code, err = _cli_lines(_argv(folder, output), capsys)
+        code, err = cli_error_lines(_argv(folder, output), capsys)
         assert code == 2 and len(err) == 1, err
         assert err[0].startswith(f"selfment: error: cannot write to the output {output}: no "
                                  "space left on device"), err

@@ -11,6 +11,8 @@ import tarfile
 import time
 
 import pytest
+
+from cli_output import cli_error_lines
 import ray
 from PIL import Image
 
@@ -41,14 +43,7 @@ def _write(path, data: bytes):
     return path
 
 
-def _cli(argv, capsys) -> tuple[int, list[str]]:
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = [ln for ln in capsys.readouterr().err.splitlines()
-           if ln.startswith("selfment: ") or "Traceback" in ln]
-    return code, err
+_cli = cli_error_lines  # (exit code, selfment:/Traceback lines)
 
 
 # -- 1: names starting with "_" are images; the few skipped names are counted ---------------------
