@@ -28,5 +28,7 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        # address="local": a Ray of its own even where another runs on this machine (a plain
+        # ray.init() would attach to the machine's latest cluster).
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
