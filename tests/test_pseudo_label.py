@@ -457,13 +457,19 @@ def test_camera_folder_gives_one_row_per_image(tmp_path, capsys):
         (folder / rel).write_bytes(_scene_jpg(i))
     (folder / "._DSC0002.JPG").write_bytes(b"AppleDouble resource fork")
     (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with tarfile.open(folder / "card2.tar", "w") as tar:  # a shard with its macOS litter
+        for name, data in (("DSC0009.jpg", _scene_jpg(9)), ("._DSC0009.jpg", b"fork")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     output = str(tmp_path / "out")
     summary = _cli(["--input", str(folder), "--output", output], capsys)
     rows = pq.read_table(output, columns=["key", "error"]).to_pylist()
-    assert sorted(r["key"] for r in rows) == ["DSC0002", "_DSC0001", "_selects/DSC0003"]
+    assert sorted(r["key"] for r in rows) == ["DSC0002", "DSC0009", "_DSC0001", "_selects/DSC0003"]
     assert all(r["error"] is None for r in rows)
-    assert summary["images"] == 3 and summary["errors"] == 0
-    expected = {"total": 2, "by_reason": {"hidden": 2}, "examples": [".DS_Store", "._DSC0002.JPG"]}
+    assert summary["images"] == 4 and summary["errors"] == 0
+    expected = {"total": 2, "by_reason": {"hidden": 2}, "examples": [".DS_Store", "._DSC0002.JPG"],
+                "tar_members": 1}
     assert summary["inputs_skipped"] == expected
     assert _manifest(output)["inputs_skipped"] == expected
 

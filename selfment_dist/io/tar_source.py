@@ -47,8 +47,21 @@ class _EndAwareTarInfo(tarfile.TarInfo):
             raise
 
 
+#: Members skipped by name (``._*``, ``.DS_Store``) in this process since the last
+#: :func:`take_skipped_members`: the pipeline's read tasks report them to the run's counters.
+_SKIPPED_MEMBERS = 0
+
+
+def take_skipped_members() -> int:
+    """Tar members skipped by name in this process since the last call, reset to 0."""
+    global _SKIPPED_MEMBERS
+    count, _SKIPPED_MEMBERS = _SKIPPED_MEMBERS, 0
+    return count
+
+
 def _iter_tar(unit: dict, storage_options, skip: Container[str],
               max_bytes: int | None) -> Iterator[dict]:
+    global _SKIPPED_MEMBERS
     source, shard_key = unit["uri"], unit["key"]
     dedup = _Dedup()
     n_done = n_skipped = 0
@@ -101,6 +114,7 @@ def _iter_tar(unit: dict, storage_options, skip: Container[str],
                     sample_key, members = key, {}
                 members[ext] = member_value(tf, member, ext, max_bytes)
             if n_skipped:
+                _SKIPPED_MEMBERS += n_skipped
                 logger.warning("%s: skipped %d members by name (docs/inputs.md: ._*, .DS_Store "
                                "…)", source, n_skipped)
             # The pending sample's members were read whole, so it is yielded even when the

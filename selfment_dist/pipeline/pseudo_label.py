@@ -38,6 +38,7 @@ from selfment_dist.io.storage import is_local
 from selfment_dist.settings import PseudoLabelSettings, SettingsError, build_settings
 from selfment_dist.validation import check_backbone_size
 from selfment_dist.pipeline._internal.done_keys import SortedKeys, units_left  # noqa: F401 (SortedKeys: re-exported)
+from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED
 from selfment_dist.pipeline._internal.inputs import list_inputs
 from selfment_dist.pipeline._internal.label_actor import LabelActor
 from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, now, versions
@@ -114,7 +115,10 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str], **options
               holds="pseudo-labels")
     with out.held():
         summary, duplicates, all_done = _label_missing(out, units, run, plan)
-    summary["inputs_skipped"] = units.skipped  # files skipped on purpose (docs/inputs.md)
+    # Files skipped on purpose while listing, and tar members skipped by name while reading
+    # (docs/inputs.md).
+    summary["inputs_skipped"] = {**units.skipped,
+                                 "tar_members": summary.pop(TAR_MEMBERS_SKIPPED, 0)}
     summary["plan"] = plan.record()
     summary["wall_s"] = wall = round(time.perf_counter() - start, 3)
     summary["images_per_s"] = round(summary["images"] / wall, 3) if wall else 0.0
@@ -174,6 +178,7 @@ def _record_finish(m: dict, entry: dict, summary: dict, duplicates: list[dict],
                  wall_s=summary["wall_s"], images_per_s=summary["images_per_s"],
                  dense_eigh_fallbacks=summary["dense_eigh_fallbacks"],
                  rows_per_node=summary["rows_per_node"])
+    m["inputs_skipped"] = summary["inputs_skipped"]
     m.update(status=status, counts={"rows": summary["rows_total"],
                                     "errors": summary["errors_total"],
                                     "files": summary["files_total"]})
@@ -241,6 +246,7 @@ def _label_missing(out: RunOutput, units: list[dict], run: PseudoLabelSettings, 
         "lanczos_steps": written.get("lanczos_steps", 0),
         "rows_per_node": written.get("rows_per_node", {}),
         "replicas_started": written.get("replicas_started", 0),
+        TAR_MEMBERS_SKIPPED: written.get(TAR_MEMBERS_SKIPPED, 0),
     }
     return summary, duplicates, not missing
 
@@ -265,7 +271,8 @@ def _write_labels(out: RunOutput, units: list[dict], n_containers: int, skip_ref
                 units, n_containers=n_containers,
                 decode={"image_size": run.image_size, "max_pixels": run.max_pixels,
                         "max_bytes": run.max_bytes, "storage_options": run.storage_options,
-                        "skip_ref": skip_ref, "rows_per_batch": run.batch_size},
+                        "skip_ref": skip_ref, "rows_per_batch": run.batch_size,
+                        "counters": counters},
                 model_class=LabelActor,
                 model_args={"settings": run, "resources": ActorResources.from_plan(plan),
                             "counters": counters},

@@ -13,10 +13,14 @@ import numpy as np
 from selfment_dist.io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
 from selfment_dist.io.schema import PERMANENT
 from selfment_dist.io.prefetch import iter_unit_records
+from selfment_dist.io.tar_source import take_skipped_members
 from selfment_dist.pipeline._internal.done_keys import skip_set as _skip_set
 from selfment_dist.pipeline._internal.light_transport import image_column, ship_pixels
 
 __all__ = ["read_and_decode"]
+
+#: The run counter of tar members skipped by name (``inputs_skipped["tar_members"]``).
+TAR_MEMBERS_SKIPPED = "tar_members_skipped"
 
 
 def _decode_batch(rows: list[dict], image_size: int, keep_data: bool,
@@ -45,14 +49,15 @@ def _decode_batch(rows: list[dict], image_size: int, keep_data: bool,
 def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels: int | None,
                     storage_options: dict | None, skip_ref: list | None, rows_per_batch: int,
                     keep_data: bool = False, max_bytes: int | None = DEFAULT_MAX_BYTES,
-                    exif_orientation: bool = True, device_resize: bool = False
-                    ) -> Iterator[dict[str, np.ndarray]]:
+                    exif_orientation: bool = True, device_resize: bool = False,
+                    counters=None) -> Iterator[dict[str, np.ndarray]]:
     """Expand a batch of work units into decoded, resized images (Ray Data UDF).
 
     ``exif_orientation=False`` decodes images as stored (benchmark evaluation: the official
     inference's frame); web images keep their EXIF orientation.
 
-    ``keep_data`` also carries the encoded file (segment's overlays need it).
+    ``keep_data`` also carries the encoded file (segment's overlays need it). ``counters``: the
+    run's counters actor, told how many tar members were skipped by name (``._*``).
     ``device_resize``: ship uint8 (H, W, 3) at the decoded size instead (an object column; the
     model actor resizes on its device, see ``_internal/light_transport.py``).
 
@@ -66,6 +71,7 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
     from selfment_dist.model.resize import resize_square
 
     skip = _skip_set(skip_ref)
+    take_skipped_members()  # this task's count only
     pending: list[dict] = []
     # Loose files of this task are fetched concurrently (io.prefetch), in order.
     task_units = ({"kind": str(kind), "uri": str(uri), "key": str(key)}
@@ -96,3 +102,6 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
             pending = []
     if pending:
         yield _decode_batch(pending, image_size, keep_data, device_resize)
+    skipped = take_skipped_members()
+    if skipped and counters is not None:
+        counters.add.remote(TAR_MEMBERS_SKIPPED, skipped)
