@@ -217,3 +217,16 @@ def test_inspect_reads_originals_and_labels_on_s3(ray_local, s3_bucket, tmp_path
     summary = json.loads((out / "inspect.json").read_text())
     assert summary["rows"] == 4 and summary["errors"] == 0
     _check_inspect_output(out, summary)
+
+
+def test_confidence_of_an_image_does_not_depend_on_its_batch():
+    """Batches are cut by Ray Data as blocks arrive: an image's confidence must be the same
+    bits whichever images share its batch."""
+    import torch
+    from selfment_dist.algorithm.quality import SIGNALS, confidence
+    rng = np.random.default_rng(5)
+    signals = {k: torch.from_numpy(rng.random(37).astype(np.float32)) for k in SIGNALS}
+    whole = confidence(signals)
+    for start, stop in ((0, 1), (3, 11), (5, 37)):
+        part = confidence({k: v[start:stop] for k, v in signals.items()})
+        assert torch.equal(part, whole[start:stop])

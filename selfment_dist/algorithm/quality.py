@@ -85,7 +85,10 @@ def feature_matrix(signals: dict) -> torch.Tensor:
 def confidence(signals: dict) -> torch.Tensor:
     """(B,) float32 in [0, 1]: the calibrated probability that the image holds one object the
     mask follows. Non-finite signals give 0."""
-    x = feature_matrix(signals)
+    # Row by row in float64 (an elementwise product summed over each row, not a gemv, whose
+    # kernel and rounding depend on the batch size): an image's confidence does not depend on
+    # which images shared its batch.
+    x = feature_matrix(signals).double()
     mean, scale, weights = (x.new_tensor(c) for c in (_MEAN, _SCALE, _WEIGHTS))
-    z = ((x - mean) / scale) @ weights + _BIAS
-    return torch.nan_to_num(torch.sigmoid(z), nan=0.0).clamp(0.0, 1.0)
+    z = (((x - mean) / scale) * weights).sum(-1) + _BIAS
+    return torch.nan_to_num(torch.sigmoid(z), nan=0.0).clamp(0.0, 1.0).float()
