@@ -94,20 +94,14 @@ def step_forward(args) -> int:
     from selfment_dist.model.backbone import build_backbone
 
     device = _device()
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    try:
-        for size in args.sizes:
-            batch = args.batch if size <= 768 else max(1, args.batch // 4)
-            bb = build_backbone(BACKBONE, weights="random", image_size=size, device=device)
-            x = torch.rand(batch, size, size, 3, device=device)
-            for precision in args.precisions:
-                tf32 = precision == "tf32"
-                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-                bb.precision = "bf16" if precision == "bf16" else "fp32"
-                seconds = _timed(lambda: bb(x), args.repeats)
-                result(f"forward_{precision}_{size}_images_per_s", batch / seconds)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    for size in args.sizes:
+        batch = args.batch if size <= 768 else max(1, args.batch // 4)
+        bb = build_backbone(BACKBONE, weights="random", image_size=size, device=device)
+        x = torch.rand(batch, size, size, 3, device=device)
+        for precision in args.precisions:
+            bb.precision = precision  # the backbone sets (and restores) TF32 around its forward
+            seconds = _timed(lambda: bb(x), args.repeats)
+            result(f"forward_{precision}_{size}_images_per_s", batch / seconds)
     return 0
 
 

@@ -334,7 +334,7 @@ def test_a_full_disk_is_one_line_a_failed_manifest_and_no_temp_file(images, tmp_
     from mounts import fill, small_tmpfs
 
     folder, keys = images
-    real_run = pl._run
+    real_run = pl._label_missing  # the run proper, once the output is held
     filler = []
 
     def run_on_a_full_disk(*args, **kwargs):
@@ -347,7 +347,7 @@ def test_a_full_disk_is_one_line_a_failed_manifest_and_no_temp_file(images, tmp_
         stale.write_text("")
         import os
         os.utime(stale, (0, 0))
-        monkeypatch.setattr(pl, "_run", run_on_a_full_disk)
+        monkeypatch.setattr(pl, "_label_missing", run_on_a_full_disk)
         code, err = cli_error_lines(_argv(folder, output), capsys)
         assert code == 2 and len(err) == 1, err
         assert err[0].startswith(f"selfment: error: cannot write to the output {output}: no "
