@@ -66,9 +66,11 @@ class ReadGate:
         self.opened.set()
 
     def __call__(self, environ, start_response):
-        if (not self.opened.is_set() and environ.get("REQUEST_METHOD") in ("GET", "HEAD")
-                and environ.get("PATH_INFO", "").endswith(self.held)):
-            self.opened.wait(timeout=900)  # released by the test, at the latest on teardown
+        deadline = time.monotonic() + 900  # released by the test, at the latest on teardown
+        while (not self.opened.is_set() and environ.get("REQUEST_METHOD") in ("GET", "HEAD")
+               and environ.get("PATH_INFO", "").endswith(self.held)
+               and time.monotonic() < deadline):
+            self.opened.wait(timeout=0.2)  # re-read ``held``: narrowing it lets requests pass
         return self.app(environ, start_response)
 
 
@@ -140,9 +142,10 @@ def _replace_node(cluster, dead) -> None:
     cluster.wait_for_nodes()
 
 
-def _new_counters(before: set[str]):
+def _new_counters(before: set[str], *, everything: bool = False):
     """The rows per node so far of the run started after ``before`` was taken (its
-    ``RunCounters`` actor, named by the pipeline), or None while it has none."""
+    ``RunCounters`` actor, named by the pipeline), or None while it has none; with
+    ``everything``, (rows per node, the other counts)."""
     import ray
 
     from selfment_dist.pipeline._internal.ray_runtime import COUNTERS_PREFIX, split_counters
@@ -150,7 +153,8 @@ def _new_counters(before: set[str]):
     for a in ray.util.list_named_actors(all_namespaces=True):  # [{"name", "namespace"}]
         if a["name"].startswith(COUNTERS_PREFIX) and a["name"] not in before:
             actor = ray.get_actor(a["name"], namespace=a["namespace"])
-            return split_counters(ray.get(actor.get.remote(), timeout=30))[0]
+            per_node, counts = split_counters(ray.get(actor.get.remote(), timeout=30))
+            return (per_node, counts) if everything else per_node
     return None
 
 
@@ -160,10 +164,14 @@ def _counter_names() -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
 
 
-def _remove_node_once_both_worked(cluster, gate: ReadGate, *, what: str) -> dict:
-    """A thread that, once the model actors of both worker nodes have labelled rows (the run's
-    counters say so), removes one of those nodes and then lets the held reads through; returns
-    its record (``removed``: the node, ``rows_then``: rows per node id at that moment).
+def _remove_node_once_both_worked(cluster, gate: ReadGate, *, what: str, last: list[str]
+                                  ) -> dict:
+    """A thread that first holds every image read until both model replicas have started (so
+    that one fast replica cannot label every open row before the other exists), then holds only
+    ``last`` (the last images), and once the model actors of both worker nodes have labelled
+    rows (the run's counters say so) removes one of those nodes and then lets the held reads
+    through; returns its record (``removed``: the node, ``rows_then``: rows per node id at that
+    moment).
 
     If every row the gate lets through is labelled and one node still has none, it removes that
     one's peer anyway (so the run can finish) and the test's assertions report it.
@@ -174,6 +182,17 @@ def _remove_node_once_both_worked(cluster, gate: ReadGate, *, what: str) -> dict
 
     def run():
         try:
+            both_started = time.monotonic() + 300  # then let the run go on regardless
+            while time.monotonic() < both_started and not record["stop"].is_set():
+                try:
+                    found = _new_counters(before, everything=True)
+                except Exception as exc:
+                    logger.debug("poll: %s", exc)
+                    found = None
+                if found and found[1].get("replicas_started", 0) >= 2:
+                    break
+                time.sleep(0.3)
+            gate.hold(last)  # every image but the last ones may now be read
             per_node = None
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline and not record["stop"].is_set():
@@ -233,13 +252,15 @@ def corpus(s3_gated):
     return so, keys
 
 
-def _hold_last_images(gate: ReadGate, so: dict, keys: list[str]) -> None:
-    """Close the gate on the last N_HELD images (keys sort as the pipeline's work units)."""
+def _hold_last_images(gate: ReadGate, so: dict, keys: list[str]) -> list[str]:
+    """Close the gate on every image for now; returns the suffixes of the last N_HELD images
+    (keys sort as the pipeline's work units), which the node-removal thread keeps held."""
     fs = fsspec.filesystem("s3", **so)
     names = {p.rsplit("/", 1)[-1] for p in fs.ls("multinode/data/images", detail=False)}
     held = [n for n in names if n.rsplit(".", 1)[0] in set(sorted(keys)[-N_HELD:])]
     assert len(held) == N_HELD, held
-    gate.hold("/" + n for n in held)
+    gate.hold("/" + n for n in names)
+    return ["/" + n for n in held]
 
 
 def test_plan_fits_the_nodes_of_a_head_without_cpus(cluster):
@@ -314,9 +335,9 @@ def labelled(cluster, corpus, s3_gated):
     Returns (summary printed by the command, removal record)."""
     so, keys = corpus
     _url, gate = s3_gated
-    _hold_last_images(gate, so, keys)
-    killer = _remove_node_once_both_worked(cluster, gate, what="pseudo-label: both nodes "
-                                                               "labelled rows")
+    last = _hold_last_images(gate, so, keys)
+    killer = _remove_node_once_both_worked(cluster, gate, last=last,
+                                           what="pseudo-label: both nodes labelled rows")
     try:
         proc = _cli(cluster.address, [
             "pseudo-label", "--input", "s3://multinode/data/images", "--output", LABELS,
@@ -410,9 +431,9 @@ def test_segment_spreads_over_nodes_and_survives_losing_one(cluster, corpus, s3_
     save_artifact(model, PatchHead(in_dim=384, embed_dim=16),
                   {"backbone": RUN["backbone"], "weights": "random", "image_size": 64},
                   storage_options=so)
-    _hold_last_images(gate, so, keys)
-    killer = _remove_node_once_both_worked(cluster, gate, what="segment: both nodes "
-                                                               "segmented rows")
+    last = _hold_last_images(gate, so, keys)
+    killer = _remove_node_once_both_worked(cluster, gate, last=last,
+                                           what="segment: both nodes segmented rows")
     try:
         summary = run_segment(model, ["s3://multinode/data/images"], "s3://multinode/maps",
                               batch_size=4, storage_options=so, address=cluster.address,
