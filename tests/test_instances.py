@@ -299,11 +299,7 @@ def _cli(args: list[str], capsys) -> dict:
 
 
 def _scenes(root: str, storage_options=None) -> None:
-    try:
-        from selfment_dist.data.instances import write_instance_scenes
-        from selfment_dist.algorithm.maskcut_labels import multi_object_labels  # noqa: F401
-    except ImportError as exc:  # the algorithm's branch (b1-maskcut) not merged yet
-        pytest.skip(f"needs the multi-object algorithm and scenes: {exc}")
+    from selfment_dist.data.instances import write_instance_scenes
     write_instance_scenes(root, N_SCENES, seed=3, size=(64, 64), storage_options=storage_options)
 
 
