@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from selfment_dist.data.synthetic import (_IMAGE_FORMATS, _distinct_colours, _encode, _finish,
-                                          _masked_stats, _paint, _texture, scene_keys)
-from selfment_dist.io.storage import url_to_fs
+from selfment_dist.data.scene_files import IMAGE_FORMATS, WRITE_CHUNK, encode, image_ext, scene_root
+from selfment_dist.data.synthetic import (_distinct_colours, _finish, _masked_stats, _paint,
+                                          _texture, scene_keys)
 
 #: Noise levels (std per feature dimension, directions have std 1) used by tests and benchmarks.
 NOISE_LEVELS = (0.2, 0.5, 0.8)
@@ -157,25 +157,20 @@ def write_instance_scenes(root_uri: str, n: int, *, seed: int = 0,
     truth as ``<root>/instances.json`` (COCO; ``file_name`` is ``images/<key>.<ext>``, image
     ids 1..n). Scene ``i`` is ``make_instance_scene((seed, i), size=size)``. Returns the keys.
     """
-    ext = image_format.lower().lstrip(".")
-    if ext not in _IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {sorted(_IMAGE_FORMATS)}, got {image_format!r}")
+    ext = image_ext(image_format)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    fs, root = url_to_fs(root_uri, storage_options)
-    root = root.rstrip("/")
-    for sub in ("images", "masks"):
-        fs.makedirs(f"{root}/{sub}", exist_ok=True)
+    fs, root = scene_root(root_uri, storage_options)
     keys = scene_keys(n)
     images, annotations = [], []
-    for start in range(0, n, 256):  # bounded memory: one chunk of encoded files at a time
+    for start in range(0, n, WRITE_CHUNK):  # bounded memory: one chunk of files at a time
         files: dict[str, bytes] = {}
-        for i in range(start, min(start + 256, n)):
+        for i in range(start, min(start + WRITE_CHUNK, n)):
             image, masks = make_instance_scene((seed, i), size=size)
             h, w = image.shape[:2]
-            files[f"{root}/images/{keys[i]}.{ext}"] = _encode(image, _IMAGE_FORMATS[ext])
+            files[f"{root}/images/{keys[i]}.{ext}"] = encode(image, IMAGE_FORMATS[ext])
             union = masks.any(0) if len(masks) else np.zeros((h, w), bool)
-            files[f"{root}/masks/{keys[i]}.png"] = _encode(union.astype(np.uint8) * 255, "PNG")
+            files[f"{root}/masks/{keys[i]}.png"] = encode(union.astype(np.uint8) * 255, "PNG")
             images.append({"id": i + 1, "file_name": f"images/{keys[i]}.{ext}", "width": w, "height": h})
             annotations += instance_annotations(masks, i + 1, len(annotations) + 1)
         fs.pipe(files)

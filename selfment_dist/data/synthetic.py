@@ -16,7 +16,6 @@ a few milliseconds for 128x128.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from selfment_dist.io.storage import url_to_fs
+from selfment_dist.data.scene_files import IMAGE_FORMATS, WRITE_CHUNK, encode, image_ext, scene_root
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +35,6 @@ MAX_FG_FRACTION = 0.6
 #: Scene kinds without one salient object, in the order ``write_scenes`` cycles through them.
 NO_OBJECT_KINDS = ("texture", "gradient", "clutter", "fill")
 SCENE_KINDS = ("object", *NO_OBJECT_KINDS)
-_IMAGE_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG"}
-_WRITE_CHUNK = 256  # scenes encoded and written per fsspec ``pipe`` call
 
 
 def scene_keys(n: int) -> list[str]:
@@ -169,29 +166,24 @@ def write_scenes(
     camouflage). Masks are 8-bit L PNGs with values 0/255. ``root_uri`` is a local path or fsspec
     URL. Returns ``scene_keys(n)``.
     """
-    ext = image_format.lower().lstrip(".")
-    if ext not in _IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {sorted(_IMAGE_FORMATS)}, got {image_format!r}")
+    ext = image_ext(image_format)
     if not 0.0 <= camouflage_fraction <= 1.0:
         raise ValueError(f"camouflage_fraction must be in [0, 1], got {camouflage_fraction}")
     if not 0.0 <= no_object_fraction <= 1.0:
         raise ValueError(f"no_object_fraction must be in [0, 1], got {no_object_fraction}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    fs, root = url_to_fs(root_uri, storage_options)
-    root = root.rstrip("/")
-    for sub in ("images", "masks"):
-        fs.makedirs(f"{root}/{sub}", exist_ok=True)
+    fs, root = scene_root(root_uri, storage_options)
 
     keys = scene_keys(n)
     kinds = scene_kinds(n, no_object_fraction=no_object_fraction)
-    for start in range(0, n, _WRITE_CHUNK):
+    for start in range(0, n, WRITE_CHUNK):
         files: dict[str, bytes] = {}
-        for i in range(start, min(start + _WRITE_CHUNK, n)):
+        for i in range(start, min(start + WRITE_CHUNK, n)):
             image, mask = make_scene((seed, i), size=size, kind=kinds[i],
                                      camouflage=_is_camouflaged(i, camouflage_fraction))
-            files[f"{root}/images/{keys[i]}.{ext}"] = _encode(image, _IMAGE_FORMATS[ext])
-            files[f"{root}/masks/{keys[i]}.png"] = _encode(mask.astype(np.uint8) * 255, "PNG")
+            files[f"{root}/images/{keys[i]}.{ext}"] = encode(image, IMAGE_FORMATS[ext])
+            files[f"{root}/masks/{keys[i]}.png"] = encode(mask.astype(np.uint8) * 255, "PNG")
         fs.pipe(files)
     logger.info("wrote %d synthetic scenes to %s", n, root_uri)
     return keys
@@ -199,12 +191,6 @@ def write_scenes(
 
 def _is_camouflaged(i: int, fraction: float) -> bool:
     return int(np.floor((i + 1) * fraction)) > int(np.floor(i * fraction))
-
-
-def _encode(array: np.ndarray, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
