@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import py_sod_metrics as psm
 import pytest
+
+from calibrated_head import calibrated_head
 import torch
 from PIL import Image
 
 from selfment_dist.data.synthetic import make_scene
 from selfment_dist.model.artifact import save_artifact
 from selfment_dist.model.backbone import build_backbone, resize_square
-from selfment_dist.model.head import PatchHead
 from selfment_dist.model.maps import to_png_bytes, to_uint8
 from selfment_dist.model.segmenter import Segmenter
 from selfment_dist.pipeline.evaluate import run_evaluate
@@ -167,15 +168,7 @@ def artifact(tmp_path_factory) -> str:
     backbone = build_backbone(BACKBONE, weights="random", image_size=SIZE, device="cpu")
     images = np.stack([resize_square(Image.fromarray(make_scene((5, i), size=(40, 48))[0]),
                                      SIZE) for i in range(4)])
-    torch.manual_seed(0)
-    head = PatchHead(backbone.embed_dim).eval()
-    with torch.no_grad():
-        logits, _ = head(backbone(images))
-        diff = logits[..., 1] - logits[..., 0]
-        scale = 4.0 / float(diff.std())
-        head.classifier.weight.mul_(scale)
-        head.classifier.bias.mul_(scale)
-        head.classifier.bias[1] -= float(diff.mean()) * scale
+    head = calibrated_head(backbone, images)
     uri = str(tmp_path_factory.mktemp("model") / "artifact")
     save_artifact(uri, head, {"backbone": BACKBONE, "weights": "random", "image_size": SIZE,
                               "inference_image_size": SIZE, "training": {"epochs": 0}})

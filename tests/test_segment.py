@@ -16,12 +16,13 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from calibrated_head import calibrated_head
 import torch
 from PIL import Image
 
 from selfment_dist.model.artifact import save_artifact
 from selfment_dist.model.backbone import build_backbone, resize_square
-from selfment_dist.model.head import PatchHead
 from selfment_dist.io import decode_image
 from selfment_dist.io.sources import enumerate_units
 from selfment_dist.pipeline._internal.inputs import outside_output
@@ -65,15 +66,7 @@ def model(tmp_path_factory):
     backbone = build_backbone(BACKBONE, weights="random", image_size=TRAIN_SIZE, device="cpu")
     images = np.stack([resize_square(Image.fromarray(make_scene((3, i), size=(48, 64))[0]),
                                      TRAIN_SIZE) for i in range(6)])
-    torch.manual_seed(0)
-    head = PatchHead(backbone.embed_dim).eval()
-    with torch.no_grad():
-        logits, _ = head(backbone(images))
-        diff = logits[..., 1] - logits[..., 0]
-        scale = 4.0 / float(diff.std())
-        head.classifier.weight.mul_(scale)
-        head.classifier.bias.mul_(scale)
-        head.classifier.bias[1] -= float(diff.mean()) * scale
+    head = calibrated_head(backbone, images)
     uri = str(tmp_path_factory.mktemp("model") / "artifact")
     # Inference recorded at the training size (the default would be twice it) to keep the
     # Ray tests small; tests/test_official_semantics.py checks the default.
