@@ -42,7 +42,8 @@ from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED
 from selfment_dist.pipeline._internal.inputs import list_inputs
 from selfment_dist.pipeline._internal.label_actor import LabelActor
 from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, now, versions
-from selfment_dist.pipeline._internal.model_stage import ActorResources, model_dataset
+from selfment_dist.pipeline._internal.model_stage import (ActorResources, decode_args,
+                                                          model_dataset)
 from selfment_dist.pipeline._internal.parts import (TMP_DIR, PartsSink, count_parts,
                                                     existing_keys, has_parts,
                                                     resolve_duplicates, retire_transient)
@@ -269,10 +270,7 @@ def _write_labels(out: RunOutput, units: list[dict], n_containers: int, skip_ref
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             ds = model_dataset(
                 units, n_containers=n_containers,
-                decode={"image_size": run.image_size, "max_pixels": run.max_pixels,
-                        "max_bytes": run.max_bytes, "storage_options": run.storage_options,
-                        "skip_ref": skip_ref, "rows_per_batch": run.batch_size,
-                        "counters": counters},
+                decode=decode_args(run, skip_ref, counters=counters),
                 model_class=LabelActor,
                 model_args={"settings": run, "resources": ActorResources.from_plan(plan),
                             "counters": counters},

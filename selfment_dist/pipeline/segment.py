@@ -41,7 +41,8 @@ from selfment_dist.settings import OUTPUT_FORMATS, SegmentSettings, build_settin
 from selfment_dist.pipeline._internal.done_keys import units_left
 from selfment_dist.pipeline._internal.inputs import list_inputs
 from selfment_dist.pipeline._internal.manifest import now, versions
-from selfment_dist.pipeline._internal.model_stage import ActorResources, model_dataset
+from selfment_dist.pipeline._internal.model_stage import (ActorResources, decode_args,
+                                                          model_dataset)
 from selfment_dist.pipeline._internal.parts import (TMP_DIR, count_parts, existing_keys,
                                                     has_parts)
 from selfment_dist.pipeline._internal.ray_runtime import (LIGHT_TASK_CPUS, MAX_RETRIES,
@@ -230,10 +231,8 @@ def _write_maps(out: RunOutput, units: list[dict], n_containers: int, skip_ref,
             warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
             ds = model_dataset(
                 units, n_containers=n_containers,
-                decode={"image_size": run.image_size, "max_pixels": run.max_pixels,
-                        "max_bytes": run.max_bytes, "storage_options": run.storage_options,
-                        "skip_ref": skip_ref, "rows_per_batch": run.batch_size,
-                        "keep_data": run.overlays, "exif_orientation": run.exif_orientation},
+                decode=decode_args(run, skip_ref, keep_data=run.overlays,
+                                   exif_orientation=run.exif_orientation),
                 model_class=SegmentActor,
                 model_args={"settings": run, "resources": ActorResources.from_plan(plan),
                             "counters": counters},

@@ -44,6 +44,14 @@ class ActorResources:
         torch.set_num_threads(max(1, min(int(self.cpu_threads), available)))
 
 
+def decode_args(run, skip_ref, **extra) -> dict:
+    """:func:`read_and_decode`'s keyword arguments from a model stage's settings ``run`` (image
+    size, limits, storage, batch), the resume's ``skip_ref`` and the stage's ``extra`` ones."""
+    return {"image_size": run.image_size, "max_pixels": run.max_pixels,
+            "max_bytes": run.max_bytes, "storage_options": run.storage_options,
+            "skip_ref": skip_ref, "rows_per_batch": run.batch_size, **extra}
+
+
 def model_dataset(units: list[dict], *, n_containers: int, decode: dict, model_class,
                   model_args: dict, plan: dict, model_workers: str = "actors"):
     """units → :func:`read_and_decode` (CPU tasks, ``decode`` its keyword arguments) →
