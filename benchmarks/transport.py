@@ -62,7 +62,7 @@ def _column_bytes(column) -> int:
 def _decode(jpegs: list[bytes], size: int, old: bool) -> tuple[list[np.ndarray], float]:
     """(images, CPU seconds per image) of one decode task's work."""
     from selfment_dist.io.images import decode_image
-    from selfment_dist.model.preprocess import decoded_pixels
+    from selfment_dist.io.pixels import decoded_pixels
     from selfment_dist.model.resize import resize_square
 
     start = time.process_time()
@@ -96,7 +96,8 @@ def main() -> None:
 
     from selfment_dist.algorithm.labeler import PseudoLabeler
     from selfment_dist.model.backbone import build_backbone
-    from selfment_dist.model.preprocess import DeviceResizer, ragged_column
+    from selfment_dist.io.pixels import ragged_column
+    from selfment_dist.model.preprocess import DeviceResizer
 
     jpegs = _jpegs(args.n)
     s, actor_s = args.image_size, args.actor_size or args.image_size

@@ -135,7 +135,8 @@ def test_device_resize_on_cpu_equals_resize_square_exactly(size):
 def test_decoded_pixels_match_resize_squares_conversion():
     from PIL import Image
 
-    from selfment_dist.model.preprocess import DeviceResizer, decoded_pixels
+    from selfment_dist.io.pixels import decoded_pixels
+    from selfment_dist.model.preprocess import DeviceResizer
     from selfment_dist.model.resize import resize_square
 
     rgb = Image.fromarray(_pixels((20, 30), 1))
@@ -149,7 +150,8 @@ def test_decoded_pixels_match_resize_squares_conversion():
 
 
 def test_ragged_column_round_trip_and_passthrough():
-    from selfment_dist.model.preprocess import DeviceResizer, as_image_list, ragged_column
+    from selfment_dist.io.pixels import as_image_list, ragged_column
+    from selfment_dist.model.preprocess import DeviceResizer
 
     images = [_pixels((9, 5), 0), None, _pixels((3, 12), 2)]
     col = ragged_column(images)
@@ -290,9 +292,8 @@ def test_label_on_device_gives_todays_masks_also_from_two_threads():
     from selfment_dist.model.backbone import build_backbone
     from selfment_dist.model.preprocess import DeviceResizer
     from selfment_dist.model.resize import resize_square
-    from selfment_dist.pipeline._internal.light_transport import (image_column,
-                                                                  label_on_device,
-                                                                  rows_to_label, ship_pixels)
+    from selfment_dist.io.pixels import decoded_pixels, ragged_column
+    from selfment_dist.pipeline._internal.light_transport import label_on_device, rows_to_label
     from PIL import Image
 
     backbone = build_backbone("vit_small_patch16_224.dino", weights="random", image_size=64,
@@ -302,7 +303,7 @@ def test_label_on_device_gives_todays_masks_also_from_two_threads():
             for i, (s, t) in enumerate([(48, 64), (70, 50), (48, 64)])]
     today = labeler(np.stack([resize_square(p, 64) for p in pils]))["mask"]
 
-    column = image_column([ship_pixels(p) for p in pils] + [None])  # + an error row
+    column = ragged_column([decoded_pixels(p) for p in pils] + [None])  # + an error row
     images = rows_to_label(column, [0, 1, 2])
     resizer = DeviceResizer(64, "cpu")
     got = [None, None]
@@ -322,9 +323,10 @@ def test_label_on_device_gives_todays_masks_also_from_two_threads():
 
 
 def test_rows_to_label_copies_no_pixels():
-    from selfment_dist.pipeline._internal.light_transport import image_column, rows_to_label
+    from selfment_dist.io.pixels import ragged_column
+    from selfment_dist.pipeline._internal.light_transport import rows_to_label
 
-    column = image_column([_pixels((4, 5), 0), _pixels((6, 2), 1)])
+    column = ragged_column([_pixels((4, 5), 0), _pixels((6, 2), 1)])
     everything = rows_to_label(column, [0, 1])
     assert everything[0] is column[0] and everything[1] is column[1]
     same_shape = np.stack([_pixels((4, 4), 2), _pixels((4, 4), 3)])
@@ -346,3 +348,27 @@ def test_two_calls_in_flight_per_actor():
     assert (pool.min_size, pool.initial_size) == (1, 1) and math.isinf(pool.max_size)
     tasks = {"compute": ray.data.TaskPoolStrategy(size=2)}
     assert two_calls_in_flight(tasks) is tasks
+
+
+def test_decode_workers_never_import_torch():
+    """The light transport's decode side runs without torch (1.6 s of CPU per decode worker
+    process, for a resize the model actor does)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from PIL import Image; import io\n"
+            "from selfment_dist.pipeline._internal.decode import read_and_decode\n"
+            "buf = io.BytesIO(); Image.new('RGB', (8, 6)).save(buf, 'PNG')\n"
+            "from selfment_dist.io import sources\n"
+            "import tempfile, os; d = tempfile.mkdtemp(); p = os.path.join(d, 'a.png')\n"
+            "open(p, 'wb').write(buf.getvalue())\n"
+            "units = {'kind': np.array([sources.IMAGE], object), 'uri': np.array([p], object),"
+            " 'key': np.array(['a.png'], object)}\n"
+            "out = list(read_and_decode(units, image_size=16, max_pixels=None,"
+            " storage_options=None, skip_ref=None, rows_per_batch=4, device_resize=True))\n"
+            "assert out[0]['image'][0].shape == (6, 8, 3), out\n"
+            "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

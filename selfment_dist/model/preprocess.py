@@ -11,9 +11,8 @@ align_corners=False)``), so on a CPU the result is bit-identical to it (tests/te
 checks many sizes); on CUDA the kernels differ and results agree within 1e-5
 (``benchmarks/device_resize_check.py``). Images of one shape in a batch are resized in one call.
 
-Decode side (no torch needed): :func:`decoded_pixels` (any PIL mode → RGB uint8) and
-:func:`ragged_column` (a batch column Ray Data stores as a variable-shaped tensor). Model side:
-:class:`DeviceResizer`: on CUDA it stages the batch in one pinned host buffer (torch's caching
+The decode side is :mod:`selfment_dist.io.pixels` (no torch: a decode worker that imported it
+would pay 1.6 s of CPU per process). Here, the model side, :class:`DeviceResizer`: on CUDA it stages the batch in one pinned host buffer (torch's caching
 host allocator reuses it safely), copies it with ``non_blocking=True`` on its own stream and
 resizes there, so that with two calls in flight per actor the copy and resize of one batch
 overlap the model's compute on another (the model calls themselves must run one at a time:
@@ -27,42 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-__all__ = ["decoded_pixels", "ragged_column", "as_image_list", "DeviceResizer"]
-
-
-def decoded_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
-    """A decoded image as C-contiguous uint8 (H, W, 3) RGB, as :func:`resize_square` reads it
-    (any PIL mode converted with PIL's ``convert("RGB")``)."""
-    if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return np.array(image, dtype=np.uint8)
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected uint8 (H, W, 3) RGB pixels, got {image.dtype} "
-                         f"{tuple(image.shape)}")
-    return np.ascontiguousarray(image)
-
-
-def ragged_column(pixels: Sequence[np.ndarray | None]) -> np.ndarray:
-    """An ``image`` column of a decode batch: an object array of uint8 (H, W, 3) arrays (Ray
-    Data stores it as a variable-shaped tensor column). ``None`` (an error row) becomes a
-    1x1 black image that no model call reads."""
-    out = np.empty(len(pixels), dtype=object)
-    for i, p in enumerate(pixels):
-        out[i] = p if p is not None else np.zeros((1, 1, 3), dtype=np.uint8)
-    return out
-
-
-def as_image_list(column, rows: Sequence[int] | None = None) -> list[np.ndarray]:
-    """The images of ``rows`` (all when None) of an ``image`` column as a list, without
-    copying pixels: Ray Data hands a variable-shaped column over as an object array of arrays
-    and an all-same-shape one as one (n, H, W, 3) array."""
-    if rows is None:
-        rows = range(len(column))
-    return [np.asarray(column[i]) for i in rows]
+__all__ = ["DeviceResizer"]
 
 
 class DeviceResizer:

@@ -11,11 +11,11 @@ from typing import Iterator
 import numpy as np
 
 from selfment_dist.io.images import DEFAULT_MAX_BYTES, ImageDecodeError, decode_image
+from selfment_dist.io.pixels import decoded_pixels, ragged_column
 from selfment_dist.io.schema import PERMANENT
 from selfment_dist.io.prefetch import iter_unit_records
 from selfment_dist.io.tar_source import take_skipped_members
 from selfment_dist.pipeline._internal.done_keys import skip_set as _skip_set
-from selfment_dist.pipeline._internal.light_transport import image_column, ship_pixels
 
 __all__ = ["read_and_decode"]
 
@@ -26,7 +26,7 @@ TAR_MEMBERS_SKIPPED = "tar_members_skipped"
 def _decode_batch(rows: list[dict], image_size: int, keep_data: bool,
                   device_resize: bool = False) -> dict[str, np.ndarray]:
     if device_resize:  # uint8 at the decoded size, one array a row (light_transport)
-        images = image_column([row["pixels"] for row in rows])
+        images = ragged_column([row["pixels"] for row in rows])
     else:  # float32 in [0, 1], resized in the official order (see resize.resize_square)
         images = np.zeros((len(rows), image_size, image_size, 3), dtype=np.float32)
         for i, row in enumerate(rows):
@@ -68,7 +68,8 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
         error rows) and, with ``keep_data``,
         ``data`` (the encoded file, ``b""`` on error rows).
     """
-    from selfment_dist.model.resize import resize_square
+    if not device_resize:  # torch: 1.6 s of CPU per worker process, only for this resize
+        from selfment_dist.model.resize import resize_square
 
     skip = _skip_set(skip_ref)
     take_skipped_members()  # this task's count only
@@ -86,7 +87,7 @@ def read_and_decode(units: dict[str, np.ndarray], *, image_size: int, max_pixels
                 pil = decode_image(rec["data"], max_pixels=max_pixels, max_bytes=max_bytes,
                                    exif_orientation=exif_orientation)
                 row["width"], row["height"] = pil.size
-                row["pixels"] = (ship_pixels(pil) if device_resize
+                row["pixels"] = (decoded_pixels(pil) if device_resize
                                  else resize_square(pil, image_size))
                 row["data"] = rec["data"] if keep_data else None
             except ImageDecodeError as exc:

@@ -1,8 +1,8 @@
 """The pipeline side of the light transport (``model/preprocess.py``): what a decode task ships,
 how a model actor takes it, and two model calls in flight per actor.
 
-- Decode tasks ship each image as uint8 (H, W, 3) at its decoded size (:func:`ship_pixels`,
-  :func:`image_column`) instead of float32 (S, S, 3): ~8x fewer object-store bytes for a
+- Decode tasks ship each image as uint8 (H, W, 3) at its decoded size
+  (:mod:`selfment_dist.io.pixels`) instead of float32 (S, S, 3): ~8x fewer object-store bytes for a
   640x480 JPEG at S = 768, and no resize on the decode CPUs.
 - The model actor takes the rows it labels without a per-batch host copy when every row
   decoded (:func:`rows_to_label`), and resizes them on its device in the model call's chunks,
@@ -20,35 +20,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from selfment_dist.io.pixels import as_image_list
 from selfment_dist.pipeline._internal.device import run_guarded
 
-__all__ = ["MODEL_CALLS_IN_FLIGHT", "ship_pixels", "image_column", "rows_to_label",
-           "label_on_device", "two_calls_in_flight"]
+__all__ = ["MODEL_CALLS_IN_FLIGHT", "rows_to_label", "label_on_device", "two_calls_in_flight"]
 
 #: ``__call__`` of one model actor running at once (preparation of one overlaps compute of
 #: the other; more would only hold more batches in device memory).
 MODEL_CALLS_IN_FLIGHT = 2
 
 
-def ship_pixels(image) -> np.ndarray:
-    """What a decode task ships for one decoded image: uint8 (H, W, 3) RGB at its size."""
-    from selfment_dist.model.preprocess import decoded_pixels
-
-    return decoded_pixels(image)
-
-
-def image_column(pixels: Sequence[np.ndarray | None]) -> np.ndarray:
-    """The ``image`` column of a decode batch (``None``: an error row)."""
-    from selfment_dist.model.preprocess import ragged_column
-
-    return ragged_column(pixels)
-
-
 def rows_to_label(column, ok: Sequence[int]) -> list[np.ndarray]:
     """The images of rows ``ok`` of a batch's ``image`` column, as a list of arrays: no pixel
     is copied on the host (all rows, or a subset: views and references only)."""
-    from selfment_dist.model.preprocess import as_image_list
-
     return as_image_list(column, None if len(ok) == len(column) else ok)
 
 
