@@ -195,10 +195,14 @@ def test_stages_in_process(model, corpus, tmp_path, monkeypatch):
     (tmp_path / "black.png").write_bytes(_encode(np.zeros((20, 30, 3), np.uint8), "PNG"))
     units = enumerate_units([str(folder), str(tmp_path / "black.png")])
     columns = {k: np.array([u[k] for u in units], dtype=object) for k in ("kind", "uri", "key")}
-    batches = list(read_and_decode(columns, image_size=TRAIN_SIZE, max_pixels=None,
-                                   storage_options=None, skip_ref=None, rows_per_batch=5,
-                                   keep_data=True))
+    def decode(device_resize):
+        return list(read_and_decode(columns, image_size=TRAIN_SIZE, max_pixels=None,
+                                    storage_options=None, skip_ref=None, rows_per_batch=5,
+                                    keep_data=True, device_resize=device_resize))
+
+    batches = decode(SegmentActor.device_resize)  # uint8 at the decoded size
     assert [len(b["key"]) for b in batches] == [5, 5, 5]
+    float_batches = decode(False)  # float32, resized on the decode CPUs (the old transport)
 
     monkeypatch.setattr(Segmenter, "from_artifact", classmethod(lambda cls, *a, **kw: seg))
     settings = SegmentSettings(model=artifact, inputs=["unused"], output="unused",
@@ -210,6 +214,10 @@ def test_stages_in_process(model, corpus, tmp_path, monkeypatch):
         if any(float(im.max()) == 0 for im in images):  # float pixels in [0, 1]
             raise RuntimeError("injected failure")
         return real(images)
+
+    # The light transport changes where the resize runs, not one bit of the saliency.
+    for light, heavy in zip(batches, float_batches):
+        assert np.array_equal(actor(light)["saliency"], actor(heavy)["saliency"])
 
     monkeypatch.setattr(seg, "saliency", flaky)
     outputs = [actor(b) for b in batches]

@@ -7,7 +7,8 @@ import numpy as np
 
 from selfment_dist.settings import SegmentSettings
 from selfment_dist.pipeline._internal.counters import count_replica_started, count_rows_here
-from selfment_dist.pipeline._internal.device import actor_device, run_guarded
+from selfment_dist.pipeline._internal.device import actor_device
+from selfment_dist.pipeline._internal.light_transport import label_on_device, rows_to_label
 from selfment_dist.pipeline._internal.model_stage import ActorResources
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,10 @@ class SegmentActor:
     so only the failing image gets an ``error``.
     """
 
+    #: Decode tasks ship uint8 at the decoded size; this actor resizes on its device
+    #: (``_internal/light_transport.py``).
+    device_resize = True
+
     def __init__(self, *, settings: SegmentSettings, resources: ActorResources, counters=None):
         """``settings``: the run's, resolved (``image_size`` set)."""
         import torch
@@ -35,6 +40,9 @@ class SegmentActor:
         self.segmenter = Segmenter.from_artifact(settings.model, image_size=settings.image_size,
                                                  device=device,
                                                  storage_options=settings.storage_options)
+        from selfment_dist.model.preprocess import DeviceResizer
+
+        self.resizer = DeviceResizer(self.segmenter.image_size, self.segmenter.device)
         self.counters = counters
         count_replica_started(counters)
         logger.info("segment actor ready: %r, %d torch threads", self.segmenter,
@@ -47,10 +55,14 @@ class SegmentActor:
                                                          "storage_options"}),
                 "resources": vars(resources)}
 
-    def _saliency(self, images: np.ndarray) -> list[np.ndarray | str]:
+    def _saliency(self, images: list[np.ndarray]) -> list[np.ndarray | str]:
         """Per image: float32 (h, w) saliency, or an error message (CUDA faults: see .device)."""
-        return run_guarded(lambda part: list(self.segmenter.saliency(part)), images,
-                           what="segmentation")
+        def saliency(batch):
+            return {"saliency": self.segmenter.saliency(batch)}
+
+        return [res if isinstance(res, str) else res["saliency"]
+                for res in label_on_device(saliency, self.resizer, images,
+                                           what="segmentation")]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
@@ -58,7 +70,8 @@ class SegmentActor:
         saliency = np.zeros((n, *self.segmenter.grid), dtype=np.float32)
         ok = [i for i in range(n) if not errors[i]]
         if ok:
-            for i, res in zip(ok, self._saliency(np.ascontiguousarray(batch["image"][ok]))):
+            images = rows_to_label(batch["image"], ok)  # no host copy of the pixels
+            for i, res in zip(ok, self._saliency(images)):
                 if isinstance(res, str):
                     errors[i] = res
                 else:
