@@ -10,7 +10,7 @@ GPU (CI checks that every step still runs).
 
 Which RESULT lines replace the planner's assumed rates (``selfment plan --rate NAME=VALUE``,
 docs/cluster.md): ``pipeline_images_per_s`` (one GPU actor, end to end) for
-``gpu_actor_images_per_s_<precision>`` and 1000 / ``decode_resize_ms_640x480`` for
+``gpu_actor_images_per_s_<precision>`` and 1000 / ``decode_ms_640x480`` for
 ``decode_images_per_s_per_cpu``.
 """
 from __future__ import annotations
@@ -165,12 +165,15 @@ def step_h2d(args) -> int:
 
 
 def step_decode(args) -> int:
-    """Decode + antialiased resize to the model size, ms per image on one core."""
+    """Decode to uint8 (what decode tasks do: the model actor resizes on its device), and
+    decode + antialiased resize to the model size on the CPU (the float32 path), ms per image
+    on one core."""
     import torch
     from PIL import Image
 
     from selfment_dist.data.synthetic import make_scene
     from selfment_dist.io.images import decode_image
+    from selfment_dist.io.pixels import decoded_pixels
     from selfment_dist.model.resize import resize_square
 
     torch.set_num_threads(1)
@@ -180,6 +183,8 @@ def step_decode(args) -> int:
         Image.fromarray((pixels * 255).astype("uint8") if pixels.dtype != "uint8" else pixels
                         ).save(buf, format="JPEG", quality=90)
         data = buf.getvalue()
+        seconds = _timed(lambda: decoded_pixels(decode_image(data)), args.repeats)
+        result(f"decode_ms_{width}x{height}", 1000 * seconds)
         seconds = _timed(lambda: resize_square(decode_image(data), args.image_size), args.repeats)
         result(f"decode_resize_ms_{width}x{height}", 1000 * seconds)
     return 0

@@ -69,8 +69,20 @@ def test_precision_picks_the_assumed_gpu_rate(capsys):
     fp32 = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1")
     bf16 = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1", "--precision", "bf16")
     assert bf16["model_images_per_s"] > fp32["model_images_per_s"] > 0
-    half = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1", "--image-size", "1536")
-    assert half["model_images_per_s"] == pytest.approx(fp32["model_images_per_s"] / 4)
+    # The rates are the reference model's (ViT-S/16, 768 px), scaled by the cost model of
+    # pipeline/_internal/rates.py: four times the patches cost more than four times the time
+    # (attention and NCut are quadratic), a larger backbone costs more, segment skips NCut.
+    big = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1", "--image-size", "1536")
+    assert big["model_images_per_s"] < fp32["model_images_per_s"] / 8
+    base = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1",
+                     "--backbone", "vit_base_patch16_dinov3.lvd1689m")
+    assert base["backbone"] == "vit_base_patch16_dinov3.lvd1689m"
+    assert base["model_images_per_s"] < fp32["model_images_per_s"] / 2
+    segment = plan_json(capsys, "segment", "--nodes", "CPU=8,GPU=1", "--image-size", "768")
+    assert segment["model_images_per_s"] > fp32["model_images_per_s"]
+    measured = plan_json(capsys, "pseudo-label", "--nodes", "CPU=8,GPU=1",
+                         "--rate", "gpu_actor_images_per_s_fp32=90")
+    assert measured["model_images_per_s"] == pytest.approx(90)  # the reference model itself
 
 
 def test_train_plan_says_whether_the_workers_fit(capsys):

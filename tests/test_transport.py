@@ -93,19 +93,22 @@ def test_backbone_tf32_on_cpu_is_fp32():
     assert _flags() == before
 
 
-def test_assumed_rates_follow_precision_size_and_backbone():
-    from selfment_dist.pipeline._internal.rates import (decode_images_per_s_per_cpu,
-                                                        model_images_per_s)
+def test_assumed_rates_scale_with_size_backbone_and_stage():
+    from selfment_dist.pipeline._internal.rates import speed_factor
 
-    small = "vit_small_patch16_dinov3.lvd1689m"
-    fp32, tf32, bf16 = (model_images_per_s(small, p, 768) for p in ("fp32", "tf32", "bf16"))
-    assert fp32 < tf32 < bf16 and bf16 == pytest.approx(120, rel=0.02)
-    assert model_images_per_s(small, "auto", 768) == fp32
-    assert model_images_per_s(small, "fp32", 1536) < fp32 / 8  # ~quadratic in patches
-    assert model_images_per_s("vit_base_patch16_dinov3.lvd1689m", "fp32", 768) < fp32 / 2
-    cpu = model_images_per_s(small, "tf32", 768, gpu=False, threads=8)
-    assert cpu == model_images_per_s(small, "fp32", 768, gpu=False, threads=8) == 8.0
-    assert decode_images_per_s_per_cpu() > 3 * decode_images_per_s_per_cpu(resize_on_device=False)
+    def factor(backbone=None, size=None, **kw):
+        return speed_factor(backbone, size, **kw)
+
+    assert factor() == 1.0 == factor("vit_small_patch16_dinov3.lvd1689m", 768)
+    for gpu in (True, False):
+        assert factor(size=1536, gpu=gpu) < 1 / 8  # attention and NCut: quadratic in patches
+        assert factor(size=384, gpu=gpu) > 2
+        assert factor("vit_base_patch16_dinov3.lvd1689m", gpu=gpu) < 1 / 2
+        assert factor("vit_small_patch8_224.dino", gpu=gpu) < 1 / 8  # 4x the patches
+        assert factor(ncut=False, gpu=gpu) > 1  # segment: no NCut
+    # On a GPU NCut + IPO is half of a bf16 image (fp32 NCut, whatever the backbone's
+    # precision), so skipping it gains more in bf16 than in fp32.
+    assert factor(ncut=False, precision="bf16") > factor(ncut=False, precision="fp32") > 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 
 from pydantic import create_model
 
-from selfment_dist.pipeline._internal.plan import (ASSUMED_RATES, parse_node_shape, plan_stage,
+from selfment_dist.pipeline._internal.rates import ASSUMED_RATES
+from selfment_dist.pipeline._internal.plan import (parse_node_shape, plan_stage,
                                                    workers_that_fit)
 from selfment_dist.settings import (EvaluateSettings, PseudoLabelSettings, SegmentSettings,
                                     Settings, SettingsError, TrainSettings, validate)
@@ -33,7 +34,8 @@ STAGES: dict[str, type[Settings]] = {
 }
 #: The settings a plan reads (the others are accepted and ignored).
 PLAN_FIELDS = ("num_actors", "num_gpus_per_actor", "cpu_fallback", "require_gpu", "image_size",
-               "batch_size", "precision", "workers", "use_gpu", "resources_per_worker")
+               "batch_size", "precision", "workers", "use_gpu", "resources_per_worker",
+               "backbone")
 _REPEAT = re.compile(r"^\s*(\d+)\s*[x*]\s*(.+)$")
 
 HELP = "the resource plan of a stage on given node shapes, as JSON (nothing runs)"
@@ -97,9 +99,13 @@ def plan_of(stage: str, nodes: list[dict[str, float]], values: Mapping[str, Any]
     plan = plan_stage(nodes, num_actors=s.num_actors, num_gpus_per_actor=s.num_gpus_per_actor,
                       allow_cpu_fallback=s.cpu_fallback, image_size=s.image_size,
                       batch_size=s.batch_size, precision=getattr(s, "precision", "auto"),
-                      require_gpu=s.require_gpu, stage=stage, rates=rates)
+                      require_gpu=s.require_gpu, stage=stage, rates=rates,
+                      backbone=getattr(s, "backbone", None))
     out = plan.record()
     out["image_size"] = s.image_size  # None: the model's own (rates are stated at 768 px)
+    # The rates are scaled to this backbone; None (segment: the artifact's, unread here):
+    # the reference ViT-S/16.
+    out["backbone"] = getattr(s, "backbone", None)
     return out
 
 

@@ -101,7 +101,8 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str], **options
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
                           image_size=s.image_size, require_gpu=s.require_gpu,
-                          batch_size=s.batch_size, precision=s.precision, stage="pseudo-label")
+                          batch_size=s.batch_size, precision=s.precision, stage="pseudo-label",
+                          backbone=s.backbone)
     check_model_workers(s.model_workers, plan, "pseudo-label")
     run = _resolved(s, plan)
     config = _config(run, plan)

@@ -93,7 +93,8 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor,
                           allow_cpu_fallback=s.cpu_fallback, image_size=run.image_size,
-                          require_gpu=s.require_gpu, batch_size=s.batch_size, stage="segment")
+                          require_gpu=s.require_gpu, batch_size=s.batch_size, stage="segment",
+                          backbone=meta.get("backbone"))
     check_model_workers(s.model_workers, plan, "segment")
     config = _config(run, meta, plan)
     out = RunOutput(fs, root, s.output, manifest_name=MANIFEST_NAME,

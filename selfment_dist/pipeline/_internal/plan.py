@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from selfment_dist.errors import SelfmentUserError
+from selfment_dist.pipeline._internal.rates import ASSUMED_RATES, speed_factor
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +48,6 @@ CPUS_PER_CPU_ACTOR = 8
 LIGHT_TASK_CPUS = 0.25
 #: Images per model call when the settings leave it open (the pipeline's defaults).
 DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 8}
-#: The image size the rates below are stated at.
-REFERENCE_IMAGE_SIZE = 768
-#: Assumed rates (the README's projection, benchmarks/scale.py), to be replaced by measured ones
-#: (``selfment plan --rate NAME=VALUE``; benchmarks/gpu_check.sh prints them as RESULT lines):
-#: images per second one CPU decodes and resizes (small web JPEGs to 768 px), one GPU actor
-#: labels at 768 px per backbone precision (ViT-S/16 + NCut + IPO on an A10G-class GPU: bf16 is
-#: the figure the projection used; fp32 and tf32 are guesses scaled from it until measured), and
-#: one CPU actor thread.
-ASSUMED_RATES = {
-    "decode_images_per_s_per_cpu": 60.0,        # decode + float + resize to 768 on the CPU
-    "decode_uint8_images_per_s_per_cpu": 240.0,  # decode only: the actor resizes (pseudo-label)
-    "gpu_actor_images_per_s_bf16": 120.0,
-    "gpu_actor_images_per_s_tf32": 90.0,
-    "gpu_actor_images_per_s_fp32": 60.0,
-    "cpu_actor_images_per_s_per_thread": 1.0,
-}
 #: Seconds to wait for the first model actor when no node can hold one now (an autoscaler may add
 #: one) or when the cluster is busy; then fail with a clear message.
 DEFAULT_ACTOR_WAIT_S = 600.0
@@ -154,8 +139,8 @@ def plan_stage(nodes: Sequence[Mapping[str, float]], *, num_actors: int | None =
                num_gpus_per_actor: float | None = None, allow_cpu_fallback: bool = False,
                image_size: int | None = None, batch_size: int | None = None,
                precision: str | None = "auto", require_gpu: bool = False,
-               stage: str = "model stage", rates: Mapping[str, float] | None = None
-               ) -> StagePlan:
+               stage: str = "model stage", rates: Mapping[str, float] | None = None,
+               backbone: str | None = None) -> StagePlan:
     """The plan of a model stage on ``nodes`` (each node's total resources). Pure: no Ray.
 
     Args:
@@ -165,8 +150,9 @@ def plan_stage(nodes: Sequence[Mapping[str, float]], *, num_actors: int | None =
         num_gpus_per_actor: GPUs per replica (0 to 1); None: 1 when a node has a GPU (or GPUs
             are required), else 0 (CPU plan).
         allow_cpu_fallback: GPU actors may run on CPU when CUDA is missing (else they refuse).
-        image_size: the model's input size: the actors' rate (stated at
-            :data:`REFERENCE_IMAGE_SIZE`) scales with the number of patches.
+        image_size: the model's input size; with ``backbone`` (a timm name; None: ViT-S/16)
+            and ``stage`` it scales the actors' rates, stated for the reference model
+            (:func:`.rates.speed_factor`).
         batch_size: images per model call; None: :data:`DEFAULT_BATCH_SIZE` of the device.
         precision: the backbone's numerics (auto = fp32): picks the assumed GPU rate.
         require_gpu: never plan CPU actors; with no GPU among ``nodes`` the plan asks for one
@@ -194,16 +180,14 @@ def plan_stage(nodes: Sequence[Mapping[str, float]], *, num_actors: int | None =
     else:
         pool = _cpu_pool(nodes, num_actors)
         per_actor = pool["cpu_threads"] * rates["cpu_actor_images_per_s_per_thread"]
-    if image_size:
-        per_actor *= (REFERENCE_IMAGE_SIZE / float(image_size)) ** 2
+    # The rates are the reference model's (rates.py): scaled to this backbone, size and stage.
+    per_actor *= speed_factor(backbone, image_size, precision=precision,
+                              gpu=pool["num_gpus"] > 0, ncut=stage == "pseudo-label")
     total_cpus = sum(n.get("CPU", 0.0) for n in nodes)
     decode_cpus = max(0.0, total_cpus - pool["actors_now"] * pool["num_cpus"])
     model_rate = pool["actors_now"] * per_actor
-    # pseudo-label ships uint8 and resizes on the model's device (the light transport); segment
-    # and evaluate still resize in the decode task.
-    decode_key = ("decode_uint8_images_per_s_per_cpu" if stage == "pseudo-label"
-                  else "decode_images_per_s_per_cpu")
-    decode_rate = decode_cpus * rates[decode_key]
+    # Decode tasks decode only: every model actor resizes on its device (light transport).
+    decode_rate = decode_cpus * rates["decode_images_per_s_per_cpu"]
     if pool["actors_now"] == 0:
         bound = "no model actor fits these nodes (the run waits for an autoscaler to add one)"
     else:
