@@ -1,8 +1,9 @@
 """cluster/: every manifest parses, and the fields that decide whether a GPU cluster works are right.
 
 Fast and offline: nothing is launched. The cluster launcher config also goes through Ray's own
-schema and consistency checks (what `ray up` runs before touching AWS); the KubeRay manifests and
-the Dockerfile are checked field by field. Every Ray version written in cluster/ must agree with the
+schema and consistency checks (what `ray up` runs before touching AWS); the KubeRay manifests'
+pod templates through Kubernetes' own schema (kubernetes-validate), their Ray fields and the
+Dockerfile field by field. Every Ray version written in cluster/ must agree with the
 installed Ray, so upgrading Ray without updating the images fails here rather than on a cluster.
 """
 from __future__ import annotations
@@ -514,6 +515,27 @@ def test_kuberay_manifests_match_the_v1_fields_they_use(path):
     _cluster_spec_of(bad)["workerGroupSpecs"][0]["maxReplica"] = 3  # a typo must fail
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(bad, KUBERAY_SCHEMA)
+
+
+@pytest.mark.parametrize("path", [RAYCLUSTER, RAYJOB], ids=lambda p: p.name)
+def test_kuberay_pod_templates_pass_kubernetes_own_schema(path):
+    """Every group's pod template is a Kubernetes core/v1 PodTemplateSpec (KubeRay's CRDs embed
+    that type): validated, unknown fields refused, against the Kubernetes OpenAPI schema that
+    kubernetes-validate ships. The Ray fields around them: the schema above."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.latest_version()
+    _, spec = _cluster_spec(path)
+    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g)
+                                                  for g in spec.get("workerGroupSpecs", [])]
+    for name, group in groups:
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name},
+                        "template": group["template"]}
+        kubernetes_validate.validate(pod_template, version, strict=True)
+    bad = copy.deepcopy(pod_template)
+    bad["template"]["spec"]["containers"][0]["resource"] = {"limits": {"cpu": "1"}}  # a typo
+    with pytest.raises(kubernetes_validate.ValidationError, match="'resource' was unexpected"):
+        kubernetes_validate.validate(bad, version, strict=True)
 
 
 def _cluster_spec_of(doc: dict) -> dict:
