@@ -76,7 +76,28 @@ class Meter:
         self._proc = psutil.Process()
         self._interval = interval
         self._seen: dict[int, float] = {}
+        self._roles: dict[tuple, str] = {}
         self._stop = threading.Event()
+
+    @staticmethod
+    def _role(p, me) -> str:
+        """Which part of the pipeline a process is (Ray names its workers ``ray::…``)."""
+        import psutil
+
+        if p.pid == me.pid:
+            return "driver"
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            return "other"
+        if "Actor)" in cmd or "MapWorker" in cmd:
+            return "model actor"
+        if cmd.startswith("ray::") and cmd[5:6] not in ("_", "") and "Agent" not in cmd \
+                and "Tracker" not in cmd and "RunCounters" not in cmd:
+            return "decode/write workers"
+        if "default_worker.py" in cmd:
+            return "decode/write workers"  # a worker that has not named itself yet
+        return "Ray's own processes"
 
     def _poll(self) -> None:
         import psutil
@@ -88,7 +109,10 @@ class Meter:
         for p in procs:
             try:
                 t = p.cpu_times()
-                self._seen[(p.pid, p.create_time())] = t.user + t.system
+                key = (p.pid, p.create_time())
+                self._seen[key] = t.user + t.system
+                if self._roles.get(key) != "model actor":  # a worker names itself late
+                    self._roles[key] = self._role(p, self._proc)
             except psutil.Error:
                 pass
 
@@ -110,6 +134,10 @@ class Meter:
         self._thread.join()
         self._poll()
         self.cpu = sum(v - self._base.get(k, 0.0) for k, v in self._seen.items())
+        self.by_role: dict[str, float] = {}
+        for k, v in self._seen.items():
+            role = self._roles.get(k, "other")
+            self.by_role[role] = self.by_role.get(role, 0.0) + v - self._base.get(k, 0.0)
 
 
 def bench_forward(backbone, arrays: np.ndarray, batch_size: int) -> Meter:
@@ -281,6 +309,13 @@ def speed(args, work: Path) -> str:
         f"({platform.machine()}); load average (1/5/15 min) before: {load_before}, after: "
         f"{load_after}.",
     ]
+    if rate["s"] == rate["s"]:  # not NaN: where the steady state's CPU went
+        steady = {r: (pipe.by_role.get(r, 0.0) - pipe_small.by_role.get(r, 0.0)) / (n - n_small)
+                  for r in sorted(set(pipe.by_role) | set(pipe_small.by_role))}
+        actor = steady.get("model actor", float("nan"))
+        lines += ["", "(a') CPU s per image by process: "
+                  + ", ".join(f"{r} {v:.2f}" for r, v in steady.items())
+                  + f"; the model actor spends {actor / cpu['c']:.2f}x (c)'s CPU per image."]
     if backbone.precision == "bf16":
         lines += ["", precision_comparison(args, arrays, backbone, rate["c"])]
     return "\n".join(lines)
