@@ -116,8 +116,10 @@ def corpus(tmp_path_factory):
         good[name.rsplit(".", 1)[0]] = data
     shard = {"wds/t0.jpg": _encode(make_scene((2, 3), size=(50, 34))[0], "JPEG"),
              "wds/t1.png": _encode(make_scene((2, 4), size=(33, 47))[0], "PNG")}
-    (folder / "shard-000.tar").write_bytes(_tar(shard))
+    # macOS litter, skipped on purpose and counted (a folder's and a tar shard's)
+    (folder / "shard-000.tar").write_bytes(_tar({**shard, "wds/._t0.jpg": b"fork"}))
     good.update({name.rsplit(".", 1)[0]: data for name, data in shard.items()})
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (folder / "broken.jpg").write_bytes(b"this is not a JPEG\n")
     return folder, good, "broken"
 
@@ -303,6 +305,9 @@ def test_segment_folder_to_png_reports_errors_and_resumes(ray_local, artifact, s
 
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["errors"] == 1
+    skipped = {"total": 1, "by_reason": {"hidden": 1}, "examples": [".DS_Store"],
+               "tar_members": 1}
+    assert summary["inputs_skipped"] == manifest["inputs_skipped"] == skipped
     [failed] = manifest["errors"]
     assert failed["key"] == bad and "not an image" in failed["error"]
     assert failed["source"].endswith("broken.jpg")

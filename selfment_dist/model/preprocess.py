@@ -21,6 +21,7 @@ overlap the model's compute on another (the model calls themselves must run one 
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +29,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["DeviceResizer"]
+
+# Ray Data hands the actor read-only arrays; the resize only reads them, so torch's warning about
+# wrapping a read-only array (once per actor, in every run's log) says nothing useful here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                        category=UserWarning, module=__name__)
 
 
 class DeviceResizer:

@@ -41,6 +41,7 @@ from selfment_dist.settings import OUTPUT_FORMATS, SegmentSettings, build_settin
 from selfment_dist.pipeline._internal.done_keys import units_left
 from selfment_dist.pipeline._internal.inputs import list_inputs
 from selfment_dist.pipeline._internal.manifest import now, versions
+from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED
 from selfment_dist.pipeline._internal.model_stage import (ActorResources, decode_args,
                                                           model_dataset)
 from selfment_dist.pipeline._internal.parts import (TMP_DIR, count_parts, existing_keys,
@@ -113,6 +114,9 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     summary = {"output": s.output, "manifest": to_uri(fs, f"{out.root}/{MANIFEST_NAME}"),
                "run_id": out.run_id, "output_format": s.output_format,
                "image_size": run.image_size, "plan": plan.record(), **counts}
+    # Files skipped on purpose while listing, tar members skipped by name (docs/inputs.md).
+    summary["inputs_skipped"] = {**units.skipped,
+                                 "tar_members": summary.pop(TAR_MEMBERS_SKIPPED, 0)}
     summary.update(wall_s=round(wall, 3),
                    images_per_s=round(counts["images"] / wall, 3) if wall else 0.0,
                    error_examples=[f"{f['key']}: {f['error']}" for f in failed[:10]])
@@ -167,6 +171,7 @@ def _record_finish(m: dict, entry: dict, summary: dict, failed: list[dict]) -> N
                  errors=len(failed), skipped=summary["skipped"],
                  rows_per_node=summary["rows_per_node"], wall_s=summary["wall_s"],
                  images_per_s=summary["images_per_s"])
+    m["inputs_skipped"] = summary["inputs_skipped"]
     m.update(status="complete",
              counts={k: summary[k] for k in ("images", "errors", "skipped", "maps_total",
                                              "rows_total", "errors_total") if k in summary},
@@ -210,7 +215,8 @@ def _segment_missing(out: RunOutput, units: list[dict], run: SegmentSettings, pl
     failed.sort(key=lambda f: f["key"])
     summary = {"images": images, "errors": len(failed), "skipped": len(done),
                "rows_per_node": per_node,
-               "replicas_started": counts.get("replicas_started", 0)}
+               "replicas_started": counts.get("replicas_started", 0),
+               TAR_MEMBERS_SKIPPED: counts.get(TAR_MEMBERS_SKIPPED, 0)}
     if png:
         summary["maps_total"] = len(done) + images
     else:
@@ -233,7 +239,7 @@ def _write_maps(out: RunOutput, units: list[dict], n_containers: int, skip_ref,
             ds = model_dataset(
                 units, n_containers=n_containers,
                 decode=decode_args(run, skip_ref, keep_data=run.overlays,
-                                   exif_orientation=run.exif_orientation),
+                                   exif_orientation=run.exif_orientation, counters=counters),
                 model_class=SegmentActor,
                 model_args={"settings": run, "resources": ActorResources.from_plan(plan),
                             "counters": counters},
