@@ -51,6 +51,12 @@ QUANTIZE = ("floor", "round")  # saliency → 8 bits: floor((p*255)) is the offi
 RESIZE_MODES = ("mask", "prediction")  # evaluation: the official runner resizes the mask
 
 
+def create_bucket_setting():
+    """Every command that writes an output takes ``--create-bucket`` (alike, so defined once)."""
+    return setting(False, "create the output's bucket when it does not exist (default: refuse a "
+                          "missing bucket, likely a typo)")
+
+
 class StageSettings(Settings):
     """What every stage takes: where Ray is and how to reach storage."""
     address: str | None = setting(
@@ -118,8 +124,7 @@ class PseudoLabelSettings(ActorPoolSettings):
     max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images (file, tar "
                                     "member, parquet cell), checked before reading", ge=1)
     allow_empty: bool = setting(False, "succeed on inputs without images")
-    create_bucket: bool = setting(False, "create the output's bucket when it does not exist "
-                                         "(default: refuse a missing bucket, likely a typo)")
+    create_bucket: bool = create_bucket_setting()
     rows_per_file: int | None = setting(
         None, "rows per parquet part (default 1024; 256 with --save-features)", ge=1)
     progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
@@ -146,8 +151,7 @@ class TrainSettings(StageSettings):
     labels: Uri = setting(description="pseudo-label parquet dataset", metavar="URI")
     output: Uri = setting(description="model artifact folder (also holds the checkpoints)",
                           metavar="URI")
-    create_bucket: bool = setting(False, "create the output's bucket when it does not exist "
-                                         "(default: refuse a missing bucket, likely a typo)")
+    create_bucket: bool = create_bucket_setting()
     workers: int = setting(2, "Ray Train workers (DDP ranks)", ge=1)
     use_gpu: bool = setting(False, "one GPU per worker; otherwise CPU")
     precision: Literal[PRECISIONS] = setting(
@@ -243,8 +247,7 @@ class SegmentSettings(ActorPoolSettings):
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
     max_bytes: int | None = setting(DEFAULT_MAX_BYTES, "refuse larger encoded images", ge=1)
     allow_empty: bool = setting(False, "succeed on inputs without images")
-    create_bucket: bool = setting(False, "create the output's bucket when it does not exist "
-                                         "(default: refuse a missing bucket, likely a typo)")
+    create_bucket: bool = create_bucket_setting()
     progress: bool = setting(True, "show Ray Data's progress bars", negative_flag="--no-progress")
 
     @model_validator(mode="after")
@@ -268,6 +271,7 @@ class EvaluateSettings(ActorPoolSettings):
 
     output: Uri = setting(description="folder of metrics.json, metrics.md, per_image.csv, plots/",
                           metavar="URI")
+    create_bucket: bool = create_bucket_setting()
     predictions: Uri | None = setting(
         None, "folder of saliency PNGs (with --instances: a COCO JSON of predicted instances)",
         metavar="URI")
@@ -396,6 +400,7 @@ class InspectSettings(StageSettings):
 
     labels: Uri = setting(description="pseudo-label parquet dataset", metavar="URI")
     output: Uri = setting(description="folder for the pictures", metavar="URI")
+    create_bucket: bool = create_bucket_setting()
     per_sheet: int = setting(24, "images per contact sheet", ge=1)
     thumb_size: int = setting(128, "pixels per image tile", ge=8)
     max_pixels: int | None = setting(DEFAULT_MAX_PIXELS, "refuse larger images", ge=1)
@@ -410,6 +415,7 @@ class ExportCocoSettings(StageSettings):
                           metavar="URI")
     output: Uri = setting(description="folder of COCO JSON files, one per shard",
                           metavar="URI")
+    create_bucket: bool = create_bucket_setting()
     min_object_confidence: float | None = setting(
         None, "leave out objects whose confidence is below X", ge=0.0, le=1.0, metavar="X")
     shard_size: int = setting(1000, "images per JSON file", ge=1, metavar="N")

@@ -36,6 +36,7 @@ import ray
 from PIL import Image
 
 from selfment_dist.io.skip_rules import skipped_part
+from selfment_dist.io.output_access import prepare_output
 from selfment_dist.io.storage import join, url_to_fs
 from selfment_dist.evaluation.metrics import SCORE_KEYS, image_record
 from selfment_dist.evaluation.reports import STANDARD_BENCHMARKS, DatasetEvaluation, write_reports
@@ -301,6 +302,10 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
         SettingsError: options that do not validate, or that mix or miss a mode.
     """
     s = build_settings(EvaluateSettings, () if settings is None else (settings,), options)
+    # The reports are written last: an output that cannot take them fails now, in one line,
+    # not after hours of segmenting.
+    out_fs, out_root = url_to_fs(s.output, s.storage_options)
+    prepare_output(out_fs, out_root, s.output, create_bucket=s.create_bucket)
     if s.instances:  # two COCO files, no Ray needed
         return run_instance_evaluation(s)
     output, storage_options, num_shards = s.output, s.storage_options, s.num_shards

@@ -37,8 +37,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 from selfment_dist.io.coco import CATEGORIES, INFO, coco_document, image_entry, object_annotations
 from selfment_dist.io.sources import IMAGE, classify
+from selfment_dist.io.output_access import prepare_output
 from selfment_dist.io.storage import join, url_to_fs
 from selfment_dist.settings import MAX_OBJECTS, ExportCocoSettings, build_settings
 
@@ -126,14 +128,14 @@ def _parts_and_offsets(labels: str, storage_options: dict | None) -> list[tuple[
     fs, root = url_to_fs(labels, storage_options)
     parts = list_parts(fs, root.rstrip("/"))
     if not parts:
-        raise FileNotFoundError(f"no pseudo-label parts in {labels}")
+        raise UserInputNotFoundError(f"no pseudo-label parts in {labels}")
     out, next_id = [], 1
     for path in parts:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             if "objects" not in pf.schema_arrow.names:
-                raise ValueError(f"{labels} has no objects column: pseudo-label it with "
-                                 "--max-objects N (N > 1) to export instances")
+                raise UserValueError(f"{labels} has no objects column: pseudo-label it with "
+                                     "--max-objects N (N > 1) to export instances")
             n = pf.metadata.num_rows
         out.append((join(labels, path.rstrip("/").rsplit("/", 1)[-1]), next_id))
         next_id += n
@@ -186,11 +188,11 @@ def merge_shards(output: str, files: list[str], storage_options: dict | None) ->
     return join(output, MERGED_NAME)
 
 
-def _clear_old_shards(output: str, storage_options: dict | None) -> None:
+def _clear_old_shards(output: str, storage_options: dict | None, create_bucket: bool) -> None:
     """Shards of an earlier export (another shard size) would mix with this one's."""
     fs, root = url_to_fs(output, storage_options)
     root = root.rstrip("/")
-    fs.makedirs(root, exist_ok=True)
+    prepare_output(fs, root, output, create_bucket=create_bucket)  # or one line: why not
     fs.invalidate_cache(root)
     try:
         listed = fs.ls(root, detail=False)
@@ -211,15 +213,16 @@ def run_export_coco(*args: ExportCocoSettings | str, **options: Any) -> dict:
         ``labels``, ``output``, ``files`` (shard URIs in id order), ``merged`` (URI or None),
         ``images``, ``annotations``, ``unsized_errors``, ``parts``, ``wall_s``.
     Raises:
-        FileNotFoundError: no label parts at ``labels``.
-        ValueError: labels without an ``objects`` column.
+        UserInputNotFoundError: no label parts at ``labels``.
+        UserValueError: labels without an ``objects`` column.
+        MissingBucketError, OutputNotWritableError: the output cannot be written.
     """
     from selfment_dist.pipeline._internal.ray_runtime import ensure_ray
 
     start = time.perf_counter()
     s = build_settings(ExportCocoSettings, args, options)
     parts = _parts_and_offsets(s.labels, s.storage_options)
-    _clear_old_shards(s.output, s.storage_options)
+    _clear_old_shards(s.output, s.storage_options, s.create_bucket)
     ensure_ray(s.address)
     results = _run_tasks(parts, s)
     files = [name for r in results for name in r["files"]]

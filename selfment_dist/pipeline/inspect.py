@@ -30,6 +30,7 @@ from selfment_dist.io.images import DEFAULT_MAX_PIXELS, decode_image
 from selfment_dist.io.masks import decode_mask
 from selfment_dist.io.objects import decode_objects
 from selfment_dist.io.sources import IMAGE, enumerate_units, iter_records
+from selfment_dist.io.output_access import prepare_output
 from selfment_dist.io.storage import join, url_to_fs
 from selfment_dist.pipeline._internal.parts import MANIFEST_NAME, read_manifest
 from selfment_dist.errors import UserInputNotFoundError, UserValueError
@@ -46,7 +47,8 @@ _OBJECTS = ["objects"]  # optional (--max-objects): drawn one colour per object 
 
 def run_inspect(labels: str, output: str, *, per_sheet: int = 24, thumb_size: int = 128,
                 storage_options: dict | None = None,
-                max_pixels: int | None = DEFAULT_MAX_PIXELS, address: str | None = None) -> dict:
+                max_pixels: int | None = DEFAULT_MAX_PIXELS, address: str | None = None,
+                create_bucket: bool = False) -> dict:
     """Contact sheets, histogram and HTML page of the pseudo-labels at ``labels``.
 
     Args:
@@ -57,6 +59,7 @@ def run_inspect(labels: str, output: str, *, per_sheet: int = 24, thumb_size: in
         storage_options: fsspec options for every URL (labels, originals, output).
         max_pixels: decompression-bomb limit when re-reading originals.
         address: accepted for the CLI's common options and ignored: inspect needs no Ray.
+        create_bucket: create the output's bucket when it does not exist (else refuse it).
     Returns:
         ``rows``, ``errors``, ``no_object``, ``confidence`` (min/median/max), ``files`` (name →
         URI), ``unreadable`` (shown images whose original could not be read).
@@ -67,6 +70,8 @@ def run_inspect(labels: str, output: str, *, per_sheet: int = 24, thumb_size: in
     if per_sheet < 1 or thumb_size < 16:
         raise UserValueError("per_sheet must be >= 1 and thumb_size >= 16")
     table, manifest = _read_labels(labels, storage_options)
+    out_fs, out_root = url_to_fs(output, storage_options)
+    prepare_output(out_fs, out_root, output, create_bucket=create_bucket)  # before the reading
     ok = table.filter(table.column("error").is_null())
     errors = table.num_rows - ok.num_rows
     conf = ok.column("confidence").to_numpy(zero_copy_only=False).astype(np.float32)
@@ -78,8 +83,6 @@ def run_inspect(labels: str, output: str, *, per_sheet: int = 24, thumb_size: in
               for idx in chosen.values() for i in idx}
     originals = _read_originals(wanted, storage_options, max_pixels)
 
-    out_fs, out_root = url_to_fs(output, storage_options)
-    out_fs.makedirs(out_root, exist_ok=True)
     files: dict[str, str] = {}
 
     def put(name: str, data: bytes) -> None:
