@@ -40,13 +40,16 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from selfment_dist.errors import UserValueError
 from selfment_dist.io.objects import OBJECTS_FIELD
 
 #: ``error_kind`` values: retried by a re-run, or kept.
 TRANSIENT, PERMANENT = "transient", "permanent"
 
-__all__ = ["TRANSIENT", "PERMANENT", "PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "error_row",
+__all__ = ["TRANSIENT", "PERMANENT", "PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "open_part",
+           "error_row",
            "encode_features", "decode_features", "OPTIONAL_COLUMNS", "QUALITY_COLUMNS"]
 
 _BASE_FIELDS = [
@@ -131,3 +134,16 @@ def decode_features(data: bytes, h: int, w: int) -> np.ndarray:
     if flat.size % (int(h) * int(w)):
         raise ValueError(f"{flat.size} float16 values do not fit a {h}x{w} grid")
     return flat.reshape(int(h), int(w), -1)
+
+
+def open_part(f, path: str) -> pq.ParquetFile:
+    """The parquet file of an open pseudo-label part ``f`` (at ``path``, for the message).
+
+    Raises:
+        UserValueError: the file is not parquet (a stray or truncated file among the parts).
+    """
+    try:
+        return pq.ParquetFile(f)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserValueError(f"{path} is not a readable parquet file ({exc}); move it out of "
+                             "the labels folder or re-run the stage that wrote it") from None

@@ -114,9 +114,21 @@ def join(uri: str, *parts: str) -> str:
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    """The JSON document at ``path`` on ``fs``, or None where there is no such file."""
+    """The JSON document at ``path`` on ``fs``, or None where there is no such file (also when
+    a parent of ``path`` is a file: the caller's check of that folder says what is wrong).
+
+    Raises:
+        UserValueError: the file is not JSON (corrupt, truncated, or another kind of file).
+    """
     try:
-        with fs.open(path, "rt", encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except IsADirectoryError:
+        raise UserValueError(f"{path} is a folder, not a JSON file") from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserValueError(f"{path} is not a readable JSON document ({exc}); move it away "
+                             "or restore it") from None

@@ -38,6 +38,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from selfment_dist.errors import UserInputNotFoundError, UserValueError
+from selfment_dist.io.schema import open_part
 from selfment_dist.io.coco import CATEGORIES, INFO, coco_document, image_entry, object_annotations
 from selfment_dist.io.sources import IMAGE, classify
 from selfment_dist.io.output_access import prepare_output
@@ -132,7 +133,7 @@ def _parts_and_offsets(labels: str, storage_options: dict | None) -> list[tuple[
     out, next_id = [], 1
     for path in parts:
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+            pf = open_part(f, path)
             if "objects" not in pf.schema_arrow.names:
                 raise UserValueError(f"{labels} has no objects column: pseudo-label it with "
                                      "--max-objects N (N > 1) to export instances")

@@ -23,9 +23,9 @@ import logging
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from selfment_dist.evaluation.contact_sheet import Tile, confidence_histogram, contact_sheet
+from selfment_dist.io.schema import open_part
 from selfment_dist.io.images import DEFAULT_MAX_PIXELS, decode_image
 from selfment_dist.io.masks import decode_mask
 from selfment_dist.io.objects import decode_objects
@@ -130,7 +130,7 @@ def _read_labels(labels: str, storage_options: dict | None) -> tuple[pa.Table, d
     tables = []
     for path in parts:
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+            pf = open_part(f, path)
             missing = set(_COLUMNS) - set(pf.schema_arrow.names)
             if missing:
                 raise UserValueError(f"{path} lacks the columns {sorted(missing)}: inspect needs "

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from selfment_dist.errors import UserInputNotFoundError, UserValueError
+from selfment_dist.io.schema import open_part
 from selfment_dist.io.storage import is_local, url_to_fs
 from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, read_manifest
 
@@ -233,7 +234,7 @@ def _scan_parts(fs, paths: list[str], feature_dim: int | None) -> _Scan:
     required = {"key", "source", "grid_h", "grid_w", "mask", "error"}
     for path in paths:
         with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+            pf = open_part(f, path)
             names = set(pf.schema_arrow.names)
             if required - names:
                 raise UserValueError(f"{path}: not a pseudo-label part, missing columns "
