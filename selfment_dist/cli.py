@@ -277,7 +277,7 @@ def _call_target(command: str, settings: Settings, address: str | None = None) -
     a stage's as the registry says it takes them."""
     target, stage = _target(command), COMMANDS[command].stage
     if stage is not None and not stage.takes_settings:
-        return target(**{name: getattr(settings, name) for name in settings.model_fields})
+        return target(**{name: getattr(settings, name) for name in type(settings).model_fields})
     return target(settings)
 
 

@@ -429,6 +429,7 @@ class ImportCheckpointSettings(StageSettings):
     head: str = setting(description="official checkpoint: torch.save({'model_state': ..., "
                                     "'args': ...})", metavar="HEAD.pth", min_length=1)
     output: Uri = setting(description="model artifact folder", metavar="MODEL_URI")
+    create_bucket: bool = create_bucket_setting()
     backbone: str | None = setting(None, "timm DINO name (default: from the checkpoint's "
                                          "dino_model_name, e.g. dinov3_vit7b16)")
     weights: str = setting("hub", "backbone weights for segment: hub | random | PATH | URI")

@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from selfment_dist.model.head import HIDDEN_DIM, PatchHead
 from selfment_dist.io.storage import url_to_fs
 from selfment_dist.stages import MODEL_META_NAME
-from selfment_dist.errors import UserInputNotFoundError, UserValueError
+from selfment_dist.errors import UserInputNotFoundError, UserPermissionError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,15 @@ def _read(fs, root: str, name: str, uri: str) -> bytes:
         return fs.cat_file(path)
     except FileNotFoundError as exc:
         raise UserInputNotFoundError(f"model artifact {uri}: missing {name} ({path})") from exc
+    except NotADirectoryError:  # the artifact (or a folder above it) is a file
+        raise UserValueError(f"model artifact {uri} is not a folder: a model artifact is the "
+                             f"folder holding {WEIGHTS_NAME} and {META_NAME}") from None
+    except IsADirectoryError:
+        raise UserValueError(f"model artifact {uri}: {name} is a folder, not a file "
+                             f"({path})") from None
+    except PermissionError:
+        raise UserPermissionError(f"model artifact {uri}: {name} cannot be read: permission "
+                                  f"denied ({path})") from None
 
 
 def _join(root: str, name: str) -> str:

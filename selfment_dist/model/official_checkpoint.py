@@ -23,9 +23,10 @@ import torch
 from selfment_dist.model.artifact import save_artifact
 from selfment_dist.model.backbone import DEFAULT_BACKBONE, _create, backbone_family, check_image_size
 from selfment_dist.model.head import PatchHead
+from selfment_dist.io.output_access import disk_fault, prepare_output
 from selfment_dist.io.storage import url_to_fs
 from selfment_dist.model.segmenter import default_inference_size
-from selfment_dist.errors import UserInputNotFoundError, UserValueError
+from selfment_dist.errors import UserInputNotFoundError, UserPermissionError, UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,15 @@ def _read_checkpoint(uri: str, storage_options: dict | None) -> dict:
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise UserInputNotFoundError(f"head checkpoint not found: {uri}") from None
+    except IsADirectoryError:
+        raise UserValueError(f"head checkpoint {uri} is a folder; pass the checkpoint file "
+                             "(HEAD.pth) of the official train.py") from None
+    except NotADirectoryError:  # a folder above it is a file
+        raise UserInputNotFoundError(f"head checkpoint not found: {uri} (a folder above it is "
+                                     "a file)") from None
+    except PermissionError:
+        raise UserPermissionError(f"head checkpoint {uri} cannot be read: permission "
+                                  "denied") from None
     try:
         # weights_only: a checkpoint is data, never code to run.
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -108,7 +118,7 @@ def _read_checkpoint(uri: str, storage_options: dict | None) -> dict:
 def import_official_checkpoint(*, head: str, output: str, backbone: str | None = None,
                                weights: str = "hub", image_size: int | None = None,
                                storage_options: dict | None = None,
-                               address: str | None = None) -> dict:
+                               address: str | None = None, create_bucket: bool = False) -> dict:
     """Turn an official Selfment head checkpoint into a model artifact at ``output``.
 
     Args:
@@ -122,6 +132,7 @@ def import_official_checkpoint(*, head: str, output: str, backbone: str | None =
         image_size: the inference size; default: twice ``args["img_size"]`` (official: 1536).
         storage_options: fsspec options for ``head``, ``output`` and ``weights``.
         address: unused (every command takes it); the import runs on this machine.
+        create_bucket: create the output's bucket when it does not exist (else refuse it).
 
     Returns:
         ``{"status": "imported", "output", "backbone", "weights", "in_dim", "embed_dim",
@@ -130,6 +141,9 @@ def import_official_checkpoint(*, head: str, output: str, backbone: str | None =
     Raises:
         FileNotFoundError / ValueError: unreadable checkpoint, unmappable tensors, or a head
             whose input width differs from the backbone's feature width.
+        OutputNotWritableError / MissingBucketError: ``output`` cannot be written (a file in
+            the way, a parent that is a file, read-only) or its bucket is missing; checked
+            once the checkpoint is, before anything is written.
     """
     ckpt = _read_checkpoint(head, storage_options)
     if not isinstance(ckpt, dict):
@@ -157,13 +171,28 @@ def import_official_checkpoint(*, head: str, output: str, backbone: str | None =
             "hidden_dim": patch_head.hidden_dim,
             "imported_from": {"head": head, "format": "geshang777/Selfment train.py",
                               "epoch": ckpt.get("epoch"), "args": _jsonable(args)}}
-    save_artifact(output, patch_head, meta, storage_options=storage_options)
+    _save(output, patch_head, meta, storage_options, create_bucket)
     logger.info("imported %s -> %s (backbone %s, in_dim %d, embed_dim %d, inference at %d px)",
                 head, output, name, patch_head.in_dim, patch_head.embed_dim, size)
     return {"status": "imported", "output": output, "backbone": name, "weights": str(weights),
             "in_dim": patch_head.in_dim, "embed_dim": patch_head.embed_dim,
             "training_image_size": trained, "inference_image_size": size,
             "args": _jsonable(args)}
+
+
+def _save(output: str, head: PatchHead, meta: dict, storage_options: dict | None,
+          create_bucket: bool) -> None:
+    """The artifact at ``output``, prepared first (one line when it cannot be written); a
+    disk that fills up or turns read-only meanwhile is one line too."""
+    fs, root = url_to_fs(output, storage_options)
+    prepare_output(fs, root, output, create_bucket=create_bucket)
+    try:
+        save_artifact(output, head, meta, storage_options=storage_options)
+    except OSError as exc:
+        fault = disk_fault(exc, output)
+        if fault is None:
+            raise
+        raise fault from exc
 
 
 def backbone_feature_dim(name: str) -> int:

@@ -29,6 +29,7 @@ from typing import Any, Callable, ContextManager, Mapping
 
 from selfment_dist.config import values_for
 from selfment_dist.data.synthetic_sets import synthetic_layout, write_synthetic_sets
+from selfment_dist.io.output_access import prepare_output
 from selfment_dist.io.storage import join, read_json, url_to_fs
 from selfment_dist.settings import (STAGE_SETTINGS, ChainSettings, SettingsError, StageSettings,
                                     SyntheticSettings, validate)
@@ -159,6 +160,15 @@ def _write_json(uri: str, document: dict, storage_options: dict | None) -> None:
     fs.pipe_file(path, json.dumps(document, indent=2, default=str).encode())
 
 
+def _prepare_root(output: str, storage_options: dict | None,
+                  settings: Mapping[str, StageSettings]) -> None:
+    """The run's root made ready to write, or one line (:func:`prepare_output`). Its bucket is
+    the stages' outputs' by default: created when any stage may create its own."""
+    fs, root = url_to_fs(output, storage_options)
+    create_bucket = any(getattr(s, "create_bucket", False) for s in settings.values())
+    prepare_output(fs, root, output, create_bucket=create_bucket)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -185,12 +195,14 @@ def run_chain(config: Mapping[str, Any], *, config_uri: str = "", force: bool | 
         stage_context: a context manager to run each stage in, by stage name (the demo's
             progress bars).
     Raises:
-        SettingsError: from :func:`plan`, before anything runs.
+        SettingsError (from :func:`plan`), OutputNotWritableError / MissingBucketError (the
+            root cannot be written: :func:`_prepare_root`): before anything runs.
         Whatever a stage raises (after recording it as failed in the summary).
     """
     chain, settings = plan(config)
     force = chain.force if force is None else force
     storage_options = config.get("storage_options")
+    _prepare_root(chain.output, storage_options, settings)
     summary_uri = join(chain.output, SUMMARY_NAME)
     previous = (_read_json(summary_uri, storage_options) or {}).get("stages") or {}
     values = stage_values(config)

@@ -41,6 +41,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from selfment_dist.data.synthetic_sets import synthetic_layout, write_synthetic_sets
+from selfment_dist.io.output_access import OutputNotWritableError, prepare_output
 from selfment_dist.io.storage import is_local, url_to_fs
 from selfment_dist.pipeline._internal.console import StageBar, quiet_console
 from selfment_dist.settings import DemoSettings, build_settings
@@ -321,17 +322,25 @@ def _prepare_output(output_dir: str) -> str:
     if not is_local(fs):
         raise UserValueError(f"the demo writes to a local folder, got {output_dir!r}")
     root = os.path.abspath(output_dir)
-    if os.path.isdir(root) and os.listdir(root):
-        if not os.path.exists(os.path.join(root, MARKER)):
-            raise UserValueError(f"{root} is not empty and was not written by `selfment demo`; "
+    try:
+        names = os.listdir(root) if os.path.isdir(root) else []
+    except OSError as exc:  # a folder this process may not list
+        raise OutputNotWritableError(f"cannot write to the output {output_dir}: "
+                                     f"{exc.strerror or exc}") from None
+    ours = os.path.exists(os.path.join(root, MARKER))
+    if names and not ours:
+        raise UserValueError(f"{root} is not empty and was not written by `selfment demo`; "
                              "choose a new or empty folder")
+    # A file in the way, a parent that is a file or a read-only folder: one line
+    # (OutputNotWritableError), before anything is cleared or written.
+    prepare_output(fs, root, output_dir)
+    if ours:
         for name in (*_STAGE_DIRS, RESULTS_NAME, SUMMARY_NAME, LOG_NAME, CHAIN_SUMMARY_NAME):
             path = os.path.join(root, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    os.makedirs(root, exist_ok=True)
     open(os.path.join(root, MARKER), "w").close()
     return root
 
