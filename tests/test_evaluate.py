@@ -131,6 +131,13 @@ def test_problems_are_reported_not_raised(ray_local, tmp_path):
 
 def test_empty_folder_and_bad_arguments(ray_local, tmp_path):
     write_dataset(tmp_path, 2)
+    # A folder that is not there is a typo: one line, before anything runs or is written.
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        run_evaluate(predictions=str(tmp_path / "nothing"), masks=str(tmp_path / "masks"),
+                     output=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    # An empty one is a dataset problem, reported.
+    (tmp_path / "nothing").mkdir()
     result = run_evaluate(predictions=str(tmp_path / "nothing"), masks=str(tmp_path / "masks"),
                           output=str(tmp_path / "out"))
     entry = result["datasets"]["default"]

@@ -300,7 +300,8 @@ def test_evaluate_forwards_the_actor_options_to_segment(monkeypatch, tmp_path):
     monkeypatch.setattr(segment, "run_segment", fake_segment)
     monkeypatch.setattr(evaluate, "ensure_ray", lambda address: None)
     with pytest.raises(RuntimeError, match="stop here"):
-        evaluate.run_evaluate(output=str(tmp_path), model="m", benchmarks={"B": ("i", "g")},
+        evaluate.run_evaluate(output=str(tmp_path), model="m",
+                              benchmarks={"B": ("i", str(tmp_path))},
                               num_actors=3, num_gpus_per_actor=0.5, actor_wait_s=9)
     assert calls[0]["num_actors"] == 3 and calls[0]["num_gpus_per_actor"] == 0.5
     assert calls[0]["actor_wait_s"] == 9 and calls[0]["cpu_fallback"] is False

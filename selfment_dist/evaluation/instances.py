@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from selfment_dist.errors import UserInputNotFoundError, UserPermissionError, UserValueError
 from selfment_dist.io.storage import join, url_to_fs
 
 logger = logging.getLogger(__name__)
@@ -46,15 +47,40 @@ _IOU_TYPES = ("segm", "bbox")
 
 
 def load_coco_json(uri: str, storage_options: dict | None = None) -> Any:
-    """A COCO JSON file (local path or fsspec URL), parsed."""
+    """A COCO JSON file (local path or fsspec URL), parsed: an instance document (a JSON object
+    with ``images`` or ``annotations``) or a COCOeval results list (a list of objects).
+
+    Raises:
+        UserInputNotFoundError: nothing at ``uri``.
+        UserValueError: a folder, not JSON (a binary file, a syntax error) or JSON of another
+            shape; the message names the file.
+        UserPermissionError: a file this process may not read.
+    """
     fs, path = url_to_fs(uri, storage_options)
     if not fs.exists(path):
-        raise FileNotFoundError(f"no COCO JSON at {uri}")
-    with fs.open(path, "r") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{uri} is not JSON: {exc}") from None
+        raise UserInputNotFoundError(f"no such COCO JSON file: {uri}")
+    if fs.isdir(path):
+        raise UserValueError(f"{uri} is a folder, not a COCO JSON file")
+    try:
+        data = fs.cat_file(path)
+    except PermissionError as exc:
+        raise UserPermissionError(f"cannot read the COCO JSON file {uri}: "
+                                  f"{exc.strerror or exc}") from None
+    try:
+        doc = json.loads(data)  # bytes: UTF-8/16/32 detected, a BOM allowed
+    except UnicodeDecodeError:
+        raise UserValueError(f"{uri} is not a COCO JSON file: not text (a binary file?)") \
+            from None
+    except json.JSONDecodeError as exc:
+        raise UserValueError(f"{uri} is not a COCO JSON file: not JSON ({exc})") from None
+    if isinstance(doc, dict) and ("images" in doc or "annotations" in doc):
+        return doc
+    if isinstance(doc, list) and all(isinstance(item, dict) for item in doc):
+        return doc
+    kind = ("an object without images or annotations" if isinstance(doc, dict)
+            else "a list of non-objects" if isinstance(doc, list) else type(doc).__name__)
+    raise UserValueError(f"{uri} is JSON but not COCO: {kind} (expected an instance document "
+                         "with images and annotations, or a results list)")
 
 
 def _suffixes(file_name: str) -> list[str]:
@@ -72,7 +98,8 @@ def _image_map(pred_images: list[dict], gt_images: list[dict], by: str) -> dict[
     for im in gt_images:
         name = str(im["file_name"]).split("://", 1)[-1].strip("/")
         if name in gt_by_name:
-            raise ValueError(f"ground truth lists file_name {name!r} twice: match by id")
+            raise UserValueError(f"ground truth lists file_name {name!r} twice: match images "
+                                 "by id")
         gt_by_name[name] = int(im["id"])
     out = {}
     for im in pred_images:
@@ -81,6 +108,46 @@ def _image_map(pred_images: list[dict], gt_images: list[dict], by: str) -> dict[
                 out[int(im["id"])] = gt_by_name[suffix]
                 break
     return out
+
+
+def _objects(items: Any, what: str, fields: tuple[str, ...],
+             int_fields: tuple[str, ...] = ()) -> list[dict]:
+    """``items``, checked to be a list of objects that each have ``fields`` (``int_fields``
+    among them as integers); else a :class:`UserValueError` that says where."""
+    if not isinstance(items, list):
+        raise UserValueError(f"{what} must be a list, not {type(items).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UserValueError(f"{what}[{i}] must be an object, not {type(item).__name__}")
+        missing = [f for f in fields if f not in item]
+        if missing:
+            raise UserValueError(f"{what}[{i}] has no {', '.join(missing)}")
+        for f in int_fields:
+            try:
+                int(item[f])
+            except (TypeError, ValueError):
+                raise UserValueError(f"{what}[{i}].{f} must be an integer, not "
+                                     f"{item[f]!r:.40}") from None
+        if "segmentation" in fields and not isinstance(item["segmentation"], (list, dict)):
+            raise UserValueError(f"{what}[{i}].segmentation must be polygons or an RLE")
+    return items
+
+
+def _check_ground_truth(gt: Any, match_images: str) -> None:
+    """A ground truth :func:`_ground_truth` can take, else a :class:`UserValueError`."""
+    if not isinstance(gt, dict) or "images" not in gt:
+        raise UserValueError("ground truth must be a COCO instance document (a JSON object "
+                             "with images and annotations)")
+    names = ("file_name",) if match_images == "file_name" else ()
+    images = _objects(gt["images"], "ground truth: images", ("id", "height", "width", *names),
+                      ("id", "height", "width"))
+    anns = _objects(gt.get("annotations", []), "ground truth: annotations",
+                    ("image_id", "segmentation"), ("image_id",))
+    ids = {int(im["id"]) for im in images}
+    for i, ann in enumerate(anns):
+        if int(ann["image_id"]) not in ids:
+            raise UserValueError(f"ground truth: annotations[{i}] is of image_id "
+                                 f"{ann['image_id']}, which its images do not list")
 
 
 def _ground_truth(gt: dict):
@@ -113,13 +180,19 @@ def _results(predictions: Any, gt: dict, match_images: str) -> tuple[list[dict],
     """COCOeval results (ground-truth image ids) and the matching counts."""
     if isinstance(predictions, list):  # a results list: its image ids are the ground truth's
         if match_images != "id":
-            raise ValueError("predictions are a results list (no images, no file names): "
-                             "match images by id")
-        images, anns = [{"id": a["image_id"]} for a in predictions], predictions
+            raise UserValueError("predictions are a results list (no images, no file names): "
+                                 "match images by id")
+        anns = _objects(predictions, "predictions", ("image_id", "segmentation"), ("image_id",))
+        images = [{"id": a["image_id"]} for a in anns]
     elif isinstance(predictions, dict) and "annotations" in predictions:
-        images, anns = predictions.get("images", []), predictions["annotations"]
+        names = ("file_name",) if match_images == "file_name" else ()
+        images = _objects(predictions.get("images", []), "predictions: images",
+                          ("id", *names), ("id",))
+        anns = _objects(predictions["annotations"], "predictions: annotations",
+                        ("image_id", "segmentation"), ("image_id",))
     else:
-        raise ValueError("predictions must be a COCO instance document or a results list")
+        raise UserValueError("predictions must be a COCO instance document (a JSON object with "
+                             "annotations) or a results list")
     mapping = _image_map(images, gt.get("images", []), match_images)
     results = [{"image_id": mapping[int(a["image_id"])], "category_id": 1,
                 "segmentation": a["segmentation"], "score": float(a.get("score", 1.0)),
@@ -165,11 +238,11 @@ def evaluate_instances(predictions: Any, ground_truth: dict, *,
         ``{"segm": {AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl}, "bbox":
         {...}, "counts": {...}, "summary": {"segm": COCOeval's printed table, "bbox": ...}}``.
     """
-    if not isinstance(ground_truth, dict) or "images" not in ground_truth:
-        raise ValueError("ground truth must be a COCO instance document (with images)")
+    _check_ground_truth(ground_truth, match_images)
     results, counts = _results(predictions, ground_truth, match_images)
     if counts["prediction_images"] and not counts["matched_images"]:
-        raise ValueError(f"no prediction image matches a ground-truth image by {match_images}")
+        raise UserValueError(f"no prediction image matches a ground-truth image by "
+                             f"{match_images}")
     coco_gt = _ground_truth(ground_truth)
     out: dict[str, Any] = {"counts": counts, "summary": {}}
     for iou_type in _IOU_TYPES:

@@ -14,10 +14,16 @@ key order (a few in flight per CPU) and folds each record into running sums as i
 (:mod:`._eval_merge`: about 200 bytes per image stay, for the 1-D means and the per-image CSV,
 instead of the ~12 KB record), so scores do not depend on the sharding and are bit for bit those
 of :func:`selfment_dist.evaluation.metrics.merge_records`, and writes the reports
-(:mod:`selfment_dist.evaluation.reports`). Problems never stop a run: predictions without a mask, masks
-without a prediction, duplicate keys, unreadable files and size mismatches (resized as the
-official runner does: the mask to the prediction; still scored)
-are counted, logged and listed in ``metrics.json``.
+(:mod:`selfment_dist.evaluation.reports`). Problems never stop a run: an empty folder (one that
+exists but holds no image), predictions without a mask, masks without a prediction, duplicate
+keys, unreadable files and size mismatches (resized as the official runner does: the mask to the
+prediction; still scored) are counted, logged and listed in ``metrics.json``.
+
+Mistakes in the inputs' paths are errors instead, raised by :func:`run_evaluate` before Ray
+starts (and before any benchmark is segmented): a ``predictions`` or ``masks`` folder, or a
+benchmark's masks folder, that does not exist (:class:`~selfment_dist.errors.UserInputNotFoundError`)
+or is a file (:class:`~selfment_dist.errors.UserValueError`). On an object store a prefix with
+objects under it is a folder, and one with none is missing.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import numpy as np
 import ray
 from PIL import Image
 
+from selfment_dist.errors import UserInputNotFoundError, UserValueError
 from selfment_dist.io.skip_rules import skipped_part
 from selfment_dist.io.output_access import prepare_output
 from selfment_dist.io.storage import join, url_to_fs
@@ -280,6 +287,20 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _require_folder(uri: str, what: str, storage_options: dict | None) -> None:
+    """``uri`` is a folder (on an object store: a prefix with objects under it), else one line:
+    a missing input or a file where a folder of images is wanted is a typo, not a dataset
+    problem (an existing folder without images is one: ``empty_folder``)."""
+    fs, path = url_to_fs(uri, storage_options)
+    path = path.rstrip("/") or path
+    fs.invalidate_cache(path)  # listings may be cached from before another stage wrote here
+    if fs.isdir(path):
+        return
+    if fs.exists(path):
+        raise UserValueError(f"{what}: {uri} is a file, not a folder of images")
+    raise UserInputNotFoundError(f"{what}: no such folder: {uri}")
+
+
 def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) -> dict:
     """Evaluate saliency maps and write the reports under ``settings.output``.
 
@@ -300,8 +321,16 @@ def run_evaluate(settings: EvaluateSettings | None = None, /, **options: Any) ->
 
     Raises:
         SettingsError: options that do not validate, or that mix or miss a mode.
+        UserInputNotFoundError, UserValueError: a ``predictions``, ``masks`` or benchmark masks
+            folder that does not exist or is a file (before Ray starts).
     """
     s = build_settings(EvaluateSettings, () if settings is None else (settings,), options)
+    if not s.instances:  # a typo in an input path fails now, not as a report of empty folders
+        if s.predictions is not None:
+            _require_folder(s.predictions, "predictions (--predictions)", s.storage_options)
+            _require_folder(s.masks, "masks (--masks)", s.storage_options)
+        for bench, (_, masks_uri) in (s.benchmarks or {}).items():
+            _require_folder(masks_uri, f"benchmark {bench}: masks", s.storage_options)
     # The reports are written last: an output that cannot take them fails now, in one line,
     # not after hours of segmenting.
     out_fs, out_root = url_to_fs(s.output, s.storage_options)
