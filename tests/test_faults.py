@@ -18,7 +18,7 @@ from mounts import read_only_bind
 from selfment_dist.errors import SelfmentUserError
 from selfment_dist.io import reachability
 from selfment_dist.io.output_access import (MissingBucketError, OutputNotWritableError,
-                                            disk_fault, prepare_output)
+                                            check_output, disk_fault, prepare_output)
 from selfment_dist.pipeline._internal import manifest as manifests
 from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
@@ -128,6 +128,23 @@ def test_an_output_under_a_file_is_refused(tmp_path):
         prepare_output(fs, root, str(tmp_path / "file" / "out"))
 
 
+def test_the_output_check_before_ray_refuses_alike_and_creates_nothing(tmp_path,
+                                                                         read_only_dir):
+    """check_output (pseudo-label and segment, before Ray starts): prepare_output's refusals,
+    with nothing created, so a run that fails later (its plan, say) leaves no trace."""
+    (tmp_path / "file").write_text("x")
+    cases = {str(tmp_path / "file"): "a file of that name is in the way",
+             str(tmp_path / "file" / "a" / "out"): "a parent of it is a file",
+             str(read_only_dir / "new" / "out"): "read-only file system"}
+    for output, reason in cases.items():
+        fs, root = fsspec.core.url_to_fs(output)
+        with pytest.raises(OutputNotWritableError, match=reason):
+            check_output(fs, root, output)
+    fine = tmp_path / "not" / "yet" / "out"
+    check_output(*fsspec.core.url_to_fs(str(fine)), str(fine))
+    assert not (tmp_path / "not").exists()
+
+
 # -- 8: a full disk at the manifest -------------------------------------------------------------
 
 def _full_disk_for_new_files(monkeypatch, fs):
@@ -202,3 +219,9 @@ def test_a_missing_bucket_is_refused_unless_asked_for(s3_bucket):
     assert fs.exists(f"{bucket}-typo")
     fs2, root2 = fsspec.core.url_to_fs(f"s3://{bucket}/out", **storage)
     prepare_output(fs2, root2, f"s3://{bucket}/out")  # an existing bucket needs no flag
+    fs3, root3 = fsspec.core.url_to_fs(f"s3://{bucket}-typo2/out", **storage)
+    with pytest.raises(MissingBucketError):  # the check before Ray starts: the same refusal
+        check_output(fs3, root3, f"s3://{bucket}-typo2/out")
+    check_output(fs3, root3, f"s3://{bucket}-typo2/out", create_bucket=True)  # made later
+    fs3.invalidate_cache()
+    assert not fs3.exists(f"{bucket}-typo2")

@@ -9,6 +9,8 @@ holds no stale manifest temp files; afterwards, a disk fault is told in one line
   file is written and removed, so a read-only mount is found before any manifest is.
 - Temp files of manifest writes (``_selfment.json.tmp-*``) older than :data:`STALE_TMP_S` are
   removed: they are left only by a write that died (a full disk, a killed run).
+- :func:`check_output` gives the same refusals without creating anything, for the checks a
+  stage makes before Ray starts (a run that fails later must leave no trace).
 - :func:`disk_fault` turns an exception whose cause is a full disk, a read-only file system or
   a refused write into :class:`OutputNotWritableError` (one line, exit 2).
 """
@@ -25,8 +27,8 @@ from selfment_dist.io.storage import is_local, protocol_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OutputNotWritableError", "MissingBucketError", "prepare_output", "disk_fault",
-           "remove_stale_temp_files", "STALE_TMP_S"]
+__all__ = ["OutputNotWritableError", "MissingBucketError", "prepare_output", "check_output",
+           "disk_fault", "remove_stale_temp_files", "STALE_TMP_S"]
 
 #: Age after which a manifest temp file is a leftover (a live write lasts milliseconds).
 STALE_TMP_S = 60.0
@@ -95,6 +97,33 @@ def prepare_output(fs, root: str, output: str, *, create_bucket: bool = False,
             from exc
     if manifest:
         remove_stale_temp_files(fs, root, manifest)
+
+
+def check_output(fs, root: str, output: str, *, create_bucket: bool = False) -> None:
+    """:func:`prepare_output`'s refusals (a missing bucket; on local disk a file in the way, a
+    parent that is a file, a read-only or refused folder), found without writing anything.
+
+    Raises:
+        MissingBucketError, OutputNotWritableError (both SelfmentUserError).
+    """
+    if not is_local(fs):
+        if not create_bucket:  # with create_bucket the bucket is made when the run writes
+            _check_bucket(fs, root, output, False)
+        return
+    path = os.path.abspath(root)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OutputNotWritableError(f"cannot write to the output {output}: "
+                                     f"{_WRITE_ERRNOS[errno.EEXIST]}")
+    nearest = path
+    while not os.path.exists(nearest):  # the folder that creating the output would write in
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        raise OutputNotWritableError(f"cannot write to the output {output}: "
+                                     f"{_WRITE_ERRNOS[errno.ENOTDIR]}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(nearest).f_flag & os.ST_RDONLY)
+        reason = _WRITE_ERRNOS[errno.EROFS if read_only else errno.EACCES]
+        raise OutputNotWritableError(f"cannot write to the output {output}: {reason}")
 
 
 def remove_stale_temp_files(fs, root: str, manifest: str) -> list[str]:

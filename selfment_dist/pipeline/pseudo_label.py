@@ -39,6 +39,7 @@ from selfment_dist.settings import PseudoLabelSettings, SettingsError, build_set
 from selfment_dist.validation import check_backbone_size
 from selfment_dist.pipeline._internal.done_keys import SortedKeys, units_left  # noqa: F401 (SortedKeys: re-exported)
 from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED
+from selfment_dist.io.output_access import check_output
 from selfment_dist.pipeline._internal.inputs import list_inputs
 from selfment_dist.pipeline._internal.label_actor import LabelActor
 from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME, now, versions
@@ -98,6 +99,9 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str], **options
     _check_checkpoint(s.backbone, s.weights, s.image_size, s.storage_options)
     fs, root, units = list_inputs(s.inputs, s.output, s.storage_options,
                                   allow_empty=s.allow_empty)
+    # An output that cannot be written: one line now, before Ray starts, with nothing created
+    # (RunOutput.claim prepares it once the plan holds).
+    check_output(fs, root, s.output, create_bucket=s.create_bucket)
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor, allow_cpu_fallback=s.cpu_fallback,
                           image_size=s.image_size, require_gpu=s.require_gpu,

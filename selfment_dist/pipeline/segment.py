@@ -39,6 +39,7 @@ from selfment_dist.stages import SEGMENT_MANIFEST_NAME
 from selfment_dist.io.storage import is_local, to_uri
 from selfment_dist.settings import OUTPUT_FORMATS, SegmentSettings, build_settings
 from selfment_dist.pipeline._internal.done_keys import units_left
+from selfment_dist.io.output_access import check_output
 from selfment_dist.pipeline._internal.inputs import list_inputs
 from selfment_dist.pipeline._internal.manifest import now, versions
 from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED
@@ -91,6 +92,9 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     run, meta = _resolved(s)  # fails in the driver, not in every actor: a bad artifact or size
     fs, root, units = list_inputs(s.inputs, s.output, s.storage_options,
                                   allow_empty=s.allow_empty)
+    # An output that cannot be written: one line now, before Ray starts, with nothing created
+    # (RunOutput.claim prepares it once the plan holds).
+    check_output(fs, root, s.output, create_bucket=s.create_bucket)
     ensure_ray(s.address)
     plan = plan_resources(s.num_actors, s.num_gpus_per_actor,
                           allow_cpu_fallback=s.cpu_fallback, image_size=run.image_size,
