@@ -208,8 +208,11 @@ def _is_glob(fs, path: str) -> bool:
     return any(c in path for c in _GLOB_CHARS) and not fs.exists(path)
 
 
-def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = None) -> Units:
+def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = None, *,
+                    quiet: bool = False) -> Units:
     """List the work units of ``inputs`` (see module docstring); no image is opened.
+
+    ``quiet``: log the count at DEBUG, not INFO (a caller that lists one file at a time).
 
     Returns:
         units sorted by key, image files first: ``{"kind", "uri", "key"}`` dicts, as a list
@@ -239,9 +242,10 @@ def enumerate_units(inputs: str | Iterable[str], storage_options: dict | None = 
         else:
             raise UserInputNotFoundError(f"input not found: {uri}")
     units = col.units()
-    logger.info("enumerated %d work units (%d image files, %d containers) from %d input(s)",
-                len(units), sum(u["kind"] == IMAGE for u in units),
-                sum(u["kind"] != IMAGE for u in units), len(inputs))
+    (logger.debug if quiet else logger.info)(
+        "enumerated %d work units (%d image files, %d containers) from %d input(s)",
+        len(units), sum(u["kind"] == IMAGE for u in units),
+        sum(u["kind"] != IMAGE for u in units), len(inputs))
     return units
 
 

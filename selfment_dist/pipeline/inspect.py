@@ -169,7 +169,7 @@ def _read_originals(wanted: dict[str, str], storage_options: dict | None,
         by_source.setdefault(source, []).append(key)
     for source, keys in by_source.items():
         try:
-            units = enumerate_units([source], storage_options)
+            units = enumerate_units([source], storage_options, quiet=True)  # one per image
         except Exception as exc:  # gone since it was labelled: shown as unreadable
             logger.warning("cannot list %s: %s", source, exc)
             continue
