@@ -173,6 +173,33 @@ def test_export_part_writes_loadable_shards_with_every_row(tmp_path):
     assert coco.loadCats(1)[0]["name"] == "fg"
 
 
+def test_image_ids_survive_a_resume_that_adds_parts(tmp_path):
+    """A resumed pseudo-label run adds parts under a new (random) run id that may sort before
+    the first run's: ids follow the manifest's run order, so an export after the resume gives
+    every earlier image the id it had."""
+    from selfment_dist.pipeline._internal.manifest import MANIFEST_NAME
+    from selfment_dist.pipeline.export_coco import _parts_and_offsets
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    one = np.stack([_box(4, 6, 0, 2, 0, 3)])
+    _label_part(labels / "part-ff00-000000.parquet", [_ok_row(k, one, [0.9]) for k in "abc"])
+    _label_part(labels / "part-ff00-000001.parquet", [_ok_row("d", one, [0.9])])
+    (labels / MANIFEST_NAME).write_text(json.dumps({"runs": [{"run_id": "ff00"}]}))
+    before = _parts_and_offsets(str(labels), None)
+    assert [first for _, first in before] == [1, 4]
+    # The resume: a run whose id sorts first, and a stray part of a run nobody recorded.
+    _label_part(labels / "part-0a00-000000.parquet", [_ok_row("e", one, [0.9])])
+    _label_part(labels / "part-0b00-000000.parquet", [_ok_row("f", one, [0.9])])
+    (labels / MANIFEST_NAME).write_text(json.dumps({"runs": [{"run_id": "ff00"},
+                                                             {"run_id": "0a00"}]}))
+    after = _parts_and_offsets(str(labels), None)
+    assert after[:2] == before
+    assert [p.rsplit("/", 1)[-1] for p, _ in after[2:]] == ["part-0a00-000000.parquet",
+                                                            "part-0b00-000000.parquet"]
+    assert [first for _, first in after] == [1, 4, 5, 6]
+
+
 def _export_peaks(tmp_path, n_rows: int) -> tuple[int, int, int]:
     """(task peak, merge peak, merged file bytes) of Python memory exporting ``n_rows``."""
     labels, out = tmp_path / f"labels{n_rows}", tmp_path / f"coco{n_rows}"

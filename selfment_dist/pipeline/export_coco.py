@@ -122,12 +122,31 @@ def _add_row(shard: _Shard, row: dict, image_id: int, min_confidence: float | No
             row["grid_w"], width, height, min_confidence=min_confidence)
 
 
+def _in_run_order(fs, root: str, parts: list[str]) -> list[str]:
+    """``parts`` in the order their runs started (the manifest's ``runs``), then by task: a
+    resumed run's parts come after the earlier ones, so an export after a resume keeps every
+    earlier image's id. Parts of runs the manifest does not list come last, by name."""
+    from selfment_dist.pipeline._internal.manifest import read_manifest
+    from selfment_dist.pipeline._internal.parts import PART_RE
+
+    runs = (read_manifest(fs, root) or {}).get("runs") or []
+    rank = {str(r.get("run_id")): i for i, r in enumerate(runs) if isinstance(r, dict)}
+
+    def order(path: str):
+        match = PART_RE.match(path.rstrip("/").rsplit("/", 1)[-1])
+        run = match["run"]
+        return (rank.get(run, len(rank)), "" if run in rank else run, int(match["task"]))
+
+    return sorted(parts, key=order)
+
+
 def _parts_and_offsets(labels: str, storage_options: dict | None) -> list[tuple[str, int]]:
-    """``[(part URI, first image id)]`` from the parts' footers; checks the ``objects`` column."""
+    """``[(part URI, first image id)]`` from the parts' footers, in run order
+    (:func:`_in_run_order`); checks the ``objects`` column."""
     from selfment_dist.pipeline._internal.parts import list_parts
 
     fs, root = url_to_fs(labels, storage_options)
-    parts = list_parts(fs, root.rstrip("/"))
+    parts = _in_run_order(fs, root.rstrip("/"), list_parts(fs, root.rstrip("/")))
     if not parts:
         raise UserInputNotFoundError(f"no pseudo-label parts in {labels}")
     out, next_id = [], 1
