@@ -580,3 +580,12 @@ def test_the_commands_without_a_mistake_get_past_their_checks(argv: Argv, ws, ca
     except SystemExit as exc:
         code = exc.code
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_malformed_ground_truth_names_its_file(ws, tmp_path, capsys):
+    """Ground truth that parses as COCO-like JSON but has the wrong shape is refused by the
+    evaluation, which holds documents, not paths: the line still names the file."""
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"images": [{"id": "x"}], "annotations": []}))
+    line = assert_one_line_error(_instances(ws, None, str(gt)), capsys)
+    assert "ground truth: images[0]" in line and str(gt) in line
