@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from selfment_dist.errors import UserInputNotFoundError, UserPermissionError, UserValueError
-from selfment_dist.io.storage import join, url_to_fs
+from selfment_dist.errors import UserValueError
+from selfment_dist.io.storage import join, read_file, url_to_fs
 
 logger = logging.getLogger(__name__)
 
@@ -56,16 +56,7 @@ def load_coco_json(uri: str, storage_options: dict | None = None) -> Any:
             shape; the message names the file.
         UserPermissionError: a file this process may not read.
     """
-    fs, path = url_to_fs(uri, storage_options)
-    if not fs.exists(path):
-        raise UserInputNotFoundError(f"no such COCO JSON file: {uri}")
-    if fs.isdir(path):
-        raise UserValueError(f"{uri} is a folder, not a COCO JSON file")
-    try:
-        data = fs.cat_file(path)
-    except PermissionError as exc:
-        raise UserPermissionError(f"cannot read the COCO JSON file {uri}: "
-                                  f"{exc.strerror or exc}") from None
+    data = read_file(*url_to_fs(uri, storage_options), f"COCO JSON file {uri}")
     try:
         doc = json.loads(data)  # bytes: UTF-8/16/32 detected, a BOM allowed
     except UnicodeDecodeError:

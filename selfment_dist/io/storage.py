@@ -5,7 +5,6 @@ store URL behave the same; ``storage_options`` (``--storage-option KEY=VALUE`` o
 line, e.g. ``endpoint_url=http://127.0.0.1:9000``) are handed to the fsspec filesystem.
 """
 from __future__ import annotations
-from selfment_dist.errors import UserValueError
 
 import json
 import posixpath
@@ -14,9 +13,11 @@ from typing import Any, Iterable
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from selfment_dist.errors import UserInputNotFoundError, UserPermissionError, UserValueError
 from selfment_dist.io.reachability import check_reachable
 
-__all__ = ["parse_storage_options", "url_to_fs", "join", "is_local", "to_uri", "protocol_of"]
+__all__ = ["parse_storage_options", "url_to_fs", "join", "is_local", "to_uri", "protocol_of",
+           "read_file", "read_json"]
 
 _TRUE = {"true", "yes", "on"}
 _FALSE = {"false", "no", "off"}
@@ -111,6 +112,29 @@ def join(uri: str, *parts: str) -> str:
         scheme, rest = "", uri
     joined = posixpath.join(rest, *(p.strip("/") for p in parts if p))
     return f"{scheme}://{joined}" if scheme else joined
+
+
+def read_file(fs: fsspec.AbstractFileSystem, path: str, what: str) -> bytes:
+    """The bytes of the file ``path`` on ``fs``, a file the user named; ``what`` names it (with
+    its path) in the one-line errors.
+
+    Raises:
+        UserInputNotFoundError: no such file (also when a folder above it is a file).
+        UserValueError: a folder (on an object store: a prefix with objects under it).
+        UserPermissionError: a file this process may not read.
+    """
+    try:
+        return fs.cat_file(path)
+    except IsADirectoryError:
+        raise UserValueError(f"{what} is a folder, not a file") from None
+    except NotADirectoryError:
+        raise UserInputNotFoundError(f"{what} not found (a folder above it is a file)") from None
+    except FileNotFoundError:
+        if fs.isdir(path):
+            raise UserValueError(f"{what} is a folder, not a file") from None
+        raise UserInputNotFoundError(f"{what} not found") from None
+    except PermissionError:
+        raise UserPermissionError(f"{what} cannot be read: permission denied") from None
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

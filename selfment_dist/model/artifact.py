@@ -21,9 +21,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from selfment_dist.model.head import HIDDEN_DIM, PatchHead
-from selfment_dist.io.storage import url_to_fs
+from selfment_dist.io.storage import read_file, url_to_fs
 from selfment_dist.stages import MODEL_META_NAME
-from selfment_dist.errors import UserInputNotFoundError, UserPermissionError, UserValueError
+from selfment_dist.errors import UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -166,19 +166,7 @@ def _check_shapes(uri: str, found: dict, expected: dict, in_dim: int, embed_dim:
 
 def _read(fs, root: str, name: str, uri: str) -> bytes:
     path = _join(root, name)
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError as exc:
-        raise UserInputNotFoundError(f"model artifact {uri}: missing {name} ({path})") from exc
-    except NotADirectoryError:  # the artifact (or a folder above it) is a file
-        raise UserValueError(f"model artifact {uri} is not a folder: a model artifact is the "
-                             f"folder holding {WEIGHTS_NAME} and {META_NAME}") from None
-    except IsADirectoryError:
-        raise UserValueError(f"model artifact {uri}: {name} is a folder, not a file "
-                             f"({path})") from None
-    except PermissionError:
-        raise UserPermissionError(f"model artifact {uri}: {name} cannot be read: permission "
-                                  f"denied ({path})") from None
+    return read_file(fs, path, f"model artifact {uri}: {name} ({path})")
 
 
 def _join(root: str, name: str) -> str:

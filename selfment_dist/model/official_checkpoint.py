@@ -24,9 +24,9 @@ from selfment_dist.model.artifact import save_artifact
 from selfment_dist.model.backbone import DEFAULT_BACKBONE, _create, backbone_family, check_image_size
 from selfment_dist.model.head import PatchHead
 from selfment_dist.io.output_access import disk_fault, prepare_output
-from selfment_dist.io.storage import url_to_fs
+from selfment_dist.io.storage import read_file, url_to_fs
 from selfment_dist.model.segmenter import default_inference_size
-from selfment_dist.errors import UserInputNotFoundError, UserPermissionError, UserValueError
+from selfment_dist.errors import UserValueError
 
 logger = logging.getLogger(__name__)
 
@@ -93,20 +93,8 @@ def official_state_to_head(state: dict[str, Any], *, source: str = "checkpoint")
 
 
 def _read_checkpoint(uri: str, storage_options: dict | None) -> dict:
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise UserInputNotFoundError(f"head checkpoint not found: {uri}") from None
-    except IsADirectoryError:
-        raise UserValueError(f"head checkpoint {uri} is a folder; pass the checkpoint file "
-                             "(HEAD.pth) of the official train.py") from None
-    except NotADirectoryError:  # a folder above it is a file
-        raise UserInputNotFoundError(f"head checkpoint not found: {uri} (a folder above it is "
-                                     "a file)") from None
-    except PermissionError:
-        raise UserPermissionError(f"head checkpoint {uri} cannot be read: permission "
-                                  "denied") from None
+    data = read_file(*url_to_fs(uri, storage_options), f"head checkpoint {uri} (the official "
+                     "train.py's HEAD.pth)")
     try:
         # weights_only: a checkpoint is data, never code to run.
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
