@@ -49,8 +49,8 @@ from selfment_dist.io.objects import OBJECTS_FIELD
 TRANSIENT, PERMANENT = "transient", "permanent"
 
 __all__ = ["TRANSIENT", "PERMANENT", "PSEUDO_LABEL_SCHEMA", "pseudo_label_schema", "open_part",
-           "error_row",
-           "encode_features", "decode_features", "OPTIONAL_COLUMNS", "QUALITY_COLUMNS"]
+           "error_row", "encode_features", "decode_features", "OPTIONAL_COLUMNS",
+           "QUALITY_COLUMNS"]
 
 _BASE_FIELDS = [
     pa.field("key", pa.string(), nullable=False),

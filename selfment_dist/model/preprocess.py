@@ -12,11 +12,11 @@ checks many sizes); on CUDA the kernels differ and results agree within 1e-5
 (``benchmarks/device_resize_check.py``). Images of one shape in a batch are resized in one call.
 
 The decode side is :mod:`selfment_dist.io.pixels` (no torch: a decode worker that imported it
-would pay 1.6 s of CPU per process). Here, the model side, :class:`DeviceResizer`: on CUDA it stages the batch in one pinned host buffer (torch's caching
-host allocator reuses it safely), copies it with ``non_blocking=True`` on its own stream and
-resizes there, so that with two calls in flight per actor the copy and resize of one batch
-overlap the model's compute on another (the model calls themselves must run one at a time:
-:attr:`DeviceResizer.model_lock`).
+would pay 1.6 s of CPU per process). Here, the model side, :class:`DeviceResizer`: on CUDA it
+stages the batch in one pinned host buffer (torch's caching host allocator reuses it safely),
+copies it with ``non_blocking=True`` on its own stream and resizes there, so that with two
+calls in flight per actor the copy and resize of one batch overlap the model's compute on
+another (the model calls themselves must run one at a time: :attr:`DeviceResizer.model_lock`).
 """
 from __future__ import annotations
 

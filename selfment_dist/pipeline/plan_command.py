@@ -96,16 +96,16 @@ def plan_of(stage: str, nodes: list[dict[str, float]], values: Mapping[str, Any]
     s = planning_settings(STAGES[stage], values)
     if stage == "train":
         return _train_plan(s, nodes)
+    # The rates are scaled to this backbone; None (segment: the artifact's, unread here):
+    # the reference ViT-S/16.
+    backbone = getattr(s, "backbone", None)
     plan = plan_stage(nodes, num_actors=s.num_actors, num_gpus_per_actor=s.num_gpus_per_actor,
                       allow_cpu_fallback=s.cpu_fallback, image_size=s.image_size,
                       batch_size=s.batch_size, precision=getattr(s, "precision", "auto"),
-                      require_gpu=s.require_gpu, stage=stage, rates=rates,
-                      backbone=getattr(s, "backbone", None))
+                      require_gpu=s.require_gpu, stage=stage, rates=rates, backbone=backbone)
     out = plan.record()
     out["image_size"] = s.image_size  # None: the model's own (rates are stated at 768 px)
-    # The rates are scaled to this backbone; None (segment: the artifact's, unread here):
-    # the reference ViT-S/16.
-    out["backbone"] = getattr(s, "backbone", None)
+    out["backbone"] = backbone
     return out
 
 

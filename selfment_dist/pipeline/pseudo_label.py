@@ -38,7 +38,7 @@ from selfment_dist.io.storage import is_local
 from selfment_dist.settings import PseudoLabelSettings, SettingsError, build_settings
 from selfment_dist.validation import check_backbone_size
 from selfment_dist.pipeline._internal.done_keys import SortedKeys, units_left  # noqa: F401 (SortedKeys: re-exported)
-from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED
+from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED, record_inputs_skipped
 from selfment_dist.io.output_access import check_output
 from selfment_dist.pipeline._internal.inputs import list_inputs
 from selfment_dist.pipeline._internal.label_actor import LabelActor
@@ -121,10 +121,7 @@ def run_pseudo_label(*args: PseudoLabelSettings | str | Iterable[str], **options
               holds="pseudo-labels")
     with out.held():
         summary, duplicates, all_done = _label_missing(out, units, run, plan)
-    # Files skipped on purpose while listing, and tar members skipped by name while reading
-    # (docs/inputs.md).
-    summary["inputs_skipped"] = {**units.skipped,
-                                 "tar_members": summary.pop(TAR_MEMBERS_SKIPPED, 0)}
+    record_inputs_skipped(summary, units.skipped)
     summary["plan"] = plan.record()
     summary["wall_s"] = wall = round(time.perf_counter() - start, 3)
     summary["images_per_s"] = round(summary["images"] / wall, 3) if wall else 0.0

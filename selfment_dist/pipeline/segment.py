@@ -42,7 +42,7 @@ from selfment_dist.pipeline._internal.done_keys import units_left
 from selfment_dist.io.output_access import check_output
 from selfment_dist.pipeline._internal.inputs import list_inputs
 from selfment_dist.pipeline._internal.manifest import now, versions
-from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED
+from selfment_dist.pipeline._internal.decode import TAR_MEMBERS_SKIPPED, record_inputs_skipped
 from selfment_dist.pipeline._internal.model_stage import (ActorResources, decode_args,
                                                           model_dataset)
 from selfment_dist.pipeline._internal.parts import (TMP_DIR, count_parts, existing_keys,
@@ -118,9 +118,7 @@ def run_segment(*args: SegmentSettings | str | Iterable[str], **options: Any) ->
     summary = {"output": s.output, "manifest": to_uri(fs, f"{out.root}/{MANIFEST_NAME}"),
                "run_id": out.run_id, "output_format": s.output_format,
                "image_size": run.image_size, "plan": plan.record(), **counts}
-    # Files skipped on purpose while listing, tar members skipped by name (docs/inputs.md).
-    summary["inputs_skipped"] = {**units.skipped,
-                                 "tar_members": summary.pop(TAR_MEMBERS_SKIPPED, 0)}
+    record_inputs_skipped(summary, units.skipped)
     summary.update(wall_s=round(wall, 3),
                    images_per_s=round(counts["images"] / wall, 3) if wall else 0.0,
                    error_examples=[f"{f['key']}: {f['error']}" for f in failed[:10]])

@@ -17,10 +17,17 @@ from selfment_dist.io.prefetch import iter_unit_records
 from selfment_dist.io.tar_source import take_skipped_members
 from selfment_dist.pipeline._internal.done_keys import skip_set as _skip_set
 
-__all__ = ["read_and_decode"]
+__all__ = ["read_and_decode", "record_inputs_skipped", "TAR_MEMBERS_SKIPPED"]
 
 #: The run counter of tar members skipped by name (``inputs_skipped["tar_members"]``).
 TAR_MEMBERS_SKIPPED = "tar_members_skipped"
+
+
+def record_inputs_skipped(summary: dict, listed: dict) -> None:
+    """A model stage's ``summary["inputs_skipped"]`` (docs/inputs.md): the files skipped on
+    purpose while listing (``listed``, ``Units.skipped``) and the tar members skipped by name
+    while decoding (the run counter :data:`TAR_MEMBERS_SKIPPED`, moved out of ``summary``)."""
+    summary["inputs_skipped"] = {**listed, "tar_members": summary.pop(TAR_MEMBERS_SKIPPED, 0)}
 
 
 def _decode_batch(rows: list[dict], image_size: int, keep_data: bool,

@@ -2,8 +2,8 @@
 how a model actor takes it, and two model calls in flight per actor.
 
 - Decode tasks ship each image as uint8 (H, W, 3) at its decoded size
-  (:mod:`selfment_dist.io.pixels`) instead of float32 (S, S, 3): ~8x fewer object-store bytes for a
-  640x480 JPEG at S = 768, and no resize on the decode CPUs.
+  (:mod:`selfment_dist.io.pixels`) instead of float32 (S, S, 3): ~8x fewer object-store bytes
+  for a 640x480 JPEG at S = 768, and no resize on the decode CPUs.
 - The model actor takes the rows it labels without a per-batch host copy when every row
   decoded (:func:`rows_to_label`), and resizes them on its device in the model call's chunks,
   so that an OOM back-off (``_internal/device.run_guarded``) also shrinks the resize
