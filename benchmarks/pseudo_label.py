@@ -5,7 +5,9 @@ Speed (same synthetic JPEGs, same backbone, same image size):
   (a) pipeline   ``run_pseudo_label``: Ray Data read/decode tasks → one fused backbone + NCut +
                  IPO actor stage → parquet. End to end: includes Ray Data start-up, the actor's
                  model load and the writes. (a') the same, steady state: runs on n/4 and n
-                 images, differenced, so the fixed start-up cost cancels.
+                 images, differenced, so the fixed start-up cost cancels. (a'') the same run's
+                 streaming rate: rows after the first quarter over the time they took, read
+                 from the model actors' per-batch reports (start-up falls before the window).
   (b) published  the per-image loop as published: read + decode + resize one image, the same
                  backbone on a batch of 1, dense scipy generalised eigensolver
                  (``scipy.linalg.eigh(D - A, D, subset_by_index=[1, 1])``), IPO in numpy
@@ -205,21 +207,79 @@ def precision_comparison(args, arrays: np.ndarray, bf16_backbone, bf16_fwd: floa
     ])
 
 
-def bench_pipeline(folder: Path, output: Path, args) -> tuple[Meter, dict]:
+class RowClock:
+    """Rows labelled so far over time, read from the run's counter actor (the model actors
+    report each batch there, see ``_internal/counters.py``), polled every ``interval`` s.
+
+    :meth:`rate` is the streaming rate: rows after the first quarter over the time they took,
+    from the first report at or past a quarter of ``n`` to the last. Start-up (Ray Data's
+    planning, actor starts, model loads) falls before the window, so nothing has to cancel it;
+    with several actors the window's start can be off by at most one batch of the others."""
+
+    def __init__(self, interval: float = 0.1):
+        self._interval = interval
+        self._stop = threading.Event()
+        self.samples: list[tuple[float, int]] = []
+
+    def _counter(self):
+        import ray
+
+        from selfment_dist.pipeline._internal.counters import COUNTERS_PREFIX
+
+        names = [n for n in ray.util.list_named_actors() if n.startswith(COUNTERS_PREFIX)]
+        return ray.get_actor(names[0]) if names else None
+
+    def _loop(self) -> None:
+        import ray
+
+        from selfment_dist.pipeline._internal.counters import split_counters
+
+        counter = None
+        while not self._stop.wait(self._interval):
+            try:
+                counter = counter or self._counter()
+                if counter is None:
+                    continue
+                rows = sum(split_counters(ray.get(counter.get.remote(), timeout=5))[0].values())
+            except Exception:  # the run ended and took its counter actor with it
+                counter = None
+                continue
+            if not self.samples or rows != self.samples[-1][1]:
+                self.samples.append((time.perf_counter(), rows))
+
+    def __enter__(self) -> "RowClock":
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def rate(self, n: int) -> float:
+        start = next(((t, r) for t, r in self.samples if r >= n / 4), None)
+        if start is None or not self.samples or self.samples[-1][0] <= start[0]:
+            return float("nan")
+        end = self.samples[-1]
+        return (end[1] - start[1]) / (end[0] - start[0])
+
+
+def bench_pipeline(folder: Path, output: Path, args) -> tuple[Meter, dict, float]:
+    """One pipeline run: its meter, its summary and its streaming rate (:class:`RowClock`)."""
     import ray
 
     from selfment_dist.pipeline.pseudo_label import run_pseudo_label
 
     start_ray(args.address, args.num_cpus)
     try:
-        with Meter() as m:
+        with Meter() as m, RowClock() as clock:
             summary = run_pseudo_label(str(folder), str(output), backbone=args.backbone,
                                        weights=args.weights, image_size=args.image_size,
                                        precision=args.precision, batch_size=args.batch_size,
                                        progress=False)
     finally:
         ray.shutdown()
-    return m, summary
+    return m, summary, clock.rate(summary["images"])
 
 
 def speed(args, work: Path) -> str:
@@ -253,8 +313,8 @@ def speed(args, work: Path) -> str:
     if on_gpu:  # the pipeline's actors get the GPU to themselves
         backbone = None
         torch.cuda.empty_cache()
-    pipe_small, _ = bench_pipeline(small, work / "speed-small-out", args)
-    pipe, summary = bench_pipeline(folder, work / "speed-out", args)
+    pipe_small, _, _ = bench_pipeline(small, work / "speed-small-out", args)
+    pipe, summary, streaming = bench_pipeline(folder, work / "speed-out", args)
     if on_gpu:
         backbone = build_backbone(args.backbone, weights=args.weights,
                                   image_size=args.image_size, precision=args.precision)
@@ -265,15 +325,17 @@ def speed(args, work: Path) -> str:
     n = args.n
     rate = {"a": n / pipe.wall, "b": n_pub / pub.wall, "c": 2 * n / (fwd1.wall + fwd2.wall),
             "d": n / ncut.wall,
-            "s": float("nan")}
+            "s": float("nan"), "r": streaming}
     cpu = {"a": pipe.cpu / n, "b": pub.cpu / n_pub, "c": (fwd1.cpu + fwd2.cpu) / (2 * n),
-           "d": ncut.cpu / n, "s": float("nan")}
+           "d": ncut.cpu / n, "s": float("nan"), "r": float("nan")}
     # The difference is only meaningful when the extra images outweigh run-to-run noise.
     if pipe.wall > pipe_small.wall and pipe.cpu > pipe_small.cpu and n - n_small >= 8:
         rate["s"] = (n - n_small) / (pipe.wall - pipe_small.wall)
         cpu["s"] = (pipe.cpu - pipe_small.cpu) / (n - n_small)
     names = {"a": "(a) pipeline (Ray Data, end to end)",
              "s": f"(a') pipeline, steady state ({n} minus {n_small} images, start-up cancelled)",
+             "r": "(a'') pipeline, streaming rate (rows after the first quarter, from the actors' "
+                  "reports)",
              "b": "(b) published per-image loop (scipy eigh)",
              "c": "(c) backbone forward alone, batched",
              "d": "(d) batched NCut + IPO alone (on (c)'s features)"}
@@ -282,15 +344,16 @@ def speed(args, work: Path) -> str:
         f"{args.image_size} px, `{args.backbone}` (weights={args.weights}, "
         f"{backbone.precision}), batch {args.batch_size}",
         "",
-        "| method | images/s (wall) | (a) vs this, wall | (a') vs this, wall | CPU s / image "
-        "| (a') vs this, CPU |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | images/s (wall) | (a) vs this, wall | (a') vs this, wall | (a'') vs this, "
+        "wall | CPU s / image | (a') vs this, CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for k in "asbcd":
+    for k in "asrbcd":
         vs_a = f"{rate['a'] / rate[k]:.2f}x" if k in "bc" else ""
         vs_s = f"{rate['s'] / rate[k]:.2f}x" if k in "bc" else ""
+        vs_r = f"{rate['r'] / rate[k]:.2f}x" if k in "bc" else ""
         vs_cpu = f"{cpu[k] / cpu['s']:.2f}x" if k in "bc" else ""
-        lines.append(f"| {names[k]} | {rate[k]:.3f} | {vs_a} | {vs_s} | {cpu[k]:.2f} | "
+        lines.append(f"| {names[k]} | {rate[k]:.3f} | {vs_a} | {vs_s} | {vs_r} | {cpu[k]:.2f} | "
                      f"{vs_cpu} |")
     bound = 1 / (1 / rate["c"] + 1 / rate["d"])
     lines += [

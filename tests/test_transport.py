@@ -3,6 +3,7 @@ the training shuffle and the OOM memory: library-level tests, no Ray."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -375,3 +376,65 @@ def test_decode_workers_never_import_torch():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU model workers' malloc settings (pipeline/_internal/cpu_malloc.py)
+
+def test_cpu_model_workers_get_the_malloc_settings_and_gpu_ones_do_not(monkeypatch):
+    import inspect
+
+    from selfment_dist.pipeline import train
+    from selfment_dist.pipeline._internal import faults
+    from selfment_dist.pipeline._internal.cpu_malloc import CPU_MODEL_MALLOC_ENV
+    from selfment_dist.pipeline._internal.ray_runtime import MODEL_WORKER_ENV, model_stage_args
+
+    monkeypatch.setattr(faults, "worker_env", lambda: {})
+    cpu = {"min_actors": 1, "actors": 1, "initial_actors": 1, "num_cpus": 1.5, "num_gpus": 0.0}
+    gpu = {**cpu, "num_cpus": 1.0, "num_gpus": 1.0}
+    actors = model_stage_args(object, {}, cpu)
+    assert actors["runtime_env"]["env_vars"] == CPU_MODEL_MALLOC_ENV
+    tasks = model_stage_args(object, {}, cpu, "tasks")
+    assert tasks["runtime_env"]["env_vars"] == {**MODEL_WORKER_ENV["env_vars"],
+                                                **CPU_MODEL_MALLOC_ENV}
+    assert "runtime_env" not in model_stage_args(object, {}, gpu)
+    # A test's fault variables travel beside them.
+    monkeypatch.setattr(faults, "worker_env", lambda: {"SELFMENT_TEST_X": "1"})
+    both = model_stage_args(object, {}, cpu)["runtime_env"]["env_vars"]
+    assert both == {**CPU_MODEL_MALLOC_ENV, "SELFMENT_TEST_X": "1"}
+    # CPU training workers get them too (Ray Train's worker_runtime_env).
+    source = inspect.getsource(train)
+    assert "{} if s.use_gpu else CPU_MODEL_MALLOC_ENV" in source
+    assert '"worker_runtime_env": {"env_vars": worker_env}' in source
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc settings")
+def test_malloc_settings_stop_a_worker_thread_faulting_in_large_buffers_afresh():
+    """What the settings are for: a model on a worker thread (as in a Ray actor) that allocates
+    and frees a buffer far above the mmap threshold, again and again, page-faults it in afresh
+    each time under glibc's defaults, and only once with the settings."""
+    import os
+    import subprocess
+
+    from selfment_dist.pipeline._internal.cpu_malloc import CPU_MODEL_MALLOC_ENV
+
+    # Plain malloc + memset + free (numpy would ask for huge pages, torch is slow to import).
+    code = ("import ctypes, resource, threading\n"
+            "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
+            "libc.free.argtypes = [ctypes.c_void_p]\n"
+            "def work():\n"
+            "    for _ in range(8):\n"
+            "        p = libc.malloc(64 * 2**20); ctypes.memset(p, 1, 64 * 2**20); libc.free(p)\n"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "t = threading.Thread(target=work); t.start(); t.join()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults_by = {}
+    for name, extra in (("default", {}), ("settings", CPU_MODEL_MALLOC_ENV)):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**env, **extra}, timeout=120)
+        assert done.returncode == 0, done.stderr
+        faults_by[name] = int(done.stdout.strip())
+    pages = 64 * 2**20 // 4096
+    assert faults_by["default"] >= 6 * pages, faults_by  # every round faults it in
+    assert faults_by["settings"] <= 2 * pages, faults_by  # the first round only

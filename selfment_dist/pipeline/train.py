@@ -59,6 +59,7 @@ from selfment_dist.pipeline._internal.train_checkpoints import (CONFIG_NAME, RUN
 from selfment_dist.pipeline._internal.train_data import LabelSet, arrow_fs, build_dataset, inspect_labels
 from selfment_dist.pipeline._internal.plan import wait_for_worker_nodes
 from selfment_dist.pipeline._internal import faults
+from selfment_dist.pipeline._internal.cpu_malloc import CPU_MODEL_MALLOC_ENV
 from selfment_dist.pipeline._internal.train_spec import TrainLoopSpec
 from selfment_dist.pipeline._internal.train_worker import DATASET, train_loop
 
@@ -184,7 +185,10 @@ def _fit(s: TrainSettings, ls: LabelSet, spec: TrainLoopSpec, resources: dict | 
                             storage_options=s.storage_options, max_pixels=s.max_pixels,
                             shuffle=s.shuffle, seed=s.seed)
     storage_fs, storage_path = arrow_fs(output, s.storage_options)
-    fault_env = faults.worker_env()  # tests only: see _internal/faults.py
+    # CPU workers: glibc malloc settings that stop every forward from faulting its activations
+    # in afresh (_internal/cpu_malloc.py).
+    worker_env = {**({} if s.use_gpu else CPU_MODEL_MALLOC_ENV),
+                  **faults.worker_env()}  # tests only: see _internal/faults.py
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},
@@ -194,7 +198,7 @@ def _fit(s: TrainSettings, ls: LabelSet, spec: TrainLoopSpec, resources: dict | 
             name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            **({"worker_runtime_env": {"env_vars": fault_env}} if fault_env else {})),
+            **({"worker_runtime_env": {"env_vars": worker_env}} if worker_env else {})),
         datasets={DATASET: dataset},
         # A rank that died or hangs must not stall the others in a collective for torch's
         # default 30 minutes: they fail after this and Ray Train restarts the group.
