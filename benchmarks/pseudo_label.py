@@ -258,7 +258,7 @@ class RowClock:
 
     def rate(self, n: int) -> float:
         start = next(((t, r) for t, r in self.samples if r >= n / 4), None)
-        if start is None or not self.samples or self.samples[-1][0] <= start[0]:
+        if start is None or self.samples[-1][0] <= start[0]:
             return float("nan")
         end = self.samples[-1]
         return (end[1] - start[1]) / (end[0] - start[0])

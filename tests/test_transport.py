@@ -386,7 +386,7 @@ def test_cpu_model_workers_get_the_malloc_settings_and_gpu_ones_do_not(monkeypat
 
     from selfment_dist.pipeline import train
     from selfment_dist.pipeline._internal import faults
-    from selfment_dist.pipeline._internal.cpu_malloc import CPU_MODEL_MALLOC_ENV
+    from selfment_dist.pipeline._internal.cpu_malloc import CPU_MODEL_MALLOC_ENV, model_process_env
     from selfment_dist.pipeline._internal.ray_runtime import MODEL_WORKER_ENV, model_stage_args
 
     monkeypatch.setattr(faults, "worker_env", lambda: {})
@@ -402,9 +402,12 @@ def test_cpu_model_workers_get_the_malloc_settings_and_gpu_ones_do_not(monkeypat
     monkeypatch.setattr(faults, "worker_env", lambda: {"SELFMENT_TEST_X": "1"})
     both = model_stage_args(object, {}, cpu)["runtime_env"]["env_vars"]
     assert both == {**CPU_MODEL_MALLOC_ENV, "SELFMENT_TEST_X": "1"}
-    # CPU training workers get them too (Ray Train's worker_runtime_env).
+    # CPU training workers get them too (Ray Train's worker_runtime_env), GPU ones only the
+    # fault variables.
+    assert model_process_env(on_gpu=False) == both
+    assert model_process_env(on_gpu=True) == {"SELFMENT_TEST_X": "1"}
     source = inspect.getsource(train)
-    assert "{} if s.use_gpu else CPU_MODEL_MALLOC_ENV" in source
+    assert "worker_env = model_process_env(on_gpu=s.use_gpu)" in source
     assert '"worker_runtime_env": {"env_vars": worker_env}' in source
 
 

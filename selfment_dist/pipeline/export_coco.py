@@ -146,7 +146,8 @@ def _parts_and_offsets(labels: str, storage_options: dict | None) -> list[tuple[
     from selfment_dist.pipeline._internal.parts import list_parts
 
     fs, root = url_to_fs(labels, storage_options)
-    parts = _in_run_order(fs, root.rstrip("/"), list_parts(fs, root.rstrip("/")))
+    root = root.rstrip("/")
+    parts = _in_run_order(fs, root, list_parts(fs, root))
     if not parts:
         raise UserInputNotFoundError(f"no pseudo-label parts in {labels}")
     out, next_id = [], 1

@@ -58,8 +58,7 @@ from selfment_dist.pipeline._internal.train_checkpoints import (CONFIG_NAME, RUN
                                  save_model)
 from selfment_dist.pipeline._internal.train_data import LabelSet, arrow_fs, build_dataset, inspect_labels
 from selfment_dist.pipeline._internal.plan import wait_for_worker_nodes
-from selfment_dist.pipeline._internal import faults
-from selfment_dist.pipeline._internal.cpu_malloc import CPU_MODEL_MALLOC_ENV
+from selfment_dist.pipeline._internal.cpu_malloc import model_process_env
 from selfment_dist.pipeline._internal.train_spec import TrainLoopSpec
 from selfment_dist.pipeline._internal.train_worker import DATASET, train_loop
 
@@ -186,9 +185,8 @@ def _fit(s: TrainSettings, ls: LabelSet, spec: TrainLoopSpec, resources: dict | 
                             shuffle=s.shuffle, seed=s.seed)
     storage_fs, storage_path = arrow_fs(output, s.storage_options)
     # CPU workers: glibc malloc settings that stop every forward from faulting its activations
-    # in afresh (_internal/cpu_malloc.py).
-    worker_env = {**({} if s.use_gpu else CPU_MODEL_MALLOC_ENV),
-                  **faults.worker_env()}  # tests only: see _internal/faults.py
+    # in afresh; and a test's fault variables (_internal/cpu_malloc.py).
+    worker_env = model_process_env(on_gpu=s.use_gpu)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec},

@@ -18,7 +18,9 @@ A C library other than glibc ignores them.
 """
 from __future__ import annotations
 
-__all__ = ["CPU_MODEL_MALLOC_ENV"]
+from selfment_dist.pipeline._internal import faults
+
+__all__ = ["CPU_MODEL_MALLOC_ENV", "model_process_env"]
 
 #: glibc's names (``mallopt(3)``): the arena limit, the most mmap'd blocks, the trim threshold.
 CPU_MODEL_MALLOC_ENV: dict[str, str] = {
@@ -26,3 +28,10 @@ CPU_MODEL_MALLOC_ENV: dict[str, str] = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1),
 }
+
+
+def model_process_env(*, on_gpu: bool) -> dict[str, str]:
+    """The variables a process that holds a model (a replica, a warm model worker, a training
+    rank) starts with: :data:`CPU_MODEL_MALLOC_ENV` on CPU (a GPU process allocates little on
+    the host), and the test fault variables the driver forwards (:func:`faults.worker_env`)."""
+    return {**({} if on_gpu else CPU_MODEL_MALLOC_ENV), **faults.worker_env()}

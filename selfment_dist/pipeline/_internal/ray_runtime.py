@@ -17,8 +17,7 @@ from selfment_dist.pipeline._internal.counters import (COUNTERS_PREFIX, HEAD_RES
                         RunCounters, count_replica_started, count_rows_here, read_counters,
                         split_counters, start_counters, stop_counters)
 from selfment_dist.defaults import MODEL_WORKERS
-from selfment_dist.pipeline._internal import faults
-from selfment_dist.pipeline._internal.cpu_malloc import CPU_MODEL_MALLOC_ENV
+from selfment_dist.pipeline._internal.cpu_malloc import model_process_env
 from selfment_dist.pipeline._internal.ray_auth import match_cluster_auth
 from selfment_dist.pipeline._internal.plan import (DEFAULT_ACTOR_WAIT_S, LIGHT_TASK_CPUS, UnschedulableError, plan_resources,
                     unschedulable_message)
@@ -138,18 +137,16 @@ def model_stage_args(udf_class, kwargs: dict, plan: dict, model_workers: str = "
     """``map_batches`` arguments of a model stage: ``udf_class(**kwargs)`` as an actor pool
     (:func:`model_pool_args`), or as tasks on warm workers that keep their replica between
     tasks and runs (:mod:`._warm`; at most ``plan["actors"]`` at a time)."""
-    fault_env = faults.worker_env()  # tests only: see _internal/faults.py
     # CPU replicas: glibc malloc settings that stop every forward from faulting its activations
-    # in afresh (_internal/cpu_malloc.py). GPU replicas allocate little on the host.
-    malloc_env = {} if plan["num_gpus"] else CPU_MODEL_MALLOC_ENV
+    # in afresh; and a test's fault variables (_internal/cpu_malloc.py).
+    env_vars = model_process_env(on_gpu=bool(plan["num_gpus"]))
     if model_workers == "actors":
-        env_vars = {**malloc_env, **fault_env}
         extra = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
         return {"fn": udf_class, "fn_constructor_kwargs": kwargs, **model_pool_args(plan),
                 **extra}
     from selfment_dist.pipeline._internal.warm import run_on_warm_worker
 
-    env = {"env_vars": {**MODEL_WORKER_ENV["env_vars"], **malloc_env, **fault_env}}
+    env = {"env_vars": {**MODEL_WORKER_ENV["env_vars"], **env_vars}}
     return {"fn": run_on_warm_worker, "fn_kwargs": {"udf_class": udf_class, "kwargs": kwargs},
             "compute": ray.data.TaskPoolStrategy(size=plan["actors"]),
             "num_cpus": plan["num_cpus"], "scheduling_strategy": "SPREAD",
